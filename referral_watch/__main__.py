@@ -1,0 +1,3 @@
+from referral_watch.cli import main
+
+main()

@@ -1,0 +1,491 @@
+"""TOML + environment -> one frozen, validated Config.
+
+Every problem is collected and reported at once, each with its key path
+(``policy.tiers[1].notify``), so an operator fixes the file in one go.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Iterator, Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from referral_watch.errors import ConfigError
+
+DEFAULT_PATHS = (Path("referral-watch.toml"), Path("/etc/referral-watch/config.toml"))
+CONFIG_ENV = "REFERRAL_WATCH_CONFIG"
+
+_DURATION_PART = re.compile(r"(\d+)([smhdw])")
+_DURATION_WHOLE = re.compile(r"(?:\d+[smhdw])+")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> timedelta:
+    """``"1d12h"`` -> timedelta(days=1, hours=12). Raises ValueError with a hint."""
+    compact = text.strip()
+    if not _DURATION_WHOLE.fullmatch(compact):
+        raise ValueError(
+            f"{text!r} is not a duration: use <number><unit> parts with units s m h d w, "
+            'for example "90s", "15m" or "1d12h"'
+        )
+    seconds = sum(int(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(compact))
+    return timedelta(seconds=seconds)
+
+
+def format_duration(value: timedelta) -> str:
+    """timedelta -> the config's own notation, largest units first (``1d12h``)."""
+    seconds = int(value.total_seconds())
+    if seconds == 0:
+        return "0s"
+    parts = []
+    for unit in "wdhms":
+        count, seconds = divmod(seconds, _UNIT_SECONDS[unit])
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts)
+
+
+def _duration(value: Any) -> timedelta:
+    if isinstance(value, timedelta):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f'a duration must be a string such as "15m" or "1d12h", not {value!r}')
+    return parse_duration(value)
+
+
+Duration = Annotated[timedelta, BeforeValidator(_duration)]
+
+
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, str | int | float) else value
+
+
+StrList = Annotated[list[str], BeforeValidator(_as_list)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PartnerCenterConfig(Section):
+    base_url: str = "https://api.partner.microsoft.com/v1.0"
+    filter: str = "direction eq 'Incoming' and substatus eq 'Pending'"
+    page_size: int = Field(100, ge=1, le=1000)
+    timeout: Duration = timedelta(seconds=30)
+    link_template: str = "https://partner.microsoft.com/dashboard/referrals/v2/leads"
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"https?://[^/\s]+", value):
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        return value.rstrip("/")
+
+
+class AuthConfig(Section):
+    method: Literal["msal", "env", "command"] = "msal"
+    tenant_id: str | None = None
+    client_id: str | None = None
+    cache_path: Path | None = None
+    authority: str = "https://login.microsoftonline.com"
+    scope: str = "https://api.partner.microsoft.com/.default"
+    login_timeout: Duration = timedelta(minutes=15)
+    client_secret: str | None = None
+    client_certificate: Path | None = None
+    client_certificate_thumbprint: str | None = None
+    token_env: str = "PARTNER_CENTER_TOKEN"
+    command: list[str] | None = None
+    command_timeout: Duration = timedelta(seconds=60)
+
+    @model_validator(mode="after")
+    def _method_needs(self) -> AuthConfig:
+        if self.method == "msal" and not (self.tenant_id and self.client_id):
+            raise ValueError('method "msal" needs tenant_id and client_id')
+        if self.method == "command" and not self.command:
+            raise ValueError('method "command" needs command = ["program", "arg", ...]')
+        if self.client_certificate and not self.client_certificate_thumbprint:
+            raise ValueError("client_certificate needs client_certificate_thumbprint")
+        return self
+
+
+class StateConfig(Section):
+    path: Path = Path("/var/lib/referral-watch/state.db")
+    keep_resolved: Duration = timedelta(days=90)
+
+
+class ScheduleConfig(Section):
+    interval: Duration = timedelta(minutes=15)
+    jitter: Duration = timedelta(minutes=1)
+
+    @field_validator("interval")
+    @classmethod
+    def _positive(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError("interval must be longer than 0s")
+        return value
+
+
+class TierConfig(Section):
+    name: str = Field(min_length=1)
+    remaining: Duration
+    notify: StrList
+    repeat: Duration | None = None
+    bypass_quiet: bool = False
+    title: str | None = None  # Jinja2 template overriding the title
+    body: str | None = None  # Jinja2 template overriding the Markdown body
+
+
+class PolicyConfig(Section):
+    response_window: Duration = timedelta(days=14)
+    digest_over: int = Field(5, ge=1)
+    digest_limit: int = Field(50, ge=1)
+    on_expired: StrList = []
+    on_resolved: StrList = []
+    tiers: list[TierConfig] = Field(min_length=1)
+
+    @field_validator("tiers")
+    @classmethod
+    def _by_severity(cls, tiers: list[TierConfig]) -> list[TierConfig]:
+        """Least severe (most time left) first; the index is the tier's severity."""
+        names = [t.name for t in tiers]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"tier names must be unique: {', '.join(duplicates)}")
+        return sorted(tiers, key=lambda t: t.remaining, reverse=True)
+
+    def severity(self, tier_name: str) -> int:
+        for index, tier in enumerate(self.tiers):
+            if tier.name == tier_name:
+                return index
+        return -1
+
+    def tier(self, tier_name: str) -> TierConfig | None:
+        return next((t for t in self.tiers if t.name == tier_name), None)
+
+
+MATCH_KEYS = (
+    "country",
+    "direction",
+    "type",
+    "qualification",
+    "solution",
+    "product",
+    "team_email",
+)
+
+
+class MatchConfig(Section):
+    country: StrList | None = None
+    direction: StrList | None = None
+    type: StrList | None = None
+    qualification: StrList | None = None
+    solution: StrList | None = None
+    product: StrList | None = None
+    team_email: StrList | None = None
+    min_deal_value: float | None = None
+    max_deal_value: float | None = None
+
+
+_WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_QUIET = re.compile(r"([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)")
+
+
+def _check_zone(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(
+            f"{value!r} is not an IANA time zone (e.g. Europe/Amsterdam, UTC)"
+        ) from None
+    return value
+
+
+def _check_locale(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not re.fullmatch(r"[a-zA-Z]{2,3}([-_][a-zA-Z0-9]{2,8})*", value):
+        raise ValueError(f"{value!r} is not a locale such as en-US or nl-NL")
+    return value
+
+
+Zone = Annotated[str, BeforeValidator(_check_zone)]
+LocaleName = Annotated[str, BeforeValidator(_check_locale)]
+
+
+class ChannelConfig(Section):
+    url: str = Field(min_length=1)
+    quiet_hours: str | None = None
+    quiet_days: list[Literal["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]] = []
+    timezone: Zone | None = None
+    locale: LocaleName | None = None
+    match: MatchConfig | None = None
+    to_assignees: bool = False
+
+    @field_validator("quiet_hours")
+    @classmethod
+    def _quiet_hours(cls, value: str | None) -> str | None:
+        if value is not None and not _QUIET.fullmatch(value.strip()):
+            raise ValueError(f'{value!r} is not a time range: use "HH:MM-HH:MM", e.g. "20:00-08:00"')
+        return value.strip() if value else value
+
+    @model_validator(mode="after")
+    def _assignees_need_email(self) -> ChannelConfig:
+        if self.to_assignees and not re.match(r"mailtos?://", self.url):
+            raise ValueError("to_assignees works only with mailto:// or mailtos:// URLs")
+        return self
+
+
+def _channel_shorthand(value: Any) -> Any:
+    return {"url": value} if isinstance(value, str) else value
+
+
+class MessagesConfig(Section):
+    locale: LocaleName = "en-US"
+    timezone: Zone = "UTC"
+
+
+class ReportConfig(Section):
+    name: str = Field(min_length=1)
+    schedule: str
+    timezone: Zone = "UTC"
+    notify: StrList
+    since: Duration = timedelta(days=7)
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        fields = value.split()
+        if len(fields) != 5:
+            raise ValueError(
+                f"{value!r} is not a cron expression: use five fields "
+                '"minute hour day month weekday", e.g. "0 8 * * mon"'
+            )
+        return value
+
+
+class OperationsConfig(Section):
+    notify: StrList = []
+    after_failures: int = Field(3, ge=1)
+    repeat: Duration = timedelta(hours=6)
+
+
+class ServerConfig(Section):
+    listen: str = "127.0.0.1:9464"
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ValueError(f'{value!r} is not "host:port", e.g. "127.0.0.1:9464" or "[::]:9464"')
+        return value
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+class HeartbeatConfig(Section):
+    url: str = Field(min_length=1)
+    timeout: Duration = timedelta(seconds=10)
+
+
+class Config(Section):
+    partner_center: PartnerCenterConfig = PartnerCenterConfig()
+    auth: AuthConfig
+    state: StateConfig = StateConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    policy: PolicyConfig
+    channels: dict[str, Annotated[ChannelConfig, BeforeValidator(_channel_shorthand)]] = {}
+    messages: MessagesConfig = MessagesConfig()
+    reports: list[ReportConfig] = []
+    operations: OperationsConfig = OperationsConfig()
+    server: ServerConfig | None = None
+    heartbeat: HeartbeatConfig | None = None
+    source: Path | None = Field(default=None, exclude=True)
+
+    @property
+    def cache_path(self) -> Path:
+        return self.auth.cache_path or self.state.path.parent / "msal-cache.json"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.state.path.with_name(self.state.path.name + ".lock")
+
+
+# --- loading -----------------------------------------------------------------------------
+
+_REFERENCE = re.compile(r"\$\$|\$\{([^}]*)\}")
+
+
+def key_path(loc: tuple[int | str, ...]) -> str:
+    """('policy', 'tiers', 1, 'notify') -> 'policy.tiers[1].notify'."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _interpolate(text: str, where: str, env: Mapping[str, str], problems: list[str]) -> str:
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name = match.group(1).strip()
+        if name.startswith("file:"):
+            file_path = Path(name[5:])
+            try:
+                return file_path.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                problems.append(f"{where}: cannot read secret file {file_path}: {exc.strerror}")
+                return ""
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            problems.append(f"{where}: ${{{name}}} is not a variable name or ${{file:/path}}")
+            return ""
+        if name not in env:
+            problems.append(
+                f"{where}: environment variable {name} is not set "
+                "(export it, or put it in the service's environment file)"
+            )
+            return match.group(0)  # keep the reference so no second problem follows
+        return env[name]
+
+    return _REFERENCE.sub(replace, text)
+
+
+def _walk(value: Any, loc: tuple[int | str, ...], env: Mapping[str, str], problems: list[str]) -> Any:
+    if isinstance(value, str):
+        return _interpolate(value, key_path(loc), env, problems)
+    if isinstance(value, dict):
+        return {k: _walk(v, (*loc, k), env, problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_walk(v, (*loc, i), env, problems) for i, v in enumerate(value)]
+    return value
+
+
+def _pydantic_problems(error: ValidationError) -> Iterator[str]:
+    for item in error.errors(include_input=False, include_url=False):
+        loc = tuple(part for part in item["loc"] if not _is_pydantic_tag(part))
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (check its spelling, see config/referral-watch.example.toml)"
+        elif item["type"] == "missing":
+            message = "required key is missing"
+        yield f"{key_path(loc)}: {message}"
+
+
+def _is_pydantic_tag(part: int | str) -> bool:
+    # Union members and validators show up in the loc as e.g. 'function-before[...]'.
+    return isinstance(part, str) and ("[" in part or part in {"str", "list[str]"})
+
+
+def _channel_references(raw: Mapping[str, Any]) -> Iterator[str]:
+    """Every `notify`-style list must name channels that exist."""
+    channels = raw.get("channels") if isinstance(raw.get("channels"), dict) else {}
+    assert isinstance(channels, dict)
+    known = sorted(channels)
+
+    def check(names: Any, where: str) -> Iterator[str]:
+        for name in [names] if isinstance(names, str) else names if isinstance(names, list) else []:
+            if isinstance(name, str) and name not in channels:
+                hint = f"known channels: {', '.join(known)}" if known else "[channels] is empty"
+                yield f"{where}: unknown channel {name!r} ({hint})"
+
+    policy = raw.get("policy") if isinstance(raw.get("policy"), dict) else {}
+    assert isinstance(policy, dict)
+    for i, tier in enumerate(policy.get("tiers") or []):
+        if isinstance(tier, dict):
+            yield from check(tier.get("notify", []), f"policy.tiers[{i}].notify")
+    for key in ("on_expired", "on_resolved"):
+        yield from check(policy.get(key, []), f"policy.{key}")
+    for i, report in enumerate(raw.get("reports") or []):
+        if isinstance(report, dict):
+            yield from check(report.get("notify", []), f"reports[{i}].notify")
+    operations = raw.get("operations")
+    if isinstance(operations, dict):
+        yield from check(operations.get("notify", []), "operations.notify")
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    """Relative paths in the file are relative to the file, not to the working directory."""
+    for section, key in (("state", "path"), ("auth", "cache_path"), ("auth", "client_certificate")):
+        table = data.get(section)
+        if isinstance(table, dict) and isinstance(table.get(key), str) and table[key]:
+            path = Path(table[key]).expanduser()
+            table[key] = str(path if path.is_absolute() else base / path)
+
+
+def parse_config(
+    text: str, *, env: Mapping[str, str] | None = None, source: Path | None = None
+) -> Config:
+    """Parse TOML text into a Config, or raise ConfigError listing every problem."""
+    where = str(source) if source else None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"not valid TOML: {exc}"], where) from None
+    problems: list[str] = []
+    data = _walk(raw, (), os.environ if env is None else env, problems)
+    problems.extend(_channel_references(data))
+    if source is not None:
+        _resolve_paths(data, source.resolve().parent)
+    config: Config | None = None
+    try:
+        config = Config.model_validate({**data, "source": source})
+    except ValidationError as exc:
+        problems.extend(_pydantic_problems(exc))
+    if problems or config is None:
+        raise ConfigError(problems, where)
+    return config
+
+
+def find_config_path(cli_path: str | None, env: Mapping[str, str] | None = None) -> Path:
+    """--config, else $REFERRAL_WATCH_CONFIG, else ./referral-watch.toml, else /etc/..."""
+    environ = os.environ if env is None else env
+    if cli_path:
+        return Path(cli_path)
+    if environ.get(CONFIG_ENV):
+        return Path(environ[CONFIG_ENV])
+    for candidate in DEFAULT_PATHS:
+        if candidate.exists():
+            return candidate
+    return DEFAULT_PATHS[0]
+
+
+def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            [
+                f"config file {path} does not exist: pass --config PATH or set "
+                f"{CONFIG_ENV} (an example is config/referral-watch.example.toml)"
+            ]
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError([f"cannot read config file {path}: {reason}"]) from None
+    return parse_config(text, env=env, source=path)
