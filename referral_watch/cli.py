@@ -1,0 +1,353 @@
+"""The command line: the only module that prints for the user or picks an exit code.
+
+Heavy libraries (apprise, msal, apscheduler) are imported inside the commands that need them,
+so `--help` and `status --check` stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import UTC, datetime
+from typing import Any, NoReturn
+
+import click
+
+from referral_watch import __version__
+from referral_watch.config import Config, find_config_path, load_config, parse_duration
+from referral_watch.errors import ConfigError, LockedError, ReferralWatchError, StateError
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_LOCKED = 0, 1, 2, 3
+
+
+class Context:
+    def __init__(self, config_path: str | None, log_format: str, verbose: int) -> None:
+        self.config_path = config_path
+        self.log_format = log_format
+        self.verbose = verbose
+        self._config: Config | None = None
+
+    def config(self) -> Config:
+        if self._config is None:
+            self._config = load_config(find_config_path(self.config_path))
+        return self._config
+
+
+def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="referral-watch")
+@click.option("--config", "config_path", metavar="PATH", help="Config file (TOML).")
+@click.option(
+    "--log-format",
+    type=click.Choice(["auto", "json", "console"]),
+    default="auto",
+    show_default=True,
+    help="Log lines as JSON, or readable on a terminal.",
+)
+@click.option("-v", "--verbose", count=True, help="More log detail (-vv: libraries too).")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None, log_format: str, verbose: int) -> None:
+    """Make sure no Partner Center lead or co-sell opportunity expires unanswered."""
+    from referral_watch import logs
+
+    logs.configure(log_format, verbose)
+    ctx.obj = Context(config_path, log_format, verbose)
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(EXIT_CONFIG if isinstance(exc, click.UsageError) else EXIT_FAILED)
+    except ConfigError as exc:
+        _print_config_problems(exc)
+        sys.exit(EXIT_CONFIG)
+    except LockedError as exc:
+        fail(str(exc), EXIT_LOCKED)
+    except ReferralWatchError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def _print_config_problems(exc: ConfigError) -> None:
+    where = f" in {exc.path}" if exc.path else ""
+    click.echo(f"error: the configuration{where} is not valid:", err=True)
+    for problem in exc.problems:
+        click.echo(f"  - {problem}", err=True)
+
+
+# --- run ----------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--once", is_flag=True, help="One cycle (poll, decide, deliver), then exit.")
+@click.pass_obj
+def run(obj: Context, once: bool) -> None:
+    """Poll Partner Center and send reminders (the daemon)."""
+    config = obj.config()
+    if once:
+        result = run_once(config)
+        click.echo(summary_line(result))
+        for failure in result.failures[:10]:
+            click.echo(f"  - {failure}")
+        sys.exit(EXIT_OK if result.ok else EXIT_FAILED)
+    from referral_watch import daemon
+
+    sys.exit(daemon.serve(config, reload=lambda: load_config(find_config_path(obj.config_path))))
+
+
+def run_once(config: Config) -> Any:
+    from referral_watch.auth import token_provider
+    from referral_watch.cycle import Cycle
+    from referral_watch.notify import Notifier
+    from referral_watch.partner_center import PartnerCenter
+    from referral_watch.store import InstanceLock, Store
+
+    with (
+        InstanceLock(config.lock_path),
+        Store(config.state.path) as store,
+        PartnerCenter(config.partner_center, token_provider(config)) as api,
+    ):
+        return Cycle(config, store, api, Notifier(config.channels)).run()
+
+
+def summary_line(result: Any) -> str:
+    if not result.poll_ok:
+        return f"Poll failed: {result.error}"
+    text = (
+        f"Polled {result.fetched} leads ({result.new} new, {result.resolved} resolved); "
+        f"{result.delivered} messages delivered, {result.failed} failed"
+    )
+    if result.held:
+        text += f", {result.held} held for quiet hours"
+    if result.malformed:
+        text += f"; {result.malformed} malformed records skipped (see log)"
+    return text + "."
+
+
+# --- status -------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="A JSON array instead of a table.")
+@click.option("--all", "show_all", is_flag=True, help="Include resolved leads.")
+@click.option("--check", is_flag=True, help="Health probe: exit 0 if the last poll is recent.")
+@click.option("--explain", metavar="ID", help="Show which channels a lead routes to and why.")
+@click.pass_obj
+def status(obj: Context, as_json: bool, show_all: bool, check: bool, explain: str | None) -> None:
+    """The watched leads, most urgent first."""
+    config = obj.config()
+    if check:
+        sys.exit(health_check(config))
+    from referral_watch.store import Store
+
+    now = now_utc()
+    with Store(config.state.path, create=False) as store:
+        if explain:
+            click.echo(explain_routing(config, store, explain, now))
+            return
+        leads = store.leads(include_resolved=show_all)
+        last = store.last_poll()
+    from referral_watch import status_view
+
+    if as_json:
+        click.echo(json.dumps([status_view.as_json(lead, now) for lead in leads], indent=2))
+        return
+    click.echo(status_view.table(leads, config, now, last))
+
+
+def health_check(config: Config) -> int:
+    from referral_watch.ops import healthy
+    from referral_watch.store import Store
+
+    try:
+        with Store(config.state.path, create=False) as store:
+            last = store.last_success()
+    except StateError as exc:
+        click.echo(f"unhealthy: {exc}", err=True)
+        return EXIT_FAILED
+    if healthy(last, config.schedule.interval, now_utc()):
+        click.echo(f"healthy: last successful poll {last:%Y-%m-%d %H:%M:%S} UTC")
+        return EXIT_OK
+    when = f"at {last:%Y-%m-%d %H:%M:%S} UTC" if last else "never"
+    click.echo(f"unhealthy: last successful poll {when}", err=True)
+    return EXIT_FAILED
+
+
+def explain_routing(config: Config, store: Any, lead_id: str, now: datetime) -> str:
+    from referral_watch import status_view
+
+    lead = store.lead(resolve_id(store, lead_id))
+    return status_view.explain(lead, config, now)
+
+
+def resolve_id(store: Any, given: str) -> str:
+    """A full referral id, or a unique prefix of one (ids are long GUIDs)."""
+    if store.known(given):
+        return given
+    matches = [
+        lead.id for lead in store.leads(include_resolved=True) if lead.id.startswith(given)
+    ]
+    if len(matches) == 1 and len(given) >= 4:
+        return matches[0]
+    if len(matches) > 1:
+        fail(f"{given!r} matches {len(matches)} leads: give more of the id")
+    fail(f"no lead with id {given!r} in the state file (see `referral-watch status --all`)")
+
+
+# --- check-config / test-notify --------------------------------------------------------
+
+
+@cli.command("check-config")
+@click.pass_obj
+def check_config(obj: Context) -> None:
+    """Validate the config file and print every problem."""
+    from referral_watch.notify import check_channels
+    from referral_watch.render import check_templates
+
+    path = find_config_path(obj.config_path)
+    config = load_config(path)
+    problems = check_channels(config.channels) + check_templates(config)
+    if problems:
+        raise ConfigError(problems, str(path))
+    click.echo(
+        f"{path}: valid ({len(config.policy.tiers)} tiers, {len(config.channels)} channels, "
+        f"auth method {config.auth.method})"
+    )
+
+
+@cli.command("test-notify")
+@click.option("--channel", "channels", multiple=True, metavar="NAME", help="Only this channel.")
+@click.pass_obj
+def test_notify(obj: Context, channels: tuple[str, ...]) -> None:
+    """Send a clearly marked test message to each (or the named) channel."""
+    from referral_watch.notify import Notifier
+    from referral_watch.render import render_test, style_for
+
+    config = obj.config()
+    names = list(channels) or list(config.channels)
+    unknown = [n for n in names if n not in config.channels]
+    if unknown:
+        fail(f"unknown channel(s) {', '.join(unknown)} (known: {', '.join(config.channels)})")
+    if not names:
+        fail("no channels configured in [channels]")
+    notifier = Notifier(config.channels)
+    failed = 0
+    for name in names:
+        outcome = notifier.send(name, render_test(name, now_utc(), style_for(config, name)))
+        if outcome.ok:
+            click.echo(f"{name}: delivered")
+        else:
+            failed += 1
+            click.echo(f"{name}: FAILED: {outcome.error}")
+    sys.exit(EXIT_FAILED if failed else EXIT_OK)
+
+
+# --- sign-in ------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--tenant", "tenant_id", help="Tenant id or domain (overrides auth.tenant_id).")
+@click.option("--client-id", help="App registration id (overrides auth.client_id).")
+@click.pass_obj
+def login(obj: Context, tenant_id: str | None, client_id: str | None) -> None:
+    """Sign in to Microsoft by device code and store the token cache."""
+    from referral_watch import auth
+
+    config = obj.config()
+    signed_in = auth.login(
+        config, lambda text: click.echo(text), tenant_id=tenant_id, client_id=client_id
+    )
+    click.echo(
+        f"Signed in as {signed_in.username} (tenant {signed_in.tenant_id}). "
+        f"Token cache: {config.cache_path}"
+    )
+
+
+@cli.command()
+@click.pass_obj
+def logout(obj: Context) -> None:
+    """Remove the signed-in account from the token cache."""
+    from referral_watch import auth
+
+    config = obj.config()
+    removed = auth.logout(config)
+    if removed:
+        click.echo(f"Signed out {', '.join(removed)}.")
+    else:
+        click.echo("No account was signed in.")
+
+
+# --- silences -----------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("lead_id", metavar="ID")
+@click.option("--for", "duration", required=True, metavar="DURATION", help='e.g. "2d" or "36h".')
+@click.option("--reason", default="", help="Why (shown in status).")
+@click.option(
+    "--through-deadline",
+    is_flag=True,
+    help="Also hold the final reminder when the silence outlasts the deadline.",
+)
+@click.pass_obj
+def silence(obj: Context, lead_id: str, duration: str, reason: str, through_deadline: bool) -> None:
+    """Stop tier reminders for one lead for a while."""
+    import getpass
+
+    from referral_watch.store import Store
+
+    try:
+        length = parse_duration(duration)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--for") from None
+    config = obj.config()
+    now = now_utc()
+    with Store(config.state.path, create=False) as store:
+        full_id = resolve_id(store, lead_id)
+        store.silence(
+            full_id,
+            now + length,
+            now,
+            reason=reason,
+            by=getpass.getuser(),
+            through_deadline=through_deadline,
+        )
+        lead = store.lead(full_id)
+    until = now + length
+    click.echo(f"Silenced {full_id} ({lead.referral.customer if lead else '?'}) until "
+               f"{until:%Y-%m-%d %H:%M} UTC.")
+    if lead and until >= lead.deadline and not through_deadline:
+        click.echo(
+            "Note: the silence outlasts the deadline; the final reminder will still be sent "
+            "(use --through-deadline to hold it too)."
+        )
+
+
+@cli.command()
+@click.argument("lead_id", metavar="ID")
+@click.pass_obj
+def unsilence(obj: Context, lead_id: str) -> None:
+    """End a lead's silence."""
+    from referral_watch.store import Store
+
+    config = obj.config()
+    with Store(config.state.path, create=False) as store:
+        full_id = resolve_id(store, lead_id)
+        if store.unsilence(full_id):
+            click.echo(f"Reminders for {full_id} are back on.")
+        else:
+            click.echo(f"{full_id} was not silenced.")

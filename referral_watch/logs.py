@@ -1,0 +1,53 @@
+"""structlog setup: console lines on a terminal, JSON lines otherwise."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+SECRET_KEYS = ("token", "password", "secret", "authorization")
+
+
+def _drop_secrets(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    """Belt and braces: a field whose name says it holds a secret is never written."""
+    for key in list(event):
+        if any(word in key.lower() for word in SECRET_KEYS):
+            event[key] = "***"
+    return event
+
+
+def configure(fmt: str = "auto", verbose: int = 0, stream: Any = None) -> None:
+    """fmt: auto | json | console. verbose: 0 info, 1+ debug."""
+    out = stream or sys.stderr
+    if fmt == "auto":
+        fmt = "console" if getattr(out, "isatty", lambda: False)() else "json"
+    level = logging.DEBUG if verbose else logging.INFO
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer(colors=out.isatty())
+        if fmt == "console"
+        else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _drop_secrets,
+            structlog.processors.format_exc_info if fmt == "json" else _noop,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(file=out),
+        cache_logger_on_first_use=False,
+    )
+    # Libraries that use stdlib logging (apprise, msal, apscheduler) go to the same stream, quietly.
+    logging.basicConfig(level=logging.WARNING, stream=out, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("apprise", "msal", "apscheduler", "httpx", "httpcore", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose > 1 else logging.ERROR)
+
+
+def _noop(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    return event

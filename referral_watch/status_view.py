@@ -1,0 +1,114 @@
+"""How `status` shows leads: a table for people, JSON for scripts, routing explained."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from referral_watch import policy
+from referral_watch.config import Config
+from referral_watch.model import Lead
+from referral_watch.render import money_text, time_left_text
+from referral_watch.store import PollRecord
+
+# CLI output stays English whatever the alert locale.
+CLI_LOCALE = "en-US"
+
+
+def as_json(lead: Lead, now: datetime) -> dict[str, Any]:
+    ref = lead.referral
+    return {
+        "id": lead.id,
+        "customer": ref.customer,
+        "name": ref.name,
+        "kind": ref.kind,
+        "status": ref.status,
+        "substatus": ref.substatus,
+        "created": _iso(ref.created),
+        "deadline": _iso(lead.deadline),
+        "remaining_seconds": int((lead.deadline - now).total_seconds()),
+        "deal_value": float(ref.deal_value) if ref.deal_value is not None else None,
+        "currency": ref.currency or None,
+        "country": ref.country or None,
+        "team": list(ref.team_emails),
+        "tiers_sent": list(lead.tiers_sent),
+        "silenced_until": _iso(lead.silenced_until) if lead.silenced(now) else None,
+        "silence_reason": lead.silence_reason if lead.silenced(now) else None,
+        "resolution": lead.resolution,
+        "first_seen": _iso(lead.first_seen),
+        "resolved_at": _iso(lead.resolved_at) if lead.resolved_at else None,
+    }
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ") if moment else None
+
+
+def table(leads: list[Lead], config: Config, now: datetime, last: PollRecord | None) -> str:
+    zone = ZoneInfo(config.messages.timezone)
+    header = ("CUSTOMER", "VALUE", "CREATED", "DEADLINE", "LEFT", "TIERS SENT", "SILENCE/STATE")
+    rows = [header]
+    for lead in sorted(leads, key=lambda x: (x.resolution is not None, x.deadline)):
+        ref = lead.referral
+        state = lead.resolution or (
+            f"until {lead.silenced_until.astimezone(zone):%m-%d %H:%M}"
+            if lead.silenced(now) and lead.silenced_until
+            else ""
+        )
+        rows.append(
+            (
+                _cut(ref.customer, 32),
+                money_text(ref.deal_value, ref.currency, CLI_LOCALE) or "-",
+                f"{ref.created.astimezone(zone):%Y-%m-%d}",
+                f"{lead.deadline.astimezone(zone):%Y-%m-%d %H:%M}",
+                time_left_text(lead.deadline - now, CLI_LOCALE),
+                ",".join(lead.tiers_sent) or "-",
+                state or "-",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+             for row in rows]
+    watched = sum(1 for lead in leads if lead.resolution is None)
+    lines.append("")
+    lines.append(f"{watched} lead(s) waiting for an answer; times in {config.messages.timezone}.")
+    lines.append(_poll_line(last))
+    return "\n".join(lines)
+
+
+def _poll_line(last: PollRecord | None) -> str:
+    if last is None:
+        return "No poll yet: run `referral-watch run --once`."
+    when = f"{last.finished:%Y-%m-%d %H:%M:%S} UTC"
+    if last.ok:
+        return f"Last poll {when}: ok, {last.fetched} fetched."
+    return f"Last poll {when} FAILED: {last.error}"
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def explain(lead: Lead | None, config: Config, now: datetime) -> str:
+    if lead is None:
+        return "unknown lead"
+    ref = lead.referral
+    lines = [
+        f"{ref.customer} ({lead.id})",
+        f"  kind {ref.kind}, country {ref.country or '-'}, "
+        f"value {money_text(ref.deal_value, ref.currency, CLI_LOCALE) or '-'}",
+        f"  deadline {lead.deadline:%Y-%m-%d %H:%M} UTC, "
+        f"left {time_left_text(lead.deadline - now, CLI_LOCALE)}",
+    ]
+    tier = policy.current_tier(lead, config, now)
+    lines.append(f"  current tier: {tier.name if tier else '(none due yet)'}")
+    if lead.silenced(now) and lead.silenced_until:
+        lines.append(f"  silenced until {lead.silenced_until:%Y-%m-%d %H:%M} UTC: "
+                     f"{lead.silence_reason or 'no reason given'}")
+    for name, channel in config.channels.items():
+        verdict = "hears this lead" if policy.channel_matches(channel, ref) else "match fails"
+        quiet = " (in quiet hours now)" if policy.in_quiet_hours(
+            channel, now, config.messages.timezone) else ""
+        lines.append(f"  channel {name}: {verdict}{quiet}")
+    return "\n".join(lines)

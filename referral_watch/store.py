@@ -1,0 +1,585 @@
+"""The SQLite state file: leads, the outbox (which is also the history of what was sent),
+silences, the poll log, and a little metadata.
+
+Times are stored as ISO-8601 UTC strings of one fixed width, so text order is time order.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from referral_watch.errors import LockedError, StateError
+from referral_watch.model import (
+    EXPIRED,
+    RESOLVED,
+    TIER,
+    Alert,
+    Lead,
+    MalformedReferral,
+    PendingRow,
+    Referral,
+    Sent,
+    parse_referral,
+)
+
+SCHEMA_VERSION = 1
+
+MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE leads (
+        id TEXT PRIMARY KEY,
+        raw TEXT NOT NULL,
+        customer TEXT NOT NULL,
+        created TEXT NOT NULL,
+        deadline TEXT NOT NULL,
+        substatus TEXT NOT NULL,
+        first_seen TEXT NOT NULL,
+        last_seen TEXT NOT NULL,
+        resolution TEXT,
+        resolved_at TEXT,
+        expired_at TEXT,
+        expired_notified INTEGER NOT NULL DEFAULT 0,
+        resolution_notified INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX leads_by_resolution ON leads (resolution, deadline);
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY,
+        lead_id TEXT,
+        kind TEXT NOT NULL,
+        channel TEXT NOT NULL,
+        tier TEXT,
+        severity INTEGER NOT NULL DEFAULT -1,
+        state TEXT NOT NULL,
+        created TEXT NOT NULL,
+        delivered_at TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        first_failure TEXT,
+        last_error TEXT,
+        title TEXT,
+        body TEXT
+    );
+    CREATE INDEX outbox_by_lead ON outbox (lead_id, channel);
+    CREATE INDEX outbox_pending ON outbox (state) WHERE state = 'pending';
+    CREATE TABLE silences (
+        lead_id TEXT PRIMARY KEY,
+        until TEXT NOT NULL,
+        reason TEXT NOT NULL DEFAULT '',
+        created_by TEXT NOT NULL DEFAULT '',
+        created TEXT NOT NULL,
+        through_deadline INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE polls (
+        id INTEGER PRIMARY KEY,
+        started TEXT NOT NULL,
+        finished TEXT NOT NULL,
+        ok INTEGER NOT NULL,
+        fetched INTEGER NOT NULL DEFAULT 0,
+        new INTEGER NOT NULL DEFAULT 0,
+        skipped INTEGER NOT NULL DEFAULT 0,
+        error TEXT,
+        needs_login INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+}
+
+
+def ts(moment: datetime) -> str:
+    """A sortable fixed-width UTC timestamp."""
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def from_ts(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text) if text else None
+
+
+@dataclass(frozen=True)
+class PollRecord:
+    started: datetime
+    finished: datetime
+    ok: bool
+    fetched: int = 0
+    new: int = 0
+    skipped: int = 0
+    error: str | None = None
+    needs_login: bool = False
+
+
+class Store:
+    """One open state file. Not shared between threads: open one per thread."""
+
+    def __init__(self, path: Path, *, create: bool = True) -> None:
+        self.path = path
+        if not create and not path.exists():
+            raise StateError(
+                f"state file {path} does not exist yet: run `referral-watch run --once` first"
+            )
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(path, isolation_level=None, timeout=30)
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise StateError(_explain(path, exc)) from None
+        except OSError as exc:
+            raise StateError(f"cannot open state file {path}: {exc.strerror}") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- schema -------------------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        version = int(self.db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise StateError(
+                f"state file {self.path} was written by a newer referral-watch (schema {version}, "
+                f"this version knows {SCHEMA_VERSION}): upgrade referral-watch or use another file"
+            )
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            with self.transaction():
+                for statement in _statements(MIGRATIONS[target]):
+                    self.db.execute(statement)
+                self.db.execute(f"PRAGMA user_version = {target}")
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception (nothing half-written)."""
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise StateError(_explain(self.path, exc)) from None
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        try:
+            self.db.execute("COMMIT")
+        except sqlite3.DatabaseError as exc:
+            self.db.execute("ROLLBACK")
+            raise StateError(_explain(self.path, exc)) from None
+
+    # --- leads --------------------------------------------------------------------------
+
+    def upsert(
+        self, referrals: Iterable[Referral], deadline: Callable[[Referral], datetime], now: datetime
+    ) -> int:
+        """Store a page of the poll; returns how many were new. Call inside transaction()."""
+        seen = ts(now)
+        new = 0
+        for ref in referrals:
+            cursor = self.db.execute(
+                """INSERT INTO leads (id, raw, customer, created, deadline, substatus,
+                                      first_seen, last_seen)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT (id) DO UPDATE SET
+                       raw = excluded.raw, customer = excluded.customer,
+                       created = excluded.created, deadline = excluded.deadline,
+                       substatus = excluded.substatus, last_seen = excluded.last_seen,
+                       resolution = NULL, resolved_at = NULL, resolution_notified = 0
+                   RETURNING first_seen""",
+                (
+                    ref.id,
+                    ref.raw,
+                    ref.customer,
+                    ts(ref.created),
+                    ts(deadline(ref)),
+                    ref.substatus,
+                    seen,
+                    seen,
+                ),
+            )
+            if cursor.fetchone()[0] == seen:
+                new += 1
+        return new
+
+    def absent_since(self, moment: datetime) -> list[str]:
+        """Watched leads that the poll which started at `moment` did not return."""
+        rows = self.db.execute(
+            "SELECT id FROM leads WHERE resolution IS NULL AND last_seen < ? ORDER BY deadline",
+            (ts(moment),),
+        )
+        return [row[0] for row in rows]
+
+    def refresh(self, referral: Referral, deadline: datetime) -> None:
+        """A by-id fetch found the lead still waiting: keep its data current."""
+        self.db.execute(
+            "UPDATE leads SET raw = ?, customer = ?, deadline = ?, substatus = ? WHERE id = ?",
+            (referral.raw, referral.customer, ts(deadline), referral.substatus, referral.id),
+        )
+
+    def resolve(self, lead_id: str, resolution: str, now: datetime, raw: str | None = None) -> None:
+        self.db.execute(
+            """UPDATE leads SET resolution = ?, resolved_at = ?, raw = COALESCE(?, raw),
+                   substatus = CASE WHEN ? = 'gone' THEN substatus ELSE ? END
+               WHERE id = ?""",
+            (resolution, ts(now), raw, resolution, resolution.capitalize(), lead_id),
+        )
+
+    def mark_expired(self, now: datetime) -> None:
+        """Remember when watched leads passed their deadline unanswered (for reports)."""
+        self.db.execute(
+            """UPDATE leads SET expired_at = deadline
+               WHERE resolution IS NULL AND expired_at IS NULL AND deadline < ?""",
+            (ts(now),),
+        )
+
+    def leads(
+        self, *, include_resolved: bool = False, for_policy: bool = False
+    ) -> list[Lead]:
+        """Watched leads (plus resolved ones on request, or those with a notice still owed)."""
+        where = "l.resolution IS NULL"
+        if include_resolved:
+            where = "1"
+        elif for_policy:
+            where = """(l.resolution IS NULL
+                        OR (l.resolution = 'expired' AND l.expired_notified = 0)
+                        OR (l.resolution NOT IN ('expired', 'gone') AND l.resolution_notified = 0))"""
+        rows = self.db.execute(
+            f"""SELECT l.*, s.until AS silenced_until, s.reason AS silence_reason,
+                       s.through_deadline,
+                       (SELECT group_concat(DISTINCT o.tier) FROM outbox o
+                         WHERE o.lead_id = l.id AND o.kind = 'tier' AND o.state = 'delivered')
+                         AS tiers_sent
+                FROM leads l LEFT JOIN silences s ON s.lead_id = l.id
+                WHERE {where} ORDER BY l.deadline"""
+        )
+        return [lead for lead in (_lead(row) for row in rows) if lead is not None]
+
+    def lead(self, lead_id: str) -> Lead | None:
+        return next((x for x in self.leads(include_resolved=True) if x.id == lead_id), None)
+
+    def known(self, lead_id: str) -> bool:
+        row = self.db.execute("SELECT 1 FROM leads WHERE id = ?", (lead_id,)).fetchone()
+        return row is not None
+
+    def prune(self, now: datetime, keep_resolved: timedelta) -> int:
+        cutoff = ts(now - keep_resolved)
+        with self.transaction():
+            gone = [
+                row[0]
+                for row in self.db.execute(
+                    "SELECT id FROM leads WHERE resolution IS NOT NULL AND resolved_at < ?",
+                    (cutoff,),
+                )
+            ]
+            for lead_id in gone:
+                self.db.execute("DELETE FROM outbox WHERE lead_id = ?", (lead_id,))
+                self.db.execute("DELETE FROM silences WHERE lead_id = ?", (lead_id,))
+                self.db.execute("DELETE FROM leads WHERE id = ?", (lead_id,))
+            self.db.execute(
+                "DELETE FROM outbox WHERE lead_id IS NULL AND state != 'pending' AND created < ?",
+                (cutoff,),
+            )
+            self.db.execute("DELETE FROM polls WHERE finished < ?", (cutoff,))
+        return len(gone)
+
+    # --- silences -----------------------------------------------------------------------
+
+    def silence(
+        self,
+        lead_id: str,
+        until: datetime,
+        now: datetime,
+        *,
+        reason: str = "",
+        by: str = "",
+        through_deadline: bool = False,
+    ) -> None:
+        with self.transaction():
+            self.db.execute(
+                """INSERT INTO silences (lead_id, until, reason, created_by, created,
+                                         through_deadline)
+                   VALUES (?, ?, ?, ?, ?, ?)
+                   ON CONFLICT (lead_id) DO UPDATE SET until = excluded.until,
+                       reason = excluded.reason, created_by = excluded.created_by,
+                       created = excluded.created, through_deadline = excluded.through_deadline""",
+                (lead_id, ts(until), reason, by, ts(now), int(through_deadline)),
+            )
+
+    def unsilence(self, lead_id: str) -> bool:
+        with self.transaction():
+            cursor = self.db.execute("DELETE FROM silences WHERE lead_id = ?", (lead_id,))
+        return cursor.rowcount > 0
+
+    # --- outbox -------------------------------------------------------------------------
+
+    def history(self) -> dict[str, list[Sent]]:
+        """Every lead alert row ever written, by lead id."""
+        out: dict[str, list[Sent]] = {}
+        rows = self.db.execute(
+            "SELECT lead_id, kind, channel, tier, state, created FROM outbox "
+            "WHERE lead_id IS NOT NULL ORDER BY id"
+        )
+        for lead_id, kind, channel, tier, state, created in rows:
+            out.setdefault(lead_id, []).append(
+                Sent(lead_id, kind, channel, tier, state, datetime.fromisoformat(created))
+            )
+        return out
+
+    def record(self, alerts: Sequence[Alert], now: datetime) -> int:
+        """Write decisions to the outbox; a more severe tier replaces held, less severe ones.
+
+        Call inside transaction(). Returns the number of rows to deliver.
+        """
+        created = ts(now)
+        queued = 0
+        for alert in alerts:
+            state = "skipped" if alert.skipped else "pending"
+            if alert.kind == TIER and not alert.skipped:
+                self.db.execute(
+                    """UPDATE outbox SET state = 'superseded'
+                       WHERE lead_id = ? AND channel = ? AND kind = 'tier'
+                         AND state = 'pending' AND severity < ?""",
+                    (alert.lead_id, alert.channel, alert.severity),
+                )
+            self.db.execute(
+                """INSERT INTO outbox (lead_id, kind, channel, tier, severity, state, created)
+                   VALUES (?, ?, ?, ?, ?, ?, ?)""",
+                (alert.lead_id, alert.kind, alert.channel, alert.tier, alert.severity, state,
+                 created),
+            )
+            queued += state == "pending"
+            if alert.kind == EXPIRED:
+                self.db.execute(
+                    "UPDATE leads SET expired_notified = 1 WHERE id = ?", (alert.lead_id,)
+                )
+            elif alert.kind == RESOLVED:
+                self.db.execute(
+                    "UPDATE leads SET resolution_notified = 1 WHERE id = ?", (alert.lead_id,)
+                )
+        return queued
+
+    def enqueue_message(self, kind: str, channel: str, title: str, body: str, now: datetime) -> int:
+        """A message about no single lead (ops, test, report), with its text fixed now."""
+        with self.transaction():
+            cursor = self.db.execute(
+                """INSERT INTO outbox (lead_id, kind, channel, state, created, title, body)
+                   VALUES (NULL, ?, ?, 'pending', ?, ?, ?)""",
+                (kind, channel, ts(now), title, body),
+            )
+        return int(cursor.lastrowid or 0)
+
+    def pending(self, *, kinds: Sequence[str] | None = None) -> list[PendingRow]:
+        rows = self.db.execute(
+            "SELECT id, lead_id, kind, channel, tier, created, attempts FROM outbox "
+            "WHERE state = 'pending' ORDER BY id"
+        )
+        return [
+            PendingRow(r[0], r[1], r[2], r[3], r[4], datetime.fromisoformat(r[5]), r[6])
+            for r in rows
+            if kinds is None or r[2] in kinds
+        ]
+
+    def message_text(self, row_id: int) -> tuple[str, str]:
+        row = self.db.execute("SELECT title, body FROM outbox WHERE id = ?", (row_id,)).fetchone()
+        return (row[0] or "", row[1] or "") if row else ("", "")
+
+    def delivered(self, row_ids: Sequence[int], now: datetime) -> None:
+        with self.transaction():
+            self.db.executemany(
+                "UPDATE outbox SET state = 'delivered', delivered_at = ?, last_error = NULL "
+                "WHERE id = ? AND state = 'pending'",
+                [(ts(now), row_id) for row_id in row_ids],
+            )
+
+    def failed(
+        self, row_ids: Sequence[int], error: str, now: datetime, give_up_after: timedelta
+    ) -> list[int]:
+        """Record a failed attempt; rows failing for longer than `give_up_after` are dropped.
+
+        Returns the ids of the rows dropped now.
+        """
+        with self.transaction():
+            self.db.executemany(
+                """UPDATE outbox SET attempts = attempts + 1, last_error = ?,
+                       first_failure = COALESCE(first_failure, ?)
+                   WHERE id = ? AND state = 'pending'""",
+                [(error[:500], ts(now), row_id) for row_id in row_ids],
+            )
+            marks = ",".join("?" * len(row_ids))
+            dropped = [
+                row[0]
+                for row in self.db.execute(
+                    f"SELECT id FROM outbox WHERE id IN ({marks}) AND first_failure <= ?",
+                    (*row_ids, ts(now - give_up_after)),
+                )
+            ]
+            self.db.executemany(
+                "UPDATE outbox SET state = 'dropped' WHERE id = ?", [(i,) for i in dropped]
+            )
+        return dropped
+
+    def row_summary(self, row_id: int) -> dict[str, Any]:
+        row = self.db.execute("SELECT * FROM outbox WHERE id = ?", (row_id,)).fetchone()
+        return dict(row) if row else {}
+
+    def backlog(self) -> int:
+        return int(
+            self.db.execute("SELECT count(*) FROM outbox WHERE state = 'pending'").fetchone()[0]
+        )
+
+    # --- poll log and metadata ----------------------------------------------------------
+
+    def record_poll(self, poll: PollRecord) -> None:
+        with self.transaction():
+            self._insert_poll(poll)
+
+    def _insert_poll(self, poll: PollRecord) -> None:
+        self.db.execute(
+            """INSERT INTO polls (started, finished, ok, fetched, new, skipped, error, needs_login)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+            (
+                ts(poll.started),
+                ts(poll.finished),
+                int(poll.ok),
+                poll.fetched,
+                poll.new,
+                poll.skipped,
+                poll.error,
+                int(poll.needs_login),
+            ),
+        )
+
+    def insert_poll(self, poll: PollRecord) -> None:
+        """Record a poll inside an open transaction (with the poll's own results)."""
+        self._insert_poll(poll)
+
+    def last_success(self) -> datetime | None:
+        row = self.db.execute("SELECT max(finished) FROM polls WHERE ok = 1").fetchone()
+        return from_ts(row[0])
+
+    def failures_in_a_row(self) -> int:
+        row = self.db.execute(
+            "SELECT count(*) FROM polls WHERE id > COALESCE((SELECT max(id) FROM polls WHERE ok = 1), 0)"
+        ).fetchone()
+        return int(row[0])
+
+    def last_poll(self) -> PollRecord | None:
+        row = self.db.execute("SELECT * FROM polls ORDER BY id DESC LIMIT 1").fetchone()
+        if row is None:
+            return None
+        return PollRecord(
+            started=datetime.fromisoformat(row["started"]),
+            finished=datetime.fromisoformat(row["finished"]),
+            ok=bool(row["ok"]),
+            fetched=row["fetched"],
+            new=row["new"],
+            skipped=row["skipped"],
+            error=row["error"],
+            needs_login=bool(row["needs_login"]),
+        )
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str | None) -> None:
+        """Set or (with None) clear a metadata value; call inside transaction() or alone."""
+        if value is None:
+            self.db.execute("DELETE FROM meta WHERE key = ?", (key,))
+        else:
+            self.db.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+
+def _statements(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+def _lead(row: sqlite3.Row) -> Lead | None:
+    try:
+        referral = parse_referral_text(row["raw"])
+    except MalformedReferral:
+        return None
+    tiers = tuple(sorted(set((row["tiers_sent"] or "").split(",")) - {""}))
+    return Lead(
+        referral=referral,
+        deadline=datetime.fromisoformat(row["deadline"]),
+        first_seen=datetime.fromisoformat(row["first_seen"]),
+        last_seen=datetime.fromisoformat(row["last_seen"]),
+        resolution=row["resolution"],
+        resolved_at=from_ts(row["resolved_at"]),
+        silenced_until=from_ts(row["silenced_until"]),
+        silence_through_deadline=bool(row["through_deadline"]),
+        silence_reason=row["silence_reason"] or "",
+        expired_notified=bool(row["expired_notified"]),
+        resolution_notified=bool(row["resolution_notified"]),
+        tiers_sent=tiers,
+    )
+
+
+def parse_referral_text(raw: str) -> Referral:
+    import json
+
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise MalformedReferral(f"stored record is not JSON: {exc}") from None
+    return parse_referral(data, raw)
+
+
+def _explain(path: Path, exc: sqlite3.Error) -> str:
+    text = str(exc)
+    if "locked" in text or "busy" in text:
+        return f"state file {path} is busy (locked by another process): {text}"
+    if "readonly" in text or "read-only" in text:
+        return f"state file {path} is read-only: give the service user write access to it and its folder"
+    if "not a database" in text or "malformed" in text:
+        return (
+            f"state file {path} is corrupt ({text}): restore it from a backup, or move it away "
+            "to start afresh (leads will be seen as new)"
+        )
+    if "disk" in text and "full" in text:
+        return f"no space left for state file {path}: free disk space (nothing was changed)"
+    return f"state file {path}: {text}"
+
+
+class InstanceLock:
+    """A lock file beside the state file keeping a second process off the same state."""
+
+    def __init__(self, path: Path) -> None:
+        import filelock
+
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = filelock.FileLock(str(path), timeout=0)
+        self._timeout = filelock.Timeout
+
+    def acquire(self) -> None:
+        try:
+            self._lock.acquire()
+        except self._timeout:
+            raise LockedError(
+                f"another referral-watch process holds the state lock {self.path}: "
+                "stop it first (only one instance may use a state file)"
+            ) from None
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> InstanceLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
