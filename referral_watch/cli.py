@@ -191,16 +191,14 @@ def explain_routing(config: Config, store: Any, lead_id: str, now: datetime) -> 
     from referral_watch import status_view
 
     lead = store.lead(resolve_id(store, lead_id))
-    return status_view.explain(lead, config, now)
+    return str(status_view.explain(lead, config, now))
 
 
 def resolve_id(store: Any, given: str) -> str:
     """A full referral id, or a unique prefix of one (ids are long GUIDs)."""
     if store.known(given):
         return given
-    matches = [
-        lead.id for lead in store.leads(include_resolved=True) if lead.id.startswith(given)
-    ]
+    matches = [lead.id for lead in store.leads(include_resolved=True) if lead.id.startswith(given)]
     if len(matches) == 1 and len(given) >= 4:
         return matches[0]
     if len(matches) > 1:
@@ -328,8 +326,10 @@ def silence(obj: Context, lead_id: str, duration: str, reason: str, through_dead
         )
         lead = store.lead(full_id)
     until = now + length
-    click.echo(f"Silenced {full_id} ({lead.referral.customer if lead else '?'}) until "
-               f"{until:%Y-%m-%d %H:%M} UTC.")
+    click.echo(
+        f"Silenced {full_id} ({lead.referral.customer if lead else '?'}) until "
+        f"{until:%Y-%m-%d %H:%M} UTC."
+    )
     if lead and until >= lead.deadline and not through_deadline:
         click.echo(
             "Note: the silence outlasts the deadline; the final reminder will still be sent "

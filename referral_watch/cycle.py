@@ -6,8 +6,8 @@
 from __future__ import annotations
 
 import threading
-from collections import Counter
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -19,7 +19,6 @@ from referral_watch import ops, policy, render
 from referral_watch.config import Config
 from referral_watch.errors import ApiError, AuthError, ReferralWatchError
 from referral_watch.model import (
-    ANSWERS,
     Batch,
     Lead,
     MalformedReferral,
@@ -192,10 +191,10 @@ class Cycle:
             if referral.is_pending or not substatus:
                 self.store.refresh(referral, self._deadline(referral))
                 continue
-            resolution = substatus if substatus in ANSWERS | {"expired"} else substatus
-            self.store.resolve(lead_id, resolution, now, referral.raw)
+            # accepted, declined, won, lost or expired (any other substatus is kept as given)
+            self.store.resolve(lead_id, substatus, now, referral.raw)
             result.resolved += 1
-            log.info("lead.resolved", lead=lead_id, resolution=resolution)
+            log.info("lead.resolved", lead=lead_id, resolution=substatus)
 
     # --- operations alerts --------------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
@@ -11,7 +12,7 @@ import structlog
 SECRET_KEYS = ("token", "password", "secret", "authorization")
 
 
-def _drop_secrets(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+def _drop_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Belt and braces: a field whose name says it holds a secret is never written."""
     for key in list(event):
         if any(word in key.lower() for word in SECRET_KEYS):
@@ -30,24 +31,27 @@ def configure(fmt: str = "auto", verbose: int = 0, stream: Any = None) -> None:
         if fmt == "console"
         else structlog.processors.JSONRenderer()
     )
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _drop_secrets,
+        structlog.processors.format_exc_info if fmt == "json" else _noop,
+        renderer,
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            _drop_secrets,
-            structlog.processors.format_exc_info if fmt == "json" else _noop,
-            renderer,
-        ],
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
     # Libraries that use stdlib logging (apprise, msal, apscheduler) go to the same stream, quietly.
-    logging.basicConfig(level=logging.WARNING, stream=out, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, stream=out, format="%(levelname)s %(name)s: %(message)s"
+    )
     for noisy in ("apprise", "msal", "apscheduler", "httpx", "httpcore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose > 1 else logging.ERROR)
 
 
-def _noop(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+def _noop(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     return event

@@ -240,9 +240,7 @@ class Store:
             (ts(now),),
         )
 
-    def leads(
-        self, *, include_resolved: bool = False, for_policy: bool = False
-    ) -> list[Lead]:
+    def leads(self, *, include_resolved: bool = False, for_policy: bool = False) -> list[Lead]:
         """Watched leads (plus resolved ones on request, or those with a notice still owed)."""
         where = "l.resolution IS NULL"
         if include_resolved:
@@ -250,7 +248,8 @@ class Store:
         elif for_policy:
             where = """(l.resolution IS NULL
                         OR (l.resolution = 'expired' AND l.expired_notified = 0)
-                        OR (l.resolution NOT IN ('expired', 'gone') AND l.resolution_notified = 0))"""
+                        OR (l.resolution NOT IN ('expired', 'gone')
+                            AND l.resolution_notified = 0))"""
         rows = self.db.execute(
             f"""SELECT l.*, s.until AS silenced_until, s.reason AS silence_reason,
                        s.through_deadline,
@@ -352,8 +351,15 @@ class Store:
             self.db.execute(
                 """INSERT INTO outbox (lead_id, kind, channel, tier, severity, state, created)
                    VALUES (?, ?, ?, ?, ?, ?, ?)""",
-                (alert.lead_id, alert.kind, alert.channel, alert.tier, alert.severity, state,
-                 created),
+                (
+                    alert.lead_id,
+                    alert.kind,
+                    alert.channel,
+                    alert.tier,
+                    alert.severity,
+                    state,
+                    created,
+                ),
             )
             queued += state == "pending"
             if alert.kind == EXPIRED:
@@ -467,7 +473,8 @@ class Store:
 
     def failures_in_a_row(self) -> int:
         row = self.db.execute(
-            "SELECT count(*) FROM polls WHERE id > COALESCE((SELECT max(id) FROM polls WHERE ok = 1), 0)"
+            "SELECT count(*) FROM polls "
+            "WHERE id > COALESCE((SELECT max(id) FROM polls WHERE ok = 1), 0)"
         ).fetchone()
         return int(row[0])
 
@@ -543,7 +550,10 @@ def _explain(path: Path, exc: sqlite3.Error) -> str:
     if "locked" in text or "busy" in text:
         return f"state file {path} is busy (locked by another process): {text}"
     if "readonly" in text or "read-only" in text:
-        return f"state file {path} is read-only: give the service user write access to it and its folder"
+        return (
+            f"state file {path} is read-only: "
+            "give the service user write access to it and its folder"
+        )
     if "not a database" in text or "malformed" in text:
         return (
             f"state file {path} is corrupt ({text}): restore it from a backup, or move it away "
