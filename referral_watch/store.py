@@ -123,15 +123,20 @@ class Store:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.db = sqlite3.connect(path, isolation_level=None, timeout=30)
+        except (sqlite3.DatabaseError, OSError) as exc:
+            raise StateError(f"cannot open state file {path}: {exc}") from None
+        try:
             self.db.row_factory = sqlite3.Row
+            self._check_version()  # before anything writes to a file we may not understand
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.execute("PRAGMA foreign_keys=ON")
             self._migrate()
         except sqlite3.DatabaseError as exc:
+            self.db.close()
             raise StateError(_explain(path, exc)) from None
-        except OSError as exc:
-            raise StateError(f"cannot open state file {path}: {exc.strerror}") from None
+        except StateError:
+            self.db.close()
+            raise
 
     def close(self) -> None:
         self.db.close()
@@ -144,13 +149,16 @@ class Store:
 
     # --- schema -------------------------------------------------------------------------
 
-    def _migrate(self) -> None:
+    def _check_version(self) -> None:
         version = int(self.db.execute("PRAGMA user_version").fetchone()[0])
         if version > SCHEMA_VERSION:
             raise StateError(
                 f"state file {self.path} was written by a newer referral-watch (schema {version}, "
                 f"this version knows {SCHEMA_VERSION}): upgrade referral-watch or use another file"
             )
+
+    def _migrate(self) -> None:
+        version = int(self.db.execute("PRAGMA user_version").fetchone()[0])
         for target in range(version + 1, SCHEMA_VERSION + 1):
             with self.transaction():
                 for statement in _statements(MIGRATIONS[target]):
