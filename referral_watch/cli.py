@@ -62,9 +62,10 @@ def cli(ctx: click.Context, config_path: str | None, log_format: str, verbose: i
     ctx.obj = Context(config_path, log_format, verbose)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Entry point; always ends in sys.exit with the contract's exit code."""
     try:
-        cli.main(standalone_mode=False)
+        code = cli.main(args=argv, prog_name="referral-watch", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
@@ -80,6 +81,7 @@ def main() -> None:
         fail(str(exc))
     except KeyboardInterrupt:
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else EXIT_OK)
 
 
 def _print_config_problems(exc: ConfigError) -> None:

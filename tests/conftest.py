@@ -1,0 +1,140 @@
+"""Shared fixtures: a sandbox Partner Center, local receivers, a config file, and the CLI."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from referral_watch import cli
+from referral_watch.sandbox import Sandbox, make_referral
+from receivers import WebhookReceiver
+
+TOKEN_ENV = "RW_TEST_TOKEN"
+
+TIERS = """
+[[policy.tiers]]
+name = "new"
+remaining = "14d"
+notify = ["team"]
+
+[[policy.tiers]]
+name = "reminder"
+remaining = "7d"
+notify = ["team"]
+
+[[policy.tiers]]
+name = "urgent"
+remaining = "2d"
+notify = ["team", "managers"]
+
+[[policy.tiers]]
+name = "final"
+remaining = "12h"
+notify = ["team", "managers"]
+"""
+
+
+@dataclass
+class Outcome:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+@dataclass
+class World:
+    """Everything an end-to-end test needs, on loopback, in tmp_path."""
+
+    tmp: Path
+    sandbox: Sandbox
+    team: WebhookReceiver
+    managers: WebhookReceiver
+    capsys: pytest.CaptureFixture[str]
+    extra: str = ""
+    policy: str = 'on_expired = ["managers"]\non_resolved = ["team"]\n'
+    tiers: str = TIERS
+    channels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def config_path(self) -> Path:
+        return self.tmp / "referral-watch.toml"
+
+    @property
+    def state_path(self) -> Path:
+        return self.tmp / "state" / "state.db"
+
+    def write_config(self) -> Path:
+        channels = {
+            "team": self.team.json_url,
+            "managers": self.managers.json_url,
+            **self.channels,
+        }
+        channel_lines = "\n".join(
+            f"{name} = {value if value.startswith('{') else json.dumps(value)}"
+            for name, value in channels.items()
+        )
+        self.config_path.write_text(
+            f"""
+[partner_center]
+base_url = "{self.sandbox.base_url}"
+timeout = "5s"
+
+[auth]
+method = "env"
+token_env = "{TOKEN_ENV}"
+
+[state]
+path = "{self.state_path}"
+
+[policy]
+{self.policy}
+{self.tiers}
+
+[channels]
+{channel_lines}
+
+{self.extra}
+"""
+        )
+        return self.config_path
+
+    def cli(self, *args: str) -> Outcome:
+        """Run the CLI in-process, as a user would type it."""
+        self.write_config()
+        self.capsys.readouterr()
+        try:
+            cli.main(["--config", str(self.config_path), "--log-format", "json", *args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        else:  # pragma: no cover - main always exits
+            code = 0
+        captured = self.capsys.readouterr()
+        return Outcome(code, captured.out, captured.err)
+
+    def add_lead(self, *, age: timedelta, now: datetime | None = None, **fields: Any) -> str:
+        created = (now or datetime.now(UTC)) - age
+        record = make_referral(created=created, **fields)
+        self.sandbox.add(record)
+        return str(record["id"])
+
+
+@pytest.fixture
+def world(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Iterator[World]:
+    monkeypatch.setenv(TOKEN_ENV, "sandbox-token")
+    with (
+        Sandbox(token="sandbox-token") as sandbox,
+        WebhookReceiver() as team,
+        WebhookReceiver() as managers,
+    ):
+        yield World(tmp_path, sandbox, team, managers, capsys)

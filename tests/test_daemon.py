@@ -1,0 +1,180 @@
+"""The real daemon as a subprocess against the sandbox and local receivers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+
+import pytest
+from conftest import World
+from receivers import WebhookReceiver
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 15.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@contextmanager
+def daemon(world: World, *extra: str) -> Iterator[subprocess.Popen[str]]:
+    world.write_config()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "referral_watch", "--config", str(world.config_path),
+         "--log-format", "json", "run", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ},
+    )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=10)
+
+
+def fast(world: World, **server: str) -> None:
+    world.extra = '[schedule]\ninterval = "1s"\njitter = "0s"\n'
+    if server:
+        world.extra += f'[server]\nlisten = "{server["listen"]}"\n'
+
+
+def get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_daemon_alerts_new_leads_each_cycle_and_stops_on_sigterm(world: World) -> None:
+    fast(world)
+    world.add_lead(age=timedelta(hours=1), customer="First Inc")
+    with daemon(world) as process:
+        world.team.wait_for(1, timeout=15)
+        world.add_lead(age=timedelta(hours=1), customer="Second Inc")
+        world.team.wait_for(2, timeout=15)
+        assert "Second Inc" in world.team.bodies[1]["title"]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+    assert len(world.team.bodies) == 2
+
+
+def test_a_second_instance_exits_3(world: World) -> None:
+    fast(world)
+    with daemon(world) as first:
+        wait_until(lambda: world.state_path.exists(), what="the state file")
+        time.sleep(0.5)
+        second = subprocess.run(
+            [sys.executable, "-m", "referral_watch", "--config", str(world.config_path), "run"],
+            capture_output=True, text=True, timeout=30,
+        )
+        assert second.returncode == 3
+        assert "another referral-watch process" in second.stderr
+        assert "Traceback" not in second.stderr
+        first.send_signal(signal.SIGINT)
+        assert first.wait(timeout=10) == 0
+
+
+def test_healthz_and_metrics_answer(world: World) -> None:
+    port = free_port()
+    fast(world, listen=f"127.0.0.1:{port}")
+    world.add_lead(age=timedelta(days=13), customer="Metric Co")
+    with daemon(world) as process:
+        world.team.wait_for(1)
+        wait_until(lambda: get(f"http://127.0.0.1:{port}/healthz")[0] == 200, what="/healthz 200")
+        status, body = get(f"http://127.0.0.1:{port}/healthz")
+        assert json.loads(body)["status"] == "ok"
+        status, body = get(f"http://127.0.0.1:{port}/metrics")
+        text = body.decode()
+        assert status == 200
+        assert 'referral_watch_polls_total{result="ok"}' in text
+        assert "referral_watch_watched_leads 1.0" in text
+        assert 'referral_watch_deliveries_total{channel="team",result="ok"}' in text
+        urgent = next(
+            line for line in text.splitlines()
+            if line.startswith("referral_watch_most_urgent_remaining_seconds ")
+        )
+        assert 0 < float(urgent.split()[1]) <= 86400
+        names = [line.split("{")[0].split()[0] for line in text.splitlines()
+                 if line and not line.startswith("#")]
+        assert all(name.startswith("referral_watch_") for name in names)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+    check = world.cli("status", "--check")
+    assert check.code == 0
+
+
+def test_status_check_fails_when_no_poll_succeeded(world: World) -> None:
+    world.sandbox.token = "another-token"
+    world.cli("run", "--once")
+    outcome = world.cli("status", "--check")
+    assert outcome.code == 1
+    assert "never" in outcome.err
+
+
+def test_kill_9_and_restart_neither_loses_nor_repeats(world: World) -> None:
+    fast(world)
+    world.add_lead(age=timedelta(hours=1), customer="Before Kill")
+    with daemon(world) as process:
+        world.team.wait_for(1)
+        process.kill()  # SIGKILL: no chance to clean up
+        process.wait(timeout=10)
+    world.add_lead(age=timedelta(hours=1), customer="While Down")
+    with daemon(world) as process:
+        world.team.wait_for(2)
+        time.sleep(2.5)  # a couple more cycles: nothing may repeat
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+    assert sorted(body["title"].split(": ")[-1] for body in world.team.bodies) == [
+        "Before Kill",
+        "While Down",
+    ]
+
+
+def test_a_wrong_token_gives_one_ops_alert_and_one_recovery(world: World) -> None:
+    fast(world)
+    with WebhookReceiver() as ops:
+        world.channels = {"ops": ops.json_url}
+        world.extra += '[operations]\nnotify = ["ops"]\nafter_failures = 2\nrepeat = "1h"\n'
+        world.sandbox.token = "the-right-one-is-elsewhere"
+        with daemon(world) as process:
+            ops.wait_for(1, timeout=20)
+            failures_seen = len([r for r in world.sandbox.requests if r.path.endswith("referrals")])
+            wait_until(
+                lambda: len([r for r in world.sandbox.requests if r.path.endswith("referrals")])
+                >= failures_seen + 3,
+                what="more failing polls",
+            )
+            assert len(ops.bodies) == 1
+            assert "401" in ops.bodies[0]["message"] or "401" in ops.bodies[0]["title"]
+            world.sandbox.token = "sandbox-token"
+            ops.wait_for(2, timeout=20)
+            time.sleep(2.5)
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=10) == 0
+        assert len(ops.bodies) == 2
+        assert "recover" in (ops.bodies[1]["title"] + ops.bodies[1]["message"]).lower()

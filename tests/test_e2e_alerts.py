@@ -1,0 +1,169 @@
+"""End to end over real HTTP: the sandbox as Partner Center, local webhook receivers as the
+team and managers channels, a real state file, and the CLI as an operator runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import timedelta
+
+from conftest import World
+
+
+def titles(receiver: object) -> list[str]:
+    return [str(body["title"]) for body in receiver.bodies]  # type: ignore[attr-defined]
+
+
+def messages(receiver: object) -> list[str]:
+    return [str(body["message"]) for body in receiver.bodies]  # type: ignore[attr-defined]
+
+
+def test_a_new_lead_is_announced_once(world: World) -> None:
+    lead = world.add_lead(age=timedelta(hours=1), customer="Fabrikam Customer Inc")
+    first = world.cli("run", "--once")
+    assert first.code == 0, first.err
+    assert "1 new" in first.out
+    assert len(world.team.bodies) == 1
+    assert "Fabrikam Customer Inc" in titles(world.team)[0]
+    assert lead in messages(world.team)[0]
+    assert world.managers.bodies == []
+
+    again = world.cli("run", "--once")
+    assert again.code == 0
+    assert len(world.team.bodies) == 1  # nothing twice
+
+    status = world.cli("status", "--json").json()
+    assert [entry["id"] for entry in status] == [lead]
+    assert status[0]["tiers_sent"] == ["new"]
+    assert status[0]["resolution"] is None
+    assert 13 * 86400 < status[0]["remaining_seconds"] < 14 * 86400
+
+
+def test_a_lead_first_seen_late_gets_only_the_most_severe_tier(world: World) -> None:
+    world.add_lead(age=timedelta(days=13, hours=20), customer="Late Corp")
+    result = world.cli("run", "--once")
+    assert result.code == 0, result.err
+    assert len(world.team.bodies) == 1
+    assert len(world.managers.bodies) == 1
+    assert "Late Corp" in titles(world.managers)[0]
+    status = world.cli("status", "--json").json()
+    assert status[0]["tiers_sent"] == ["final"]
+
+
+def test_an_answered_lead_is_resolved_and_announced(world: World) -> None:
+    lead = world.add_lead(age=timedelta(days=1), customer="Answered Ltd")
+    assert world.cli("run", "--once").code == 0
+    world.sandbox.update(lead, substatus="Accepted", status="Active")
+    result = world.cli("run", "--once")
+    assert result.code == 0, result.err
+    assert "1 resolved" in result.out
+    assert len(world.team.bodies) == 2
+    assert "Answered Ltd" in titles(world.team)[1]
+    assert world.cli("status", "--json").json() == []
+    resolved = world.cli("status", "--json", "--all").json()
+    assert resolved[0]["resolution"] == "accepted"
+    world.cli("run", "--once")
+    assert len(world.team.bodies) == 2  # told once
+
+
+def test_a_lead_that_vanishes_is_gone(world: World) -> None:
+    lead = world.add_lead(age=timedelta(days=1))
+    world.cli("run", "--once")
+    world.sandbox.remove(lead)
+    assert world.cli("run", "--once").code == 0
+    assert world.cli("status", "--json", "--all").json()[0]["resolution"] == "gone"
+
+
+def test_an_expired_lead_is_announced_once_and_tiers_stop(world: World) -> None:
+    world.add_lead(age=timedelta(days=14, hours=1), customer="Too Late BV")
+    assert world.cli("run", "--once").code == 0
+    assert len(world.managers.bodies) == 1
+    assert "Too Late BV" in titles(world.managers)[0]
+    assert world.team.bodies == []  # no tier reminder for a lead already past its deadline
+    world.cli("run", "--once")
+    assert len(world.managers.bodies) == 1
+    status = world.cli("status", "--json").json()
+    assert status[0]["remaining_seconds"] < 0
+
+
+def test_twelve_new_leads_arrive_as_one_digest(world: World) -> None:
+    for n in range(12):
+        world.add_lead(age=timedelta(hours=n + 1), customer=f"Customer {n:02d}")
+    result = world.cli("run", "--once")
+    assert result.code == 0, result.err
+    assert len(world.team.bodies) == 1
+    digest = messages(world.team)[0]
+    assert sum(f"Customer {n:02d}" in digest for n in range(12)) >= 6
+    assert "12" in titles(world.team)[0]
+    status = world.cli("status", "--json").json()
+    assert all(entry["tiers_sent"] == ["new"] for entry in status)
+
+
+def test_a_failing_channel_is_retried_without_duplicating_the_others(world: World) -> None:
+    world.add_lead(age=timedelta(days=12, hours=6), customer="Retry Inc")  # urgent: both
+    world.managers.fail_next(1)
+    first = world.cli("run", "--once")
+    assert first.code == 1
+    assert "managers" in first.out
+    assert len(world.team.bodies) == 1
+    assert len(world.managers.requests) == 1  # tried, refused
+
+    second = world.cli("run", "--once")
+    assert second.code == 0, second.out
+    assert len(world.team.bodies) == 1  # not again
+    assert len(world.managers.requests) == 2  # retried, accepted
+    assert "Retry Inc" in titles(world.managers)[-1]
+
+
+def test_a_malformed_record_is_skipped_and_the_others_alerted(world: World) -> None:
+    world.add_lead(age=timedelta(hours=2), customer="Good Lead")
+    world.sandbox.add({"id": "broken-1", "createdDateTime": "yesterday", "substatus": "Pending",
+                       "direction": "Incoming"})
+    result = world.cli("run", "--once")
+    assert result.code == 0, result.err
+    assert "1 malformed" in result.out
+    assert "broken-1" in result.err  # the log names it
+    assert len(world.team.bodies) == 1
+
+
+def test_a_failed_poll_changes_nothing_and_exits_1(world: World) -> None:
+    world.add_lead(age=timedelta(hours=2))
+    world.sandbox.fail(500, times=10)
+    result = world.cli("run", "--once")
+    assert result.code == 1
+    assert "Poll failed" in result.out
+    assert "Traceback" not in result.out + result.err
+    assert world.team.bodies == []
+    assert world.cli("status", "--json").json() == []
+
+
+def test_a_wrong_token_is_reported_clearly(world: World, monkeypatch: object) -> None:
+    world.sandbox.token = "another-token"
+    result = world.cli("run", "--once")
+    assert result.code == 1
+    assert "401" in result.out
+    assert "sandbox-token" not in result.out + result.err
+
+
+def test_crash_between_decision_and_delivery_loses_nothing(world: World) -> None:
+    world.add_lead(age=timedelta(hours=3), customer="Crash Test Ltd")
+    world.write_config()
+    # A real process that dies (os._exit, like kill -9) right after deciding, before delivering.
+    code = (
+        "import os, sys\n"
+        "from referral_watch import cycle, cli\n"
+        "cycle.Cycle._deliver = lambda self, result: os._exit(9)\n"
+        f"cli.main(['--config', {str(world.config_path)!r}, 'run', '--once'])\n"
+    )
+    env = {**os.environ}
+    died = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert died.returncode == 9, died.stderr
+    assert world.team.bodies == []
+
+    after = world.cli("run", "--once")
+    assert after.code == 0, after.err
+    assert len(world.team.bodies) == 1
+    assert "Crash Test Ltd" in titles(world.team)[0]
+    world.cli("run", "--once")
+    assert len(world.team.bodies) == 1
