@@ -141,6 +141,12 @@ def test_kill_9_and_restart_neither_loses_nor_repeats(world: World) -> None:
     world.add_lead(age=timedelta(hours=1), customer="Before Kill")
     with daemon(world) as process:
         world.team.wait_for(1)
+        # Kill once the delivery is recorded: a kill in the instant between the channel's
+        # answer and that record repeats that one message, which the contract allows.
+        wait_until(
+            lambda: world.cli("status", "--json").json()[0]["tiers_sent"] == ["new"],
+            what="the delivery to be recorded",
+        )
         process.kill()  # SIGKILL: no chance to clean up
         process.wait(timeout=10)
     world.add_lead(age=timedelta(hours=1), customer="While Down")
@@ -177,4 +183,4 @@ def test_a_wrong_token_gives_one_ops_alert_and_one_recovery(world: World) -> Non
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=10) == 0
         assert len(ops.bodies) == 2
-        assert "recover" in (ops.bodies[1]["title"] + ops.bodies[1]["message"]).lower()
+        assert "works again" in ops.bodies[1]["title"]

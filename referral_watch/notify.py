@@ -1,0 +1,405 @@
+"""Delivery through Apprise: one target per channel, a result instead of an exception.
+
+Apprise is imported lazily (first send or check): loading its plugin set takes a noticeable
+fraction of a second, and ``referral-watch --help`` or ``status --check`` must stay quick.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import threading
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TextIO
+from urllib.parse import quote, unquote, urlsplit
+
+import structlog
+
+from referral_watch.config import ChannelConfig
+from referral_watch.model import Message
+
+log = structlog.get_logger(__name__)
+
+MASK = "***"
+
+MSTEAMS_ADVICE = (
+    "Microsoft retired Office 365 connectors and Apprise 2 dropped msteams://: create a Teams "
+    "Workflow (Power Automate 'Post to a channel when a webhook request is received') and use "
+    "its URL, pasted as is or as workflows://..."
+)
+
+MAX_SEND_GAP_S = 1.0  # seconds between two messages through the same channel
+
+APP_ID = "referral-watch"
+APP_DESC = "Partner Center lead alerts"
+APP_URL = "https://partner.microsoft.com/dashboard/referrals/v2/leads"
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What happened to one message on one channel."""
+
+    ok: bool
+    error: str | None = None  # short and secret-free: safe to log, store and show
+
+
+# --- URL knowledge -------------------------------------------------------------------------
+
+_EMAIL_SCHEMES = frozenset({"mailto", "mailtos"})
+_WEBHOOK_SCHEMES = frozenset({"json", "jsons", "xml", "xmls", "form", "forms"})
+_TEAMS_SCHEMES = frozenset({"workflow", "workflows", "msteams"})
+# Schemes whose host part is a real host name even without a dot (json://myhost:8080/...).
+_HOST_SCHEMES = _EMAIL_SCHEMES | _WEBHOOK_SCHEMES | {"http", "https", "workflow", "workflows"}
+# Schemes whose every path segment is a credential (webhook ids, signatures, tokens).
+_TOKEN_PATH_SCHEMES = frozenset({"slack", "msteams", "workflow", "workflows", "discord", "tgram"})
+_SECRET_KEY = re.compile(r"sig|secret|token|pass|pwd|key|auth|code|hash|cred|session", re.I)
+_TEAMS_HOST = re.compile(r"(\.logic\.azure\.com|\.powerplatform\.com|\.powerautomate\.com)$", re.I)
+_OFFICE_CONNECTOR = re.compile(
+    r"^https?://([^/]*\.webhook\.office\.com|outlook\.office(365)?\.com/webhook)", re.I
+)
+_SLACK_HOOK_HOST = re.compile(r"^hooks\.slack(-gov)?\.com$", re.I)
+_EMAIL = re.compile(r"[^@\s,;<>]+@[^@\s,;<>]+\.[^@\s,;<>]+")
+
+
+def _scheme(url: str) -> str:
+    head, sep, _ = url.partition("://")
+    return head.strip().lower() if sep else ""
+
+
+def channel_kind(url: str) -> str:
+    """What kind of service a channel URL reaches: teams, slack, email, webhook or other."""
+    scheme = _scheme(url)
+    host = (urlsplit(url).hostname or "") if scheme else ""
+    if scheme in _TEAMS_SCHEMES:
+        return "teams"
+    if scheme in ("http", "https") and (_TEAMS_HOST.search(host) or _OFFICE_CONNECTOR.match(url)):
+        return "teams"
+    if scheme == "slack" or (scheme in ("http", "https") and _SLACK_HOOK_HOST.match(host)):
+        return "slack"
+    if scheme in _EMAIL_SCHEMES:
+        return "email"
+    if scheme in _WEBHOOK_SCHEMES:
+        return "webhook"
+    return "other"
+
+
+def _looks_secret(part: str) -> bool:
+    """A URL piece that reads like a token, id or signature rather than a word."""
+    text = unquote(part)
+    if not text or "@" in text:
+        return False  # e-mail addresses identify, they do not authenticate
+    if text.lower().startswith(("xoxb-", "xoxp-", "xoxa-", "xoxe.")):
+        return True
+    if len(text) >= 16:
+        return True
+    return len(text) >= 6 and any(c.isdigit() for c in text) and any(c.isalpha() for c in text)
+
+
+def _looks_like_host(host: str) -> bool:
+    return "." in host or host.startswith("[") or host.lower() == "localhost"
+
+
+@dataclass
+class _Redaction:
+    """A URL split into shown and masked pieces; ``secrets`` are the masked originals."""
+
+    secrets: list[str]
+
+    def mask(self, part: str, secret: bool) -> str:
+        if secret and part:
+            self.secrets.append(part)
+            return MASK
+        return part
+
+
+def _redact(url: str) -> tuple[str, list[str]]:
+    scheme = _scheme(url)
+    if not scheme:
+        return MASK, [url] if url else []
+    parts = urlsplit(url.strip())
+    red = _Redaction([])
+    token_path = scheme in _TOKEN_PATH_SCHEMES
+    slack_hook = bool(_SLACK_HOOK_HOST.match(parts.hostname or ""))
+
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    user, colon, password = userinfo.partition(":")
+    shown_user = red.mask(user, _looks_secret(user)) + (
+        ":" + red.mask(password, True) if colon else ""
+    )
+    host, _, port = hostport.rpartition(":")
+    if not port.isdigit() or (host.count(":") and not host.endswith("]")):
+        host, port = hostport, ""  # no port: e.g. tgram://BOTID:TOKEN or a bare IPv6 address
+    host_secret = scheme not in _HOST_SCHEMES and not _looks_like_host(host)
+    shown_host = red.mask(host, host_secret)
+
+    segments = []
+    for index, segment in enumerate(parts.path.split("/")):
+        channel_like = segment.startswith(("#", "@", "%23"))
+        every = token_path or (slack_hook and index > 1)  # hooks.slack.com/services/T/B/X
+        secret = bool(segment) and not channel_like and (every or _looks_secret(segment))
+        segments.append(red.mask(segment, secret))
+
+    query = []
+    for item in parts.query.split("&") if parts.query else []:
+        key, eq, value = item.partition("=")
+        unquoted = unquote(value)
+        secret = bool(_SECRET_KEY.search(key)) or (
+            len(unquoted) >= 20 and not re.search(r"[@/,]", unquoted)
+        )
+        query.append(key + eq + red.mask(value, secret))
+
+    shown = f"{scheme}://"
+    shown += f"{shown_user}@" if at else ""
+    shown += shown_host + (f":{port}" if port else "") + "/".join(segments)
+    shown += f"?{'&'.join(query)}" if query else ""
+    shown += f"#{red.mask(parts.fragment, _looks_secret(parts.fragment))}" if parts.fragment else ""
+    return shown, red.secrets
+
+
+def redact_url(url: str) -> str:
+    """scheme://host/... with passwords, tokens and secret path parts shown as ***."""
+    return _redact(url)[0]
+
+
+def _scrub(text: str, url: str) -> str:
+    """Remove every secret of ``url`` (raw or URL-decoded) from a message, such as Apprise's."""
+    for secret in sorted(_redact(url)[1], key=len, reverse=True):
+        for form in {secret, unquote(secret), quote(unquote(secret), safe="")}:
+            if len(form) >= 3:
+                text = text.replace(form, MASK)
+    return re.sub(r"\b[a-z][a-z0-9+.-]*://\S+", lambda m: redact_url(m.group(0)), text)
+
+
+# --- Apprise, loaded on first use ---------------------------------------------------------
+
+_load_lock = threading.Lock()
+# Apprise logs through one shared logger; LogCapture is only meaningful one send at a time.
+_send_lock = threading.Lock()
+
+
+def _plugins() -> Any:
+    """Apprise's plugin registry (a process-wide singleton)."""
+    from apprise import manager_plugins
+
+    registry: Any = manager_plugins.NotificationManager
+    return registry()
+
+
+def _apprise() -> Any:
+    """Import Apprise and load its plugins once, hiding a stdlib deprecation it triggers."""
+    with _load_lock:
+        import apprise
+
+        with warnings.catch_warnings():
+            # Apprise's PGP helper imports the deprecated stdlib `imghdr` (Python 3.11/3.12).
+            warnings.filterwarnings(
+                "ignore", message=".imghdr. is deprecated", category=DeprecationWarning
+            )
+            _plugins().load_modules()
+        return apprise
+
+
+def _known_scheme(scheme: str) -> bool:
+    return scheme in _plugins()
+
+
+_GENERIC_REASONS = ("Could not load", "Unparseable")
+
+
+def _apprise_reason(captured: str, url: str) -> str:
+    """Apprise's own words, one line per distinct problem, secrets removed, kept short."""
+    lines: list[str] = []
+    for line in captured.splitlines():
+        text = line.strip().rstrip(".")
+        if text and text not in lines:
+            lines.append(text)
+    # "Could not load X URL: ..." only repeats the URL after the line that says why.
+    specific = [line for line in lines if not line.startswith(_GENERIC_REASONS)]
+    reason = _scrub("; ".join(specific or lines), url)
+    return reason if len(reason) <= 300 else reason[:297] + "..."
+
+
+def _url_problem(url: str) -> str | None:
+    scheme = _scheme(url)
+    if not scheme:
+        return "not a URL: an Apprise URL looks like mailtos://..., slack://... or workflows://..."
+    if scheme == "msteams" or _OFFICE_CONNECTOR.match(url):
+        return MSTEAMS_ADVICE
+    apprise = _apprise()
+    with apprise.LogCapture(level=logging.WARNING, fmt="%(message)s") as captured:
+        plugin = apprise.Apprise.instantiate(url, suppress_exceptions=True)
+    if plugin is not None:
+        return None
+    if scheme in ("http", "https"):
+        host = urlsplit(url).hostname or "?"
+        return (
+            f"Apprise does not recognise this {scheme}:// URL (host {host}): paste a Teams "
+            "Workflow, Slack or Discord webhook URL as is, or use json://HOST/PATH for a plain "
+            "JSON webhook"
+        )
+    if not _known_scheme(scheme):
+        return (
+            f"Apprise does not know the scheme {scheme}:// "
+            "(the supported ones are listed at https://appriseit.com/services/)"
+        )
+    reason = _apprise_reason(captured.getvalue(), url)
+    return f"not a valid {scheme}:// URL" + (f": {reason}" if reason else "")
+
+
+def check_channels(channels: Mapping[str, ChannelConfig]) -> list[str]:
+    """Every channel URL problem, each naming its key; an empty list means all is well."""
+    problems: list[str] = []
+    for name, channel in channels.items():
+        problem = _url_problem(channel.url)
+        if problem:
+            problems.append(f"channels.{name}.url: {problem}")
+        if channel.to_assignees and channel_kind(channel.url) != "email":
+            scheme = _scheme(channel.url) or "this"
+            problems.append(
+                f"channels.{name}.to_assignees: works only with mailto:// or mailtos:// URLs, "
+                f"not with a {scheme}:// URL"
+            )
+    return problems
+
+
+# --- sending ----------------------------------------------------------------------------
+
+
+def _valid_recipients(recipients: Sequence[str]) -> list[str]:
+    seen: list[str] = []
+    for address in recipients:
+        text = address.strip()
+        if _EMAIL.fullmatch(text) and text.lower() not in (s.lower() for s in seen):
+            seen.append(text)
+    return seen
+
+
+def _url_with_recipients(url: str, recipients: Sequence[str]) -> str:
+    """The email URL with its recipients (path targets and `to=`) replaced by ``recipients``."""
+    parts = urlsplit(url)
+    # Edit the raw query: decoding and re-encoding would turn a '+' in from=/cc= into a space.
+    kept = [q for q in parts.query.split("&") if q and q.partition("=")[0].lower() != "to"]
+    kept.append("to=" + ",".join(quote(r, safe="@+") for r in recipients))
+    fragment = f"#{parts.fragment}" if parts.fragment else ""
+    return f"{parts.scheme}://{parts.netloc}?{'&'.join(kept)}{fragment}"
+
+
+class Notifier:
+    """Sends messages to the configured channels. ``send`` reports failures, never raises them."""
+
+    def __init__(self, channels: Mapping[str, ChannelConfig]) -> None:
+        self._channels = dict(channels)
+        self._targets: dict[str, Any] = {}  # channel name -> apprise.Apprise holding its URL
+        self._lock = threading.Lock()
+
+    def send(self, channel: str, message: Message, *, recipients: Sequence[str] = ()) -> Delivery:
+        config = self._channels.get(channel)
+        if config is None:
+            return Delivery(False, "unknown channel")
+        url = config.url
+        addresses = _valid_recipients(recipients) if config.to_assignees else []
+        try:
+            result = self._deliver(channel, config, message, addresses)
+        except Exception as exc:  # one channel's surprise must not stop the others
+            reason = _scrub(f"unexpected {type(exc).__name__}: {exc}", url)
+            log.error("notify.error", channel=channel, reason=reason)
+            return Delivery(False, reason)
+        if result.ok:
+            log.info("notify.sent", channel=channel, recipients=len(addresses) or None)
+        else:
+            log.warning("notify.failed", channel=channel, reason=result.error)
+        return result
+
+    def _deliver(
+        self, channel: str, config: ChannelConfig, message: Message, addresses: list[str]
+    ) -> Delivery:
+        apprise = _apprise()
+        with _send_lock, apprise.LogCapture(level=logging.WARNING, fmt="%(message)s") as captured:
+            if addresses:
+                # Recipients differ per lead: a short-lived target, not the cached one.
+                url = _url_with_recipients(config.url, addresses)
+                target = self._build(apprise, url)
+            else:
+                url = config.url
+                target = self._target(apprise, channel, url)
+            if target is None:
+                reason = _apprise_reason(captured.getvalue(), config.url)
+                return Delivery(False, f"Apprise cannot use this channel URL: {reason}")
+            ok = target.notify(
+                body=message.body,
+                title=message.title,
+                body_format=apprise.NotifyFormat.MARKDOWN,
+            )
+        if ok:
+            return Delivery(True)
+        reason = _apprise_reason(captured.getvalue(), url) or "Apprise reported a failure"
+        return Delivery(False, reason)
+
+    def _target(self, apprise: Any, channel: str, url: str) -> Any:
+        with self._lock:
+            if channel not in self._targets:
+                target = self._build(apprise, url)
+                if target is None:
+                    return None  # not cached: a later call logs the reason again
+                self._targets[channel] = target
+            return self._targets[channel]
+
+    @staticmethod
+    def _build(apprise: Any, url: str) -> Any:
+        asset = apprise.AppriseAsset(app_id=APP_ID, app_desc=APP_DESC, app_url=APP_URL)
+        target = apprise.Apprise(asset=asset)
+        if not target.add(url):
+            return None
+        plugin = target[0]
+        # Apprise waits 5.5 s between two messages through one target unless the service
+        # declares its own rate (Slack: 1.2 s). A cycle sends several alerts to one channel
+        # and a stop signal waits for the delivery in flight, so keep the gap short.
+        if plugin.request_rate_per_sec > MAX_SEND_GAP_S:
+            plugin.request_rate_per_sec = MAX_SEND_GAP_S
+        return target
+
+
+# --- console:// --------------------------------------------------------------------------
+
+_console_stream: TextIO | None = None
+_console_registered = False
+_COLOURS = {"info": "36", "success": "32", "warning": "33", "failure": "31"}
+
+
+def _write_console(body: str, title: str, notify_type: str) -> None:
+    stream = _console_stream if _console_stream is not None else sys.stdout
+    tty = bool(getattr(stream, "isatty", lambda: False)())
+    heading = title or "(no title)"
+    if tty:
+        colour = _COLOURS.get(notify_type, "36")
+        heading = f"\033[1;{colour}m{heading}\033[0m"
+        rule = f"\033[2m{'─' * min(len(title or '') or 10, 72)}\033[0m"
+    else:
+        rule = "-" * min(len(title or "") or 10, 72)
+    stream.write(f"{heading}\n{rule}\n{body.rstrip()}\n\n")
+    stream.flush()
+
+
+def _console_send(body: str, title: str, notify_type: str, *args: Any, **kwargs: Any) -> bool:
+    _write_console(body, title, notify_type)
+    return True
+
+
+def register_console_target(stream: TextIO | None = None) -> None:
+    """Make ``console://`` an Apprise target printing title and body to ``stream``.
+
+    ``None`` means sys.stdout at the time of each message. Calling again only changes the stream.
+    """
+    global _console_stream, _console_registered
+    apprise = _apprise()
+    with _load_lock:
+        _console_stream = stream
+        if _console_registered or _known_scheme("console"):
+            return
+
+        register: Any = apprise.decorators.notify(on="console", name="referral-watch console")
+        register(_console_send)
+        _console_registered = True
