@@ -1,0 +1,362 @@
+"""The Partner Center Referrals API over httpx: paging, retries, Retry-After and token safety.
+
+Every failure leaves this module as AuthError or ApiError; a failure on any page ends ``pages()``
+with that error, so the caller knows the poll is incomplete and concludes nothing from absence.
+The bearer token is only ever sent to the configured base URL's host and port (SPEC 12).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from types import TracebackType
+from typing import Any, Protocol
+from urllib.parse import quote
+
+import httpx
+import structlog
+
+from referral_watch import __version__
+from referral_watch.config import PartnerCenterConfig
+from referral_watch.errors import ApiError, AuthError
+
+log = structlog.get_logger(__name__)
+
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+BACKOFF_START = 1.0
+BACKOFF_CAP = 30.0
+RETRY_AFTER_CAP = 120.0
+ORDER_BY = "createdDateTime desc"
+_DETAIL_LIMIT = 300  # characters of a server's error message worth repeating
+
+
+class TokenProvider(Protocol):
+    """Gives bearer tokens for the Partner Center API (implemented in auth.py)."""
+
+    def get_token(self, *, force_refresh: bool = False) -> str:
+        """Return a token; raise AuthError when there is none."""
+        ...
+
+
+@dataclass(frozen=True)
+class Page:
+    records: list[Any]  # the raw `value` items; parsing them is the caller's business
+    number: int  # 0-based
+    request_id: str | None  # the server's Request-ID, for support cases
+
+
+class PartnerCenter:
+    """A client for one configured Partner Center; use as a context manager or call close()."""
+
+    def __init__(
+        self,
+        config: PartnerCenterConfig,
+        tokens: TokenProvider,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        max_retries: int = 4,
+    ) -> None:
+        self._config = config
+        self._tokens = tokens
+        self._sleep = sleep
+        self._max_retries = max_retries
+        self._base = httpx.URL(config.base_url.rstrip("/"))
+        self._random = random.Random()
+        self._token: str | None = None  # fetched per poll; providers cache and refresh it
+        self._client = httpx.Client(
+            transport=transport,
+            timeout=config.timeout.total_seconds(),
+            follow_redirects=False,  # a redirect could carry the token elsewhere
+            headers={
+                "Accept": "application/json",
+                "User-Agent": f"referral-watch/{__version__}",
+            },
+        )
+
+    # -- public
+
+    def pages(self) -> Iterator[Page]:
+        """One poll: every page of the configured filter's result, in order."""
+        correlation = str(uuid.uuid4())
+        self._token = self._tokens.get_token()
+        url = httpx.URL(f"{self._base}/engagements/referrals")
+        params: dict[str, str] | None = {
+            "$filter": self._config.filter,
+            "$orderby": ORDER_BY,
+            "$top": str(self._config.page_size),
+        }
+        requested: set[str] = set()
+        number = 0
+        while True:
+            response = self._checked(self._request(url, params, correlation), page=number)
+            requested.add(str(response.request.url))
+            body = _page_body(response, number)
+            yield Page(body["value"], number, response.headers.get("Request-ID"))
+            link = body.get("@odata.nextLink")
+            if link is None or link == "":
+                return
+            url = self._next_url(link, number)
+            if str(url) in requested:
+                raise ApiError(
+                    f"Partner Center sent a paging loop: page {number + 1} links back to a page "
+                    "already read in this poll; the poll is incomplete",
+                    code="nextLinkLoop",
+                )
+            params = None  # the nextLink carries its own query
+            number += 1
+
+    def get(self, referral_id: str) -> dict[str, Any] | None:
+        """One referral by id (any status), or None when Partner Center does not know it."""
+        self._token = self._tokens.get_token()
+        url = httpx.URL(f"{self._base}/engagements/referrals/{quote(referral_id, safe='')}")
+        response = self._request(url, None, str(uuid.uuid4()))
+        if response.status_code == 404:
+            return None
+        self._checked(response, page=None)
+        try:
+            record = response.json()
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            raise ApiError(
+                f"Partner Center sent an unreadable answer for referral {referral_id} "
+                "(not a JSON object)",
+                status=response.status_code,
+                retryable=True,
+                code="unreadableRecord",
+            )
+        return record
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> PartnerCenter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- requests and retries
+
+    def _request(
+        self, url: httpx.URL, params: dict[str, str] | None, correlation: str
+    ) -> httpx.Response:
+        """Send a GET, refreshing the token once on 401 and retrying transient failures."""
+        refreshed = False
+        attempt = 0
+        while True:
+            status: int | None = None
+            try:
+                response = self._client.get(url, params=params, headers=self._headers(correlation))
+            except httpx.TransportError as exc:
+                failure, wait = self._scrub(_describe(exc)), self._backoff(attempt)
+            else:
+                log.debug(
+                    "api.response",
+                    status=response.status_code,
+                    path=response.request.url.path,
+                    request_id=response.headers.get("Request-ID"),
+                )
+                if response.status_code == 401 and not refreshed:
+                    # The token may have been revoked before its expiry: one fresh token, one retry.
+                    refreshed = True
+                    self._token = self._tokens.get_token(force_refresh=True)
+                    continue
+                if response.status_code not in RETRY_STATUSES:
+                    return response
+                status = response.status_code
+                failure = f"{status} {_error_code(response) or response.reason_phrase}"
+                retry_after = _retry_after(response)
+                wait = self._backoff(attempt) if retry_after is None else retry_after
+            if attempt >= self._max_retries:
+                raise ApiError(
+                    f"Partner Center did not answer after {attempt + 1} attempts: {failure}",
+                    status=status,
+                    retryable=True,
+                )
+            log.warning("api.retry", attempt=attempt + 1, failure=failure, wait_s=round(wait, 2))
+            self._sleep(wait)
+            attempt += 1
+
+    def _headers(self, correlation: str) -> dict[str, str]:
+        return {
+            "Authorization": f"Bearer {self._token}",
+            "MS-CorrelationId": correlation,
+            "MS-RequestId": str(uuid.uuid4()),
+        }
+
+    def _backoff(self, attempt: int) -> float:
+        """1 s, 2 s, 4 s ... capped at 30 s, plus up to 25% jitter (still within the cap)."""
+        delay: float = min(BACKOFF_CAP, BACKOFF_START * 2.0**attempt)
+        return min(BACKOFF_CAP, delay * (1 + 0.25 * self._random.random()))
+
+    # -- answers
+
+    def _checked(self, response: httpx.Response, *, page: int | None) -> httpx.Response:
+        """The response if it is a success, else the matching AuthError or ApiError."""
+        status = response.status_code
+        if 200 <= status < 300:
+            return response
+        code = _error_code(response)
+        detail = self._scrub(_error_message(response))
+        if status == 401:
+            raise AuthError(
+                "Partner Center rejected the token (401 unauthenticated): check that the "
+                "signed-in account belongs to the partner's tenant and that the app registration "
+                "has the Partner Center user_impersonation permission; "
+                "run `referral-watch login` if needed",
+                needs_login=True,
+            )
+        if status == 403:
+            raise _forbidden(response, code, detail)
+        where = f" (page {page + 1})" if page is not None else ""
+        if 300 <= status < 400:
+            reason = f"unexpected redirect to {response.headers.get('Location', '?')}"
+        else:
+            reason = ": ".join(p for p in (code, detail) if p) or response.reason_phrase
+        raise ApiError(
+            f"Partner Center answered {status}{where}: {reason}",
+            status=status,
+            code=code,
+            retryable=status >= 500,
+        )
+
+    def _next_url(self, link: Any, number: int) -> httpx.URL:
+        """The nextLink made safe: on the API host only, over the base URL's scheme."""
+        if not isinstance(link, str):
+            raise ApiError(
+                f"Partner Center sent an unreadable page (page {number + 1}): "
+                "@odata.nextLink is not a string",
+                retryable=True,
+            )
+        try:
+            target = self._base.join(link)
+        except httpx.InvalidURL:
+            raise ApiError(
+                f"Partner Center sent an unreadable page (page {number + 1}): "
+                f"@odata.nextLink {link[:200]!r} is not a URL",
+                retryable=True,
+            ) from None
+        base_port = _port_of(self._base)
+        # A link without a port means "the default one": the documented links say http:// for
+        # the https API, so the default port follows the scheme we rewrite to.
+        target_port = target.port if target.port is not None else base_port
+        if target.host.lower() != self._base.host.lower() or target_port != base_port:
+            foreign = target.host + (f":{target.port}" if target.port is not None else "")
+            raise ApiError(
+                f"Partner Center's next-page link points at another host ({foreign}), not "
+                f"{self._base.netloc.decode('ascii')}: refused, the token is only sent to the "
+                "configured API host; the poll is incomplete",
+                code="foreignNextLink",
+            )
+        return httpx.URL(
+            scheme=self._base.scheme, netloc=self._base.netloc, raw_path=target.raw_path
+        )
+
+    def _scrub(self, text: str) -> str:
+        """Never repeat the token, whatever a server or library put in a message."""
+        return text.replace(self._token, "***") if self._token else text
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def _page_body(response: httpx.Response, number: int) -> dict[str, Any]:
+    problem = ""
+    try:
+        body = response.json()
+    except ValueError as exc:
+        body, problem = None, f"not JSON ({exc})"
+    if not problem and not (isinstance(body, dict) and isinstance(body.get("value"), list)):
+        problem = "no `value` list in the answer"
+    if problem or not isinstance(body, dict):
+        raise ApiError(
+            f"Partner Center sent an unreadable page (page {number + 1}): {problem}; "
+            "the poll is incomplete",
+            status=response.status_code,
+            retryable=True,
+            code="unreadablePage",
+        )
+    return body
+
+
+def _error_body(response: httpx.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    error = body.get("error") if isinstance(body, dict) else None
+    return error if isinstance(error, dict) else {}
+
+
+def _error_code(response: httpx.Response) -> str | None:
+    code = _error_body(response).get("code")
+    return code if isinstance(code, str) and code else None
+
+
+def _error_message(response: httpx.Response) -> str:
+    message = _error_body(response).get("message")
+    text = message if isinstance(message, str) else ""
+    return " ".join(text.split())[:_DETAIL_LIMIT]
+
+
+def _forbidden(response: httpx.Response, code: str | None, detail: str) -> AuthError:
+    challenge = response.headers.get("WWW-Authenticate", "")
+    if code == "insufficient_claims" or "insufficient_claims" in challenge:
+        return AuthError(
+            "Partner Center refused the request (403 insufficient_claims): Conditional Access "
+            "requires a new sign-in (for example MFA); run `referral-watch login`",
+            needs_login=True,
+        )
+    said = f" Partner Center said: {detail}" if detail else ""
+    return AuthError(
+        f"Partner Center refused the request (403 {code or 'forbidden'}): the signed-in account "
+        "lacks the Referral Admin (or Referral User) role, or Conditional Access requires a new "
+        f"sign-in; ask a Partner Center admin to assign the role, then run "
+        f"`referral-watch login` if needed.{said}",
+        needs_login=False,
+    )
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Retry-After in seconds (delta-seconds or an HTTP date), capped; None when absent/odd."""
+    value = response.headers.get("Retry-After", "").strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - datetime.now(UTC)).total_seconds()
+    if seconds != seconds:  # NaN
+        return None
+    return min(RETRY_AFTER_CAP, max(0.0, seconds))
+
+
+def _port_of(url: httpx.URL) -> int:
+    if url.port is not None:
+        return url.port
+    return 443 if url.scheme == "https" else 80
+
+
+def _describe(exc: httpx.TransportError) -> str:
+    if isinstance(exc, httpx.TimeoutException):
+        return f"timed out ({type(exc).__name__})"
+    text = str(exc) or type(exc).__name__
+    return f"connection failed ({text})"

@@ -1,0 +1,841 @@
+"""A fake Partner Center Referrals API on loopback, for the demo, the tests and the benchmark.
+
+It serves the documented shapes, including the odd ones: the ``@odata.nextLink`` is
+``http://<host>:<port>/v1.0/referrals?$skiptoken=...`` (plain http, another path), errors come as
+``{"error": {"code": ..., "message": ...}}`` and every response carries a ``Request-ID``.
+Faults (status codes, Retry-After, malformed or truncated bodies, hangs) can be queued with
+:meth:`Sandbox.fail`.
+
+Records are serialized once when added and each (filter, order) result is cached until the data
+changes, so paging through 50,000 leads costs little more than writing the bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import json
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+API_PREFIX = "/v1.0"
+LIST_PATHS = (f"{API_PREFIX}/engagements/referrals", f"{API_PREFIX}/referrals")
+ITEM_PREFIX = f"{API_PREFIX}/engagements/referrals/"
+DEFAULT_TOP = 100
+ORDER_KEYS = ("createdDateTime", "updatedDateTime")
+
+DEFAULT_NOTES = (
+    "We are interested in deploying Microsoft 365 and are looking for support in training "
+    "our employees. Can you help?"
+)
+
+_ERROR_CODES = {
+    400: "invalidRequest",
+    401: "unauthenticated",
+    403: "accessDenied",
+    404: "itemNotFound",
+    409: "conflict",
+    412: "preconditionFailed",
+    429: "tooManyRequests",
+    500: "internalServerError",
+    502: "badGateway",
+    503: "serviceNotAvailable",
+    504: "gatewayTimeout",
+}
+
+
+# --- records ---------------------------------------------------------------------------------
+
+
+def format_time(value: datetime) -> str:
+    """Partner Center's timestamp form: UTC, 7 fractional digits, 'Z'."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    value = value.astimezone(UTC)
+    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond * 10:07d}Z"
+
+
+def make_referral(
+    *,
+    id: str | None = None,
+    customer: str = "Fabrikam Customer Inc",
+    created: datetime,
+    expiration: datetime | None = None,
+    substatus: str = "Pending",
+    status: str = "New",
+    direction: str = "Incoming",
+    type: str = "Independent",
+    qualification: str = "Direct",
+    country: str = "US",
+    deal_value: float | str | None = 25000,
+    currency: str = "USD",
+    notes: str = DEFAULT_NOTES,
+    team: list[dict[str, Any]] | None = None,
+    invited_by: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A realistic referral record in the documented shape; ``extra`` overrides top-level keys."""
+    ref_id = id or str(uuid.uuid4())
+    stamp = format_time(created)
+    record: dict[str, Any] = {
+        "id": ref_id,
+        "engagementId": str(uuid.uuid5(uuid.NAMESPACE_URL, ref_id)),
+        "organizationId": "7d23e5ca-19dc-4eaa-aac8-5e6b559f0d1d",
+        "organizationName": "Contoso Company",
+        "name": f"{customer} opportunity",
+        "createdDateTime": stamp,
+        "updatedDateTime": stamp,
+        "expirationDateTime": format_time(expiration) if expiration else None,
+        "status": status,
+        "substatus": substatus,
+        "qualification": qualification,
+        "type": type,
+        "direction": direction,
+        "customerProfile": {
+            "name": customer,
+            "address": {
+                "addressLine1": "One Microsoft Way",
+                "city": "Redmond",
+                "postalCode": "98052",
+                "country": country,
+            },
+            "size": "1to50employees",
+            "team": [],
+            "ids": {},
+        },
+        "consent": {"consentToToShareInfoWithOthers": False, "consentToContact": True},
+        "details": {
+            "notes": notes,
+            "dealValue": deal_value,
+            "currency": currency,
+            "requirements": {
+                "industries": [{"id": "Education"}],
+                "products": [{"id": "Microsoft365"}],
+                "services": [{"id": "LearningAndCertification"}],
+                "solutions": [{"id": "SOL-Microsoft365", "name": "Microsoft365", "type": "Name"}],
+            },
+        },
+        "team": list(team or []),
+        "links": {
+            "self": {
+                "uri": f"https://api.partner.microsoft.com/v1.0/engagements/referrals/{ref_id}",
+                "method": "GET",
+            }
+        },
+    }
+    if invited_by is not None:
+        org_name = "Microsoft" if invited_by.lower() == "msft" else invited_by
+        record["inviteContext"] = {
+            "notes": "Please help with this opportunity.",
+            "invitedBy": {"organizationId": invited_by, "organizationName": org_name},
+        }
+    record.update(extra)
+    return record
+
+
+# --- the $filter subset ----------------------------------------------------------------------
+
+
+class FilterError(ValueError):
+    """A $filter the sandbox cannot parse (answered with 400 invalidRequest)."""
+
+
+Predicate = Callable[[dict[str, Any]], bool]
+Scope = dict[str, Any]  # lambda variable -> the collection item it stands for
+_Test = Callable[[dict[str, Any], Scope], bool]
+_Get = Callable[[dict[str, Any], Scope], Any]
+
+_TOKEN = re.compile(
+    r"""\s*(?:
+        (?P<string>'(?:[^']|'')*')
+      | (?P<number>-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)(?![\w.])
+      | (?P<name>[A-Za-z_][A-Za-z0-9_]*)
+      | (?P<punct>[()/:])
+    )""",
+    re.VERBOSE,
+)
+_LITERALS: dict[str, Any] = {"true": True, "false": False, "null": None}
+
+
+@dataclass(frozen=True)
+class _Tok:
+    kind: str  # "string" | "number" | "name" | "punct" | "end"
+    text: str
+    pos: int
+
+
+@dataclass(frozen=True)
+class _Lambda:
+    """A path ending in any(...)/all(...): a test, not a value."""
+
+    test: _Test
+
+
+def _tokenize(text: str) -> list[_Tok]:
+    tokens: list[_Tok] = []
+    text = text.rstrip()
+    pos = 0
+    while pos < len(text):
+        match = _TOKEN.match(text, pos)
+        if not match or match.lastgroup is None:
+            where = len(text) - len(text[pos:].lstrip())
+            raise FilterError(f"unexpected character at position {where}: {text[where:][:10]!r}")
+        kind = match.lastgroup
+        tokens.append(_Tok(kind, match.group(kind), match.start(kind)))
+        pos = match.end()
+    tokens.append(_Tok("end", "", len(text)))
+    return tokens
+
+
+def _same(left: Any, right: Any) -> bool:
+    """OData equality: case-sensitive, and true is not 1."""
+    if isinstance(left, bool) != isinstance(right, bool):
+        return False
+    return bool(left == right)
+
+
+def _items(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _path_getter(steps: list[str], variables: list[str]) -> _Get:
+    head, rest = steps[0], steps[1:]
+    from_scope = head in variables
+
+    def get(record: dict[str, Any], scope: Scope) -> Any:
+        value: Any = scope.get(head) if from_scope else record.get(head)
+        for step in rest:
+            if not isinstance(value, dict):
+                return None
+            value = value.get(step)
+        return value
+
+    return get
+
+
+def _constant(value: Any) -> _Get:
+    return lambda _record, _scope: value
+
+
+class _Parser:
+    """Recursive descent: or > and > not > comparison / lambda / parentheses."""
+
+    def __init__(self, text: str) -> None:
+        self.tokens = _tokenize(text)
+        self.index = 0
+        self.variables: list[str] = []  # lambda variables in force
+
+    def parse(self) -> _Test:
+        test = self._or()
+        if self._peek().kind != "end":
+            self._fail("expected 'and', 'or' or the end")
+        return test
+
+    def _peek(self) -> _Tok:
+        return self.tokens[self.index]
+
+    def _next(self) -> _Tok:
+        token = self.tokens[self.index]
+        if token.kind != "end":
+            self.index += 1
+        return token
+
+    def _accept(self, kind: str, text: str) -> bool:
+        token = self._peek()
+        if token.kind == kind and token.text == text:
+            self.index += 1
+            return True
+        return False
+
+    def _expect(self, text: str) -> None:
+        if not self._accept("punct", text):
+            self._fail(f"expected {text!r}")
+
+    def _fail(self, why: str) -> None:
+        token = self._peek()
+        found = repr(token.text) if token.kind != "end" else "the end"
+        raise FilterError(f"{why} at position {token.pos} (found {found})")
+
+    def _or(self) -> _Test:
+        parts = [self._and()]
+        while self._accept("name", "or"):
+            parts.append(self._and())
+        if len(parts) == 1:
+            return parts[0]
+        return lambda record, scope: any(part(record, scope) for part in parts)
+
+    def _and(self) -> _Test:
+        parts = [self._not()]
+        while self._accept("name", "and"):
+            parts.append(self._not())
+        if len(parts) == 1:
+            return parts[0]
+        return lambda record, scope: all(part(record, scope) for part in parts)
+
+    def _not(self) -> _Test:
+        if self._accept("name", "not"):
+            inner = self._not()
+            return lambda record, scope: not inner(record, scope)
+        return self._primary()
+
+    def _primary(self) -> _Test:
+        if self._accept("punct", "("):
+            inner = self._or()
+            self._expect(")")
+            return inner
+        left = self._operand()
+        if isinstance(left, _Lambda):
+            return left.test
+        if self._accept("name", "eq"):
+            negate = False
+        elif self._accept("name", "ne"):
+            negate = True
+        else:
+            self._fail("expected 'eq' or 'ne'")
+        right = self._operand()
+        if isinstance(right, _Lambda):
+            self._fail("a lambda cannot be compared")
+        assert not isinstance(right, _Lambda)
+        return lambda record, scope: _same(left(record, scope), right(record, scope)) != negate
+
+    def _operand(self) -> _Get | _Lambda:
+        token = self._next()
+        if token.kind == "string":
+            return _constant(token.text[1:-1].replace("''", "'"))
+        if token.kind == "number":
+            exact = not re.search(r"[.eE]", token.text)
+            return _constant(int(token.text) if exact else float(token.text))
+        if token.kind == "name" and token.text in _LITERALS:
+            return _constant(_LITERALS[token.text])
+        if token.kind == "name" and token.text not in ("and", "or", "not", "eq", "ne"):
+            return self._path(token.text)
+        self.index -= token.kind != "end"
+        self._fail("expected a property, a literal or '('")
+        raise AssertionError("unreachable")
+
+    def _path(self, first: str) -> _Get | _Lambda:
+        steps = [first]
+        while self._accept("punct", "/"):
+            name = self._next()
+            if name.kind != "name":
+                self.index -= name.kind != "end"
+                self._fail("expected a property name after '/'")
+            if name.text in ("any", "all") and self._peek().text == "(":
+                return self._lambda(steps, name.text == "any")
+            steps.append(name.text)
+        return _path_getter(steps, self.variables)
+
+    def _lambda(self, steps: list[str], is_any: bool) -> _Lambda:
+        collection = _path_getter(steps, self.variables)
+        self._expect("(")
+        if is_any and self._accept("punct", ")"):  # team/any() means "not empty"
+            return _Lambda(lambda record, scope: bool(_items(collection(record, scope))))
+        variable = self._next()
+        if variable.kind != "name":
+            self.index -= variable.kind != "end"
+            self._fail("expected a lambda variable such as 't:'")
+        self._expect(":")
+        self.variables.append(variable.text)
+        body = self._or()
+        self.variables.pop()
+        self._expect(")")
+        name = variable.text
+        quantifier = any if is_any else all
+
+        def test(record: dict[str, Any], scope: Scope) -> bool:
+            items = _items(collection(record, scope))
+            return quantifier(body(record, {**scope, name: item}) for item in items)
+
+        return _Lambda(test)
+
+
+def compile_filter(text: str | None) -> Predicate:
+    """``$filter`` text -> predicate on a raw record. Raises FilterError when it cannot parse.
+
+    The subset: eq, ne, and, or, not, parentheses, string/number/true/false/null literals,
+    nested paths (customerProfile/address/country) and lambdas (team/any(t:t/email eq 'x')).
+    """
+    if text is None or not text.strip():
+        return lambda _record: True
+    test = _Parser(text).parse()
+    return lambda record: test(record, {})
+
+
+# --- the server --------------------------------------------------------------------------------
+
+
+class Headers(dict[str, str]):
+    """Request headers, looked up case-insensitively (keys are stored lower-cased)."""
+
+    def __getitem__(self, key: str) -> str:
+        return super().__getitem__(key.lower())
+
+    def __contains__(self, key: object) -> bool:
+        return super().__contains__(key.lower() if isinstance(key, str) else key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return super().get(key.lower(), default)
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: Headers
+
+
+@dataclass
+class _Fault:
+    status: int
+    times: int
+    on: str
+    page: int | None
+    retry_after: float | None
+    body: bytes | None
+    delay: float
+    truncate: bool
+    hang: bool
+
+    def matches(self, on: str, page: int | None) -> bool:
+        return self.on == on and (self.page is None or self.page == page)
+
+
+@dataclass
+class _Query:
+    filter: str | None
+    order: str | None
+    top: int
+    offset: int
+
+
+def _error_body(code: str, message: str) -> bytes:
+    return json.dumps({"error": {"code": code, "message": message}}).encode()
+
+
+class _BadRequest(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@dataclass
+class _Result:
+    """One cached (filter, order) result: the matching records' ids, in order."""
+
+    version: int
+    ids: list[str] = field(default_factory=list)
+
+
+class Sandbox:
+    """A threaded fake Partner Center. Use as a context manager or call start()/stop()."""
+
+    def __init__(
+        self,
+        referrals: Iterable[dict[str, Any]] = (),
+        *,
+        token: str | None = "sandbox-token",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        page_delay: float = 0.0,
+        max_page_size: int | None = None,
+    ) -> None:
+        self.token = token
+        self.host = host
+        self.port = port
+        self.page_delay = page_delay
+        self.max_page_size = max_page_size
+        self.next_link_base: str | None = None
+        self.base_url = ""
+        self.requests: list[RecordedRequest] = []
+        self._lock = threading.Lock()
+        self._records: dict[str, dict[str, Any]] = {}
+        self._serialized: dict[str, bytes] = {}
+        self._version = 0
+        self._results: dict[tuple[str | None, str | None], _Result] = {}
+        self._filters: dict[str, Predicate] = {}
+        self._faults: list[_Fault] = []
+        self._stopping = threading.Event()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.add(*referrals)
+
+    # -- lifecycle
+
+    def start(self) -> Sandbox:
+        if self._server is not None:
+            return self
+        self._stopping.clear()
+        server = ThreadingHTTPServer((self.host, self.port), _handler_for(self))
+        server.daemon_threads = True
+        server.block_on_close = False  # a hanging fault must not block stop()
+        self._server = server
+        self.port = server.server_address[1]
+        self.base_url = f"http://{self.host}:{self.port}{API_PREFIX}"
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()  # releases hanging and delayed handlers
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self) -> Sandbox:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- data
+
+    def add(self, *referrals: dict[str, Any]) -> None:
+        with self._lock:
+            for record in referrals:
+                # Malformed records (no id) are served too: the client must survive them.
+                ref_id = str(record.get("id") or f"_no-id-{len(self._records)}-{uuid.uuid4()}")
+                self._records[ref_id] = record
+                self._serialized[ref_id] = json.dumps(record, separators=(",", ":")).encode()
+            self._version += 1
+
+    def update(self, referral_id: str, **fields: Any) -> None:
+        """Replace top-level keys of one record, e.g. ``update(id, substatus="Accepted")``."""
+        with self._lock:
+            record = {**self._records[referral_id], **fields}
+            self._records[referral_id] = record
+            self._serialized[referral_id] = json.dumps(record, separators=(",", ":")).encode()
+            self._version += 1
+
+    def remove(self, referral_id: str) -> None:
+        with self._lock:
+            self._records.pop(referral_id, None)
+            self._serialized.pop(referral_id, None)
+            self._version += 1
+
+    def get_record(self, referral_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            return self._records.get(referral_id)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    # -- faults
+
+    def fail(
+        self,
+        status: int,
+        *,
+        times: int = 1,
+        on: str = "list",
+        page: int | None = None,
+        retry_after: float | None = None,
+        body: bytes | None = None,
+        delay: float = 0.0,
+        truncate: bool = False,
+        hang: bool = False,
+    ) -> None:
+        """Queue a fault for the next ``times`` matching requests (``on`` = "list" or "item").
+
+        status 0 serves a 200 with ``body`` as is; ``truncate`` promises more bytes than it sends;
+        ``hang`` never answers until stop().
+        """
+        if on not in ("list", "item"):
+            raise ValueError(f"on must be 'list' or 'item', not {on!r}")
+        with self._lock:
+            self._faults.append(
+                _Fault(status, times, on, page, retry_after, body, delay, truncate, hang)
+            )
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    def _take_fault(self, on: str, page: int | None) -> _Fault | None:
+        with self._lock:
+            for fault in self._faults:
+                if fault.matches(on, page):
+                    fault.times -= 1
+                    if fault.times <= 0:
+                        self._faults.remove(fault)
+                    return fault
+        return None
+
+    # -- queries (called from handler threads)
+
+    def _record(self, request: RecordedRequest) -> None:
+        with self._lock:
+            self.requests.append(request)
+
+    def _authorized(self, headers: Headers) -> bool:
+        expected = self.token
+        return expected is None or headers.get("authorization") == f"Bearer {expected}"
+
+    def _parse_query(self, query: dict[str, str]) -> _Query:
+        if "$skiptoken" in query:
+            return _decode_skiptoken(query["$skiptoken"])
+        top = DEFAULT_TOP
+        if "$top" in query:
+            if not query["$top"].isdigit() or int(query["$top"]) < 1:
+                raise _BadRequest(f"$top must be a positive integer, not {query['$top']!r}")
+            top = int(query["$top"])
+        if self.max_page_size is not None:
+            top = min(top, self.max_page_size)
+        order = query.get("$orderby")
+        if order is not None:
+            _order_key(order)  # validate now, not on a later page
+        filter_text = query.get("$filter")
+        self._predicate(filter_text)
+        return _Query(filter_text, order, top, 0)
+
+    def _predicate(self, filter_text: str | None) -> Predicate:
+        key = filter_text or ""
+        predicate = self._filters.get(key)
+        if predicate is None:
+            try:
+                predicate = compile_filter(filter_text)
+            except FilterError as exc:
+                raise _BadRequest(f"Invalid filter expression: {exc}") from None
+            self._filters[key] = predicate
+        return predicate
+
+    def _matching_ids(self, query: _Query) -> list[str]:
+        key = (query.filter, query.order)
+        with self._lock:
+            cached = self._results.get(key)
+            if cached is not None and cached.version == self._version:
+                return cached.ids
+            predicate = self._predicate(query.filter)
+            ids = [i for i, record in self._records.items() if predicate(record)]
+            if query.order:
+                sort_key, descending = _order_key(query.order)
+                records = self._records
+                ids.sort(key=lambda i: str(records[i].get(sort_key) or ""), reverse=descending)
+            self._results[key] = _Result(self._version, ids)
+            return ids
+
+    def _page_body(self, query: _Query) -> bytes:
+        ids = self._matching_ids(query)
+        chunk = ids[query.offset : query.offset + query.top]
+        with self._lock:
+            values = b",".join(self._serialized[i] for i in chunk if i in self._serialized)
+        context = f"{self._link_base()}/$metadata#Referrals"
+        parts = [b'{"@odata.context":', json.dumps(context).encode(), b',"value":[', values, b"]"]
+        end = query.offset + query.top
+        if end < len(ids):
+            token = _encode_skiptoken(_Query(query.filter, query.order, query.top, end))
+            link = f"{self._link_base()}/referrals?$skiptoken={token}"
+            parts += [b',"@odata.nextLink":', json.dumps(link).encode()]
+        parts.append(b"}")
+        return b"".join(parts)
+
+    def _link_base(self) -> str:
+        return self.next_link_base or f"http://{self.host}:{self.port}{API_PREFIX}"
+
+    def _item_body(self, referral_id: str) -> bytes | None:
+        with self._lock:
+            return self._serialized.get(referral_id)
+
+
+def _order_key(order: str) -> tuple[str, bool]:
+    words = order.split()
+    if not words or len(words) > 2 or words[0] not in ORDER_KEYS:
+        raise _BadRequest(
+            f"$orderby {order!r} is not supported: use createdDateTime or updatedDateTime, "
+            "optionally followed by asc or desc"
+        )
+    direction = words[1] if len(words) == 2 else "asc"
+    if direction not in ("asc", "desc"):
+        raise _BadRequest(f"$orderby direction must be asc or desc, not {direction!r}")
+    return words[0], direction == "desc"
+
+
+def _encode_skiptoken(query: _Query) -> str:
+    data = json.dumps([query.filter, query.order, query.top, query.offset], separators=(",", ":"))
+    return base64.urlsafe_b64encode(data.encode()).decode().rstrip("=")
+
+
+def _decode_skiptoken(token: str) -> _Query:
+    try:
+        padded = token + "=" * (-len(token) % 4)
+        filter_text, order, top, offset = json.loads(base64.urlsafe_b64decode(padded))
+        if not (isinstance(top, int) and top > 0 and isinstance(offset, int) and offset >= 0):
+            raise ValueError("bad numbers")
+        return _Query(filter_text, order, top, offset)
+    except (ValueError, TypeError, binascii.Error):
+        raise _BadRequest("The $skiptoken is not valid.") from None
+
+
+# --- the request handler -------------------------------------------------------------------
+
+
+def _handler_for(sandbox: Sandbox) -> type[BaseHTTPRequestHandler]:
+    class Handler(_Handler):
+        pass
+
+    Handler.sandbox = sandbox
+    return Handler
+
+
+class _Handler(BaseHTTPRequestHandler):
+    sandbox: Sandbox
+    protocol_version = "HTTP/1.1"
+    server_version = "PartnerCenterSandbox/1.0"
+    # Headers and body go out in two writes: without this, Nagle + delayed ACK cost ~40 ms each.
+    disable_nagle_algorithm = True
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # quiet: the benchmark makes thousands of requests
+
+    def do_GET(self) -> None:
+        split = urlsplit(self.path)
+        query = {k: v[0] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
+        headers = Headers((k.lower(), v) for k, v in self.headers.items())
+        self.sandbox._record(RecordedRequest("GET", split.path, query, headers))
+        path = split.path.rstrip("/")
+        try:
+            if path in LIST_PATHS:
+                self._list(query, headers)
+            elif path.startswith(ITEM_PREFIX) and "/" not in path[len(ITEM_PREFIX) :]:
+                self._item(unquote(path[len(ITEM_PREFIX) :]), headers)
+            else:
+                self._send(404, _error_body("resourceNotFound", f"No route for {split.path}."))
+        except _BadRequest as exc:
+            self._send(400, _error_body("invalidRequest", exc.message))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (e.g. its timeout): nothing to answer
+
+    def _list(self, query: dict[str, str], headers: Headers) -> None:
+        parsed = self.sandbox._parse_query(query)
+        page = parsed.offset // parsed.top
+        if self._fault("list", page) or not self._check_token(headers):
+            return
+        if self.sandbox.page_delay:
+            self.sandbox._stopping.wait(self.sandbox.page_delay)
+        self._send(200, self.sandbox._page_body(parsed))
+
+    def _item(self, referral_id: str, headers: Headers) -> None:
+        if self._fault("item", None) or not self._check_token(headers):
+            return
+        body = self.sandbox._item_body(referral_id)
+        if body is None:
+            message = f"Referral {referral_id} was not found."
+            self._send(404, _error_body("itemNotFound", message))
+        else:
+            self._send(200, body)
+
+    def _check_token(self, headers: Headers) -> bool:
+        if self.sandbox._authorized(headers):
+            return True
+        message = "The access token is missing, invalid or expired."
+        self._send(401, _error_body("unauthenticated", message), {"WWW-Authenticate": "Bearer"})
+        return False
+
+    def _fault(self, on: str, page: int | None) -> bool:
+        fault = self.sandbox._take_fault(on, page)
+        if fault is None:
+            return False
+        stopping = self.sandbox._stopping
+        if fault.hang:
+            stopping.wait()
+            self.close_connection = True
+            return True
+        if fault.delay:
+            stopping.wait(fault.delay)
+        status = fault.status or 200
+        if fault.body is not None:
+            body = fault.body
+        elif fault.status == 0:
+            body = b'{"value": ['
+        else:
+            code = _ERROR_CODES.get(status, "error")
+            body = _error_body(code, f"Injected fault: {status} {code}.")
+        extra = {}
+        if fault.retry_after is not None:
+            seconds = fault.retry_after
+            extra["Retry-After"] = str(int(seconds)) if seconds == int(seconds) else str(seconds)
+        if fault.truncate:
+            self._send(status, body, extra, length=len(body) + 100)
+            self.close_connection = True
+        else:
+            self._send(status, body, extra)
+        return True
+
+    def _send(
+        self,
+        status: int,
+        body: bytes,
+        extra: dict[str, str] | None = None,
+        *,
+        length: int | None = None,
+    ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(body) if length is None else length))
+        self.send_header("Request-ID", str(uuid.uuid4()))
+        for name, value in (extra or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+        self.wfile.flush()
+
+
+# --- standalone ----------------------------------------------------------------------------
+
+
+def sample_leads(count: int, *, now: datetime) -> Iterator[dict[str, Any]]:
+    """``count`` pending incoming leads created over the last two weeks, plus some noise."""
+    customers = ("Fabrikam", "Northwind Traders", "Contoso Pharma", "Adventure Works", "Tailspin")
+    countries = ("US", "NL", "BE", "DE", "GB")
+    for n in range(count):
+        created = now - timedelta(minutes=(n * 397) % (14 * 24 * 60))
+        yield make_referral(
+            id=f"00000000-0000-4000-8000-{n:012d}",
+            customer=f"{customers[n % len(customers)]} #{n}",
+            created=created,
+            country=countries[n % len(countries)],
+            deal_value=1000 * (1 + n % 97),
+            direction="Outgoing" if n % 10 == 9 else "Incoming",
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="A fake Partner Center Referrals API.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--leads", type=int, default=25)
+    parser.add_argument("--token", default="sandbox-token", help='"" accepts any token')
+    parser.add_argument("--page-delay", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    leads = sample_leads(args.leads, now=datetime.now(UTC))
+    sandbox = Sandbox(
+        leads, token=args.token or None, host=args.host, port=args.port, page_delay=args.page_delay
+    )
+    with sandbox:
+        print(
+            f"Partner Center sandbox at {sandbox.base_url} ({len(sandbox)} referrals)", flush=True
+        )
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()
