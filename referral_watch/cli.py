@@ -353,3 +353,28 @@ def unsilence(obj: Context, lead_id: str) -> None:
             click.echo(f"Reminders for {full_id} are back on.")
         else:
             click.echo(f"{full_id} was not silenced.")
+
+
+# --- demo ---------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option(
+    "--channel",
+    "extra_channel",
+    metavar="URL",
+    help="Also send every alert to this Apprise URL (e.g. your Teams workflow or Slack).",
+)
+@click.option("--fast", is_flag=True, hidden=True, help="No pauses (for tests).")
+def demo(extra_channel: str | None, fast: bool) -> None:
+    """Watch two weeks of leads in a few seconds against a built-in sandbox."""
+    from referral_watch.demo import run_demo
+
+    if extra_channel:
+        from referral_watch.config import ChannelConfig
+        from referral_watch.notify import check_channels
+
+        problems = check_channels({"yours": ChannelConfig(url=extra_channel)})
+        if problems:
+            raise ConfigError(problems)
+    sys.exit(run_demo(extra_channel=extra_channel, pause=0.0 if fast else 0.125))

@@ -239,12 +239,26 @@ class Store:
                WHERE id = ?""",
             (resolution, ts(now), raw, resolution, resolution.capitalize(), lead_id),
         )
+        # A reminder still held (quiet hours, failing channel) is moot once the lead is answered.
+        self.db.execute(
+            "UPDATE outbox SET state = 'superseded' "
+            "WHERE lead_id = ? AND kind = 'tier' AND state = 'pending'",
+            (lead_id,),
+        )
 
     def mark_expired(self, now: datetime) -> None:
         """Remember when watched leads passed their deadline unanswered (for reports)."""
         self.db.execute(
             """UPDATE leads SET expired_at = deadline
                WHERE resolution IS NULL AND expired_at IS NULL AND deadline < ?""",
+            (ts(now),),
+        )
+        # A reminder still held when the deadline passes would only confuse: the expired
+        # notice speaks for the lead now.
+        self.db.execute(
+            """UPDATE outbox SET state = 'superseded'
+               WHERE kind = 'tier' AND state = 'pending'
+                 AND lead_id IN (SELECT id FROM leads WHERE deadline < ?)""",
             (ts(now),),
         )
 

@@ -1,0 +1,470 @@
+"""PURE decision logic: which alerts are due for which channel, and what to send now.
+
+No I/O and no clock: ``now`` is always an argument, so every rule can be tested at any instant.
+
+- ``due_alerts``: tiers (catch-up, repeat), expiry and resolution notices, silences, matches.
+- ``delivery_batches``: which pending outbox rows go out now, held by quiet hours, and digests.
+- ``in_quiet_hours`` / ``quiet_ends``: a channel's quiet hours in its local wall-clock time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal
+from zoneinfo import ZoneInfo
+
+from referral_watch.config import ChannelConfig, Config, MatchConfig, PolicyConfig, TierConfig
+from referral_watch.model import (
+    ANSWERS,
+    EXPIRED,
+    RESOLVED,
+    TIER,
+    Alert,
+    Batch,
+    Lead,
+    PendingRow,
+    Referral,
+    Sent,
+)
+
+# Outbox row states the policy cares about (model.Sent.state).
+PENDING_ROW = "pending"
+SKIPPED_ROW = "skipped"
+
+# quiet_ends' answer for a channel that is quiet on every day of the week: it never ends.
+NEVER = datetime.max.replace(tzinfo=UTC)
+
+_WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_ZERO = timedelta(0)
+
+
+# --- due_alerts --------------------------------------------------------------------------
+
+
+def due_alerts(
+    leads: Sequence[Lead],
+    history: Mapping[str, Sequence[Sent]],
+    config: Config,
+    now: datetime,
+) -> list[Alert]:
+    """Every alert to enqueue (or tier to record as skipped) for these leads at ``now``.
+
+    ``history`` maps a lead id to every outbox row ever written for it, in any state; a decision
+    already recorded there is never made twice, so calling again at the same ``now`` after the
+    alerts were stored returns nothing.
+    """
+    now = _aware(now)
+    alerts: list[Alert] = []
+    for lead in leads:
+        rows = history.get(lead.id, ())
+        alerts.extend(_notices(lead, rows, config, now))
+        alerts.extend(_tier_alerts(lead, rows, config, now))
+    return alerts
+
+
+def current_tier(lead: Lead, config: Config, now: datetime) -> TierConfig | None:
+    """The most severe tier due for a watched lead; None when none is due, past the deadline,
+    or the lead is resolved."""
+    if lead.resolution is not None:
+        return None
+    left = lead.remaining(_aware(now))
+    if left < _ZERO:
+        return None
+    due = [tier for tier in config.policy.tiers if left <= tier.remaining]
+    return due[-1] if due else None
+
+
+def _notice_kind(lead: Lead, now: datetime) -> str | None:
+    """EXPIRED or RESOLVED when this lead's notice is still owed, else None."""
+    resolution = lead.resolution.lower() if lead.resolution is not None else None
+    if resolution is None:
+        past = lead.remaining(now) < _ZERO
+        return EXPIRED if past and not lead.expired_notified else None
+    if resolution in ANSWERS:
+        return None if lead.resolution_notified else RESOLVED
+    if resolution == "expired":
+        return None if lead.expired_notified else EXPIRED
+    return None  # "gone" (404): nobody can act on it any more
+
+
+def _notices(lead: Lead, rows: Sequence[Sent], config: Config, now: datetime) -> list[Alert]:
+    kind = _notice_kind(lead, now)
+    if kind is None:
+        return []
+    names = config.policy.on_expired if kind == EXPIRED else config.policy.on_resolved
+    # The store flips the lead's flag once the rows are written; history covers the gap.
+    already = {row.channel for row in rows if row.kind == kind}
+    return [
+        Alert(lead_id=lead.id, kind=kind, channel=name)
+        for name in _unique(names)
+        if name not in already and _matches(config, name, lead.referral)
+    ]
+
+
+def _tier_alerts(lead: Lead, rows: Sequence[Sent], config: Config, now: datetime) -> list[Alert]:
+    left = lead.remaining(now)
+    if lead.resolution is not None or left < _ZERO:
+        return []  # answered leads and expired ones get notices, never reminders
+    tiers = config.policy.tiers
+    final_only = False
+    if lead.silenced(now):
+        if not _final_breaks_silence(lead):
+            return []
+        final_only = True
+    alerts: list[Alert] = []
+    for channel in _unique(name for tier in tiers for name in tier.notify):
+        due = [
+            i for i, tier in enumerate(tiers) if channel in tier.notify and left <= tier.remaining
+        ]
+        if not due or (final_only and due[-1] != len(tiers) - 1):
+            continue
+        if not _matches(config, channel, lead.referral):
+            continue
+        sent = [row for row in rows if row.kind == TIER and row.channel == channel]
+        alerts.extend(_channel_tier_alerts(lead.id, channel, due, sent, config.policy, now))
+    return alerts
+
+
+def _final_breaks_silence(lead: Lead) -> bool:
+    """A silence that outlasts the deadline would hide the lead's expiry; the most severe tier
+    still gets through unless the silence was explicitly meant to last through the deadline."""
+    assert lead.silenced_until is not None
+    return not lead.silence_through_deadline and lead.silenced_until >= lead.deadline
+
+
+def _channel_tier_alerts(
+    lead_id: str,
+    channel: str,
+    due: list[int],
+    sent: list[Sent],
+    policy: PolicyConfig,
+    now: datetime,
+) -> list[Alert]:
+    """Catch-up for one (lead, channel): send the most severe due tier, skip the rest."""
+    top = due[-1]
+    if any(policy.severity(row.tier) > top for row in sent if row.tier is not None):
+        return []  # the deadline moved later: the severity a channel heard never goes down
+    have = {row.tier for row in sent}
+
+    def alert(index: int, skipped: bool = False) -> Alert:
+        name = policy.tiers[index].name
+        return Alert(lead_id, TIER, channel, tier=name, severity=index, skipped=skipped)
+
+    alerts = [alert(i, skipped=True) for i in due[:-1] if policy.tiers[i].name not in have]
+    top_tier = policy.tiers[top]
+    earlier = [row for row in sent if row.tier == top_tier.name]
+    if not earlier or _repeat_due(top_tier, earlier, now):
+        alerts.append(alert(top))
+    return alerts
+
+
+def _repeat_due(tier: TierConfig, rows: list[Sent], now: datetime) -> bool:
+    if tier.repeat is None or tier.repeat <= _ZERO:
+        return False  # a zero repeat would re-send on every call
+    live = [row for row in rows if row.state != SKIPPED_ROW]
+    if not live or any(row.state == PENDING_ROW for row in live):
+        return False  # one copy waiting in the outbox (e.g. held) is enough
+    return max(_aware(row.created) for row in live) <= now - tier.repeat
+
+
+# --- match -------------------------------------------------------------------------------
+
+
+def channel_matches(channel: ChannelConfig, referral: Referral) -> bool:
+    """Whether a channel with a ``match`` table hears about this referral (keys are ANDed,
+    a list means any of, strings compare case-insensitively; no match hears everything)."""
+    match = channel.match
+    if match is None:
+        return True
+    return _strings_match(match, referral) and _value_matches(match, referral.deal_value)
+
+
+def _strings_match(match: MatchConfig, referral: Referral) -> bool:
+    return (
+        _any_of(match.country, [referral.country])
+        and _any_of(match.direction, [referral.direction])
+        and _any_of(match.type, [referral.type])
+        and _any_of(match.qualification, [referral.qualification])
+        and _any_of(match.solution, [*referral.solution_ids, *referral.solutions])
+        and _any_of(match.product, referral.products)
+        # who the lead is assigned to, whether or not they opted out of notifications
+        and _any_of(match.team_email, [member.email for member in referral.team])
+    )
+
+
+def _any_of(wanted: Sequence[str] | None, values: Iterable[str]) -> bool:
+    # An absent key or an empty list sets no condition; an empty list is far more likely a
+    # templating leftover than a wish to silence the channel.
+    if not wanted:
+        return True
+    folded = {item.strip().casefold() for item in wanted}
+    return any(value.strip().casefold() in folded for value in values)
+
+
+def _value_matches(match: MatchConfig, value: Decimal | None) -> bool:
+    if match.min_deal_value is None and match.max_deal_value is None:
+        return True
+    if value is None:
+        return False  # a bound on the value cannot be met by a lead without one
+    if match.min_deal_value is not None and value < Decimal(str(match.min_deal_value)):
+        return False
+    return match.max_deal_value is None or value <= Decimal(str(match.max_deal_value))
+
+
+def _matches(config: Config, name: str, referral: Referral) -> bool:
+    channel = config.channels.get(name)
+    # An unknown name cannot pass config validation; if it ever does, delivery reports it
+    # loudly, which beats dropping the alert here without a trace.
+    return channel is None or channel_matches(channel, referral)
+
+
+# --- quiet hours -------------------------------------------------------------------------
+
+
+def in_quiet_hours(channel: ChannelConfig, now: datetime, default_zone: str = "UTC") -> bool:
+    """Whether ``now`` falls in the channel's quiet hours or quiet days, in its local time."""
+    return _quiet_at(channel, _aware(now), _zone(channel, default_zone))
+
+
+def quiet_ends(channel: ChannelConfig, now: datetime, default_zone: str = "UTC") -> datetime | None:
+    """The first instant (UTC) after ``now`` that is not quiet; None when ``now`` is not quiet.
+
+    A channel quiet on all seven days never stops being quiet: that gives ``NEVER``.
+    """
+    now = _aware(now)
+    zone = _zone(channel, default_zone)
+    if not _quiet_at(channel, now, zone):
+        return None
+    # Quietness is constant between change points, so the answer is the first change point
+    # that is not quiet. A quiet stretch lasts at most 6 quiet days plus one night.
+    for point in _change_points(channel, zone, now, days=9):
+        if not _quiet_at(channel, point, zone):
+            return point
+    return NEVER
+
+
+def _zone(channel: ChannelConfig, default_zone: str) -> ZoneInfo:
+    return ZoneInfo(channel.timezone or default_zone)
+
+
+def _window(channel: ChannelConfig) -> tuple[time, time] | None:
+    if not channel.quiet_hours:
+        return None
+    start, _, end = channel.quiet_hours.partition("-")
+    return time.fromisoformat(start.strip()), time.fromisoformat(end.strip())
+
+
+def _quiet_at(channel: ChannelConfig, instant: datetime, zone: ZoneInfo) -> bool:
+    local = instant.astimezone(zone)
+    if _WEEKDAYS[local.weekday()] in channel.quiet_days:
+        return True
+    window = _window(channel)
+    if window is None:
+        return False
+    start, end = window
+    wall = local.time()
+    if start < end:
+        return start <= wall < end
+    if start > end:  # crosses midnight: "20:00-08:00" is 20:00 up to 08:00 the next morning
+        return wall >= start or wall < end
+    return False  # "08:00-08:00" is an empty range
+
+
+def _change_points(
+    channel: ChannelConfig, zone: ZoneInfo, now: datetime, days: int
+) -> list[datetime]:
+    """Every instant after ``now`` (within ``days``) where quietness may change: local midnight
+    and the window's ends on each day (both instants of a repeated wall time), and the zone's
+    offset changes (a wall time skipped by a DST gap is crossed by the jump itself)."""
+    walls = {time(0)}
+    window = _window(channel)
+    if window is not None:
+        walls.update(window)
+    first = now.astimezone(zone).date() - timedelta(days=1)
+    points = set(_offset_changes(zone, now, now + timedelta(days=days)))
+    for offset in range(days + 2):
+        points.update(_wall_instants(first + timedelta(days=offset), walls, zone))
+    return sorted(point for point in points if point > now)
+
+
+def _wall_instants(day: date, walls: Iterable[time], zone: ZoneInfo) -> Iterator[datetime]:
+    for wall in walls:
+        for fold in (0, 1):
+            local = datetime.combine(day, wall, tzinfo=zone).replace(fold=fold)
+            yield local.astimezone(UTC)
+
+
+def _offset_changes(zone: ZoneInfo, start: datetime, end: datetime) -> list[datetime]:
+    """UTC instants in [start, end] where the zone's UTC offset changes (DST and the like)."""
+    step = 6 * 3600  # no zone changes its offset twice within six hours
+    low = int(start.timestamp()) // 3600 * 3600
+    changes = []
+    while low < end.timestamp():
+        high = low + step
+        if _offset(zone, low) != _offset(zone, high):
+            changes.append(datetime.fromtimestamp(_first_with_offset_of(zone, low, high), UTC))
+        low = high
+    return changes
+
+
+def _first_with_offset_of(zone: ZoneInfo, low: int, high: int) -> int:
+    """Bisect (in whole seconds) for the first second with ``high``'s offset."""
+    before = _offset(zone, low)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if _offset(zone, middle) == before:
+            low = middle
+        else:
+            high = middle
+    return high
+
+
+def _offset(zone: ZoneInfo, timestamp: int) -> timedelta | None:
+    return datetime.fromtimestamp(timestamp, UTC).astimezone(zone).utcoffset()
+
+
+# --- delivery_batches --------------------------------------------------------------------
+
+
+def delivery_batches(
+    rows: Sequence[PendingRow],
+    leads: Mapping[str, Lead],
+    config: Config,
+    now: datetime,
+) -> list[Batch]:
+    """What to send now from the pending outbox rows; rows left out are held (quiet hours).
+
+    Every row id appears in at most one batch, and every row id of a batch is settled by that
+    one message. Rows about no lead come first, then one batch per alert, or one digest for a
+    (channel, kind, tier, recipients) group of more than ``policy.digest_over`` alerts.
+
+    Several pending rows for one lead and channel are folded into one message: a held tier
+    superseded by a more severe tier, or any tier reminder once an expired/resolved notice is
+    waiting, rides along with that message instead of going out on its own.
+    """
+    now = _aware(now)
+    batches: list[Batch] = []
+    quiet: dict[str, bool] = {}
+    heads, riders = _fold_superseded(rows, config.policy)
+    groups: dict[tuple[str, str, str | None, tuple[str, ...]], list[PendingRow]] = {}
+    for row in heads:
+        if row.lead_id is None:  # ops, test and report messages are never held nor batched
+            batches.append(Batch(row.channel, row.kind, row.tier, (row.id,), ()))
+            continue
+        if _held(row, config, now, quiet):
+            continue
+        key = (row.channel, row.kind, row.tier, _recipients(row, leads, config))
+        groups.setdefault(key, []).append(row)
+    for key, members in groups.items():
+        batches.extend(_group_batches(key, members, riders, leads, config.policy))
+    return batches
+
+
+def _fold_superseded(
+    rows: Sequence[PendingRow], policy: PolicyConfig
+) -> tuple[list[PendingRow], dict[int, list[int]]]:
+    """Pick the row that speaks for each (lead, channel): the first notice if one is pending,
+    else the most severe tier. Returns those heads (in row order) and head id -> rider ids."""
+    by_target: dict[tuple[str, str], list[PendingRow]] = {}
+    for row in rows:
+        if row.lead_id is not None and row.kind == TIER:
+            by_target.setdefault((row.lead_id, row.channel), [])
+    for row in rows:
+        if row.lead_id is not None and (row.lead_id, row.channel) in by_target:
+            by_target[(row.lead_id, row.channel)].append(row)
+    riders: dict[int, list[int]] = {row.id: [] for row in rows}
+    folded: set[int] = set()
+    for group in by_target.values():
+        tiers = [row for row in group if row.kind == TIER]
+        notices = [row for row in group if row.kind in (EXPIRED, RESOLVED)]
+        head = notices[0] if notices else max(tiers, key=lambda r: (_severity(policy, r), r.id))
+        for row in tiers:
+            if row is not head:
+                riders[head.id].append(row.id)
+                folded.add(row.id)
+    return [row for row in rows if row.id not in folded], riders
+
+
+def _severity(policy: PolicyConfig, row: PendingRow) -> int:
+    return policy.severity(row.tier) if row.tier is not None else -1
+
+
+def _held(row: PendingRow, config: Config, now: datetime, quiet: dict[str, bool]) -> bool:
+    channel = config.channels.get(row.channel)
+    if channel is None:
+        return False  # delivery reports the unknown channel; holding would hide it forever
+    if row.kind == TIER and row.tier is not None:
+        tier = config.policy.tier(row.tier)
+        if tier is not None and tier.bypass_quiet:
+            return False
+    if row.channel not in quiet:
+        quiet[row.channel] = in_quiet_hours(channel, now, config.messages.timezone)
+    return quiet[row.channel]
+
+
+def _recipients(row: PendingRow, leads: Mapping[str, Lead], config: Config) -> tuple[str, ...]:
+    """For to_assignees channels the lead's team; () means the URL's own recipients."""
+    channel = config.channels.get(row.channel)
+    lead = leads.get(row.lead_id) if row.lead_id is not None else None
+    if channel is None or not channel.to_assignees or lead is None:
+        return ()
+    return tuple(sorted(set(lead.referral.team_emails), key=lambda email: (email.lower(), email)))
+
+
+def _group_batches(
+    key: tuple[str, str, str | None, tuple[str, ...]],
+    members: list[PendingRow],
+    riders: Mapping[int, list[int]],
+    leads: Mapping[str, Lead],
+    policy: PolicyConfig,
+) -> list[Batch]:
+    channel, kind, tier, recipients = key
+
+    def row_ids(row: PendingRow) -> tuple[int, ...]:
+        return (row.id, *riders.get(row.id, ()))
+
+    if len(members) <= policy.digest_over:
+        return [
+            Batch(channel, kind, tier, row_ids(row), (_lead_id(row),), recipients=recipients)
+            for row in members
+        ]
+    # Most urgent first; leads already pruned from the state have no deadline and go last.
+    ordered = sorted(members, key=lambda row: (_deadline(row, leads), row.id))
+    lead_ids = _unique(_lead_id(row) for row in ordered)
+    shown = tuple(lead_ids[: policy.digest_limit])
+    every_row = tuple(row_id for row in members for row_id in row_ids(row))
+    return [
+        Batch(
+            channel,
+            kind,
+            tier,
+            every_row,
+            shown,
+            digest=True,
+            more=len(lead_ids) - len(shown),
+            recipients=recipients,
+        )
+    ]
+
+
+def _lead_id(row: PendingRow) -> str:
+    assert row.lead_id is not None  # rows about no lead never reach grouping
+    return row.lead_id
+
+
+def _deadline(row: PendingRow, leads: Mapping[str, Lead]) -> datetime:
+    lead = leads.get(_lead_id(row))
+    return _aware(lead.deadline) if lead is not None else NEVER
+
+
+# --- small helpers -----------------------------------------------------------------------
+
+
+def _aware(moment: datetime) -> datetime:
+    """Naive datetimes are taken as UTC (the state file and the API speak UTC)."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
+def _unique(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(items))
