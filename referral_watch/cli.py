@@ -368,8 +368,10 @@ def unsilence(obj: Context, lead_id: str) -> None:
 @click.option("--fast", is_flag=True, hidden=True, help="No pauses (for tests).")
 def demo(extra_channel: str | None, fast: bool) -> None:
     """Watch two weeks of leads in a few seconds against a built-in sandbox."""
+    from referral_watch import logs
     from referral_watch.demo import run_demo
 
+    logs.configure("console", quiet=True)
     if extra_channel:
         from referral_watch.config import ChannelConfig
         from referral_watch.notify import check_channels

@@ -121,12 +121,13 @@ def story(start: datetime) -> Story:
     tailspin = lead("Tailspin Toys", timedelta(days=13, hours=16), deal_value=8000)
     adatum = lead("Adatum Corporation", timedelta(days=12, hours=12), deal_value=60000,
                   currency="GBP", country="GB")
-    woodgrove = lead("Woodgrove Bank", timedelta(days=10), deal_value=4500000, currency="JPY",
+    woodgrove = lead("Woodgrove Bank", timedelta(days=10, hours=1), deal_value=4500000,
+                     currency="JPY",
                      country="JP")
     malformed = lead("Broken Record Ltd", timedelta(days=1))
     malformed["createdDateTime"] = "not-a-date"  # the API sent something unreadable
     burst = [
-        lead(name, -timedelta(days=3, hours=2 + n), deal_value=5000 * (n + 1))
+        lead(name, -timedelta(days=3, hours=2, minutes=50 - 5 * n), deal_value=5000 * (n + 1))
         for n, name in enumerate(
             ["Alpine Ski House", "Bellows College", "Coho Winery", "Datum Systems",
              "Fourth Coffee", "Graphic Design Institute", "Lucerne Publishing"]
@@ -135,7 +136,7 @@ def story(start: datetime) -> Story:
     return Story(
         leads=[fabrikam, northwind, tailspin, adatum, woodgrove, malformed],
         events=[
-            Event(timedelta(days=2), "Adatum Corporation is accepted in Partner Center",
+            Event(timedelta(days=1, hours=3), "Adatum Corporation is accepted in Partner Center",
                   lambda sb: sb.update(adatum["id"], status="Active", substatus="Accepted")),
             Event(timedelta(days=3, hours=3), "7 leads arrive at once after a trade show",
                   lambda sb: sb.add(*burst)),
@@ -155,7 +156,8 @@ def run_demo(
 ) -> int:
     """Run the story; returns the exit status (0)."""
     stream = out or sys.stdout
-    register_console_target(stream)
+    printer = ConsolePrinter(stream)
+    register_console_target(stream, printer=printer)
     start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
     clock = SteppedClock(start)
     plot = story(start)
@@ -170,8 +172,8 @@ def run_demo(
         ) as api:
             cycle = Cycle(config, store, api, Notifier(config.channels), clock)
             while clock.now <= start + timedelta(days=days):
-                _happen(plot, clock.now - start, sandbox, stream)
-                _cycle_header(stream, clock.now, start)
+                printer.header = _cycle_header(stream, clock.now, start)
+                _happen(plot, clock.now - start, sandbox, printer)
                 cycle.run()
                 clock.advance(step)
                 time.sleep(pause)
@@ -198,26 +200,25 @@ def _intro(stream: TextIO, sandbox: Sandbox, count: int, days: float) -> None:
     )
 
 
-_last_header: list[str] = []
-
-
-def _cycle_header(stream: TextIO, now: datetime, start: datetime) -> None:
+def _cycle_header(stream: TextIO, now: datetime, start: datetime) -> str:
     day = (now - start) / timedelta(days=1)
     text = f"── day {day:4.1f} · {now:%a %d %b %H:%M} UTC (simulated) "
-    stream.write(_style(stream, "2")(text + "─" * max(0, 72 - len(text))) + "\n")
+    return _style(stream, "2")(text + "─" * max(0, 72 - len(text)))
 
 
-def _happen(plot: Story, elapsed: timedelta, sandbox: Sandbox, stream: TextIO) -> None:
+def _happen(plot: Story, elapsed: timedelta, sandbox: Sandbox, printer: ConsolePrinter) -> None:
     for event in plot.events:
         if not event.done and elapsed >= event.at:
             event.act(sandbox)
             event.done = True
-            stream.write(_style(stream, "1;35")(f"» in Partner Center: {event.describe}") + "\n")
+            printer.line(_style(printer.stream, "1;35")(f"» in Partner Center: {event.describe}"))
 
 
 def _summary(stream: TextIO, store: Store, start: datetime) -> None:
     rows = store.db.execute(
-        """SELECT l.customer, l.resolution, o.kind, o.tier, o.channel, o.delivered_at
+        """SELECT l.customer,
+                  COALESCE(l.resolution, CASE WHEN l.expired_at IS NOT NULL THEN 'expired' END),
+                  o.kind, o.tier, o.channel, o.delivered_at
            FROM leads l JOIN outbox o ON o.lead_id = l.id
            WHERE o.state = 'delivered' ORDER BY l.deadline, o.id"""
     ).fetchall()
@@ -241,6 +242,33 @@ def _summary(stream: TextIO, store: Store, start: datetime) -> None:
         "\nThe malformed record was skipped and logged; everything else was answered or "
         "announced.\nNext: `referral-watch check-config`, `referral-watch login`, and the README.\n"
     )
+
+
+class ConsolePrinter:
+    """How alerts look in the demo: one line each; the first message and digests in full."""
+
+    COLOURS = {"team": "36", "managers": "33"}
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.shown_full = False
+        self.header = ""  # printed before the first line of a cycle that has something to say
+
+    def line(self, text: str) -> None:
+        if self.header:
+            self.stream.write(self.header + "\n")
+            self.header = ""
+        self.stream.write(text + "\n")
+
+    def __call__(self, channel: str, title: str, body: str, notify_type: str) -> None:
+        colour = _style(self.stream, self.COLOURS.get(channel, "35"))
+        self.line(f"  {colour(f'▸ {channel:<9}')} {_style(self.stream, '1')(title)}")
+        digest = title[:1].isdigit()  # "7 leads need an answer within 14d"
+        if not self.shown_full or digest:
+            self.shown_full = True
+            for line in body.strip().splitlines():
+                self.stream.write(_style(self.stream, "2")(f"      {line}") + "\n")
+        self.stream.flush()
 
 
 def _style(stream: TextIO, code: str) -> Callable[[str], str]:

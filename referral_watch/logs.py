@@ -20,12 +20,15 @@ def _drop_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMa
     return event
 
 
-def configure(fmt: str = "auto", verbose: int = 0, stream: Any = None) -> None:
-    """fmt: auto | json | console. verbose: 0 info, 1+ debug."""
+def configure(
+    fmt: str = "auto", verbose: int = 0, stream: Any = None, *, quiet: bool = False
+) -> None:
+    """fmt: auto | json | console. verbose: 0 info, 1+ debug. quiet: warnings and errors only,
+    each distinct one once (the demo's console stays readable)."""
     out = stream or sys.stderr
     if fmt == "auto":
         fmt = "console" if getattr(out, "isatty", lambda: False)() else "json"
-    level = logging.DEBUG if verbose else logging.INFO
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=out.isatty())
         if fmt == "console"
@@ -36,6 +39,7 @@ def configure(fmt: str = "auto", verbose: int = 0, stream: Any = None) -> None:
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _drop_secrets,
+        _Once() if quiet else _noop,
         structlog.processors.format_exc_info if fmt == "json" else _noop,
         renderer,
     ]
@@ -55,3 +59,17 @@ def configure(fmt: str = "auto", verbose: int = 0, stream: Any = None) -> None:
 
 def _noop(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     return event
+
+
+class _Once:
+    """Drops a log line identical (but for its time) to one already written."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    def __call__(self, _: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        key = repr(sorted((k, str(v)) for k, v in event.items() if k != "timestamp"))
+        if key in self.seen:
+            raise structlog.DropEvent
+        self.seen.add(key)
+        return event

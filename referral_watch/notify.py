@@ -11,7 +11,7 @@ import re
 import sys
 import threading
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 from urllib.parse import quote, unquote, urlsplit
@@ -383,20 +383,33 @@ def _write_console(body: str, title: str, notify_type: str) -> None:
     stream.flush()
 
 
+ConsolePrinter = Callable[[str, str, str, str], None]  # (channel, title, body, notify_type)
+_console_printer: ConsolePrinter | None = None
+
+
 def _console_send(body: str, title: str, notify_type: str, *args: Any, **kwargs: Any) -> bool:
-    _write_console(body, title, notify_type)
+    meta = kwargs.get("meta") or {}
+    channel = str(meta.get("host") or "console")  # console://team -> "team"
+    if _console_printer is not None:
+        _console_printer(channel, title, body, notify_type)
+    else:
+        _write_console(body, title, notify_type)
     return True
 
 
-def register_console_target(stream: TextIO | None = None) -> None:
+def register_console_target(
+    stream: TextIO | None = None, printer: ConsolePrinter | None = None
+) -> None:
     """Make ``console://`` an Apprise target printing title and body to ``stream``.
 
-    ``None`` means sys.stdout at the time of each message. Calling again only changes the stream.
+    ``None`` means sys.stdout at the time of each message. ``printer`` replaces the default
+    layout (the demo prints its own). Calling again only changes the stream and printer.
     """
-    global _console_stream, _console_registered
+    global _console_stream, _console_registered, _console_printer
     apprise = _apprise()
     with _load_lock:
         _console_stream = stream
+        _console_printer = printer
         if _console_registered or _known_scheme("console"):
             return
 
