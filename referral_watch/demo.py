@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, ClassVar, TextIO
 
 from referral_watch.auth import EnvTokenProvider
 from referral_watch.config import Config, parse_config
@@ -119,29 +119,54 @@ def story(start: datetime) -> Story:
         notes="Customer wants to move 40 SQL servers to Azure before fiscal year end.",
     )
     tailspin = lead("Tailspin Toys", timedelta(days=13, hours=16), deal_value=8000)
-    adatum = lead("Adatum Corporation", timedelta(days=12, hours=12), deal_value=60000,
-                  currency="GBP", country="GB")
-    woodgrove = lead("Woodgrove Bank", timedelta(days=10, hours=1), deal_value=4500000,
-                     currency="JPY",
-                     country="JP")
+    adatum = lead(
+        "Adatum Corporation",
+        timedelta(days=12, hours=12),
+        deal_value=60000,
+        currency="GBP",
+        country="GB",
+    )
+    woodgrove = lead(
+        "Woodgrove Bank",
+        timedelta(days=10, hours=1),
+        deal_value=4500000,
+        currency="JPY",
+        country="JP",
+    )
     malformed = lead("Broken Record Ltd", timedelta(days=1))
     malformed["createdDateTime"] = "not-a-date"  # the API sent something unreadable
     burst = [
         lead(name, -timedelta(days=3, hours=2, minutes=50 - 5 * n), deal_value=5000 * (n + 1))
         for n, name in enumerate(
-            ["Alpine Ski House", "Bellows College", "Coho Winery", "Datum Systems",
-             "Fourth Coffee", "Graphic Design Institute", "Lucerne Publishing"]
+            [
+                "Alpine Ski House",
+                "Bellows College",
+                "Coho Winery",
+                "Datum Systems",
+                "Fourth Coffee",
+                "Graphic Design Institute",
+                "Lucerne Publishing",
+            ]
         )
     ]
     return Story(
         leads=[fabrikam, northwind, tailspin, adatum, woodgrove, malformed],
         events=[
-            Event(timedelta(days=1, hours=3), "Adatum Corporation is accepted in Partner Center",
-                  lambda sb: sb.update(adatum["id"], status="Active", substatus="Accepted")),
-            Event(timedelta(days=3, hours=3), "7 leads arrive at once after a trade show",
-                  lambda sb: sb.add(*burst)),
-            Event(timedelta(days=5, hours=18), "Northwind Traders is accepted just in time",
-                  lambda sb: sb.update(northwind["id"], status="Active", substatus="Accepted")),
+            Event(
+                timedelta(days=1, hours=3),
+                "Adatum Corporation is accepted in Partner Center",
+                lambda sb: sb.update(adatum["id"], status="Active", substatus="Accepted"),
+            ),
+            Event(
+                timedelta(days=3, hours=3),
+                "7 leads arrive at once after a trade show",
+                lambda sb: sb.add(*burst),
+            ),
+            Event(
+                timedelta(days=5, hours=18),
+                "Northwind Traders is accepted just in time",
+                lambda sb: sb.update(northwind["id"], status="Active", substatus="Accepted"),
+            ),
         ],
     )
 
@@ -161,15 +186,14 @@ def run_demo(
     start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
     clock = SteppedClock(start)
     plot = story(start)
-    with tempfile.TemporaryDirectory(prefix="referral-watch-demo-") as tmp, Sandbox(
-        plot.leads, token=TOKEN
-    ) as sandbox:
+    with (
+        tempfile.TemporaryDirectory(prefix="referral-watch-demo-") as tmp,
+        Sandbox(plot.leads, token=TOKEN) as sandbox,
+    ):
         config = demo_config(sandbox.base_url, Path(tmp) / "state.db", extra_channel)
         _intro(stream, sandbox, len(plot.leads), days)
         tokens = EnvTokenProvider("DEMO_TOKEN", environ={"DEMO_TOKEN": TOKEN})
-        with Store(config.state.path) as store, PartnerCenter(
-            config.partner_center, tokens
-        ) as api:
+        with Store(config.state.path) as store, PartnerCenter(config.partner_center, tokens) as api:
             cycle = Cycle(config, store, api, Notifier(config.channels), clock)
             while clock.now <= start + timedelta(days=days):
                 printer.header = _cycle_header(stream, clock.now, start)
@@ -184,9 +208,7 @@ def run_demo(
 def demo_config(base_url: str, state: Path, extra_channel: str | None) -> Config:
     extra = ', "yours"' if extra_channel else ""
     channel_line = f'yours = "{extra_channel}"' if extra_channel else ""
-    text = CONFIG.format(
-        base_url=base_url, state=state, extra=extra, extra_channel=channel_line
-    )
+    text = CONFIG.format(base_url=base_url, state=state, extra=extra, extra_channel=channel_line)
     return parse_config(text, env={})
 
 
@@ -224,7 +246,7 @@ def _summary(stream: TextIO, store: Store, start: datetime) -> None:
     ).fetchall()
     received: dict[str, list[str]] = {}
     outcome: dict[str, str] = {}
-    for customer, resolution, kind, tier, channel, delivered_at in rows:
+    for customer, resolution, kind, tier, _channel, delivered_at in rows:
         day = (datetime.fromisoformat(delivered_at) - start) / timedelta(days=1)
         what = tier if kind == "tier" else kind
         entry = f"{what}@{day:.1f}d"
@@ -233,8 +255,9 @@ def _summary(stream: TextIO, store: Store, start: datetime) -> None:
             items.append(entry)
         outcome[customer] = resolution or "waiting"
     bold = _style(stream, "1")
-    stream.write("\n" + bold("Summary: what each lead received (tier or notice @ simulated day)")
-                 + "\n")
+    stream.write(
+        "\n" + bold("Summary: what each lead received (tier or notice @ simulated day)") + "\n"
+    )
     width = max((len(c) for c in received), default=10)
     for customer, items in received.items():
         stream.write(f"  {customer.ljust(width)}  {outcome[customer]:<9} {' '.join(items)}\n")
@@ -247,7 +270,7 @@ def _summary(stream: TextIO, store: Store, start: datetime) -> None:
 class ConsolePrinter:
     """How alerts look in the demo: one line each; the first message and digests in full."""
 
-    COLOURS = {"team": "36", "managers": "33"}
+    COLOURS: ClassVar[dict[str, str]] = {"team": "36", "managers": "33"}
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream

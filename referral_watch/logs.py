@@ -67,7 +67,9 @@ class _Once:
     def __init__(self) -> None:
         self.seen: set[str] = set()
 
-    def __call__(self, _: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    def __call__(
+        self, _: Any, __: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
         key = repr(sorted((k, str(v)) for k, v in event.items() if k != "timestamp"))
         if key in self.seen:
             raise structlog.DropEvent

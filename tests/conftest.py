@@ -13,6 +13,7 @@ import pytest
 
 from referral_watch import cli
 from referral_watch.sandbox import Sandbox, make_referral
+
 from receivers import WebhookReceiver
 
 TOKEN_ENV = "RW_TEST_TOKEN"

@@ -124,13 +124,19 @@ def test_interpolation_from_environment_and_files(tmp_path: Path) -> None:
         (('remaining = "14d"', "remaining = 14"), "policy.tiers[0].remaining: a duration must"),
         (('notify = ["team"]', 'notify = ["teams"]'), "policy.tiers[0].notify: unknown channel"),
         (('method = "env"', 'method = "password"'), "auth.method: Input should be"),
-        (('method = "env"', 'method = "msal"'), "auth: method \"msal\" needs tenant_id"),
+        (('method = "env"', 'method = "msal"'), 'auth: method "msal" needs tenant_id'),
         (('method = "env"', 'method = "command"'), 'auth: method "command" needs command'),
-        (("[auth]", "[schedule]\ninterval = \"0s\"\n[auth]"), "schedule.interval: interval must"),
+        (("[auth]", '[schedule]\ninterval = "0s"\n[auth]'), "schedule.interval: interval must"),
         (("[auth]", "[policy]\ndigest_over = 0\n[auth]"), "policy.digest_over: Input should be"),
-        (("[auth]", '[server]\nlisten = "9464"\n[auth]'), 'server.listen: \'9464\' is not "host:port"'),
+        (
+            ("[auth]", '[server]\nlisten = "9464"\n[auth]'),
+            "server.listen: '9464' is not \"host:port\"",
+        ),
         (("[auth]", '[messages]\ntimezone = "Europe/Amsterdm"\n[auth]'), "messages.timezone:"),
-        (("[auth]", '[operations]\nnotify = ["pager"]\n[auth]'), "operations.notify: unknown channel"),
+        (
+            ("[auth]", '[operations]\nnotify = ["pager"]\n[auth]'),
+            "operations.notify: unknown channel",
+        ),
     ],
 )
 def test_each_problem_names_its_key(change: tuple[str, str], expected: str) -> None:
@@ -186,7 +192,9 @@ def test_a_config_needs_at_least_one_tier() -> None:
 
 def test_problems_never_echo_secret_values() -> None:
     text = MINIMAL.replace('method = "env"', 'method = "env"\ntoken_env = 42')
-    text = text.replace('team = "json://127.0.0.1:9/hook"', 'team = { url = "slack://xoxb-SECRET", x = 1 }')
+    text = text.replace(
+        'team = "json://127.0.0.1:9/hook"', 'team = { url = "slack://xoxb-SECRET", x = 1 }'
+    )
     for problem in problems_of(text):
         assert "SECRET" not in problem
 

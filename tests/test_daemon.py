@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from datetime import timedelta
 
 import pytest
+
 from conftest import World
 from receivers import WebhookReceiver
 
@@ -41,8 +42,17 @@ def wait_until(condition: Callable[[], bool], timeout: float = 15.0, what: str =
 def daemon(world: World, *extra: str) -> Iterator[subprocess.Popen[str]]:
     world.write_config()
     process = subprocess.Popen(
-        [sys.executable, "-m", "referral_watch", "--config", str(world.config_path),
-         "--log-format", "json", "run", *extra],
+        [
+            sys.executable,
+            "-m",
+            "referral_watch",
+            "--config",
+            str(world.config_path),
+            "--log-format",
+            "json",
+            "run",
+            *extra,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -90,7 +100,9 @@ def test_a_second_instance_exits_3(world: World) -> None:
         time.sleep(0.5)
         second = subprocess.run(
             [sys.executable, "-m", "referral_watch", "--config", str(world.config_path), "run"],
-            capture_output=True, text=True, timeout=30,
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
         assert second.returncode == 3
         assert "another referral-watch process" in second.stderr
@@ -115,12 +127,16 @@ def test_healthz_and_metrics_answer(world: World) -> None:
         assert "referral_watch_watched_leads 1.0" in text
         assert 'referral_watch_deliveries_total{channel="team",result="ok"}' in text
         urgent = next(
-            line for line in text.splitlines()
+            line
+            for line in text.splitlines()
             if line.startswith("referral_watch_most_urgent_remaining_seconds ")
         )
         assert 0 < float(urgent.split()[1]) <= 86400
-        names = [line.split("{")[0].split()[0] for line in text.splitlines()
-                 if line and not line.startswith("#")]
+        names = [
+            line.split("{")[0].split()[0]
+            for line in text.splitlines()
+            if line and not line.startswith("#")
+        ]
         assert all(name.startswith("referral_watch_") for name in names)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=10) == 0
@@ -171,8 +187,10 @@ def test_a_wrong_token_gives_one_ops_alert_and_one_recovery(world: World) -> Non
             ops.wait_for(1, timeout=20)
             failures_seen = len([r for r in world.sandbox.requests if r.path.endswith("referrals")])
             wait_until(
-                lambda: len([r for r in world.sandbox.requests if r.path.endswith("referrals")])
-                >= failures_seen + 3,
+                lambda: (
+                    len([r for r in world.sandbox.requests if r.path.endswith("referrals")])
+                    >= failures_seen + 3
+                ),
                 what="more failing polls",
             )
             assert len(ops.bodies) == 1

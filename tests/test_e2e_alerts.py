@@ -118,8 +118,14 @@ def test_a_failing_channel_is_retried_without_duplicating_the_others(world: Worl
 
 def test_a_malformed_record_is_skipped_and_the_others_alerted(world: World) -> None:
     world.add_lead(age=timedelta(hours=2), customer="Good Lead")
-    world.sandbox.add({"id": "broken-1", "createdDateTime": "yesterday", "substatus": "Pending",
-                       "direction": "Incoming"})
+    world.sandbox.add(
+        {
+            "id": "broken-1",
+            "createdDateTime": "yesterday",
+            "substatus": "Pending",
+            "direction": "Incoming",
+        }
+    )
     result = world.cli("run", "--once")
     assert result.code == 0, result.err
     assert "1 malformed" in result.out

@@ -59,8 +59,13 @@ def test_repeats_every_repeat_interval_while_it_lasts() -> None:
 
 def test_recovery_is_told_once() -> None:
     events = run(
-        [(False, minutes(0)), (False, minutes(15)), (False, minutes(30)), (True, minutes(45)),
-         (True, minutes(60))]
+        [
+            (False, minutes(0)),
+            (False, minutes(15)),
+            (False, minutes(30)),
+            (True, minutes(45)),
+            (True, minutes(60)),
+        ]
     )
     assert events == [None, None, FAILING, RECOVERED, None]
 

@@ -82,9 +82,12 @@ def test_upsert_counts_new_leads_once_and_keeps_first_seen(tmp_path: Path) -> No
             assert store.upsert([parse_referral(referral("a"))], deadline, NOW) == 1
         later = NOW + timedelta(hours=1)
         with store.transaction():
-            assert store.upsert(
-                [parse_referral(referral("a")), parse_referral(referral("b"))], deadline, later
-            ) == 1
+            assert (
+                store.upsert(
+                    [parse_referral(referral("a")), parse_referral(referral("b"))], deadline, later
+                )
+                == 1
+            )
         leads = {lead.id: lead for lead in store.leads()}
         assert leads["a"].first_seen == NOW and leads["a"].last_seen == later
         assert store.absent_since(later) == []
