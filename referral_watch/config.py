@@ -242,7 +242,9 @@ class ChannelConfig(Section):
     @classmethod
     def _quiet_hours(cls, value: str | None) -> str | None:
         if value is not None and not _QUIET.fullmatch(value.strip()):
-            raise ValueError(f'{value!r} is not a time range: use "HH:MM-HH:MM", e.g. "20:00-08:00"')
+            raise ValueError(
+                f'{value!r} is not a time range: use "HH:MM-HH:MM", e.g. "20:00-08:00"'
+            )
         return value.strip() if value else value
 
     @model_validator(mode="after")
@@ -376,7 +378,9 @@ def _interpolate(text: str, where: str, env: Mapping[str, str], problems: list[s
     return _REFERENCE.sub(replace, text)
 
 
-def _walk(value: Any, loc: tuple[int | str, ...], env: Mapping[str, str], problems: list[str]) -> Any:
+def _walk(
+    value: Any, loc: tuple[int | str, ...], env: Mapping[str, str], problems: list[str]
+) -> Any:
     if isinstance(value, str):
         return _interpolate(value, key_path(loc), env, problems)
     if isinstance(value, dict):

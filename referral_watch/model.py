@@ -180,7 +180,9 @@ def parse_referral(data: Any, raw: str | None = None) -> Referral:
         ),
         solution_ids=_ids(requirements.get("solutions")),
         team=members,
-        invited_by=_text(_obj(_obj(data.get("inviteContext")).get("invitedBy")).get("organizationId")),
+        invited_by=_text(
+            _obj(_obj(data.get("inviteContext")).get("invitedBy")).get("organizationId")
+        ),
         raw=raw if raw is not None else json.dumps(data, separators=(",", ":"), sort_keys=True),
     )
 

@@ -68,8 +68,10 @@ def table(leads: list[Lead], config: Config, now: datetime, last: PollRecord | N
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-             for row in rows]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
     watched = sum(1 for lead in leads if lead.resolution is None)
     lines.append("")
     lines.append(f"{watched} lead(s) waiting for an answer; times in {config.messages.timezone}.")
@@ -104,11 +106,16 @@ def explain(lead: Lead | None, config: Config, now: datetime) -> str:
     tier = policy.current_tier(lead, config, now)
     lines.append(f"  current tier: {tier.name if tier else '(none due yet)'}")
     if lead.silenced(now) and lead.silenced_until:
-        lines.append(f"  silenced until {lead.silenced_until:%Y-%m-%d %H:%M} UTC: "
-                     f"{lead.silence_reason or 'no reason given'}")
+        lines.append(
+            f"  silenced until {lead.silenced_until:%Y-%m-%d %H:%M} UTC: "
+            f"{lead.silence_reason or 'no reason given'}"
+        )
     for name, channel in config.channels.items():
         verdict = "hears this lead" if policy.channel_matches(channel, ref) else "match fails"
-        quiet = " (in quiet hours now)" if policy.in_quiet_hours(
-            channel, now, config.messages.timezone) else ""
+        quiet = (
+            " (in quiet hours now)"
+            if policy.in_quiet_hours(channel, now, config.messages.timezone)
+            else ""
+        )
         lines.append(f"  channel {name}: {verdict}{quiet}")
     return "\n".join(lines)
