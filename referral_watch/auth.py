@@ -1,0 +1,662 @@
+"""Bearer tokens for Partner Center: MSAL sign-in (device code, cached refresh), env, command.
+
+Partner Center accepts only a signed-in user's delegated token (App+User) and enforces MFA, so
+the operator signs in once by device code (`referral-watch login`) and the daemon refreshes the
+token silently from MSAL's token cache file. The cache holds a refresh token: it is written
+atomically with mode 0600 under a file lock, and no token or secret is ever logged or put into
+an exception message.
+
+msal is imported lazily, inside the MSAL code paths, so `referral-watch --help` stays quick.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import signal
+import stat
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlparse
+
+import structlog
+from filelock import FileLock
+from filelock import Timeout as LockTimeout
+
+from referral_watch.config import AuthConfig, Config, format_duration
+from referral_watch.errors import AuthError
+
+log = structlog.get_logger(__name__)
+
+LOGIN_HINT = "run `referral-watch login` (see README, Sign in)"
+NOT_SIGNED_IN = f"Not signed in to Microsoft: {LOGIN_HINT}"
+PUBLIC_CLOUD_HOST = "login.microsoftonline.com"
+HTTP_TIMEOUT = 30  # seconds; MSAL's own default is to wait forever
+LOCK_TIMEOUT = 30  # seconds to wait for another process writing the token cache
+COMMAND_TOKEN_TTL = 300.0  # a command's token is reused this long unless force_refresh
+
+# Token endpoint errors that a new sign-in will not fix.
+_TRANSIENT_ERRORS = {"temporarily_unavailable", "server_error", "slow_down"}
+_CLIENT_ERRORS = {"invalid_client", "unauthorized_client", "invalid_request", "invalid_scope"}
+
+
+class TokenProvider(Protocol):
+    def get_token(self, *, force_refresh: bool = False) -> str:
+        """A bearer token for Partner Center; raises AuthError."""
+        ...
+
+
+# --- env -----------------------------------------------------------------------------------
+
+
+class EnvTokenProvider:
+    """A token some other tool keeps fresh in an environment variable."""
+
+    def __init__(self, variable: str, environ: Mapping[str, str] | None = None) -> None:
+        self.variable = variable
+        self._environ = environ
+
+    def get_token(self, *, force_refresh: bool = False) -> str:
+        # Read at every call: a supervisor may update the variable between calls.
+        environ = os.environ if self._environ is None else self._environ
+        token = _bare_token(environ.get(self.variable, ""))
+        if not token:
+            raise AuthError(
+                f"environment variable {self.variable} is not set or empty "
+                '(auth.method = "env" reads the Partner Center bearer token from it): '
+                'export a token there, or use auth.method = "msal" and referral-watch login'
+            )
+        return token
+
+
+# --- command -------------------------------------------------------------------------------
+
+
+class CommandTokenProvider:
+    """A token printed by a program, e.g. `az account get-access-token ... -o tsv`.
+
+    Runs without a shell and with a timeout. The token is reused for a few minutes, so a
+    poll of many pages does not start the program once per page.
+    """
+
+    def __init__(
+        self, command: Sequence[str], timeout: float, *, reuse_for: float = COMMAND_TOKEN_TTL
+    ) -> None:
+        if not command:
+            raise AuthError('auth.command is empty: give ["program", "arg", ...]')
+        self.command = list(command)
+        self.timeout = timeout
+        self._reuse_for = reuse_for
+        self._token: str | None = None
+        self._fetched_at = 0.0
+
+    @property
+    def program(self) -> str:
+        return self.command[0]
+
+    def get_token(self, *, force_refresh: bool = False) -> str:
+        fresh = time.monotonic() - self._fetched_at < self._reuse_for
+        if self._token and fresh and not force_refresh:
+            return self._token
+        self._token = None
+        token = self._run()
+        self._token, self._fetched_at = token, time.monotonic()
+        log.debug("auth.command_token", program=self.program)
+        return token
+
+    def _run(self) -> str:
+        where = f"{self.program} (auth.command)"
+        try:
+            process = subprocess.Popen(
+                self.command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,  # its own process group, so a timeout kills it all
+            )
+        except FileNotFoundError:
+            raise AuthError(
+                f"cannot run {where}: program not found (check the path, or PATH)"
+            ) from None
+        except OSError as exc:
+            raise AuthError(f"cannot run {where}: {exc.strerror or exc}") from None
+        try:
+            out, err = process.communicate(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(process)
+            raise AuthError(
+                f"{where} did not finish within {self.timeout:g}s and was stopped "
+                "(raise auth.command_timeout, or check that it needs no interactive input)"
+            ) from None
+        if process.returncode != 0:
+            status = (
+                f"was killed by signal {-process.returncode}"
+                if process.returncode < 0
+                else f"failed with exit status {process.returncode}"
+            )
+            detail = _tail(err.decode("utf-8", errors="replace"))
+            raise AuthError(f"{where} {status}" + (f": {detail}" if detail else ""))
+        return _token_from_output(out.decode("utf-8", errors="replace"), where)
+
+
+def _kill_group(process: subprocess.Popen[bytes]) -> None:
+    with suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    # A grandchild that left the group may hold the pipes open: do not wait for it forever.
+    with suppress(subprocess.TimeoutExpired):
+        process.communicate(timeout=5)
+
+
+def _token_from_output(output: str, where: str) -> str:
+    text = output.strip()
+    if text.startswith("{"):
+        # `az account get-access-token` without `-o tsv` prints JSON: accept it.
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = {}
+        text = str(data.get("accessToken") or data.get("access_token") or "")
+    token = _bare_token(text)
+    if not token:
+        raise AuthError(f"{where} printed no token on standard output")
+    if any(ch.isspace() for ch in token):
+        # Do not echo the output: it may well contain the token.
+        raise AuthError(
+            f"{where} printed more than a token (several words or lines): "
+            "it must print only the access token (for az: --query accessToken -o tsv)"
+        )
+    return token
+
+
+def _bare_token(text: str) -> str:
+    token = text.strip()
+    if token[:7].lower() == "bearer ":
+        token = token[7:].strip()
+    return token
+
+
+def _tail(text: str, lines: int = 5, limit: int = 400) -> str:
+    """The last few non-empty lines of a program's stderr, on one line."""
+    kept = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
+    joined = " | ".join(kept)
+    return joined if len(joined) <= limit else "…" + joined[-limit:]
+
+
+# --- the MSAL token cache file ------------------------------------------------------------
+
+
+def check_cache_permissions(path: Path) -> str | None:
+    """A warning when users other than the owner can read or write the token cache."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None  # not there yet: it is created 0600
+    if mode & 0o077:
+        return (
+            f"the token cache {path} is accessible to other users (mode "
+            f"{stat.S_IMODE(mode):04o}) and holds a refresh token: run chmod 600 {path}"
+        )
+    return None
+
+
+class _CacheFile:
+    """MSAL's SerializableTokenCache persisted to one JSON file, safely shared by processes.
+
+    ``load_into`` remembers what was read (the base). ``save`` re-reads the file under the
+    lock and merges per entry: what this process changed since the base wins, everything
+    else is taken from the file, so a `login` and the daemon never undo each other's writes.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT, mode=0o600)
+        self._base: dict[str, Any] = {}
+
+    def load_into(self, cache: Any, *, tolerate_corrupt: bool = False) -> None:
+        state = self._read(tolerate_corrupt=tolerate_corrupt)
+        cache.deserialize(json.dumps(state))
+        self._base = state
+
+    def is_damaged(self) -> bool:
+        text = self._read_text()
+        return text is not None and _parse_state(text) is None
+
+    def clear(self) -> None:
+        """Replace the file with an empty cache (used when it is damaged)."""
+        self._base = self._replace(lambda _theirs: {})
+
+    def save(self, cache: Any) -> bool:
+        """Write the cache if MSAL changed it; True when written."""
+        if not cache.has_state_changed:
+            return False
+        base, ours = self._base, json.loads(cache.serialize())
+        merged = self._replace(lambda theirs: _merge(base, ours, theirs))
+        cache.deserialize(json.dumps(merged))
+        self._base = merged
+        return True
+
+    def _replace(self, new_state: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+        """Under the lock: re-read the file, compute the new state from it, write it."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self._lock:
+                state = new_state(self._read(tolerate_corrupt=True))
+                _write_private(self.path, json.dumps(state, indent=1))
+        except LockTimeout:
+            raise AuthError(
+                f"the token cache {self.path} stayed locked for {LOCK_TIMEOUT}s by another "
+                "referral-watch process: try again"
+            ) from None
+        except OSError as exc:
+            raise AuthError(
+                f"cannot write the token cache {self.path}: {exc.strerror or exc} "
+                "(run referral-watch as the user the service runs as)"
+            ) from None
+        return state
+
+    def _read_text(self) -> str | None:
+        try:
+            # Undecodable bytes become U+FFFD, which then fails as JSON: "damaged".
+            return self.path.read_bytes().decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise AuthError(
+                f"cannot read the token cache {self.path}: {exc.strerror or exc} "
+                "(run referral-watch as the user the service runs as)"
+            ) from None
+
+    def _read(self, *, tolerate_corrupt: bool) -> dict[str, Any]:
+        text = self._read_text()
+        state = {} if text is None else _parse_state(text)
+        if state is not None:
+            return state
+        if tolerate_corrupt:
+            log.warning("auth.cache_unreadable", path=str(self.path))
+            return {}
+        raise AuthError(
+            f"the token cache {self.path} is damaged (not MSAL's JSON): {LOGIN_HINT}",
+            needs_login=True,
+        )
+
+
+def _parse_state(text: str) -> dict[str, Any] | None:
+    """The cache's JSON object, or None when the text is not one."""
+    try:
+        state = json.loads(text) if text.strip() else {}
+    except ValueError:
+        return None
+    return state if isinstance(state, dict) else None
+
+
+_MISSING: Any = object()
+
+
+def _merge(base: dict[str, Any], ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
+    """Three-way merge of MSAL cache states, entry by entry (sections hold key -> entry)."""
+    merged: dict[str, Any] = {}
+    for section in base.keys() | ours.keys() | theirs.keys():
+        b, o, t = base.get(section, {}), ours.get(section, {}), theirs.get(section, {})
+        if not all(isinstance(part, dict) for part in (b, o, t)):
+            merged[section] = o if section in ours else t
+            continue
+        entries = {}
+        for key in b.keys() | o.keys() | t.keys():
+            mine = o.get(key, _MISSING)
+            value = t.get(key, _MISSING) if mine == b.get(key, _MISSING) else mine
+            if value is not _MISSING:
+                entries[key] = value
+        merged[section] = entries
+    return merged
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Atomically replace ``path`` with ``text``, readable by its owner only."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # exactly 0600, whatever the umask
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+# --- MSAL ----------------------------------------------------------------------------------
+
+
+def _authority_host(auth: AuthConfig) -> str:
+    return urlparse(auth.authority).hostname or auth.authority
+
+
+def _is_confidential(auth: AuthConfig) -> bool:
+    return bool(auth.client_secret or auth.client_certificate)
+
+
+def _client_credential(auth: AuthConfig) -> str | dict[str, str] | None:
+    if auth.client_certificate:
+        try:
+            pem = auth.client_certificate.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not a PEM text file"
+            raise AuthError(
+                f"cannot read auth.client_certificate {auth.client_certificate}: {reason}"
+            ) from None
+        return {"private_key": pem, "thumbprint": auth.client_certificate_thumbprint or ""}
+    return auth.client_secret
+
+
+@contextmanager
+def _identity_errors(host: str, unusable: str | None = None) -> Iterator[None]:
+    """Translate what MSAL and requests raise into AuthError, without any token in it.
+
+    ``unusable`` replaces MSAL's own wording when the endpoint answers but not usefully.
+    """
+    from msal.exceptions import MsalError
+
+    try:
+        yield
+    except AuthError:
+        raise
+    except OSError as exc:  # requests' ConnectionError, Timeout, SSLError are OSErrors
+        log.warning("auth.unreachable", host=host, error=type(exc).__name__)
+        raise AuthError(
+            f"cannot reach {host} (Microsoft sign-in): {_network_reason(exc)}; "
+            "check the network, proxy and auth.authority"
+        ) from None
+    except (MsalError, ValueError) as exc:
+        log.warning("auth.identity_error", host=host, error=type(exc).__name__)
+        detail = (
+            unusable or f"Microsoft sign-in at {host} gave an unusable answer: {_short(str(exc))}"
+        )
+        raise AuthError(
+            f"{detail} (check auth.tenant_id, auth.client_id and auth.authority)"
+        ) from None
+
+
+_REASONS = (
+    re.compile(r"\[Errno -?\d+\] ([^'\")]+)"),  # connection refused, name not known ...
+    re.compile(r"\[SSL: [A-Z_]+\] ([^'\"(]+)"),  # certificate verify failed ...
+    re.compile(r"(timed out)"),
+)
+
+
+def _network_reason(exc: OSError) -> str:
+    """The useful end of requests' long exception text, e.g. ``Connection refused``."""
+    text = str(exc)
+    for pattern in _REASONS:
+        found = pattern.search(text)
+        if found:
+            return found.group(1).strip().rstrip(".:")
+    return _short(text or type(exc).__name__, 160)
+
+
+def _short(text: str, limit: int = 240) -> str:
+    one_line = " ".join(text.split())
+    return one_line if len(one_line) <= limit else one_line[: limit - 1] + "…"
+
+
+def _error_text(result: Mapping[str, Any]) -> str:
+    """``invalid_grant: AADSTS50173: ...`` (first line of the description, never a token)."""
+    code = str(result.get("error") or "unknown_error")
+    description = str(result.get("error_description") or "").strip().splitlines()
+    return f"{code}: {_short(description[0], 160)}" if description else code
+
+
+def _build_app(
+    auth: AuthConfig,
+    cache: Any,
+    http_client: Any | None,
+    *,
+    tenant_id: str | None = None,
+    client_id: str | None = None,
+    public: bool = True,
+) -> Any:
+    import msal
+
+    host = _authority_host(auth)
+    tenant = tenant_id or auth.tenant_id
+    authority = f"{auth.authority.rstrip('/')}/{tenant}"
+    options: dict[str, Any] = {
+        "authority": authority,
+        "token_cache": cache,
+        "http_client": http_client,
+        "timeout": HTTP_TIMEOUT,  # used when MSAL makes its own requests session
+        # Another host (a sovereign cloud, a test endpoint) is not in Microsoft's instance list.
+        "instance_discovery": None if host == PUBLIC_CLOUD_HOST else False,
+    }
+    unusable = f"{authority} does not answer as a Microsoft sign-in authority for tenant {tenant!r}"
+    with _identity_errors(host, unusable):
+        if public:
+            return msal.PublicClientApplication(client_id or auth.client_id, **options)
+        return msal.ConfidentialClientApplication(
+            client_id or auth.client_id, client_credential=_client_credential(auth), **options
+        )
+
+
+def _remove_accounts(cache: Any, accounts: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Remove the accounts and every token they own from the cache; their usernames."""
+    from msal import TokenCache
+
+    kinds = TokenCache.CredentialType
+    removers = (
+        (kinds.REFRESH_TOKEN, cache.remove_rt),
+        (kinds.ACCESS_TOKEN, cache.remove_at),
+        (kinds.ID_TOKEN, cache.remove_idt),
+        (kinds.ACCOUNT, cache.remove_account),
+    )
+    for account in accounts:
+        owned = {
+            "home_account_id": account["home_account_id"],
+            "environment": account["environment"],
+        }
+        for kind, remove in removers:
+            for entry in list(cache.search(kind, query=owned)):
+                remove(entry)
+    return [str(a.get("username") or a.get("home_account_id")) for a in accounts]
+
+
+class MsalTokenProvider:
+    """Silent tokens for the account `referral-watch login` signed in.
+
+    The cache file is re-read at every call, so a `login` while the daemon runs takes
+    effect at the next poll. With a client secret or certificate configured, the refresh is
+    done as a confidential client (the token is still the signed-in user's).
+    """
+
+    def __init__(self, config: Config, *, http_client: Any | None = None) -> None:
+        self._auth = config.auth
+        self._file = _CacheFile(config.cache_path)
+        self._http_client = http_client
+        self._app: Any = None
+        self._cache: Any = None
+        self._lock = threading.Lock()
+        warning = check_cache_permissions(config.cache_path)
+        if warning:
+            log.warning("auth.cache_permissions", path=str(config.cache_path), problem=warning)
+
+    def get_token(self, *, force_refresh: bool = False) -> str:
+        with self._lock:
+            app = self._application()
+            self._file.load_into(self._cache)
+            accounts = app.get_accounts()
+            if not accounts:
+                raise AuthError(NOT_SIGNED_IN, needs_login=True)
+            if len(accounts) > 1:
+                log.warning("auth.several_accounts", using=accounts[0].get("username"))
+            with _identity_errors(_authority_host(self._auth)):
+                result = app.acquire_token_silent_with_error(
+                    [self._auth.scope], accounts[0], force_refresh=force_refresh
+                )
+            if self._file.save(self._cache):
+                log.debug("auth.cache_saved", path=str(self._file.path))
+            return _access_token(result)
+
+    def _application(self) -> Any:
+        # Built on first use (it fetches the tenant's OpenID configuration); a failure is
+        # retried at the next call.
+        if self._app is None:
+            import msal
+
+            cache = msal.SerializableTokenCache()
+            self._app = _build_app(
+                self._auth, cache, self._http_client, public=not _is_confidential(self._auth)
+            )
+            self._cache = cache
+        return self._app
+
+
+def _access_token(result: Mapping[str, Any] | None) -> str:
+    if result and "access_token" in result:
+        return str(result["access_token"])
+    if not result:
+        raise AuthError(
+            f"Microsoft sign-in expired or was revoked (no refresh token in the cache): "
+            f"{LOGIN_HINT}",
+            needs_login=True,
+        )
+    code = str(result.get("error"))
+    if code in _TRANSIENT_ERRORS:
+        raise AuthError(f"Microsoft sign-in is unavailable for now ({_error_text(result)})")
+    if code in _CLIENT_ERRORS:
+        raise AuthError(
+            f"Microsoft rejected the app registration ({_error_text(result)}): check "
+            "auth.client_id, auth.scope and the client secret or certificate"
+        )
+    log.warning("auth.refresh_rejected", error=code)
+    raise AuthError(
+        f"Microsoft sign-in expired or was revoked ({_error_text(result)}): {LOGIN_HINT}",
+        needs_login=True,
+    )
+
+
+def token_provider(config: Config, *, http_client: Any | None = None) -> TokenProvider:
+    """The provider ``auth.method`` asks for."""
+    auth = config.auth
+    if auth.method == "env":
+        return EnvTokenProvider(auth.token_env)
+    if auth.method == "command":
+        return CommandTokenProvider(auth.command or [], auth.command_timeout.total_seconds())
+    return MsalTokenProvider(config, http_client=http_client)
+
+
+# --- login / logout ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SignedIn:
+    username: str
+    tenant_id: str
+    name: str
+
+
+CONFIDENTIAL_LOGIN = (
+    "`referral-watch login` signs in by device code, which MSAL offers to public clients "
+    'only: remove auth.client_secret / auth.client_certificate (and set "Allow public client '
+    'flows" = Yes on the app registration), see README, Sign in'
+)
+
+
+def login(
+    config: Config,
+    show: Callable[[str], None],
+    *,
+    tenant_id: str | None = None,
+    client_id: str | None = None,
+    http_client: Any | None = None,
+) -> SignedIn:
+    """Device-code sign-in: ``show`` gets Microsoft's text (URL and code); blocks until the
+    user has signed in or ``auth.login_timeout`` passed. Replaces any earlier account."""
+    import msal
+
+    auth = config.auth
+    if _is_confidential(auth):
+        raise AuthError(CONFIDENTIAL_LOGIN)
+    if not ((tenant_id or auth.tenant_id) and (client_id or auth.client_id)):
+        raise AuthError("sign-in needs auth.tenant_id and auth.client_id in the config")
+    cache_file = _CacheFile(config.cache_path)
+    cache = msal.SerializableTokenCache()
+    cache_file.load_into(cache, tolerate_corrupt=True)  # a damaged cache is simply replaced
+    app = _build_app(auth, cache, http_client, tenant_id=tenant_id, client_id=client_id)
+    host = _authority_host(auth)
+    with _identity_errors(host):
+        flow = app.initiate_device_flow(scopes=[auth.scope])
+    if "user_code" not in flow:
+        raise AuthError(
+            f"Microsoft did not start the device-code sign-in ({_error_text(flow)}): "
+            + _registration_hint(flow)
+        )
+    show(str(flow["message"]))
+    # MSAL polls until flow["expires_at"]; cut that to our own limit.
+    deadline = time.time() + auth.login_timeout.total_seconds()
+    flow["expires_at"] = min(float(flow.get("expires_at", deadline)), deadline)
+    with _identity_errors(host):
+        result = app.acquire_token_by_device_flow(flow)
+    if "access_token" not in result:
+        raise AuthError(_login_failure(result, auth.login_timeout))
+    claims: Mapping[str, Any] = result.get("id_token_claims") or {}
+    others = [a for a in app.get_accounts() if a.get("local_account_id") != claims.get("oid")]
+    _remove_accounts(cache, others)
+    cache_file.save(cache)
+    signed_in = SignedIn(
+        username=str(claims.get("preferred_username") or claims.get("upn") or "(unknown)"),
+        tenant_id=str(claims.get("tid") or tenant_id or auth.tenant_id),
+        name=str(claims.get("name") or ""),
+    )
+    log.info("auth.login", username=signed_in.username, tenant_id=signed_in.tenant_id)
+    return signed_in
+
+
+def _registration_hint(result: Mapping[str, Any]) -> str:
+    if "7000218" in str(result.get("error_description")):
+        return 'set "Allow public client flows" = Yes on the app registration'
+    return "check auth.tenant_id, auth.client_id and the app registration"
+
+
+def _login_failure(result: Mapping[str, Any], timeout: timedelta) -> str:
+    code = str(result.get("error"))
+    if code in {"authorization_pending", "slow_down", "expired_token", "code_expired"}:
+        return (
+            f"sign-in was not completed within {format_duration(timeout)} "
+            "(auth.login_timeout): run `referral-watch login` again and enter the code sooner"
+        )
+    if code == "authorization_declined":
+        return "sign-in was declined in the browser: run `referral-watch login` again to retry"
+    return f"sign-in failed ({_error_text(result)}): " + _registration_hint(result)
+
+
+def logout(config: Config, *, http_client: Any | None = None) -> list[str]:
+    """Remove every account (and its tokens) from the token cache; the usernames removed.
+
+    Works offline: it edits the cache file only (``http_client`` is accepted for symmetry
+    with ``login``; Microsoft is not contacted, the refresh token is simply forgotten).
+    """
+    import msal
+
+    cache_file = _CacheFile(config.cache_path)
+    if not cache_file.path.exists():
+        return []
+    if cache_file.is_damaged():
+        cache_file.clear()  # whatever it held cannot be used, but may hold a refresh token
+        log.info("auth.logout", accounts=0, damaged_cache_cleared=True)
+        return []
+    cache = msal.SerializableTokenCache()
+    cache_file.load_into(cache, tolerate_corrupt=True)
+    accounts = list(cache.search(msal.TokenCache.CredentialType.ACCOUNT))
+    removed = _remove_accounts(cache, accounts)
+    cache_file.save(cache)
+    log.info("auth.logout", accounts=len(removed))
+    return removed
