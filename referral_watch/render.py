@@ -450,7 +450,8 @@ def _full_parts(w: _Words, lead: Lead, kind: str) -> list[_Part]:
     if ref.notes.strip() and kind != RESOLVED:
         parts.append(_notes_part(w, ref.notes, essential=False))
     if ref.solutions or ref.products:
-        products = w.capped([*ref.solutions, *ref.products])
+        # a solution and a product often carry the same name: show each name once
+        products = w.capped(list(dict.fromkeys([*ref.solutions, *ref.products])))
         parts.append(_Part(w.field(N_("Products/solutions"), products), essential=False))
     assigned = w.capped(team) if team else w._("nobody assigned")
     parts.append(_Part(w.field(N_("Assigned team"), assigned), essential=False))

@@ -1052,3 +1052,11 @@ def test_catalogs_are_packaged() -> None:
     patterns = pyproject["tool"]["setuptools"]["package-data"]["referral_watch"]
     relative = NL_PO.relative_to(PACKAGE).as_posix()
     assert any(fnmatch(relative, pattern) for pattern in patterns)
+
+
+def test_a_name_shared_by_a_solution_and_a_product_is_shown_once() -> None:
+    lead = make_lead(solutions=("Microsoft365", "Teams Rooms"), products=("Microsoft365",))
+    body = render.render_alert(lead, TIER, None, NOW, Style()).body
+    line = next(x for x in body.splitlines() if "Products/solutions" in x)
+    assert line.count("Microsoft365") == 1
+    assert "Teams Rooms" in line
