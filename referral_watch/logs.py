@@ -25,7 +25,7 @@ def configure(
 ) -> None:
     """fmt: auto | json | console. verbose: 0 info, 1+ debug. quiet: warnings and errors only,
     each distinct one once (the demo's console stays readable)."""
-    out = stream or sys.stderr
+    out = stream or _Stderr()
     if fmt == "auto":
         fmt = "console" if getattr(out, "isatty", lambda: False)() else "json"
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
@@ -75,3 +75,16 @@ class _Once:
             raise structlog.DropEvent
         self.seen.add(key)
         return event
+
+
+class _Stderr:
+    """Writes to whatever sys.stderr is at the time (it may be replaced after configuring)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()

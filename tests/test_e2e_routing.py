@@ -1,0 +1,203 @@
+"""End to end: who hears about which lead, and when (match, quiet hours, assignees, silences)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from referral_watch.auth import EnvTokenProvider
+from referral_watch.config import load_config
+from referral_watch.cycle import Cycle
+from referral_watch.notify import Notifier
+from referral_watch.partner_center import PartnerCenter
+from referral_watch.sandbox import format_time
+from referral_watch.store import Store
+
+from conftest import World
+from receivers import SmtpReceiver, WebhookReceiver
+
+
+def customers(receiver: WebhookReceiver) -> list[str]:
+    return [str(body["title"]).rsplit(": ", 1)[-1] for body in receiver.bodies]
+
+
+def test_a_benelux_channel_hears_only_matching_leads(world: World) -> None:
+    with WebhookReceiver() as benelux:
+        world.channels = {
+            "benelux": '{ url = "%s", match = { country = ["NL", "BE", "LU"], '
+            "min_deal_value = 50000 } }" % benelux.json_url
+        }
+        world.tiers = world.tiers.replace('notify = ["team"]', 'notify = ["team", "benelux"]')
+        world.add_lead(
+            age=timedelta(hours=1),
+            customer="Big Dutch",
+            country="NL",
+            deal_value=100000,
+            currency="EUR",
+        )
+        world.add_lead(
+            age=timedelta(hours=2),
+            customer="Small Dutch",
+            country="NL",
+            deal_value=10000,
+            currency="EUR",
+        )
+        world.add_lead(
+            age=timedelta(hours=3), customer="Big American", country="US", deal_value=100000
+        )
+        world.add_lead(
+            age=timedelta(hours=4), customer="Belgian No Value", country="BE", deal_value=None
+        )
+        assert world.cli("run", "--once").code == 0
+        assert customers(benelux) == ["Big Dutch"]
+        assert sorted(customers(world.team)) == [
+            "Belgian No Value",
+            "Big American",
+            "Big Dutch",
+            "Small Dutch",
+        ]
+        lead_id = world.cli("status", "--json").json()[0]["id"]
+        explained = world.cli("status", "--explain", lead_id)
+        assert explained.code == 0
+        assert "channel benelux:" in explained.out
+
+
+def test_assignee_alerts_go_to_the_leads_team_by_real_smtp(world: World) -> None:
+    with SmtpReceiver() as smtp:
+        url = smtp.mailto_url(to="sales@example.com")
+        world.channels = {"owners": '{ url = "%s", to_assignees = true }' % url}
+        world.tiers = world.tiers.replace('notify = ["team"]', 'notify = ["owners"]', 1)
+        world.add_lead(
+            age=timedelta(hours=1),
+            customer="Assigned Co",
+            team=[
+                {"firstName": "Jan", "lastName": "Bakker", "email": "jan@contoso.example"},
+                {
+                    "firstName": "Mia",
+                    "lastName": "Jansen",
+                    "email": "mia@contoso.example",
+                    "contactPreference": {"disableNotifications": True},
+                },
+            ],
+        )
+        world.add_lead(age=timedelta(hours=2), customer="Nobody's Co", team=[])
+        assert world.cli("run", "--once").code == 0
+        mails = smtp.wait_for(2)
+        by_subject = {mail.subject.rsplit(": ", 1)[-1]: mail for mail in mails}
+        assert by_subject["Assigned Co"].rcpt_tos == ("jan@contoso.example",)
+        assert by_subject["Nobody's Co"].rcpt_tos == ("sales@example.com",)
+
+
+def test_a_silence_from_the_cli_holds_tier_reminders(world: World) -> None:
+    lead = world.add_lead(age=timedelta(hours=1), customer="Quiet Please")
+    assert world.cli("run", "--once").code == 0
+    assert len(world.team.bodies) == 1  # "new"
+
+    silenced = world.cli("silence", lead[:8], "--for", "2d", "--reason", "customer call Friday")
+    assert silenced.code == 0, silenced.err
+    assert lead in silenced.out
+    status = world.cli("status", "--json").json()[0]
+    assert status["silenced_until"] is not None
+    assert status["silence_reason"] == "customer call Friday"
+    assert "until" in world.cli("status").out
+
+    # Partner Center now shows the lead as created 8 days ago: the "reminder" tier is due.
+    world.sandbox.update(lead, createdDateTime=format_time(datetime.now(UTC) - timedelta(days=8)))
+    assert world.cli("run", "--once").code == 0
+    assert len(world.team.bodies) == 1  # held by the silence
+
+    assert world.cli("unsilence", lead).code == 0
+    assert world.cli("run", "--once").code == 0
+    assert len(world.team.bodies) == 2
+    assert "Quiet Please" in world.team.bodies[1]["title"]
+
+
+def test_silencing_an_unknown_lead_exits_1(world: World) -> None:
+    world.add_lead(age=timedelta(hours=1))
+    world.cli("run", "--once")
+    outcome = world.cli("silence", "no-such-lead", "--for", "1d")
+    assert outcome.code == 1
+    assert "no lead with id 'no-such-lead'" in outcome.err
+    bad = world.cli("silence", "no-such-lead", "--for", "soon")
+    assert bad.code == 2
+    assert "units s m h d w" in bad.err
+
+
+class Clock:
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def cycle_at(world: World, clock: Clock) -> int:
+    """One real cycle (sandbox over HTTP, SQLite, Apprise) at the simulated time."""
+    config = load_config(world.write_config())
+    tokens = EnvTokenProvider("T", environ={"T": "sandbox-token"})
+    with Store(config.state.path) as store, PartnerCenter(config.partner_center, tokens) as api:
+        return Cycle(config, store, api, Notifier(config.channels), clock).run().held
+
+
+def test_quiet_hours_hold_alerts_until_they_end(world: World, tmp_path: Path) -> None:
+    # 21:30 in Amsterdam (CET, UTC+1) on a Tuesday: the managers channel is quiet until 08:00.
+    evening = datetime(2026, 11, 24, 20, 30, tzinfo=UTC)
+    clock = Clock(evening)
+    world.channels = {
+        "managers": '{ url = "%s", quiet_hours = "20:00-08:00", timezone = "Europe/Amsterdam" }'
+        % world.managers.json_url
+    }
+    world.add_lead(age=timedelta(days=12, hours=6), now=evening, customer="Night Owl Ltd")
+    assert cycle_at(world, clock) == 1  # urgent: team now, managers held
+    assert len(world.team.bodies) == 1
+    assert world.managers.bodies == []
+
+    clock.now = datetime(2026, 11, 25, 6, 59, tzinfo=UTC)  # 07:59 in Amsterdam: still quiet
+    assert cycle_at(world, clock) == 1
+    assert world.managers.bodies == []
+
+    clock.now = datetime(2026, 11, 25, 7, 1, tzinfo=UTC)  # 08:01: quiet hours are over
+    assert cycle_at(world, clock) == 0
+    assert customers(world.managers) == ["Night Owl Ltd"]
+    clock.now += timedelta(minutes=15)
+    cycle_at(world, clock)
+    assert len(world.managers.bodies) == 1  # delivered exactly once
+
+
+def test_a_held_alert_overtaken_by_a_more_severe_tier_goes_out_once(world: World) -> None:
+    night = datetime(2026, 11, 24, 22, 0, tzinfo=UTC)  # 23:00 in Amsterdam
+    clock = Clock(night)
+    world.channels = {
+        "managers": '{ url = "%s", quiet_hours = "20:00-08:00", timezone = "Europe/Amsterdam" }'
+        % world.managers.json_url
+    }
+    # urgent now (18h left); final (12h) comes due before the quiet hours end
+    world.add_lead(age=timedelta(days=13, hours=6), now=night, customer="Overtaken BV")
+    cycle_at(world, clock)
+    assert len(world.team.bodies) == 1  # the team has no quiet hours: urgent now
+    clock.now = night + timedelta(hours=7, minutes=30)  # 06:30 local: final is due, still quiet
+    cycle_at(world, clock)
+    assert world.managers.bodies == []
+    clock.now = night + timedelta(hours=9, minutes=5)  # 08:05 local
+    cycle_at(world, clock)
+    clock.now += timedelta(minutes=15)
+    cycle_at(world, clock)
+    # one message, the final one (8h 55m left), not the urgent one held overnight
+    assert customers(world.managers) == ["Overtaken BV"]
+    assert "8h 55m" in world.managers.bodies[0]["title"]
+
+
+def test_bypass_quiet_tier_is_sent_during_quiet_hours(world: World) -> None:
+    night = datetime(2026, 11, 24, 23, 0, tzinfo=UTC)
+    clock = Clock(night)
+    world.channels = {
+        "managers": '{ url = "%s", quiet_hours = "20:00-08:00", timezone = "Europe/Amsterdam" }'
+        % world.managers.json_url
+    }
+    world.tiers = world.tiers.replace(
+        'remaining = "12h"\nnotify = ["team", "managers"]',
+        'remaining = "12h"\nnotify = ["team", "managers"]\nbypass_quiet = true',
+    )
+    world.add_lead(age=timedelta(days=13, hours=16), now=night, customer="Dies Before Breakfast")
+    assert cycle_at(world, clock) == 0
+    assert customers(world.managers) == ["Dies Before Breakfast"]
