@@ -24,8 +24,8 @@ def customers(receiver: WebhookReceiver) -> list[str]:
 def test_a_benelux_channel_hears_only_matching_leads(world: World) -> None:
     with WebhookReceiver() as benelux:
         world.channels = {
-            "benelux": '{ url = "%s", match = { country = ["NL", "BE", "LU"], '
-            "min_deal_value = 50000 } }" % benelux.json_url
+            "benelux": f'{{ url = "{benelux.json_url}", '
+            'match = { country = ["NL", "BE", "LU"], min_deal_value = 50000 } }'
         }
         world.tiers = world.tiers.replace('notify = ["team"]', 'notify = ["team", "benelux"]')
         world.add_lead(
@@ -65,7 +65,7 @@ def test_a_benelux_channel_hears_only_matching_leads(world: World) -> None:
 def test_assignee_alerts_go_to_the_leads_team_by_real_smtp(world: World) -> None:
     with SmtpReceiver() as smtp:
         url = smtp.mailto_url(to="sales@example.com")
-        world.channels = {"owners": '{ url = "%s", to_assignees = true }' % url}
+        world.channels = {"owners": f'{{ url = "{url}", to_assignees = true }}'}
         world.tiers = world.tiers.replace('notify = ["team"]', 'notify = ["owners"]', 1)
         world.add_lead(
             age=timedelta(hours=1),
@@ -123,6 +123,10 @@ def test_silencing_an_unknown_lead_exits_1(world: World) -> None:
     assert "units s m h d w" in bad.err
 
 
+def quiet_at_night(url: str) -> str:
+    return f'{{ url = "{url}", quiet_hours = "20:00-08:00", timezone = "Europe/Amsterdam" }}'
+
+
 class Clock:
     def __init__(self, now: datetime) -> None:
         self.now = now
@@ -143,10 +147,7 @@ def test_quiet_hours_hold_alerts_until_they_end(world: World, tmp_path: Path) ->
     # 21:30 in Amsterdam (CET, UTC+1) on a Tuesday: the managers channel is quiet until 08:00.
     evening = datetime(2026, 11, 24, 20, 30, tzinfo=UTC)
     clock = Clock(evening)
-    world.channels = {
-        "managers": '{ url = "%s", quiet_hours = "20:00-08:00", timezone = "Europe/Amsterdam" }'
-        % world.managers.json_url
-    }
+    world.channels = {"managers": quiet_at_night(world.managers.json_url)}
     world.add_lead(age=timedelta(days=12, hours=6), now=evening, customer="Night Owl Ltd")
     assert cycle_at(world, clock) == 1  # urgent: team now, managers held
     assert len(world.team.bodies) == 1
@@ -167,10 +168,7 @@ def test_quiet_hours_hold_alerts_until_they_end(world: World, tmp_path: Path) ->
 def test_a_held_alert_overtaken_by_a_more_severe_tier_goes_out_once(world: World) -> None:
     night = datetime(2026, 11, 24, 22, 0, tzinfo=UTC)  # 23:00 in Amsterdam
     clock = Clock(night)
-    world.channels = {
-        "managers": '{ url = "%s", quiet_hours = "20:00-08:00", timezone = "Europe/Amsterdam" }'
-        % world.managers.json_url
-    }
+    world.channels = {"managers": quiet_at_night(world.managers.json_url)}
     # urgent now (18h left); final (12h) comes due before the quiet hours end
     world.add_lead(age=timedelta(days=13, hours=6), now=night, customer="Overtaken BV")
     cycle_at(world, clock)
@@ -190,10 +188,7 @@ def test_a_held_alert_overtaken_by_a_more_severe_tier_goes_out_once(world: World
 def test_bypass_quiet_tier_is_sent_during_quiet_hours(world: World) -> None:
     night = datetime(2026, 11, 24, 23, 0, tzinfo=UTC)
     clock = Clock(night)
-    world.channels = {
-        "managers": '{ url = "%s", quiet_hours = "20:00-08:00", timezone = "Europe/Amsterdam" }'
-        % world.managers.json_url
-    }
+    world.channels = {"managers": quiet_at_night(world.managers.json_url)}
     world.tiers = world.tiers.replace(
         'remaining = "12h"\nnotify = ["team", "managers"]',
         'remaining = "12h"\nnotify = ["team", "managers"]\nbypass_quiet = true',
