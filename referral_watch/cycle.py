@@ -36,6 +36,9 @@ Clock = Callable[[], datetime]
 # A delivery failing for this long is dropped (and operations told).
 GIVE_UP_AFTER = timedelta(days=1)
 
+# Substatuses that still wait for the partner's answer.
+WAITING = frozenset({"pending", "received"})
+
 
 def system_clock() -> datetime:
     return datetime.now(UTC)
@@ -188,7 +191,8 @@ class Cycle:
                 log.error("lead.lookup_malformed", lead=lead_id, error=str(exc))
                 continue
             substatus = referral.substatus.lower()
-            if referral.is_pending or not substatus:
+            # Still new (Pending, or Received: opened but not answered): the 14 days still run.
+            if referral.is_pending or substatus in WAITING or not substatus:
                 self.store.refresh(referral, self._deadline(referral))
                 continue
             # accepted, declined, won, lost or expired (any other substatus is kept as given)

@@ -173,3 +173,14 @@ def test_crash_between_decision_and_delivery_loses_nothing(world: World) -> None
     assert "Crash Test Ltd" in titles(world.team)[0]
     world.cli("run", "--once")
     assert len(world.team.bodies) == 1
+
+
+def test_a_lead_opened_but_not_answered_stays_watched(world: World) -> None:
+    lead = world.add_lead(age=timedelta(days=1), customer="Opened Only")
+    world.cli("run", "--once")
+    world.sandbox.update(lead, substatus="Received")  # leaves the default filter, still New
+    assert world.cli("run", "--once").code == 0
+    status = world.cli("status", "--json").json()
+    assert [entry["id"] for entry in status] == [lead]
+    assert status[0]["resolution"] is None
+    assert len(world.team.bodies) == 1  # no "resolved" notice: nobody answered it
