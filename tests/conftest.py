@@ -64,6 +64,7 @@ class World:
     policy: str = 'on_expired = ["managers"]\non_resolved = ["team"]\n'
     tiers: str = TIERS
     channels: dict[str, str] = field(default_factory=dict)
+    auth: str = f'method = "env"\ntoken_env = "{TOKEN_ENV}"'
 
     @property
     def config_path(self) -> Path:
@@ -90,8 +91,7 @@ base_url = "{self.sandbox.base_url}"
 timeout = "5s"
 
 [auth]
-method = "env"
-token_env = "{TOKEN_ENV}"
+{self.auth}
 
 [state]
 path = "{self.state_path}"
