@@ -99,7 +99,7 @@ def _print_config_problems(exc: ConfigError) -> None:
 @click.pass_obj
 def run(obj: Context, once: bool) -> None:
     """Poll Partner Center and send reminders (the daemon)."""
-    config = obj.config()
+    config = checked(obj.config())
     if once:
         result = run_once(config)
         click.echo(summary_line(result))
@@ -108,7 +108,25 @@ def run(obj: Context, once: bool) -> None:
         sys.exit(EXIT_OK if result.ok else EXIT_FAILED)
     from referral_watch import daemon
 
-    sys.exit(daemon.serve(config, reload=lambda: load_config(find_config_path(obj.config_path))))
+    sys.exit(
+        daemon.serve(config, reload=lambda: checked(load_config(find_config_path(obj.config_path))))
+    )
+
+
+def checked(config: Config) -> Config:
+    """Beyond the schema: every channel URL understood by Apprise, every template renders.
+
+    Found at start (exit 2), not at 3 a.m. when the first alert for that channel is due.
+    """
+    from referral_watch.notify import check_channels, register_console_target
+    from referral_watch.render import check_templates
+
+    if any(channel.url.startswith("console://") for channel in config.channels.values()):
+        register_console_target()
+    problems = check_channels(config.channels) + check_templates(config)
+    if problems:
+        raise ConfigError(problems, str(config.source) if config.source else None)
+    return config
 
 
 def run_once(config: Config) -> Any:
@@ -217,14 +235,8 @@ def resolve_id(store: Any, given: str) -> str:
 @click.pass_obj
 def check_config(obj: Context) -> None:
     """Validate the config file and print every problem."""
-    from referral_watch.notify import check_channels
-    from referral_watch.render import check_templates
-
     path = find_config_path(obj.config_path)
-    config = load_config(path)
-    problems = check_channels(config.channels) + check_templates(config)
-    if problems:
-        raise ConfigError(problems, str(path))
+    config = checked(load_config(path))
     click.echo(
         f"{path}: valid ({len(config.policy.tiers)} tiers, {len(config.channels)} channels, "
         f"auth method {config.auth.method})"
@@ -355,6 +367,44 @@ def unsilence(obj: Context, lead_id: str) -> None:
             click.echo(f"Reminders for {full_id} are back on.")
         else:
             click.echo(f"{full_id} was not silenced.")
+
+
+# --- report -------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option(
+    "--since",
+    default="7d",
+    show_default=True,
+    metavar="DURATION",
+    help='The period to look back over, e.g. "7d" or "30d".',
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "markdown", "json", "csv"]),
+    default="text",
+    show_default=True,
+    help="text or markdown for people; json or csv for spreadsheets and BI tools.",
+)
+@click.pass_obj
+def report(obj: Context, since: str, fmt: str) -> None:
+    """Print the summary a [[reports]] entry sends: open, answered and expired leads."""
+    from referral_watch.report import render_report, summarize
+    from referral_watch.store import Store
+
+    try:
+        period = parse_duration(since)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since") from None
+    if not period:
+        raise click.BadParameter("the period must be longer than 0s", param_hint="--since")
+    config = obj.config()
+    with Store(config.state.path, create=False) as store:
+        leads = store.leads(include_resolved=True)
+    summary = summarize(leads, now_utc(), period)
+    click.echo(render_report(summary, fmt, config.messages.timezone), nl=False)
 
 
 # --- demo ---------------------------------------------------------------------------------

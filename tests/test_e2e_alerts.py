@@ -184,3 +184,44 @@ def test_a_lead_opened_but_not_answered_stays_watched(world: World) -> None:
     assert [entry["id"] for entry in status] == [lead]
     assert status[0]["resolution"] is None
     assert len(world.team.bodies) == 1  # no "resolved" notice: nobody answered it
+
+
+def test_run_refuses_a_channel_url_apprise_does_not_understand(world: World) -> None:
+    world.channels = {"legacy": "msteams://abc/def/ghi"}
+    world.add_lead(age=timedelta(hours=1))
+    outcome = world.cli("run", "--once")
+    assert outcome.code == 2
+    assert "channels.legacy.url" in outcome.err
+    assert "Workflow" in outcome.err  # says how to move to a Teams workflow
+    assert world.team.bodies == []  # nothing polled or sent with a broken config
+
+
+def test_one_channel_in_dutch_and_another_in_english_for_the_same_lead(world: World) -> None:
+    world.channels = {
+        "team": f'{{ url = "{world.team.json_url}", locale = "nl-NL", '
+        'timezone = "Europe/Amsterdam" }'
+    }
+    world.tiers = world.tiers.replace('notify = ["team"]', 'notify = ["team", "managers"]', 1)
+    world.extra = '[messages]\nlocale = "en-US"\ntimezone = "America/Los_Angeles"\n'
+    world.add_lead(age=timedelta(hours=1), customer="Tweetalig BV", deal_value=25000)
+    assert world.cli("run", "--once").code == 0
+    dutch, english = world.team.bodies[0], world.managers.bodies[0]
+    assert "Tweetalig BV" in dutch["title"] and "Tweetalig BV" in english["title"]
+    assert "25.000 USD" in dutch["message"]
+    assert "25,000 USD" in english["message"]
+    assert "Lead expires in" in english["title"]
+    assert "Lead expires in" not in dutch["title"]
+    assert "CET" in dutch["message"]
+    assert "PST" in english["message"]
+
+
+def test_the_heartbeat_is_pinged_after_a_good_cycle_only(world: World) -> None:
+    from receivers import WebhookReceiver
+
+    with WebhookReceiver(path="/ping/abc") as pings:
+        world.extra = f'[heartbeat]\nurl = "{pings.url}"\n'
+        assert world.cli("run", "--once").code == 0
+        assert [r.path for r in pings.requests] == ["/ping/abc"]
+        world.sandbox.fail(500, times=20)  # not retried: fails at once
+        assert world.cli("run", "--once").code == 1
+        assert len(pings.requests) == 1  # a failed poll does not ping
