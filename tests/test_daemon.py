@@ -202,3 +202,35 @@ def test_a_wrong_token_gives_one_ops_alert_and_one_recovery(world: World) -> Non
             assert process.wait(timeout=10) == 0
         assert len(ops.bodies) == 2
         assert "works again" in ops.bodies[1]["title"]
+
+
+def test_sighup_reloads_the_config_and_keeps_the_old_one_when_the_new_is_bad(
+    world: World,
+) -> None:
+    fast(world)
+    with WebhookReceiver() as extra, daemon(world) as process:
+        world.add_lead(age=timedelta(hours=1), customer="Before Reload")
+        world.team.wait_for(1)
+        # a new channel for the "new" tier, picked up on SIGHUP without a restart
+        world.channels = {"extra": extra.json_url}
+        world.tiers = world.tiers.replace('notify = ["team"]', 'notify = ["team", "extra"]', 1)
+        world.write_config()
+        process.send_signal(signal.SIGHUP)
+        time.sleep(1.5)
+        world.add_lead(age=timedelta(hours=1), customer="After Reload")
+        extra.wait_for(2)  # the new channel hears about both waiting leads
+        assert sorted(b["title"].rsplit(": ", 1)[-1] for b in extra.bodies) == [
+            "After Reload",
+            "Before Reload",
+        ]
+
+        world.config_path.write_text("[policy\nbroken = ")
+        process.send_signal(signal.SIGHUP)
+        time.sleep(1.5)
+        world.add_lead(age=timedelta(hours=1), customer="After Bad Reload")
+        extra.wait_for(3)  # still running, with the last good config
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+        _, err = process.communicate(timeout=5)
+    assert "config.reload_failed" in err
+    assert "config.reloaded" in err
