@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _print_config_problems(exc: ConfigError) -> None:
+    if exc.path is None and len(exc.problems) == 1:  # e.g. the file is missing
+        click.echo(f"error: {exc.problems[0]}", err=True)
+        return
     where = f" in {exc.path}" if exc.path else ""
     click.echo(f"error: the configuration{where} is not valid:", err=True)
     for problem in exc.problems:

@@ -55,6 +55,9 @@ def configure(
     )
     for noisy in ("apprise", "msal", "apscheduler", "httpx", "httpcore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose > 1 else logging.ERROR)
+    # Apprise's reasons reach our own log lines (notify.failed) through its LogCapture; its
+    # raw warnings would say the same thing twice in another format.
+    logging.getLogger("apprise").propagate = verbose > 1
 
 
 def _noop(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

@@ -18,7 +18,6 @@ import requests
 import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from fakeidp import DEVICE_CODE_GRANT, FakeIdP, IdpRequest
 from structlog.testing import capture_logs
 
 from referral_watch.auth import (
@@ -33,6 +32,8 @@ from referral_watch.auth import (
 )
 from referral_watch.config import Config, parse_config
 from referral_watch.errors import AuthError
+
+from fakeidp import DEVICE_CODE_GRANT, FakeIdP, IdpRequest
 
 CLIENT_ID = "0c1d0c1d-0000-4000-8000-00000000c1d0"
 USER_IMPERSONATION = "https://api.partner.microsoft.com/user_impersonation"

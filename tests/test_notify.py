@@ -13,7 +13,6 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
-from receivers import SmtpReceiver, WebhookReceiver
 from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 
@@ -28,6 +27,8 @@ from referral_watch.notify import (
     redact_url,
     register_console_target,
 )
+
+from receivers import SmtpReceiver, WebhookReceiver
 
 CUSTOMER = "Fabrikam Customer Inc"
 DEADLINE = "14 Mar 2025 09:30 UTC"
