@@ -1,5 +1,8 @@
 """The daemon: the same cycle as `run --once` on an APScheduler loop, plus signals, the state
-lock, the /healthz + /metrics server and systemd notifications."""
+lock, the /healthz + /metrics server and systemd notifications.
+
+Scheduled reports (``[[reports]]``) run on the same scheduler, each on a cron trigger in its own
+time zone; a lock keeps a report and a poll cycle from running at the same time."""
 
 from __future__ import annotations
 
@@ -8,22 +11,29 @@ import signal
 import socket
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import structlog
 
-from referral_watch.config import Config
-from referral_watch.cycle import Clock, Cycle, CycleResult, system_clock
+from referral_watch import policy, render
+from referral_watch.config import Config, ReportConfig
+from referral_watch.cycle import GIVE_UP_AFTER, Clock, Cycle, CycleResult, system_clock
 from referral_watch.errors import ConfigError, ReferralWatchError
+from referral_watch.model import Lead, Message
 from referral_watch.ops import healthy
-from referral_watch.store import InstanceLock, Store
+from referral_watch.report import report_message, summarize
+from referral_watch.store import InstanceLock, Store, from_ts, ts
 
 log = structlog.get_logger(__name__)
 
 CYCLE_JOB = "cycle"
+REPORT_JOB = "report:"  # + the report's name
+# A report missed while the daemon was down is sent once at start if it is less late than this.
+CATCH_UP = timedelta(days=1)
 
 
 class Metrics:
@@ -52,7 +62,9 @@ class Metrics:
             registry=self.registry,
         )
         self.backlog = Gauge(
-            "referral_watch_outbox_backlog", "Messages waiting in the outbox", registry=self.registry
+            "referral_watch_outbox_backlog",
+            "Messages waiting in the outbox",
+            registry=self.registry,
         )
         self.last_success = Gauge(
             "referral_watch_last_success_timestamp_seconds",
@@ -93,10 +105,21 @@ class Daemon:
         self._api: Any = None
         self._sender: Any = None
         self._scheduler: Any = None
+        self._work = threading.Lock()  # one poll cycle or one report at a time
+        self._reports_checked = False
 
     # --- one cycle, as a scheduler job ---------------------------------------------------
 
     def cycle(self) -> CycleResult | None:
+        with self._work:
+            result = self._guarded_cycle()
+        if not self._reports_checked:
+            # After the first poll, so a report that is sent late at least carries fresh data.
+            self._reports_checked = True
+            self.catch_up_reports()
+        return result
+
+    def _guarded_cycle(self) -> CycleResult | None:
         try:
             return self._cycle()
         except ReferralWatchError as exc:
@@ -112,9 +135,7 @@ class Daemon:
         if self._sender is None:
             self._sender = self.sender_factory(self.config)
         with self.metrics.poll_duration.time(), Store(self.config.state.path) as store:
-            result = Cycle(
-                self.config, store, self._api, self._sender, self.clock, self.stop
-            ).run()
+            result = Cycle(self.config, store, self._api, self._sender, self.clock, self.stop).run()
             self._observe(store, result)
         return result
 
@@ -132,6 +153,95 @@ class Daemon:
             soonest = min(lead.deadline for lead in leads)
             self.metrics.most_urgent.set((soonest - self.clock()).total_seconds())
 
+    # --- scheduled reports -----------------------------------------------------------------
+
+    def catch_up_reports(self) -> None:
+        """At start: send each report whose run was missed while we were down (once, < 1 day)."""
+        for report in self.config.reports:
+            self.run_report(report.name, at_start=True)
+
+    def run_report(self, name: str, *, at_start: bool = False) -> bool:
+        """The report job: send `name` if a scheduled run of it is due and not yet sent.
+
+        Idempotent per scheduled run (the last one sent is kept in the state's meta table), so
+        the cron job and the catch-up at start never both send the same run.
+        """
+        with self._work:
+            try:
+                return self._run_report(name, at_start)
+            except ReferralWatchError as exc:
+                log.error("report.error", report=name, error=str(exc))
+            except Exception:  # a bug must not end the loop
+                log.exception("report.crashed", report=name)
+        return False
+
+    def _run_report(self, name: str, at_start: bool) -> bool:
+        report = next((r for r in self.config.reports if r.name == name), None)
+        if report is None:  # removed by a reload since the job was scheduled
+            return False
+        now = self.clock()
+        key = f"report.{name}.last"
+        with Store(self.config.state.path) as store:
+            last = from_ts(store.get_meta(key))
+            if last is None and at_start:
+                # Never run before: nothing was missed. Remember from when to count.
+                store.set_meta(key, ts(now))
+                return False
+            window = now - CATCH_UP
+            due = latest_fire_time(report_trigger(report), max(last or window, window), now)
+            if due is None:
+                return False
+            if at_start:
+                log.info("report.catch_up", report=name, scheduled=due.isoformat())
+            self._send_report(store, report, due, now)
+        return True
+
+    def _send_report(
+        self, store: Store, report: ReportConfig, due: datetime, now: datetime
+    ) -> None:
+        """Enqueue the report for each channel, then deliver it; a failure stays in the outbox
+        and the next cycle's delivery retries it like any other message."""
+        leads = store.leads(include_resolved=True)
+        queued: list[tuple[int, str, Message]] = []
+        for channel in report.notify:
+            message = self._report_message(report, channel, leads, now)
+            row = store.enqueue_message("report", channel, message.title, message.body, now)
+            queued.append((row, channel, message))
+        store.set_meta(f"report.{report.name}.last", ts(due))
+        log.info("report.queued", report=report.name, channels=len(queued))
+        if self._sender is None:
+            self._sender = self.sender_factory(self.config)
+        sender = self._sender  # a reload (SIGHUP) may replace it meanwhile
+        for row, channel, message in queued:
+            if self.stop.is_set():
+                break  # left in the outbox: delivered by the next cycle
+            self._deliver_report(store, sender, report.name, row, channel, message)
+
+    def _report_message(
+        self, report: ReportConfig, channel: str, leads: list[Lead], now: datetime
+    ) -> Message:
+        settings = self.config.channels.get(channel)
+        # A channel with `match` only hears about its own leads, in reports too.
+        mine = [
+            x for x in leads if settings is None or policy.channel_matches(settings, x.referral)
+        ]
+        summary = summarize(mine, now, report.since)
+        return report_message(summary, render.style_for(self.config, channel))
+
+    def _deliver_report(
+        self, store: Store, sender: Any, name: str, row: int, channel: str, message: Message
+    ) -> None:
+        outcome = sender.send(channel, message)
+        if outcome.ok:
+            store.delivered([row], self.clock())
+            self.metrics.deliveries.labels(channel, "ok").inc()
+            log.info("report.sent", report=name, channel=channel)
+            return
+        error = outcome.error or "delivery failed"
+        store.failed([row], error, self.clock(), GIVE_UP_AFTER)
+        self.metrics.deliveries.labels(channel, "failed").inc()
+        log.error("report.failed", report=name, channel=channel, error=error, retry="next cycle")
+
     # --- health --------------------------------------------------------------------------
 
     def health(self) -> tuple[bool, dict[str, Any]]:
@@ -147,6 +257,7 @@ class Daemon:
     def serve(self) -> int:
         from apscheduler.schedulers.blocking import BlockingScheduler
 
+        report_triggers(self.config)  # a bad cron schedule is a config error, before anything
         with InstanceLock(self.config.lock_path):
             with Store(self.config.state.path) as store:
                 self.last_success = store.last_success()
@@ -187,6 +298,21 @@ class Daemon:
             misfire_grace_time=int(interval),
             replace_existing=True,
         )
+        for report, trigger in report_triggers(self.config):
+            scheduler.add_job(
+                self.run_report,
+                trigger,
+                args=[report.name],
+                id=REPORT_JOB + report.name,
+                max_instances=1,
+                coalesce=True,
+                misfire_grace_time=int(CATCH_UP.total_seconds()),
+                replace_existing=True,
+            )
+        wanted = {REPORT_JOB + report.name for report in self.config.reports}
+        for job in scheduler.get_jobs():
+            if job.id.startswith(REPORT_JOB) and job.id not in wanted:
+                job.remove()  # dropped from the config by a reload
 
     def _install_signals(self) -> None:
         signal.signal(signal.SIGTERM, self._on_stop)
@@ -207,6 +333,7 @@ class Daemon:
             return
         try:
             config = self.reload_config()
+            report_triggers(config)
         except ConfigError as exc:
             log.error("config.reload_failed", problems=exc.problems, kept="old configuration")
             return
@@ -228,7 +355,7 @@ class Daemon:
         daemon = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_GET(self) -> None:
                 import json
 
                 if self.path.split("?")[0] == "/healthz":
@@ -273,6 +400,105 @@ class Daemon:
             self.server.server_close()
 
 
+# --- cron -----------------------------------------------------------------------------------
+
+_CRON_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+
+
+def _cron_day(text: str) -> int:
+    """0-7 (0 and 7 are Sunday) or a day name; names keep Sunday as 0."""
+    word = text.strip().lower()
+    if word.isdigit() and int(word) <= 7:
+        return int(word)
+    if word in _CRON_DAYS:
+        return _CRON_DAYS.index(word)
+    raise ValueError(f"{text!r} is not a weekday (0-7 or sun-sat)")
+
+
+def cron_weekdays(field: str) -> str:
+    """A standard cron weekday field as APScheduler day names: "1-5" -> "mon,tue,wed,thu,fri".
+
+    APScheduler 3 counts 0 as Monday, cron as Sunday, so numbers cannot be passed through.
+    """
+    days: set[int] = set()
+    for item in field.split(","):
+        spec, slash, step_text = item.partition("/")
+        if slash and not step_text.isdigit():
+            raise ValueError(f"{item!r}: the step after / must be a number")
+        step = int(step_text) if slash else 1
+        if spec == "*":
+            first, last = 0, 6
+        elif "-" in spec:
+            low, high = spec.split("-", 1)
+            first, last = _cron_day(low), _cron_day(high)
+            last = 7 if last == 0 and first > 0 else last  # "fri-sun"
+        else:
+            first = _cron_day(spec)
+            last = 6 if slash else first  # "1/2": from Monday on, every other day
+        if last < first or step < 1:
+            raise ValueError(f"{item!r} is not a weekday range")
+        days.update(day % 7 for day in range(first, last + 1, step))
+    if len(days) == 7:
+        return "*"
+    return ",".join(_CRON_DAYS[day] for day in sorted(days, key=lambda d: (d - 1) % 7))
+
+
+def report_trigger(report: ReportConfig) -> Any:
+    """The APScheduler trigger for a report's 5-field cron schedule in its own time zone.
+
+    Raises ValueError for a schedule APScheduler cannot use.
+    """
+    from apscheduler.triggers.combining import OrTrigger
+    from apscheduler.triggers.cron import CronTrigger
+
+    minute, hour, day, month, weekday = report.schedule.split()
+    zone = ZoneInfo(report.timezone)
+    days = cron_weekdays(weekday)
+
+    def cron(day_of_month: str, day_of_week: str) -> Any:
+        return CronTrigger(
+            minute=minute,
+            hour=hour,
+            day=day_of_month,
+            month=month,
+            day_of_week=day_of_week,
+            timezone=zone,
+        )
+
+    if day != "*" and days != "*":
+        # cron runs when either day field matches; APScheduler would want both
+        return OrTrigger([cron(day, "*"), cron("*", days)])
+    return cron(day, days)
+
+
+def report_triggers(config: Config) -> list[tuple[ReportConfig, Any]]:
+    """Every report with its trigger, or a ConfigError naming each bad schedule."""
+    problems: list[str] = []
+    triggers: list[tuple[ReportConfig, Any]] = []
+    seen: set[str] = set()
+    for index, report in enumerate(config.reports):
+        if report.name in seen:
+            problems.append(f"reports[{index}].name: {report.name!r} is used twice")
+        seen.add(report.name)
+        try:
+            triggers.append((report, report_trigger(report)))
+        except ValueError as exc:
+            problems.append(f"reports[{index}].schedule: {report.schedule!r}: {exc}")
+    if problems:
+        raise ConfigError(problems, str(config.source) if config.source else None)
+    return triggers
+
+
+def latest_fire_time(trigger: Any, after: datetime, now: datetime) -> datetime | None:
+    """The last time the trigger fired in (after, now], or None."""
+    found = None
+    moment = trigger.get_next_fire_time(None, after + timedelta(microseconds=1))
+    while moment is not None and moment <= now:
+        found = moment
+        moment = trigger.get_next_fire_time(None, moment + timedelta(microseconds=1))
+    return found.astimezone(UTC) if found is not None else None
+
+
 def _default_api(config: Config) -> Any:
     from referral_watch.auth import token_provider
     from referral_watch.partner_center import PartnerCenter
@@ -310,4 +536,3 @@ def _watchdog_interval() -> float | None:
 
 def serve(config: Config, reload: Callable[[], Config] | None = None) -> int:
     return Daemon(config, reload=reload).serve()
-
