@@ -127,6 +127,13 @@ def checked(config: Config) -> Config:
     if any(channel.url.startswith("console://") for channel in config.channels.values()):
         register_console_target()
     problems = check_channels(config.channels) + check_templates(config)
+    if config.reports:
+        from referral_watch.daemon import report_triggers
+
+        try:
+            report_triggers(config)
+        except ConfigError as exc:
+            problems += exc.problems
     if problems:
         raise ConfigError(problems, str(config.source) if config.source else None)
     return config

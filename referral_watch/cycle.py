@@ -5,10 +5,13 @@
 
 from __future__ import annotations
 
+import json
+import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -23,6 +26,7 @@ from referral_watch.model import (
     Lead,
     MalformedReferral,
     Message,
+    PendingRow,
     Referral,
     deadline_of,
     parse_referral,
@@ -35,6 +39,15 @@ Clock = Callable[[], datetime]
 
 # A delivery failing for this long is dropped (and operations told).
 GIVE_UP_AFTER = timedelta(days=1)
+
+# Channels delivered to at the same time (each channel still gets one message at a time).
+PARALLEL_CHANNELS = 4
+# Pages fetched ahead while the store works on the current one.
+PREFETCH_PAGES = 2
+# Leads read, decided and recorded at a time: bounds memory in a first cycle of 50,000 leads.
+POLICY_CHUNK = 500
+# The response window that computed the stored deadlines; another one means re-reading all.
+WINDOW_META = "policy.response_window"
 
 # Substatuses that still wait for the partner's answer.
 WAITING = frozenset({"pending", "received"})
@@ -128,16 +141,16 @@ class Cycle:
         """Poll, store and decide in one transaction: a failed poll changes no lead."""
         try:
             with self.store.transaction():
-                for page in self.api.pages():
-                    referrals = self._parse(page.records, result)
+                stored = self.store.fingerprints() if self._stored_deadlines_current() else {}
+                seen: dict[str, int] = {}
+                for page in _prefetched(self.api.pages):
                     result.fetched += len(page.records)
-                    result.new += self.store.upsert(referrals, self._deadline, now)
+                    fresh, again = self._changed(page, result, now, stored, seen)
+                    result.new += self.store.upsert(fresh, self._deadline, now)
+                    self.store.upsert(again, self._deadline, now)
                 self._conclude_absent(now, result)
                 self.store.mark_expired(now)
-                alerts = policy.due_alerts(
-                    self.store.leads(for_policy=True), self.store.history(), self.config, now
-                )
-                result.queued = self.store.record(alerts, now)
+                result.queued = self._decide(now)
                 result.poll_ok = True
                 self.store.insert_poll(self._poll_record(now, result))
         except (ApiError, AuthError) as exc:
@@ -146,6 +159,90 @@ class Cycle:
             result.needs_login = isinstance(exc, AuthError) and exc.needs_login
             log.error("poll.failed", error=str(exc), needs_login=result.needs_login)
             self.store.record_poll(self._poll_record(now, result))
+
+    def _stored_deadlines_current(self) -> bool:
+        """Whether stored deadlines were computed with today's response window, so a record
+        that did not change needs no re-reading. Call inside the poll's transaction."""
+        window = str(int(self.config.policy.response_window.total_seconds()))
+        if self.store.get_meta(WINDOW_META) == window:
+            return True
+        self.store.set_meta(WINDOW_META, window)
+        return False
+
+    def _changed(
+        self,
+        page: Any,
+        result: CycleResult,
+        now: datetime,
+        stored: dict[str, int],
+        seen: dict[str, int],
+    ) -> tuple[list[Referral], list[Referral]]:
+        """The records of one page that need storing: (first seen in this poll, repeated).
+
+        A watched lead whose record has the same text as the stored one is only marked seen:
+        no parsing, no rewriting. That is nearly every lead in a steady cycle.
+        """
+        records: list[Any] = page.records
+        texts: list[str] | None = getattr(page, "texts", None)
+        if texts is not None and len(texts) != len(records):
+            texts = None
+        fresh: list[Referral] = []
+        again: list[Referral] = []
+        unchanged: list[str] = []
+        for index, record in enumerate(records):
+            lead_id, raw = _identity(record, texts[index] if texts is not None else None)
+            if lead_id is None or raw is None:
+                self._skip(record, result)
+                continue
+            fingerprint = hash(raw)  # 64 bits: a false "unchanged" is not a practical risk
+            repeated = lead_id in seen
+            if repeated and seen[lead_id] == fingerprint:
+                log.info("poll.duplicate", lead=lead_id)  # paging shifted: already stored
+                continue
+            seen[lead_id] = fingerprint
+            if not repeated and stored.get(lead_id) == fingerprint:
+                unchanged.append(lead_id)
+                continue
+            referral = self._parse(record, raw, result)
+            if referral is not None:
+                (again if repeated else fresh).append(referral)
+        self.store.mark_seen(unchanged, now)
+        return fresh, again
+
+    def _parse(self, record: Any, raw: str | None, result: CycleResult) -> Referral | None:
+        try:
+            return parse_referral(record, raw)
+        except MalformedReferral as exc:
+            error = str(exc)
+        except (ValueError, TypeError, RecursionError) as exc:  # odd JSON the parser missed
+            error = f"unreadable record ({type(exc).__name__})"
+        result.malformed += 1
+        log.error("referral.malformed", error=error)
+        return None
+
+    def _skip(self, record: Any, result: CycleResult) -> None:
+        """A record without a usable id, or one that cannot be serialized: log why, skip it."""
+        if self._parse(record, None, result) is not None:  # it has an id: JSON was the problem
+            result.malformed += 1
+            log.error("referral.malformed", error="unreadable record (cannot be serialized)")
+
+    def _decide(self, now: datetime) -> int:
+        """Decide for the leads that may need an alert and write the decisions to the outbox.
+        Returns the number of rows to deliver. Call inside the poll's transaction."""
+        policy_config = self.config.policy
+        candidates = self.store.policy_candidates(
+            policy.tier_points(self.config, now),
+            now,
+            expired_notices=bool(policy_config.on_expired),
+            resolved_notices=bool(policy_config.on_resolved),
+        )
+        queued = 0
+        for start in range(0, len(candidates), POLICY_CHUNK):
+            chunk = candidates[start : start + POLICY_CHUNK]
+            leads = self.store.leads(for_policy=True, ids=chunk)
+            alerts = policy.due_alerts(leads, self.store.history(chunk), self.config, now)
+            queued += self.store.record(alerts, now)
+        return queued
 
     def _poll_record(self, now: datetime, result: CycleResult) -> PollRecord:
         return PollRecord(
@@ -158,16 +255,6 @@ class Cycle:
             error=result.error,
             needs_login=result.needs_login,
         )
-
-    def _parse(self, records: list[Any], result: CycleResult) -> list[Referral]:
-        referrals = []
-        for record in records:
-            try:
-                referrals.append(parse_referral(record))
-            except MalformedReferral as exc:
-                result.malformed += 1
-                log.error("referral.malformed", error=str(exc))
-        return referrals
 
     def _conclude_absent(self, now: datetime, result: CycleResult) -> None:
         """After a complete poll: ask about each watched lead that was not in it."""
@@ -241,38 +328,105 @@ class Cycle:
         rows = self.store.pending()
         if not rows:
             return
-        leads = {lead.id: lead for lead in self.store.leads(include_resolved=True)}
-        batches = policy.delivery_batches(rows, leads, self.config, now)
+        batches = policy.delivery_batches(rows, self._delivery_leads(rows), self.config, now)
         result.held = len(rows) - sum(len(b.row_ids) for b in batches)
+        if self.stop.is_set():
+            log.info("delivery.stopped", left=len(batches))
+            return
+        jobs: dict[str, list[tuple[Batch, Message]]] = {}
         for batch in batches:
-            if self.stop.is_set():
-                log.info("delivery.stopped", left=len(batches))
-                break
-            self._send(batch, leads, result)
+            try:
+                message = self._message(batch, now)
+            except ReferralWatchError as exc:
+                self._settle(batch, _Failure(str(exc)), result)
+                continue
+            jobs.setdefault(batch.channel, []).append((batch, message))
+        if jobs:
+            self._send_all(jobs, result)
 
-    def _send(self, batch: Batch, leads: dict[str, Lead], result: CycleResult) -> None:
-        now = self.clock()
+    def _delivery_leads(self, rows: Sequence[PendingRow]) -> dict[str, Lead]:
+        """What delivery_batches needs to order and address the rows: outlines (no JSON read),
+        and whole leads only where the recipients come from the lead (to_assignees)."""
+        ids = {row.lead_id for row in rows if row.lead_id is not None}
+        leads = self.store.lead_outlines(ids)
+        assignees = {
+            row.lead_id
+            for row in rows
+            if row.lead_id is not None
+            and (channel := self.config.channels.get(row.channel)) is not None
+            and channel.to_assignees
+        }
+        if assignees:
+            full = self.store.leads(include_resolved=True, ids=sorted(assignees))
+            leads.update((lead.id, lead) for lead in full)
+        return leads
+
+    def _send_all(self, jobs: dict[str, list[tuple[Batch, Message]]], result: CycleResult) -> None:
+        """Send each channel's messages in order, channels side by side (at most
+        PARALLEL_CHANNELS at once). A channel's next message waits until this thread has
+        recorded the previous one, so a crash repeats at most one message per channel."""
+        outcomes: queue.Queue[tuple[Batch, Any, threading.Event] | None] = queue.Queue()
+        abort = threading.Event()
+        workers = min(PARALLEL_CHANNELS, len(jobs))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deliver") as pool:
+            for channel_jobs in jobs.values():
+                pool.submit(self._channel_worker, channel_jobs, outcomes, abort)
+            finished = 0
+            try:
+                while finished < len(jobs):
+                    item = outcomes.get()
+                    if item is None:
+                        finished += 1
+                        continue
+                    batch, outcome, recorded = item
+                    try:
+                        self._settle(batch, outcome, result)
+                    finally:
+                        recorded.set()
+            except BaseException:
+                abort.set()  # workers stop after the message in flight
+                raise
+
+    def _channel_worker(
+        self,
+        jobs: list[tuple[Batch, Message]],
+        outcomes: queue.Queue[tuple[Batch, Any, threading.Event] | None],
+        abort: threading.Event,
+    ) -> None:
         try:
-            message = self._message(batch, leads, now)
-        except ReferralWatchError as exc:
-            message = None
-            error = str(exc)
-        if message is not None:
-            outcome = self.sender.send(batch.channel, message, recipients=batch.recipients)
-            if outcome.ok:
-                self.store.delivered(batch.row_ids, self.clock())
-                result.delivered += 1
-                result.by_channel[(batch.channel, "ok")] += 1
-                log.info(
-                    "delivery.sent",
-                    channel=batch.channel,
-                    kind=batch.kind,
-                    tier=batch.tier,
-                    leads=len(batch.lead_ids),
-                    digest=batch.digest,
-                )
-                return
-            error = outcome.error or "delivery failed"
+            for index, (batch, message) in enumerate(jobs):
+                if self.stop.is_set() or abort.is_set():
+                    log.info("delivery.stopped", channel=batch.channel, left=len(jobs) - index)
+                    return
+                try:
+                    outcome = self.sender.send(batch.channel, message, recipients=batch.recipients)
+                except Exception as exc:  # a sender bug must not lose the others' results
+                    outcome = _Failure(f"unexpected {type(exc).__name__}")
+                recorded = threading.Event()
+                outcomes.put((batch, outcome, recorded))
+                while not recorded.wait(0.05):
+                    if abort.is_set():
+                        return
+        finally:
+            outcomes.put(None)
+
+    def _settle(self, batch: Batch, outcome: Any, result: CycleResult) -> None:
+        """Record what happened to one message (on the thread that owns the store)."""
+        if outcome.ok:
+            self.store.delivered(batch.row_ids, self.clock())
+            result.delivered += 1
+            result.by_channel[(batch.channel, "ok")] += 1
+            log.info(
+                "delivery.sent",
+                channel=batch.channel,
+                kind=batch.kind,
+                tier=batch.tier,
+                leads=len(batch.lead_ids),
+                digest=batch.digest,
+            )
+            return
+        now = self.clock()
+        error = outcome.error or "delivery failed"
         result.failed += 1
         result.by_channel[(batch.channel, "failed")] += 1
         result.failures.append(f"channel {batch.channel}: {error}")
@@ -294,13 +448,17 @@ class Cycle:
             )
             self.store.enqueue_message("ops", channel, message.title, message.body, now)
 
-    def _message(self, batch: Batch, leads: dict[str, Lead], now: datetime) -> Message:
+    def _message(self, batch: Batch, now: datetime) -> Message:
         style = render.style_for(self.config, batch.channel)
         if not batch.lead_ids:
             title, body = self.store.message_text(batch.row_ids[0])
             return Message(title, body)
         tier = self.config.policy.tier(batch.tier) if batch.tier else None
-        known = [leads[i] for i in batch.lead_ids if i in leads]
+        found = {
+            lead.id: lead
+            for lead in self.store.leads(include_resolved=True, ids=list(batch.lead_ids))
+        }
+        known = [found[i] for i in batch.lead_ids if i in found]
         if not known:
             raise ReferralWatchError("the lead is no longer in the state file")
         if batch.digest:
@@ -317,3 +475,72 @@ class Cycle:
             httpx.get(beat.url, timeout=beat.timeout.total_seconds()).raise_for_status()
         except httpx.HTTPError as exc:
             log.warning("heartbeat.failed", error=type(exc).__name__)
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """A delivery outcome for a message that could not be sent at all."""
+
+    error: str
+    ok: bool = False
+
+
+def _identity(record: Any, text: str | None) -> tuple[str | None, str | None]:
+    """(the record's id, its JSON text): as served when known, else serialized canonically
+    (the same text parse_referral would store)."""
+    if not isinstance(record, dict):
+        return None, None
+    lead_id = record.get("id")
+    if not isinstance(lead_id, str) or not lead_id.strip():
+        return None, None
+    if text is not None:
+        return lead_id.strip(), text
+    try:
+        raw = json.dumps(record, separators=(",", ":"), sort_keys=True)
+    except (ValueError, TypeError, RecursionError):
+        return lead_id.strip(), None
+    return lead_id.strip(), raw
+
+
+_END = object()
+
+
+def _prefetched(pages: Callable[[], Iterable[Any]], depth: int = PREFETCH_PAGES) -> Iterator[Any]:
+    """The API's pages, with the next ones already being fetched on another thread while the
+    caller stores this one: a poll then takes about as long as the API itself.
+
+    An error on any page is raised here, in the caller's thread, after the pages before it.
+    """
+    ahead: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    halt = threading.Event()
+
+    def put(kind: str, item: Any) -> bool:
+        while not halt.is_set():
+            try:
+                ahead.put((kind, item), timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def fetch() -> None:
+        try:
+            for page in pages():
+                if not put("page", page):
+                    return
+            put("end", _END)
+        except BaseException as exc:  # handed to the caller, raised in its thread
+            put("error", exc)
+
+    threading.Thread(target=fetch, name="poll-prefetch", daemon=True).start()
+    try:
+        while True:
+            kind, item = ahead.get()
+            if kind == "page":
+                yield item
+            elif kind == "error":
+                raise item
+            else:
+                return
+    finally:
+        halt.set()  # the fetcher stops after the request in flight

@@ -521,6 +521,8 @@ def sd_notify(state: str) -> None:
         address = "\0" + address[1:]
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            # Never block: a full notify queue must not hang a job (or the exit joining it).
+            sock.settimeout(1.0)
             sock.connect(address)
             sock.sendall(state.encode())
     except OSError as exc:

@@ -7,7 +7,9 @@ The bearer token is only ever sent to the configured base URL's host and port (S
 
 from __future__ import annotations
 
+import json
 import random
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -48,6 +50,9 @@ class Page:
     records: list[Any]  # the raw `value` items; parsing them is the caller's business
     number: int  # 0-based
     request_id: str | None  # the server's Request-ID, for support cases
+    # Each record's JSON text exactly as served (None when the page could not be walked):
+    # comparing texts tells an unchanged record without parsing or re-serializing it.
+    texts: list[str] | None = None
 
 
 class PartnerCenter:
@@ -96,8 +101,8 @@ class PartnerCenter:
         while True:
             response = self._checked(self._request(url, params, correlation), page=number)
             requested.add(str(response.request.url))
-            body = _page_body(response, number)
-            yield Page(body["value"], number, response.headers.get("Request-ID"))
+            body, texts = _page_body(response, number)
+            yield Page(body["value"], number, response.headers.get("Request-ID"), texts)
             link = body.get("@odata.nextLink")
             if link is None or link == "":
                 return
@@ -272,12 +277,17 @@ class PartnerCenter:
 # -- helpers --------------------------------------------------------------------------------
 
 
-def _page_body(response: httpx.Response, number: int) -> dict[str, Any]:
+def _page_body(response: httpx.Response, number: int) -> tuple[dict[str, Any], list[str] | None]:
+    """The page as JSON, plus each `value` item's own text when the page can be walked."""
     problem = ""
+    texts: list[str] | None = None
     try:
-        body = response.json()
-    except ValueError as exc:
-        body, problem = None, f"not JSON ({exc})"
+        body, texts = _walk_page(response.text)
+    except ValueError:
+        try:
+            body = response.json()
+        except ValueError as exc:
+            body, problem = None, f"not JSON ({exc})"
     if not problem and not (isinstance(body, dict) and isinstance(body.get("value"), list)):
         problem = "no `value` list in the answer"
     if problem or not isinstance(body, dict):
@@ -288,7 +298,71 @@ def _page_body(response: httpx.Response, number: int) -> dict[str, Any]:
             retryable=True,
             code="unreadablePage",
         )
-    return body
+    return body, texts
+
+
+_DECODER = json.JSONDecoder()
+_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _walk_page(text: str) -> tuple[dict[str, Any], list[str]]:
+    """json.loads for a page object, also returning the text of each `value` item.
+
+    Raises ValueError for anything but an object with a `value` array (the caller then falls
+    back to plain json.loads and its error message).
+    """
+    body: dict[str, Any] = {}
+    texts: list[str] = []
+    pos = _skip(text, 0)
+    if text[pos : pos + 1] != "{":
+        raise ValueError("not an object")
+    pos = _skip(text, pos + 1)
+    while text[pos : pos + 1] != "}":
+        if text[pos : pos + 1] != '"':
+            raise ValueError("expected a key")
+        key, pos = _DECODER.raw_decode(text, pos)
+        pos = _skip(text, pos)
+        if text[pos : pos + 1] != ":":
+            raise ValueError("expected ':'")
+        pos = _skip(text, pos + 1)
+        if key == "value" and text[pos : pos + 1] == "[":
+            body[key], texts, pos = _walk_array(text, pos)
+        else:
+            body[key], pos = _DECODER.raw_decode(text, pos)
+            texts = [] if key == "value" else texts  # a repeated key wins, as in json.loads
+        pos = _skip(text, pos)
+        if text[pos : pos + 1] == ",":
+            pos = _skip(text, pos + 1)
+            if text[pos : pos + 1] == "}":
+                raise ValueError("trailing comma")
+        elif text[pos : pos + 1] != "}":
+            raise ValueError("expected ',' or '}'")
+    if _skip(text, pos + 1) != len(text) or not isinstance(body.get("value"), list):
+        raise ValueError("not a page")
+    return body, texts
+
+
+def _walk_array(text: str, pos: int) -> tuple[list[Any], list[str], int]:
+    items: list[Any] = []
+    texts: list[str] = []
+    pos = _skip(text, pos + 1)
+    while text[pos : pos + 1] != "]":
+        item, end = _DECODER.raw_decode(text, pos)
+        items.append(item)
+        texts.append(text[pos:end])
+        pos = _skip(text, end)
+        if text[pos : pos + 1] == ",":
+            pos = _skip(text, pos + 1)
+            if text[pos : pos + 1] == "]":
+                raise ValueError("trailing comma")
+        elif text[pos : pos + 1] != "]":
+            raise ValueError("expected ',' or ']'")
+    return items, texts, pos + 1
+
+
+def _skip(text: str, pos: int) -> int:
+    match = _SPACE.match(text, pos)
+    return match.end() if match else pos
 
 
 def _error_body(response: httpx.Response) -> dict[str, Any]:

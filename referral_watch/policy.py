@@ -63,6 +63,22 @@ def due_alerts(
     return alerts
 
 
+def tier_points(config: Config, now: datetime) -> list[tuple[str, str, datetime, bool]]:
+    """(channel, tier name, cutoff, repeats) for every tier and each channel it notifies.
+
+    The tier is due for a lead whose deadline is at or before the cutoff (time left <=
+    remaining). A watched lead for which every due (channel, tier) already has an outbox row,
+    none of them repeating, gets nothing from ``due_alerts``: the store uses these points to
+    skip such leads without reading them (``Store.policy_candidates``).
+    """
+    now = _aware(now)
+    return [
+        (channel, tier.name, now + tier.remaining, tier.repeat is not None and tier.repeat > _ZERO)
+        for tier in config.policy.tiers
+        for channel in _unique(tier.notify)
+    ]
+
+
 def current_tier(lead: Lead, config: Config, now: datetime) -> TierConfig | None:
     """The most severe tier due for a watched lead; None when none is due, past the deadline,
     or the lead is resolved."""

@@ -720,6 +720,21 @@ def report_headings(locale: str, period: timedelta) -> dict[str, str]:
         "median": _("Median time to answer"),
         "assignees": _("Leads per assignee"),
         "none": _("None"),
+        "waiting": _("{count} waiting for an answer"),
+        "buckets": _("{day} expire within a day, {three} within three days, {later} later."),
+        "open_value": _("Deal value waiting: {values}"),
+        "expired_value": _("Deal value lost: {values}"),
+        "p90": _("90th percentile"),
+        "left": _("{time_left} left"),
+        "due": _("deadline {when}"),
+        "more": _("+{count} more"),
+        "period": _("From {start} to {end}."),
+        "unassigned": _("unassigned"),
+        "no_currency": _("(no currency)"),
+        "accepted": _("accepted"),
+        "declined": _("declined"),
+        "won": _("won"),
+        "lost": _("lost"),
     }
 
 

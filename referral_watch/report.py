@@ -68,23 +68,6 @@ ANSWER_ORDER = ("accepted", "declined", "won", "lost")
 CLI_LOCALE = "en-US"  # the command line stays English
 
 # Wording render's catalogs do not have yet (English only for now; to move into the catalogs).
-WORDS = {
-    "waiting": "{count} waiting for an answer",
-    "buckets": "{day} expire within a day, {three} within three days, {later} later.",
-    "open_value": "Deal value waiting: {values}",
-    "expired_value": "Deal value lost: {values}",
-    "p90": "90th percentile",
-    "left": "{time_left} left",
-    "due": "deadline {when}",
-    "more": "+{count} more",
-    "period": "From {start} to {end}.",
-    "unassigned": "unassigned",
-    "no_currency": "(no currency)",
-    "accepted": "accepted",
-    "declined": "declined",
-    "won": "won",
-    "lost": "lost",
-}
 
 
 # --- the summary -------------------------------------------------------------------------
@@ -236,7 +219,9 @@ class _Wording:
         return money_text(amount, currency, self.style.locale)
 
     def values(self, totals: Sequence[tuple[str, Decimal]]) -> str:
-        return " · ".join(self.money(total, cur or WORDS["no_currency"]) for cur, total in totals)
+        return " · ".join(
+            self.money(total, cur or self.heads["no_currency"]) for cur, total in totals
+        )
 
     def span(self, value: timedelta | None) -> str:
         return time_left_text(value, self.style.locale) if value is not None else "-"
@@ -245,12 +230,12 @@ class _Wording:
         return when_text(moment, self.style.timezone, self.style.locale)
 
     def who(self, assignee: str) -> str:
-        return WORDS["unassigned"] if assignee == UNASSIGNED else md(assignee)
+        return self.heads["unassigned"] if assignee == UNASSIGNED else md(assignee)
 
 
-def _open_part(s: Summary) -> str:
-    count = WORDS["waiting"].format(count=s.open_total)
-    buckets = WORDS["buckets"].format(day=s.within_day, three=s.within_three_days, later=s.later)
+def _open_part(w: _Wording, s: Summary) -> str:
+    count = w.heads["waiting"].format(count=s.open_total)
+    buckets = w.heads["buckets"].format(day=s.within_day, three=s.within_three_days, later=s.later)
     return f"**{count}:** {buckets}"
 
 
@@ -262,13 +247,13 @@ def _urgent_lines(w: _Wording, s: Summary, limit: int, compact: bool) -> list[st
         value = w.money(line.deal_value, line.currency)
         if value and not compact:
             pieces.append(value)
-        pieces.append(WORDS["left"].format(time_left=w.span(line.deadline - s.now)))
+        pieces.append(w.heads["left"].format(time_left=w.span(line.deadline - s.now)))
         lines.append("- " + " · ".join(pieces))
     return lines or [w.heads["none"]]
 
 
-def _answered_part(s: Summary) -> str:
-    kinds = ", ".join(f"{count} {WORDS[kind]}" for kind, count in s.answered)
+def _answered_part(w: _Wording, s: Summary) -> str:
+    kinds = ", ".join(f"{count} {w.heads[kind]}" for kind, count in s.answered)
     return f"{s.answered_total} ({kinds})" if kinds else "0"
 
 
@@ -279,34 +264,34 @@ def _expired_lines(w: _Wording, s: Summary) -> list[str]:
         value = w.money(line.deal_value, line.currency)
         if value:
             pieces.append(value)
-        pieces.append(WORDS["due"].format(when=w.when(line.deadline)))
+        pieces.append(w.heads["due"].format(when=w.when(line.deadline)))
         lines.append("- " + " · ".join(pieces))
     if len(s.expired) > LIST_MAX:
-        lines.append("- " + WORDS["more"].format(count=len(s.expired) - LIST_MAX))
+        lines.append("- " + w.heads["more"].format(count=len(s.expired) - LIST_MAX))
     return lines
 
 
 def _assignee_lines(w: _Wording, s: Summary, limit: int) -> list[str]:
     lines = [f"- {w.who(name)}: {count}" for name, count in s.per_assignee[:limit]]
     if len(s.per_assignee) > limit:
-        lines.append("- " + WORDS["more"].format(count=len(s.per_assignee) - limit))
+        lines.append("- " + w.heads["more"].format(count=len(s.per_assignee) - limit))
     return lines or [w.heads["none"]]
 
 
 def _full_body(w: _Wording, s: Summary) -> str:
     h = w.heads
     parts = [
-        WORDS["period"].format(start=w.when(s.start), end=w.when(s.now)),
-        _open_part(s),
+        w.heads["period"].format(start=w.when(s.start), end=w.when(s.now)),
+        _open_part(w, s),
     ]
     if s.open_value:
-        parts.append(WORDS["open_value"].format(values=w.values(s.open_value)))
+        parts.append(w.heads["open_value"].format(values=w.values(s.open_value)))
     parts.append(f"**{h['open']}**\n\n" + "\n".join(_urgent_lines(w, s, TOP, False)))
-    answered = f"**{h['answered']}:** {_answered_part(s)}"
+    answered = f"**{h['answered']}:** {_answered_part(w, s)}"
     if s.median_answer is not None:
         answered += (
             f"\n\n- {h['median']}: {w.span(s.median_answer)}"
-            f"\n- {WORDS['p90']}: {w.span(s.p90_answer)}"
+            f"\n- {w.heads['p90']}: {w.span(s.p90_answer)}"
         )
     parts.append(answered)
     expired = f"**{h['expired']}:** {len(s.expired)}"
@@ -314,7 +299,7 @@ def _full_body(w: _Wording, s: Summary) -> str:
         expired += "\n\n" + "\n".join(_expired_lines(w, s))
     parts.append(expired)
     if s.expired_value:
-        parts.append(WORDS["expired_value"].format(values=w.values(s.expired_value)))
+        parts.append(w.heads["expired_value"].format(values=w.values(s.expired_value)))
     parts.append(f"**{h['assignees']}**\n\n" + "\n".join(_assignee_lines(w, s, LIST_MAX)))
     return "\n\n".join(parts)
 
@@ -322,14 +307,14 @@ def _full_body(w: _Wording, s: Summary) -> str:
 def _compact_parts(w: _Wording, s: Summary) -> list[tuple[str, bool]]:
     """(paragraph, essential) pairs; optional ones are dropped when the channel is short."""
     h = w.heads
-    answered = f"**{h['answered']}:** {_answered_part(s)}"
+    answered = f"**{h['answered']}:** {_answered_part(w, s)}"
     if s.median_answer is not None:
         answered += f" · {h['median']}: {w.span(s.median_answer)}"
     assignees = ", ".join(f"{w.who(n)} {c}" for n, c in s.per_assignee[:COMPACT_TOP])
     if len(s.per_assignee) > COMPACT_TOP:
-        assignees += ", " + WORDS["more"].format(count=len(s.per_assignee) - COMPACT_TOP)
+        assignees += ", " + w.heads["more"].format(count=len(s.per_assignee) - COMPACT_TOP)
     return [
-        (_open_part(s), True),
+        (_open_part(w, s), True),
         (f"**{h['expired']}:** {len(s.expired)}", True),
         (answered, True),
         (f"**{h['open']}**\n\n" + "\n".join(_urgent_lines(w, s, COMPACT_TOP, True)), False),
@@ -382,7 +367,8 @@ def format_markdown(summary: Summary, timezone: str = "UTC") -> str:
 
 
 def _cli_money(totals: Sequence[tuple[str, Decimal]]) -> str:
-    return "; ".join(money_text(t, c or WORDS["no_currency"], CLI_LOCALE) for c, t in totals)
+    no_currency = report_headings(CLI_LOCALE, timedelta(0))["no_currency"]
+    return "; ".join(money_text(t, c or no_currency, CLI_LOCALE) for c, t in totals)
 
 
 def _cli_time(moment: datetime, timezone: str) -> str:
@@ -402,6 +388,7 @@ def _rows(rows: Sequence[Sequence[str]], indent: str = "  ") -> list[str]:
 def format_text(summary: Summary, timezone: str = "UTC") -> str:
     """A plain-text summary for a terminal."""
     s = summary
+    w = _Wording(s, Style(locale=CLI_LOCALE, timezone=timezone))
     span = time_left_text(s.period, CLI_LOCALE)
     lines = [
         f"Partner Center referrals: the last {span}",
@@ -429,7 +416,7 @@ def format_text(summary: Summary, timezone: str = "UTC") -> str:
             ]
         ),
         "",
-        f"Answered in this period: {_answered_part(s)}",
+        f"Answered in this period: {_answered_part(w, s)}",
         *_rows(
             [
                 ("median time to answer", _cli_span(s.median_answer)),

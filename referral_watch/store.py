@@ -242,7 +242,7 @@ class Store:
         # A reminder still held (quiet hours, failing channel) is moot once the lead is answered.
         self.db.execute(
             "UPDATE outbox SET state = 'superseded' "
-            "WHERE lead_id = ? AND kind = 'tier' AND state = 'pending'",
+            "WHERE lead_id = ? AND kind = 'tier' AND +state = 'pending'",
             (lead_id,),
         )
 
@@ -262,8 +262,15 @@ class Store:
             (ts(now),),
         )
 
-    def leads(self, *, include_resolved: bool = False, for_policy: bool = False) -> list[Lead]:
-        """Watched leads (plus resolved ones on request, or those with a notice still owed)."""
+    def leads(
+        self,
+        *,
+        include_resolved: bool = False,
+        for_policy: bool = False,
+        ids: Sequence[str] | None = None,
+    ) -> list[Lead]:
+        """Watched leads (plus resolved ones on request, or those with a notice still owed),
+        most urgent first; ``ids`` limits them to those leads."""
         where = "l.resolution IS NULL"
         if include_resolved:
             where = "1"
@@ -272,6 +279,16 @@ class Store:
                         OR (l.resolution = 'expired' AND l.expired_notified = 0)
                         OR (l.resolution NOT IN ('expired', 'gone')
                             AND l.resolution_notified = 0))"""
+        if ids is None:
+            return self._leads_where(where, ())
+        found: list[Lead] = []
+        for chunk in _chunks(ids):
+            marks = ",".join("?" * len(chunk))
+            found.extend(self._leads_where(f"{where} AND l.id IN ({marks})", chunk))
+        found.sort(key=lambda lead: lead.deadline)  # stable: chunks are already in order
+        return found
+
+    def _leads_where(self, where: str, params: Sequence[str]) -> list[Lead]:
         rows = self.db.execute(
             f"""SELECT l.*, s.until AS silenced_until, s.reason AS silence_reason,
                        s.through_deadline,
@@ -279,12 +296,95 @@ class Store:
                          WHERE o.lead_id = l.id AND o.kind = 'tier' AND o.state = 'delivered')
                          AS tiers_sent
                 FROM leads l LEFT JOIN silences s ON s.lead_id = l.id
-                WHERE {where} ORDER BY l.deadline"""
+                WHERE {where} ORDER BY l.deadline""",
+            params,
         )
         return [lead for lead in (_lead(row) for row in rows) if lead is not None]
 
     def lead(self, lead_id: str) -> Lead | None:
-        return next((x for x in self.leads(include_resolved=True) if x.id == lead_id), None)
+        found = self.leads(include_resolved=True, ids=[lead_id])
+        return found[0] if found else None
+
+    def lead_outlines(self, ids: Iterable[str]) -> dict[str, Lead]:
+        """Leads with only id, customer, created, deadline and resolution filled in, without
+        reading their stored JSON: enough to order and group outbox rows, never to render."""
+        out: dict[str, Lead] = {}
+        for chunk in _chunks(list(ids)):
+            marks = ",".join("?" * len(chunk))
+            rows = self.db.execute(
+                "SELECT id, customer, created, deadline, first_seen, last_seen, resolution "
+                f"FROM leads WHERE id IN ({marks})",
+                chunk,
+            )
+            for lead_id, customer, created, deadline, first, last, resolution in rows:
+                outline = Referral(
+                    id=lead_id, name="", customer=customer, created=datetime.fromisoformat(created)
+                )
+                out[lead_id] = Lead(
+                    referral=outline,
+                    deadline=datetime.fromisoformat(deadline),
+                    first_seen=datetime.fromisoformat(first),
+                    last_seen=datetime.fromisoformat(last),
+                    resolution=resolution,
+                )
+        return out
+
+    def fingerprints(self) -> dict[str, int]:
+        """hash() of the stored record of every watched lead, by id: a poll compares what it
+        receives against these to skip the leads that did not change (same process only)."""
+        rows = self.db.execute("SELECT id, raw FROM leads WHERE resolution IS NULL")
+        return {lead_id: hash(raw) for lead_id, raw in rows}
+
+    def mark_seen(self, lead_ids: Sequence[str], now: datetime) -> None:
+        """The poll returned these watched leads unchanged. Call inside transaction()."""
+        seen = ts(now)
+        self.db.executemany(
+            "UPDATE leads SET last_seen = ? WHERE id = ?", [(seen, lead_id) for lead_id in lead_ids]
+        )
+
+    def policy_candidates(
+        self,
+        points: Sequence[tuple[str, str, datetime, bool]],
+        now: datetime,
+        *,
+        expired_notices: bool = True,
+        resolved_notices: bool = True,
+    ) -> list[str]:
+        """Ids of the leads the policy may have something to say about at ``now``, most urgent
+        first: a superset of those ``policy.due_alerts`` returns alerts for.
+
+        ``points`` are (channel, tier, cutoff, repeats) from ``policy.tier_points``: a tier is
+        due for a lead when its deadline <= cutoff. A watched lead is a candidate when a due
+        tier has no outbox row yet for that channel, or repeats. Every other lead has heard
+        everything due, so the steady cycle reads (and parses) none of them.
+        """
+        points = list(points) or [("", "", datetime.min.replace(tzinfo=UTC), False)]
+        values = ",".join("(?, ?, ?, ?)" for _ in points)
+        params: list[Any] = [
+            value
+            for channel, tier, cutoff, repeats in points
+            for value in (channel, tier, ts(cutoff), int(repeats))
+        ]
+        moment = ts(now)
+        params += [moment, int(expired_notices), moment, int(resolved_notices)]
+        rows = self.db.execute(
+            f"""WITH points (channel, tier, cutoff, repeats) AS (VALUES {values})
+                SELECT l.id FROM leads l
+                WHERE (l.resolution IS NULL AND l.deadline >= ? AND EXISTS (
+                         SELECT 1 FROM points p
+                         WHERE l.deadline <= p.cutoff AND (p.repeats OR NOT EXISTS (
+                             SELECT 1 FROM outbox o
+                             WHERE o.lead_id = l.id AND o.channel = p.channel
+                               AND o.kind = 'tier' AND o.tier = p.tier))))
+                   OR (? AND l.expired_notified = 0
+                       AND ((l.resolution IS NULL AND l.deadline < ?)
+                            OR l.resolution = 'expired'))
+                   OR (? AND l.resolution_notified = 0
+                       AND l.resolution NOT IN ('expired', 'gone'))
+                ORDER BY l.deadline""",
+            params,
+        )
+        return [row[0] for row in rows]
 
     def known(self, lead_id: str) -> bool:
         row = self.db.execute("SELECT 1 FROM leads WHERE id = ?", (lead_id,)).fetchone()
@@ -341,17 +441,25 @@ class Store:
 
     # --- outbox -------------------------------------------------------------------------
 
-    def history(self) -> dict[str, list[Sent]]:
-        """Every lead alert row ever written, by lead id."""
+    def history(self, lead_ids: Sequence[str] | None = None) -> dict[str, list[Sent]]:
+        """Every lead alert row ever written, by lead id (only for ``lead_ids`` when given)."""
         out: dict[str, list[Sent]] = {}
-        rows = self.db.execute(
+        query = (
             "SELECT lead_id, kind, channel, tier, state, created FROM outbox "
-            "WHERE lead_id IS NOT NULL ORDER BY id"
+            "WHERE lead_id IS NOT NULL{} ORDER BY id"
         )
-        for lead_id, kind, channel, tier, state, created in rows:
-            out.setdefault(lead_id, []).append(
-                Sent(lead_id, kind, channel, tier, state, datetime.fromisoformat(created))
-            )
+        if lead_ids is None:
+            batches: list[tuple[str, Sequence[str]]] = [(query.format(""), ())]
+        else:
+            batches = [
+                (query.format(f" AND lead_id IN ({','.join('?' * len(chunk))})"), chunk)
+                for chunk in _chunks(lead_ids)
+            ]
+        for sql, params in batches:
+            for lead_id, kind, channel, tier, state, created in self.db.execute(sql, params):
+                out.setdefault(lead_id, []).append(
+                    Sent(lead_id, kind, channel, tier, state, datetime.fromisoformat(created))
+                )
         return out
 
     def record(self, alerts: Sequence[Alert], now: datetime) -> int:
@@ -365,9 +473,11 @@ class Store:
             state = "skipped" if alert.skipped else "pending"
             if alert.kind == TIER and not alert.skipped:
                 self.db.execute(
+                    # `+state`: look rows up by lead and channel; the partial index on
+                    # state would scan every pending row (20,000 in a first cycle) per alert.
                     """UPDATE outbox SET state = 'superseded'
                        WHERE lead_id = ? AND channel = ? AND kind = 'tier'
-                         AND state = 'pending' AND severity < ?""",
+                         AND +state = 'pending' AND severity < ?""",
                     (alert.lead_id, alert.channel, alert.severity),
                 )
             self.db.execute(
@@ -529,6 +639,11 @@ class Store:
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (key, value),
             )
+
+
+def _chunks(items: Sequence[str], size: int = 500) -> list[Sequence[str]]:
+    """Pieces small enough for SQLite's limit on bound parameters."""
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _statements(script: str) -> list[str]:

@@ -225,3 +225,10 @@ def test_the_heartbeat_is_pinged_after_a_good_cycle_only(world: World) -> None:
         world.sandbox.fail(500, times=20)  # not retried: fails at once
         assert world.cli("run", "--once").code == 1
         assert len(pings.requests) == 1  # a failed poll does not ping
+
+
+def test_check_config_reports_a_bad_report_schedule(world: World) -> None:
+    world.extra = '[[reports]]\nname = "weekly"\nschedule = "0 25 * * mon"\nnotify = ["managers"]\n'
+    outcome = world.cli("check-config")
+    assert outcome.code == 2
+    assert "reports[0].schedule" in outcome.err

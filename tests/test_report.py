@@ -423,8 +423,8 @@ def test_the_teams_form_stays_short_with_a_big_pipeline() -> None:
     assert len(message.title) + len(message.body) <= TEAMS_MAX
     assert message.title == "Partner Center-referrals: de afgelopen 7d"
     assert "**Onbeantwoord verlopen in deze periode:** 40" in message.body
-    assert "**300 waiting for an answer:** 24 expire within a day" in message.body
-    assert "+37 more" in message.body  # 40 assignees, three named
+    assert "**300 wachten op antwoord:** 24 verlopen binnen een dag" in message.body
+    assert "+37 meer" in message.body  # 40 assignees, three named
 
     tight = report_message(summary, Style(compact=True, max_length=400))
     assert len(tight.title) + len(tight.body) <= 400
