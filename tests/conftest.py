@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -120,6 +124,34 @@ path = "{self.state_path}"
             code = 0
         captured = self.capsys.readouterr()
         return Outcome(code, captured.out, captured.err)
+
+    @contextmanager
+    def daemon(self, *extra: str) -> Iterator[subprocess.Popen[str]]:
+        """`referral-watch run` as a real subprocess; killed if the test leaves it running."""
+        self.write_config()
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "referral_watch",
+                "--config",
+                str(self.config_path),
+                "--log-format",
+                "json",
+                "run",
+                *extra,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ},
+        )
+        try:
+            yield process
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.communicate(timeout=10)
 
     def add_lead(self, *, age: timedelta, now: datetime | None = None, **fields: Any) -> str:
         created = (now or datetime.now(UTC)) - age

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -11,8 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
@@ -38,34 +36,6 @@ def wait_until(condition: Callable[[], bool], timeout: float = 15.0, what: str =
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@contextmanager
-def daemon(world: World, *extra: str) -> Iterator[subprocess.Popen[str]]:
-    world.write_config()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "referral_watch",
-            "--config",
-            str(world.config_path),
-            "--log-format",
-            "json",
-            "run",
-            *extra,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ},
-    )
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.communicate(timeout=10)
-
-
 def fast(world: World, **server: str) -> None:
     world.extra = '[schedule]\ninterval = "1s"\njitter = "0s"\n'
     if server:
@@ -83,7 +53,7 @@ def get(url: str) -> tuple[int, bytes]:
 def test_daemon_alerts_new_leads_each_cycle_and_stops_on_sigterm(world: World) -> None:
     fast(world)
     world.add_lead(age=timedelta(hours=1), customer="First Inc")
-    with daemon(world) as process:
+    with world.daemon() as process:
         world.team.wait_for(1, timeout=15)
         world.add_lead(age=timedelta(hours=1), customer="Second Inc")
         world.team.wait_for(2, timeout=15)
@@ -95,7 +65,7 @@ def test_daemon_alerts_new_leads_each_cycle_and_stops_on_sigterm(world: World) -
 
 def test_a_second_instance_exits_3(world: World) -> None:
     fast(world)
-    with daemon(world) as first:
+    with world.daemon() as first:
         wait_until(lambda: world.state_path.exists(), what="the state file")
         time.sleep(0.5)
         second = subprocess.run(
@@ -115,7 +85,7 @@ def test_healthz_and_metrics_answer(world: World) -> None:
     port = free_port()
     fast(world, listen=f"127.0.0.1:{port}")
     world.add_lead(age=timedelta(days=13), customer="Metric Co")
-    with daemon(world) as process:
+    with world.daemon() as process:
         world.team.wait_for(1)
         wait_until(lambda: get(f"http://127.0.0.1:{port}/healthz")[0] == 200, what="/healthz 200")
         status, body = get(f"http://127.0.0.1:{port}/healthz")
@@ -155,7 +125,7 @@ def test_status_check_fails_when_no_poll_succeeded(world: World) -> None:
 def test_kill_9_and_restart_neither_loses_nor_repeats(world: World) -> None:
     fast(world)
     world.add_lead(age=timedelta(hours=1), customer="Before Kill")
-    with daemon(world) as process:
+    with world.daemon() as process:
         world.team.wait_for(1)
         # Kill once the delivery is recorded: a kill in the instant between the channel's
         # answer and that record repeats that one message, which the contract allows.
@@ -166,7 +136,7 @@ def test_kill_9_and_restart_neither_loses_nor_repeats(world: World) -> None:
         process.kill()  # SIGKILL: no chance to clean up
         process.wait(timeout=10)
     world.add_lead(age=timedelta(hours=1), customer="While Down")
-    with daemon(world) as process:
+    with world.daemon() as process:
         world.team.wait_for(2)
         time.sleep(2.5)  # a couple more cycles: nothing may repeat
         process.send_signal(signal.SIGTERM)
@@ -183,7 +153,7 @@ def test_a_wrong_token_gives_one_ops_alert_and_one_recovery(world: World) -> Non
         world.channels = {"ops": ops.json_url}
         world.extra += '[operations]\nnotify = ["ops"]\nafter_failures = 2\nrepeat = "1h"\n'
         world.sandbox.token = "the-right-one-is-elsewhere"
-        with daemon(world) as process:
+        with world.daemon() as process:
             ops.wait_for(1, timeout=20)
             failures_seen = len([r for r in world.sandbox.requests if r.path.endswith("referrals")])
             wait_until(
@@ -208,7 +178,7 @@ def test_sighup_reloads_the_config_and_keeps_the_old_one_when_the_new_is_bad(
     world: World,
 ) -> None:
     fast(world)
-    with WebhookReceiver() as extra, daemon(world) as process:
+    with WebhookReceiver() as extra, world.daemon() as process:
         world.add_lead(age=timedelta(hours=1), customer="Before Reload")
         world.team.wait_for(1)
         # a new channel for the "new" tier, picked up on SIGHUP without a restart

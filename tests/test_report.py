@@ -6,8 +6,6 @@ import csv
 import io
 import json
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -777,31 +775,12 @@ def test_the_daemon_catches_up_a_missed_report_at_start(world: World) -> None:
     world.write_config()
     with Store(world.state_path) as store:
         store.set_meta("report.daily.last", ts(now - 2 * D))
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "referral_watch",
-            "--config",
-            str(world.config_path),
-            "--log-format",
-            "json",
-            "run",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    with world.daemon() as process:
         world.managers.wait_for(1, timeout=20)
         world.team.wait_for(1, timeout=20)  # the poll ran too
         time.sleep(2.5)  # a few more cycles: the report does not repeat
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=10) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.communicate(timeout=10)
     reports = [b for b in world.managers.bodies if b["title"].startswith("Partner Center")]
     assert len(reports) == 1
     assert "Daemon Lead" in reports[0]["message"]
