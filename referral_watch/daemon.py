@@ -106,6 +106,7 @@ class Daemon:
         self._sender: Any = None
         self._scheduler: Any = None
         self._work = threading.Lock()  # one poll cycle or one report at a time
+        self._retired: list[Any] = []  # API clients replaced by a reload, closed when idle
         self._reports_checked = False
 
     # --- one cycle, as a scheduler job ---------------------------------------------------
@@ -130,6 +131,7 @@ class Daemon:
         return None
 
     def _cycle(self) -> CycleResult:
+        self._close_retired()
         if self._api is None:
             self._api = self.api_factory(self.config)
         if self._sender is None:
@@ -242,6 +244,21 @@ class Daemon:
         self.metrics.deliveries.labels(channel, "failed").inc()
         log.error("report.failed", report=name, channel=channel, error=error, retry="next cycle")
 
+    def close(self) -> None:
+        """Close the API clients, after the cycle in flight (if any) has finished."""
+        with self._work:
+            if self._api is not None:
+                self._retired.append(self._api)
+                self._api = None
+            self._close_retired()
+
+    def _close_retired(self) -> None:
+        for client in self._retired:
+            close = getattr(client, "close", None)
+            if close is not None:
+                close()
+        self._retired.clear()
+
     # --- health --------------------------------------------------------------------------
 
     def health(self) -> tuple[bool, dict[str, Any]]:
@@ -281,6 +298,7 @@ class Daemon:
             finally:
                 self._stop_server()
                 sd_notify("STOPPING=1")
+                self.close()
         log.info("daemon.stopped")
         return 0
 
@@ -341,6 +359,8 @@ class Daemon:
             log.error("config.reload_failed", problem="state.path cannot change while running")
             return
         self.config = config
+        if self._api is not None:
+            self._retired.append(self._api)  # a cycle may be using it right now
         self._api = None
         self._sender = None
         if self._scheduler is not None:

@@ -204,3 +204,33 @@ def test_sighup_reloads_the_config_and_keeps_the_old_one_when_the_new_is_bad(
         _, err = process.communicate(timeout=5)
     assert "config.reload_failed" in err
     assert "config.reloaded" in err
+
+
+def test_a_cycle_that_crashes_is_logged_and_the_next_one_runs(world: World) -> None:
+    """The loop survives a bug in one cycle (in-process: the scheduler's job function)."""
+    from referral_watch.auth import EnvTokenProvider
+    from referral_watch.config import load_config
+    from referral_watch.daemon import Daemon
+    from referral_watch.notify import Notifier
+    from referral_watch.partner_center import PartnerCenter
+
+    world.add_lead(age=timedelta(hours=1), customer="Survivor Ltd")
+    config = load_config(world.write_config())
+    calls = {"n": 0}
+
+    def flaky_api(cfg: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("a bug while building the client")
+        tokens = EnvTokenProvider("T", environ={"T": "sandbox-token"})
+        return PartnerCenter(config.partner_center, tokens)
+
+    daemon = Daemon(config, api_factory=flaky_api, sender_factory=lambda c: Notifier(c.channels))
+    assert daemon.cycle() is None  # crashed, logged, not raised
+    result = daemon.cycle()
+    daemon.close()
+    assert result is not None and result.ok
+    assert "Survivor Ltd" in world.team.bodies[0]["title"]
+    metrics = daemon.metrics.render().decode()
+    assert 'referral_watch_polls_total{result="error"} 1.0' in metrics
+    assert 'referral_watch_polls_total{result="ok"} 1.0' in metrics
