@@ -210,7 +210,7 @@ def _check_zone(value: str | None) -> str | None:
         return None
     try:
         ZoneInfo(value)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, TypeError):  # TypeError: not a string at all
         raise ValueError(
             f"{value!r} is not an IANA time zone (e.g. Europe/Amsterdam, UTC)"
         ) from None
@@ -220,7 +220,9 @@ def _check_zone(value: str | None) -> str | None:
 def _check_locale(value: str | None) -> str | None:
     if value is None:
         return None
-    if not re.fullmatch(r"[a-zA-Z]{2,3}([-_][a-zA-Z0-9]{2,8})*", value):
+    if not isinstance(value, str) or not re.fullmatch(
+        r"[a-zA-Z]{2,3}([-_][a-zA-Z0-9]{2,8})*", value
+    ):
         raise ValueError(f"{value!r} is not a locale such as en-US or nl-NL")
     return value
 
@@ -420,17 +422,21 @@ def _channel_references(raw: Mapping[str, Any]) -> Iterator[str]:
 
     policy = raw.get("policy") if isinstance(raw.get("policy"), dict) else {}
     assert isinstance(policy, dict)
-    for i, tier in enumerate(policy.get("tiers") or []):
+    for i, tier in enumerate(_items(policy.get("tiers"))):
         if isinstance(tier, dict):
             yield from check(tier.get("notify", []), f"policy.tiers[{i}].notify")
     for key in ("on_expired", "on_resolved"):
         yield from check(policy.get(key, []), f"policy.{key}")
-    for i, report in enumerate(raw.get("reports") or []):
+    for i, report in enumerate(_items(raw.get("reports"))):
         if isinstance(report, dict):
             yield from check(report.get("notify", []), f"reports[{i}].notify")
     operations = raw.get("operations")
     if isinstance(operations, dict):
         yield from check(operations.get("notify", []), "operations.notify")
+
+
+def _items(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []  # a non-list is reported by validation
 
 
 def _resolve_paths(data: dict[str, Any], base: Path) -> None:

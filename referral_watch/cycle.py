@@ -10,7 +10,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from referral_watch import ops, policy, render
+from referral_watch import ops, policy
 from referral_watch.config import Config
 from referral_watch.errors import ApiError, AuthError, ReferralWatchError
 from referral_watch.model import (
@@ -118,6 +118,9 @@ class Cycle:
         self._deliver(result)
         if result.poll_ok:
             self._heartbeat()
+            pruned = self.store.prune(now, self.config.state.keep_resolved)
+            if pruned:
+                log.info("state.pruned", leads=pruned)
         log.info(
             "cycle.done",
             ok=result.ok,
@@ -140,21 +143,24 @@ class Cycle:
     def _poll(self, now: datetime, result: CycleResult) -> None:
         """Poll, store and decide in one transaction: a failed poll changes no lead."""
         try:
-            with self.store.transaction():
-                stored = self.store.fingerprints() if self._stored_deadlines_current() else {}
-                seen: dict[str, int] = {}
-                for page in _prefetched(self.api.pages):
-                    result.fetched += len(page.records)
+            with self.store.transaction(), _Prefetch(self.api.pages) as pages:
+                # Fetching has begun: reading the stored texts overlaps the first request.
+                stored = self.store.fingerprints()
+                if not self._stored_deadlines_current():
+                    stored = {}  # re-read every record: the deadlines need computing again
+                seen = _Seen()
+                for page in pages:
                     fresh, again = self._changed(page, result, now, stored, seen)
-                    result.new += self.store.upsert(fresh, self._deadline, now)
+                    result.queued += self._store_fresh(fresh, now, result)
                     self.store.upsert(again, self._deadline, now)
-                self._conclude_absent(now, result)
+                self._conclude_absent(now, result, seen.ids)
                 self.store.mark_expired(now)
-                result.queued = self._decide(now)
+                result.queued += self._decide(now)
                 result.poll_ok = True
                 self.store.insert_poll(self._poll_record(now, result))
         except (ApiError, AuthError) as exc:
             result.poll_ok = False
+            result.queued = 0  # rolled back with the rest of the poll
             result.error = str(exc)
             result.needs_login = isinstance(exc, AuthError) and exc.needs_login
             log.error("poll.failed", error=str(exc), needs_login=result.needs_login)
@@ -174,39 +180,45 @@ class Cycle:
         page: Any,
         result: CycleResult,
         now: datetime,
-        stored: dict[str, int],
-        seen: dict[str, int],
+        stored: dict[int, str],
+        seen: _Seen,
     ) -> tuple[list[Referral], list[Referral]]:
         """The records of one page that need storing: (first seen in this poll, repeated).
 
         A watched lead whose record has the same text as the stored one is only marked seen:
-        no parsing, no rewriting. That is nearly every lead in a steady cycle.
+        no decoding, no parsing, no rewriting. That is nearly every lead in a steady cycle.
         """
-        records: list[Any] = page.records
         texts: list[str] | None = getattr(page, "texts", None)
-        if texts is not None and len(texts) != len(records):
-            texts = None
+        count = len(texts) if texts is not None else len(page.records)
+        result.fetched += count
         fresh: list[Referral] = []
         again: list[Referral] = []
-        unchanged: list[str] = []
-        for index, record in enumerate(records):
-            lead_id, raw = _identity(record, texts[index] if texts is not None else None)
-            if lead_id is None or raw is None:
+        for index in range(count):
+            record, raw = _record_and_text(page, texts, index)
+            if raw is None:
                 self._skip(record, result)
                 continue
             fingerprint = hash(raw)  # 64 bits: a false "unchanged" is not a practical risk
-            repeated = lead_id in seen
-            if repeated and seen[lead_id] == fingerprint:
-                log.info("poll.duplicate", lead=lead_id)  # paging shifted: already stored
+            if fingerprint in seen.texts:
+                log.info("poll.duplicate", lead=seen.texts[fingerprint])  # paging shifted
                 continue
-            seen[lead_id] = fingerprint
-            if not repeated and stored.get(lead_id) == fingerprint:
-                unchanged.append(lead_id)
+            known = stored.get(fingerprint)
+            if known is not None and known not in seen.ids:
+                seen.note(fingerprint, known)  # unchanged: nothing to store
                 continue
+            # (A stored text met after another copy of the lead rewrote it is stored again:
+            # the last copy in the poll wins, whatever it is.)
+            if record is _UNDECODED:
+                record = _decode(page, index)
+            lead_id = _lead_id(record)
+            if lead_id is None:
+                self._skip(record, result)
+                continue
+            repeated = lead_id in seen.ids
+            seen.note(fingerprint, lead_id)
             referral = self._parse(record, raw, result)
             if referral is not None:
                 (again if repeated else fresh).append(referral)
-        self.store.mark_seen(unchanged, now)
         return fresh, again
 
     def _parse(self, record: Any, raw: str | None, result: CycleResult) -> Referral | None:
@@ -225,6 +237,20 @@ class Cycle:
         if self._parse(record, None, result) is not None:  # it has an id: JSON was the problem
             result.malformed += 1
             log.error("referral.malformed", error="unreadable record (cannot be serialized)")
+
+    def _store_fresh(self, referrals: list[Referral], now: datetime, result: CycleResult) -> int:
+        """Store a page's new and changed leads, and decide at once for the new ones: a lead
+        first seen now has no history, silence or notice yet, so the referral in hand is all
+        the policy needs (no reading it back). Returns the number of rows to deliver."""
+        flags = self.store.upsert_each(referrals, self._deadline, now)
+        new = [
+            Lead(ref, self._deadline(ref), first_seen=now, last_seen=now)
+            for ref, is_new in zip(referrals, flags, strict=True)
+            if is_new
+        ]
+        result.new += len(new)
+        new.sort(key=lambda lead: lead.deadline)  # most urgent first, as _decide orders them
+        return self.store.record(policy.due_alerts(new, {}, self.config, now), now)
 
     def _decide(self, now: datetime) -> int:
         """Decide for the leads that may need an alert and write the decisions to the outbox.
@@ -256,9 +282,11 @@ class Cycle:
             needs_login=result.needs_login,
         )
 
-    def _conclude_absent(self, now: datetime, result: CycleResult) -> None:
+    def _conclude_absent(
+        self, now: datetime, result: CycleResult, seen: Collection[str] = ()
+    ) -> None:
         """After a complete poll: ask about each watched lead that was not in it."""
-        for lead_id in self.store.absent_since(now):
+        for lead_id in self.store.absent_since(now, seen=seen):
             try:
                 record = self.api.get(lead_id)
             except ApiError as exc:
@@ -302,6 +330,8 @@ class Cycle:
             return
         reason = result.error or ""
         log.warning("ops.event", ops_event=event, failures=failures, reason=reason)
+        from referral_watch import render  # Jinja2 and Babel: only when there is news
+
         for channel in self.config.operations.notify:
             message = render.render_ops(
                 event,
@@ -344,11 +374,11 @@ class Cycle:
         if jobs:
             self._send_all(jobs, result)
 
-    def _delivery_leads(self, rows: Sequence[PendingRow]) -> dict[str, Lead]:
+    def _delivery_leads(self, rows: Sequence[PendingRow]) -> Mapping[str, Lead]:
         """What delivery_batches needs to order and address the rows: outlines (no JSON read),
         and whole leads only where the recipients come from the lead (to_assignees)."""
         ids = {row.lead_id for row in rows if row.lead_id is not None}
-        leads = self.store.lead_outlines(ids)
+        outlines = self.store.lead_outlines(ids)
         assignees = {
             row.lead_id
             for row in rows
@@ -356,10 +386,9 @@ class Cycle:
             and (channel := self.config.channels.get(row.channel)) is not None
             and channel.to_assignees
         }
-        if assignees:
-            full = self.store.leads(include_resolved=True, ids=sorted(assignees))
-            leads.update((lead.id, lead) for lead in full)
-        return leads
+        for lead in self.store.leads(include_resolved=True, ids=sorted(assignees)):
+            outlines.whole[lead.id] = lead
+        return outlines
 
     def _send_all(self, jobs: dict[str, list[tuple[Batch, Message]]], result: CycleResult) -> None:
         """Send each channel's messages in order, channels side by side (at most
@@ -440,6 +469,8 @@ class Cycle:
         leads = ", ".join(batch.lead_ids[:5]) or "no lead"
         reason = f"channel {batch.channel}: {what} about {leads}: {error}"
         log.error("delivery.dropped", channel=batch.channel, reason=reason)
+        from referral_watch import render  # Jinja2 and Babel: only when there is news
+
         for channel in self.config.operations.notify:
             if channel == batch.channel:
                 continue
@@ -449,6 +480,8 @@ class Cycle:
             self.store.enqueue_message("ops", channel, message.title, message.body, now)
 
     def _message(self, batch: Batch, now: datetime) -> Message:
+        from referral_watch import render  # Jinja2 and Babel: only when there is news
+
         style = render.style_for(self.config, batch.channel)
         if not batch.lead_ids:
             title, body = self.store.message_text(batch.row_ids[0])
@@ -485,62 +518,90 @@ class _Failure:
     ok: bool = False
 
 
-def _identity(record: Any, text: str | None) -> tuple[str | None, str | None]:
-    """(the record's id, its JSON text): as served when known, else serialized canonically
-    (the same text parse_referral would store)."""
-    if not isinstance(record, dict):
-        return None, None
-    lead_id = record.get("id")
-    if not isinstance(lead_id, str) or not lead_id.strip():
-        return None, None
-    if text is not None:
-        return lead_id.strip(), text
+@dataclass
+class _Seen:
+    """What this poll has received so far: record texts (by hash) and lead ids."""
+
+    texts: dict[int, str] = field(default_factory=dict)
+    ids: set[str] = field(default_factory=set)
+
+    def note(self, fingerprint: int, lead_id: str) -> None:
+        self.texts[fingerprint] = lead_id
+        self.ids.add(lead_id)
+
+
+_UNDECODED = object()
+
+
+def _record_and_text(page: Any, texts: list[str] | None, index: int) -> tuple[Any, str | None]:
+    """(the record, or _UNDECODED when only its text is at hand; its JSON text, or None when
+    it has none). Pages from PartnerCenter carry texts; other sources are serialized
+    canonically (the same text parse_referral would store)."""
+    if texts is not None:
+        return _UNDECODED, texts[index]
+    record = page.records[index]
     try:
-        raw = json.dumps(record, separators=(",", ":"), sort_keys=True)
+        return record, json.dumps(record, separators=(",", ":"), sort_keys=True)
     except (ValueError, TypeError, RecursionError):
-        return lead_id.strip(), None
-    return lead_id.strip(), raw
+        return record, None
 
 
-_END = object()
-
-
-def _prefetched(pages: Callable[[], Iterable[Any]], depth: int = PREFETCH_PAGES) -> Iterator[Any]:
-    """The API's pages, with the next ones already being fetched on another thread while the
-    caller stores this one: a poll then takes about as long as the API itself.
-
-    An error on any page is raised here, in the caller's thread, after the pages before it.
-    """
-    ahead: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
-    halt = threading.Event()
-
-    def put(kind: str, item: Any) -> bool:
-        while not halt.is_set():
-            try:
-                ahead.put((kind, item), timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def fetch() -> None:
-        try:
-            for page in pages():
-                if not put("page", page):
-                    return
-            put("end", _END)
-        except BaseException as exc:  # handed to the caller, raised in its thread
-            put("error", exc)
-
-    threading.Thread(target=fetch, name="poll-prefetch", daemon=True).start()
+def _decode(page: Any, index: int) -> Any:
     try:
+        return page.record(index)
+    except (ValueError, RecursionError):
+        return None  # reported as malformed
+
+
+def _lead_id(record: Any) -> str | None:
+    lead_id = record.get("id") if isinstance(record, dict) else None
+    return lead_id.strip() if isinstance(lead_id, str) and lead_id.strip() else None
+
+
+class _Prefetch:
+    """The API's pages, with the next ones already being fetched on another thread while the
+    caller stores this one: a poll then takes about as long as the API itself. Fetching starts
+    on entering; leaving stops it after the request in flight.
+
+    An error on any page is raised in the caller's thread, after the pages before it.
+    """
+
+    def __init__(self, pages: Callable[[], Iterable[Any]], depth: int = PREFETCH_PAGES) -> None:
+        self._pages = pages
+        self._ahead: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+        self._halt = threading.Event()
+
+    def __enter__(self) -> Iterator[Any]:
+        threading.Thread(target=self._fetch, name="poll-prefetch", daemon=True).start()
+        return self._received()
+
+    def __exit__(self, *exc: object) -> None:
+        self._halt.set()
+
+    def _received(self) -> Iterator[Any]:
         while True:
-            kind, item = ahead.get()
+            kind, item = self._ahead.get()
             if kind == "page":
                 yield item
             elif kind == "error":
                 raise item
             else:
                 return
-    finally:
-        halt.set()  # the fetcher stops after the request in flight
+
+    def _fetch(self) -> None:
+        try:
+            for page in self._pages():
+                if not self._put("page", page):
+                    return
+            self._put("end", None)
+        except BaseException as exc:  # handed to the caller, raised in its thread
+            self._put("error", exc)
+
+    def _put(self, kind: str, item: Any) -> bool:
+        while not self._halt.is_set():
+            try:
+                self._ahead.put((kind, item), timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False

@@ -149,10 +149,9 @@ class Daemon:
         if self.last_success:
             self.metrics.last_success.set(self.last_success.timestamp())
         self.metrics.backlog.set(store.backlog())
-        leads = store.leads()
-        self.metrics.watched.set(len(leads))
-        if leads:
-            soonest = min(lead.deadline for lead in leads)
+        watched, soonest = store.watched_summary()
+        self.metrics.watched.set(watched)
+        if soonest is not None:
             self.metrics.most_urgent.set((soonest - self.clock()).total_seconds())
 
     # --- scheduled reports -----------------------------------------------------------------

@@ -9,6 +9,7 @@ No I/O and no clock: ``now`` is always an argument, so every rule can be tested 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
@@ -63,20 +64,28 @@ def due_alerts(
     return alerts
 
 
-def tier_points(config: Config, now: datetime) -> list[tuple[str, str, datetime, bool]]:
-    """(channel, tier name, cutoff, repeats) for every tier and each channel it notifies.
+def tier_points(config: Config, now: datetime) -> list[tuple[str, str, datetime, datetime | None]]:
+    """(channel, tier name, cutoff, repeat_after) for every tier and each channel it notifies.
 
     The tier is due for a lead whose deadline is at or before the cutoff (time left <=
-    remaining). A watched lead for which every due (channel, tier) already has an outbox row,
-    none of them repeating, gets nothing from ``due_alerts``: the store uses these points to
-    skip such leads without reading them (``Store.policy_candidates``).
+    remaining). A repeating tier is due again only when no copy that was not skipped is newer
+    than repeat_after (now - repeat); it is None for a tier that does not repeat. A watched
+    lead for which every due (channel, tier) already has an outbox row, and no repeat is due,
+    gets nothing from ``due_alerts``: the store uses these points to skip such leads without
+    reading them (``Store.policy_candidates``).
     """
     now = _aware(now)
     return [
-        (channel, tier.name, now + tier.remaining, tier.repeat is not None and tier.repeat > _ZERO)
+        (channel, tier.name, now + tier.remaining, _repeat_after(tier, now))
         for tier in config.policy.tiers
         for channel in _unique(tier.notify)
     ]
+
+
+def _repeat_after(tier: TierConfig, now: datetime) -> datetime | None:
+    if tier.repeat is None or tier.repeat <= _ZERO:
+        return None
+    return now - tier.repeat
 
 
 def current_tier(lead: Lead, config: Config, now: datetime) -> TierConfig | None:
@@ -382,14 +391,19 @@ def _fold_superseded(
 ) -> tuple[list[PendingRow], dict[int, list[int]]]:
     """Pick the row that speaks for each (lead, channel): the first notice if one is pending,
     else the most severe tier. Returns those heads (in row order) and head id -> rider ids."""
+    # Only targets with several rows can fold; a first cycle has tens of thousands of rows,
+    # nearly all alone, so count first and keep lists for the few that are not.
+    counts = Counter((row.lead_id, row.channel) for row in rows if row.lead_id is not None)
+    tier_targets = {
+        (row.lead_id, row.channel)
+        for row in rows
+        if row.lead_id is not None and row.kind == TIER and counts[(row.lead_id, row.channel)] > 1
+    }
     by_target: dict[tuple[str, str], list[PendingRow]] = {}
     for row in rows:
-        if row.lead_id is not None and row.kind == TIER:
-            by_target.setdefault((row.lead_id, row.channel), [])
-    for row in rows:
-        if row.lead_id is not None and (row.lead_id, row.channel) in by_target:
-            by_target[(row.lead_id, row.channel)].append(row)
-    riders: dict[int, list[int]] = {row.id: [] for row in rows}
+        if row.lead_id is not None and (row.lead_id, row.channel) in tier_targets:
+            by_target.setdefault((row.lead_id, row.channel), []).append(row)
+    riders: dict[int, list[int]] = {}
     folded: set[int] = set()
     for group in by_target.values():
         tiers = [row for row in group if row.kind == TIER]
@@ -397,7 +411,7 @@ def _fold_superseded(
         head = notices[0] if notices else max(tiers, key=lambda r: (_severity(policy, r), r.id))
         for row in tiers:
             if row is not head:
-                riders[head.id].append(row.id)
+                riders.setdefault(head.id, []).append(row.id)
                 folded.add(row.id)
     return [row for row in rows if row.id not in folded], riders
 
@@ -422,8 +436,10 @@ def _held(row: PendingRow, config: Config, now: datetime, quiet: dict[str, bool]
 def _recipients(row: PendingRow, leads: Mapping[str, Lead], config: Config) -> tuple[str, ...]:
     """For to_assignees channels the lead's team; () means the URL's own recipients."""
     channel = config.channels.get(row.channel)
-    lead = leads.get(row.lead_id) if row.lead_id is not None else None
-    if channel is None or not channel.to_assignees or lead is None:
+    if channel is None or not channel.to_assignees or row.lead_id is None:
+        return ()
+    lead = leads.get(row.lead_id)
+    if lead is None:
         return ()
     return tuple(sorted(set(lead.referral.team_emails), key=lambda email: (email.lower(), email)))
 

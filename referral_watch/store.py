@@ -7,7 +7,7 @@ Times are stored as ISO-8601 UTC strings of one fixed width, so text order is ti
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -174,14 +174,22 @@ class Store:
             raise StateError(_explain(self.path, exc)) from None
         try:
             yield self.db
+        except sqlite3.DatabaseError as exc:  # e.g. the disk filled up mid-poll
+            self._rollback()
+            raise StateError(_explain(self.path, exc)) from None
         except BaseException:
-            self.db.execute("ROLLBACK")
+            self._rollback()
             raise
         try:
             self.db.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
-            self.db.execute("ROLLBACK")
+            self._rollback()
             raise StateError(_explain(self.path, exc)) from None
+
+    def _rollback(self) -> None:
+        # SQLite may already have rolled back by itself (SQLITE_FULL, SQLITE_IOERR ...).
+        if self.db.in_transaction:
+            self.db.execute("ROLLBACK")
 
     # --- leads --------------------------------------------------------------------------
 
@@ -189,8 +197,15 @@ class Store:
         self, referrals: Iterable[Referral], deadline: Callable[[Referral], datetime], now: datetime
     ) -> int:
         """Store a page of the poll; returns how many were new. Call inside transaction()."""
+        return sum(self.upsert_each(referrals, deadline, now))
+
+    def upsert_each(
+        self, referrals: Iterable[Referral], deadline: Callable[[Referral], datetime], now: datetime
+    ) -> list[bool]:
+        """Store a page of the poll; for each referral, whether it was new (first seen now).
+        Call inside transaction()."""
         seen = ts(now)
-        new = 0
+        new: list[bool] = []
         for ref in referrals:
             cursor = self.db.execute(
                 """INSERT INTO leads (id, raw, customer, created, deadline, substatus,
@@ -213,17 +228,17 @@ class Store:
                     seen,
                 ),
             )
-            if cursor.fetchone()[0] == seen:
-                new += 1
+            new.append(cursor.fetchone()[0] == seen)
         return new
 
-    def absent_since(self, moment: datetime) -> list[str]:
-        """Watched leads that the poll which started at `moment` did not return."""
+    def absent_since(self, moment: datetime, *, seen: Collection[str] = ()) -> list[str]:
+        """Watched leads that the poll which started at `moment` did not return: not stored by
+        it, and not in `seen` (the leads it found unchanged and so did not rewrite)."""
         rows = self.db.execute(
             "SELECT id FROM leads WHERE resolution IS NULL AND last_seen < ? ORDER BY deadline",
             (ts(moment),),
         )
-        return [row[0] for row in rows]
+        return [row[0] for row in rows if row[0] not in seen]
 
     def refresh(self, referral: Referral, deadline: datetime) -> None:
         """A by-id fetch found the lead still waiting: keep its data current."""
@@ -305,10 +320,10 @@ class Store:
         found = self.leads(include_resolved=True, ids=[lead_id])
         return found[0] if found else None
 
-    def lead_outlines(self, ids: Iterable[str]) -> dict[str, Lead]:
+    def lead_outlines(self, ids: Iterable[str]) -> LeadOutlines:
         """Leads with only id, customer, created, deadline and resolution filled in, without
         reading their stored JSON: enough to order and group outbox rows, never to render."""
-        out: dict[str, Lead] = {}
+        outlines = LeadOutlines()
         for chunk in _chunks(list(ids)):
             marks = ",".join("?" * len(chunk))
             rows = self.db.execute(
@@ -316,35 +331,20 @@ class Store:
                 f"FROM leads WHERE id IN ({marks})",
                 chunk,
             )
-            for lead_id, customer, created, deadline, first, last, resolution in rows:
-                outline = Referral(
-                    id=lead_id, name="", customer=customer, created=datetime.fromisoformat(created)
-                )
-                out[lead_id] = Lead(
-                    referral=outline,
-                    deadline=datetime.fromisoformat(deadline),
-                    first_seen=datetime.fromisoformat(first),
-                    last_seen=datetime.fromisoformat(last),
-                    resolution=resolution,
-                )
-        return out
+            for row in rows:
+                outlines.rows[row[0]] = tuple(row)
+        return outlines
 
-    def fingerprints(self) -> dict[str, int]:
-        """hash() of the stored record of every watched lead, by id: a poll compares what it
-        receives against these to skip the leads that did not change (same process only)."""
+    def fingerprints(self) -> dict[int, str]:
+        """The watched leads' ids by hash() of their stored record text. A poll looks up what
+        it receives in this to recognise unchanged leads without decoding them (the hashes are
+        valid in this process only)."""
         rows = self.db.execute("SELECT id, raw FROM leads WHERE resolution IS NULL")
-        return {lead_id: hash(raw) for lead_id, raw in rows}
-
-    def mark_seen(self, lead_ids: Sequence[str], now: datetime) -> None:
-        """The poll returned these watched leads unchanged. Call inside transaction()."""
-        seen = ts(now)
-        self.db.executemany(
-            "UPDATE leads SET last_seen = ? WHERE id = ?", [(seen, lead_id) for lead_id in lead_ids]
-        )
+        return {hash(raw): lead_id for lead_id, raw in rows}
 
     def policy_candidates(
         self,
-        points: Sequence[tuple[str, str, datetime, bool]],
+        points: Sequence[tuple[str, str, datetime, datetime | None]],
         now: datetime,
         *,
         expired_notices: bool = True,
@@ -353,29 +353,36 @@ class Store:
         """Ids of the leads the policy may have something to say about at ``now``, most urgent
         first: a superset of those ``policy.due_alerts`` returns alerts for.
 
-        ``points`` are (channel, tier, cutoff, repeats) from ``policy.tier_points``: a tier is
-        due for a lead when its deadline <= cutoff. A watched lead is a candidate when a due
-        tier has no outbox row yet for that channel, or repeats. Every other lead has heard
-        everything due, so the steady cycle reads (and parses) none of them.
+        ``points`` are (channel, tier, cutoff, repeat_after) from ``policy.tier_points``: the
+        tier is due for a lead whose deadline <= cutoff. A watched lead is a candidate when a due
+        tier has no outbox row yet for that channel, or the tier repeats and no row of it that
+        was not skipped is newer than repeat_after. Every other lead has heard all that is due,
+        so a steady cycle reads (and parses) none of them.
         """
-        points = list(points) or [("", "", datetime.min.replace(tzinfo=UTC), False)]
+        points = list(points) or [("", "", datetime.min.replace(tzinfo=UTC), None)]
         values = ",".join("(?, ?, ?, ?)" for _ in points)
         params: list[Any] = [
             value
-            for channel, tier, cutoff, repeats in points
-            for value in (channel, tier, ts(cutoff), int(repeats))
+            for channel, tier, cutoff, repeat_after in points
+            for value in (channel, tier, ts(cutoff), ts(repeat_after) if repeat_after else None)
         ]
         moment = ts(now)
         params += [moment, int(expired_notices), moment, int(resolved_notices)]
         rows = self.db.execute(
-            f"""WITH points (channel, tier, cutoff, repeats) AS (VALUES {values})
+            f"""WITH points (channel, tier, cutoff, repeat_after) AS (VALUES {values})
                 SELECT l.id FROM leads l
                 WHERE (l.resolution IS NULL AND l.deadline >= ? AND EXISTS (
                          SELECT 1 FROM points p
-                         WHERE l.deadline <= p.cutoff AND (p.repeats OR NOT EXISTS (
+                         WHERE l.deadline <= p.cutoff AND (
+                           NOT EXISTS (
                              SELECT 1 FROM outbox o
                              WHERE o.lead_id = l.id AND o.channel = p.channel
-                               AND o.kind = 'tier' AND o.tier = p.tier))))
+                               AND o.kind = 'tier' AND o.tier = p.tier)
+                           OR (p.repeat_after IS NOT NULL AND NOT EXISTS (
+                             SELECT 1 FROM outbox o
+                             WHERE o.lead_id = l.id AND o.channel = p.channel
+                               AND o.kind = 'tier' AND o.tier = p.tier
+                               AND o.state != 'skipped' AND o.created > p.repeat_after)))))
                    OR (? AND l.expired_notified = 0
                        AND ((l.resolution IS NULL AND l.deadline < ?)
                             OR l.resolution = 'expired'))
@@ -519,8 +526,19 @@ class Store:
             "SELECT id, lead_id, kind, channel, tier, created, attempts FROM outbox "
             "WHERE state = 'pending' ORDER BY id"
         )
+        # Channel, kind and tier repeat on every row: share one string each (a first cycle
+        # has tens of thousands of rows).
+        same: dict[Any, Any] = {}
         return [
-            PendingRow(r[0], r[1], r[2], r[3], r[4], datetime.fromisoformat(r[5]), r[6])
+            PendingRow(
+                r[0],
+                r[1],
+                same.setdefault(r[2], r[2]),
+                same.setdefault(r[3], r[3]),
+                same.setdefault(r[4], r[4]),
+                datetime.fromisoformat(r[5]),
+                r[6],
+            )
             for r in rows
             if kinds is None or r[2] in kinds
         ]
@@ -567,6 +585,13 @@ class Store:
     def row_summary(self, row_id: int) -> dict[str, Any]:
         row = self.db.execute("SELECT * FROM outbox WHERE id = ?", (row_id,)).fetchone()
         return dict(row) if row else {}
+
+    def watched_summary(self) -> tuple[int, datetime | None]:
+        """How many leads are watched, and the earliest deadline among them (for metrics)."""
+        count, soonest = self.db.execute(
+            "SELECT count(*), min(deadline) FROM leads WHERE resolution IS NULL"
+        ).fetchone()
+        return int(count), from_ts(soonest)
 
     def backlog(self) -> int:
         return int(
@@ -639,6 +664,35 @@ class Store:
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (key, value),
             )
+
+
+class LeadOutlines(Mapping[str, Lead]):
+    """Lead outlines by id, built on each lookup from their columns: a first cycle delivers
+    tens of thousands of rows, and a Lead object for each at once would weigh ten times more."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, tuple[Any, ...]] = {}
+        self.whole: dict[str, Lead] = {}  # whole leads given instead of outlines
+
+    def __getitem__(self, lead_id: str) -> Lead:
+        if lead_id in self.whole:
+            return self.whole[lead_id]
+        _, customer, created, deadline, first, last, resolution = self.rows[lead_id]
+        return Lead(
+            referral=Referral(
+                id=lead_id, name="", customer=customer, created=datetime.fromisoformat(created)
+            ),
+            deadline=datetime.fromisoformat(deadline),
+            first_seen=datetime.fromisoformat(first),
+            last_seen=datetime.fromisoformat(last),
+            resolution=resolution,
+        )
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
 
 
 def _chunks(items: Sequence[str], size: int = 500) -> list[Sequence[str]]:
@@ -719,6 +773,11 @@ class InstanceLock:
             raise LockedError(
                 f"another referral-watch process holds the state lock {self.path}: "
                 "stop it first (only one instance may use a state file)"
+            ) from None
+        except OSError as exc:  # e.g. a read-only file system: the lock file cannot be made
+            raise StateError(
+                f"cannot create the state lock {self.path} ({exc.strerror or exc}): "
+                "give the service user write access to the state folder"
             ) from None
 
     def release(self) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from referral_watch import cli
 from referral_watch.sandbox import Sandbox, make_referral
@@ -68,6 +69,7 @@ class World:
     policy: str = 'on_expired = ["managers"]\non_resolved = ["team"]\n'
     tiers: str = TIERS
     channels: dict[str, str] = field(default_factory=dict)
+    state: str = ""  # more [state] keys
     auth: str = f'method = "env"\ntoken_env = "{TOKEN_ENV}"'
 
     @property
@@ -99,6 +101,7 @@ timeout = "5s"
 
 [state]
 path = "{self.state_path}"
+{self.state}
 
 [policy]
 {self.policy}
@@ -158,6 +161,13 @@ path = "{self.state_path}"
         record = make_referral(created=created, **fields)
         self.sandbox.add(record)
         return str(record["id"])
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logging() -> Iterator[None]:
+    """Each test starts with structlog's defaults, whatever the previous test configured."""
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture

@@ -232,3 +232,19 @@ def test_check_config_reports_a_bad_report_schedule(world: World) -> None:
     outcome = world.cli("check-config")
     assert outcome.code == 2
     assert "reports[0].schedule" in outcome.err
+
+
+def test_resolved_leads_are_forgotten_after_keep_resolved(world: World) -> None:
+    import time
+
+    world.state = 'keep_resolved = "1s"'
+    lead = world.add_lead(age=timedelta(days=1), customer="Old News")
+    keeper = world.add_lead(age=timedelta(days=1), customer="Still Waiting")
+    world.cli("run", "--once")
+    world.sandbox.update(lead, substatus="Declined", status="Closed")
+    world.cli("run", "--once")
+    assert len(world.cli("status", "--json", "--all").json()) == 2
+    time.sleep(1.1)
+    world.cli("run", "--once")
+    remaining = world.cli("status", "--json", "--all").json()
+    assert [entry["id"] for entry in remaining] == [keeper]

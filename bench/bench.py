@@ -1,0 +1,377 @@
+"""`make bench`: one poll cycle against the sandbox over real HTTP, at several sizes.
+
+For each size a sandbox Partner Center (20 ms injected delay per page, pages of 100) and two
+json:// receivers run in this process; the cycle runs as `run --once` in a fresh subprocess
+(bench/worker.py), so its CPU time and peak RSS are its own (os.wait4 gives the child's CPU
+time; the child reports its own peak RSS). Three cycles per size: the first (every lead new,
+digests go out), a steady one (the same leads again, nothing changed), then a churn one (1% of
+the leads edited, 0.1% new: what a 15-minute interval brings; reported, no target).
+
+Figures, per cycle:
+  wall     the subprocess from spawn to exit
+  start    spawn until the cycle begins (interpreter, CLI module, config)
+  server   time the sandbox spent answering (its own handler time, the 20 ms delays included)
+  ratio    (wall - start) / server: what the client adds on top of the API's own time
+  cpu      the subprocess's CPU time after start; us/lead = cpu / leads
+  rss      the subprocess's peak resident set size (its VmHWM: a child's ru_maxrss starts
+           from the parent's size at fork, and this parent holds the sandbox's data)
+  msgs     messages that reached the channels (team + managers)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from receiver import Sink
+
+from referral_watch import sandbox as sandbox_module
+from referral_watch.sandbox import Sandbox, make_referral
+
+HERE = Path(__file__).resolve().parent
+TOKEN_ENV = "RW_BENCH_TOKEN"
+TOKEN = "bench-token"
+PAGE_DELAY = 0.02
+SIZES = (5_000, 20_000, 50_000)
+TARGET_SIZE = 20_000
+
+# Targets (at TARGET_SIZE leads).
+STEADY_RATIO = 1.25
+FIRST_RATIO = 2.0
+STEADY_CPU_US = 50.0
+RSS_MIB = 150.0
+MAX_DIGESTS = 10  # "a handful of messages" per channel in the first cycle
+
+CONFIG = """
+[partner_center]
+base_url = "{base_url}"
+page_size = 100
+timeout = "30s"
+
+[auth]
+method = "env"
+token_env = "{token_env}"
+
+[state]
+path = "{state}"
+
+[policy]
+on_expired = ["managers"]
+on_resolved = ["team"]
+
+[[policy.tiers]]
+name = "new"
+remaining = "14d"
+notify = ["team"]
+
+[[policy.tiers]]
+name = "reminder"
+remaining = "7d"
+notify = ["team"]
+
+[[policy.tiers]]
+name = "urgent"
+remaining = "2d"
+notify = ["team", "managers"]
+
+[[policy.tiers]]
+name = "final"
+remaining = "12h"
+notify = ["team", "managers"]
+repeat = "4h"
+bypass_quiet = true
+
+[channels]
+team = "{team}"
+managers = "{managers}"
+"""
+
+
+# --- the server's own time ----------------------------------------------------------------
+
+
+class ServerClock:
+    """Adds up the time the sandbox's handler threads spend answering requests."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.requests = 0
+        self._lock = threading.Lock()
+
+    def add(self, seconds: float) -> None:
+        with self._lock:
+            self.seconds += seconds
+            self.requests += 1
+
+    def reading(self) -> tuple[float, int]:
+        with self._lock:
+            return self.seconds, self.requests
+
+
+SERVER = ServerClock()
+
+
+def _instrument() -> None:
+    handler: Any = sandbox_module._Handler
+    original = handler.do_GET
+
+    def timed(self: Any) -> None:
+        began = time.perf_counter()
+        try:
+            original(self)
+        finally:
+            SERVER.add(time.perf_counter() - began)
+
+    handler.do_GET = timed
+
+
+# --- data ----------------------------------------------------------------------------------
+
+
+# Ages at which a lead reaches a tier (reminder, urgent, final and its 4-hourly repeats).
+_STEPS = tuple(
+    timedelta(hours=h) for h in (7 * 24, 12 * 24, 13 * 24 + 12, 13 * 24 + 16, 13 * 24 + 20)
+)
+_CLEAR = timedelta(minutes=15)
+
+
+def _age(n: int, count: int) -> timedelta:
+    """Ages spread evenly over 14 days, but none within 15 minutes of a tier step: nothing is
+    due in the steady cycle (the churn cycle adds what a real 15-minute interval brings)."""
+    age = (timedelta(days=14) - timedelta(hours=1)) * (n / count) + timedelta(minutes=1)
+    for step in _STEPS:
+        if abs(age - step) < _CLEAR:
+            age = step - _CLEAR if age < step else step + _CLEAR
+    return age
+
+
+def leads(count: int, now: datetime, first: int = 0) -> Iterator[dict[str, Any]]:
+    """Waiting incoming leads created over the last 14 days (none expired yet); with
+    ``first`` > 0, leads that arrived in the last few minutes."""
+    customers = ("Fabrikam", "Northwind Traders", "Contoso Pharma", "Adventure Works", "Tailspin")
+    for n in range(first, first + count):
+        age = _age(n, count) if not first else timedelta(minutes=1 + n % 10)
+        team = [{"email": f"seller{n % 40}@example.com", "firstName": "Sam", "lastName": "Seller"}]
+        yield make_referral(
+            id=f"00000000-0000-4000-8000-{n:012d}",
+            customer=f"{customers[n % len(customers)]} #{n}",
+            created=now - age,
+            country=("US", "NL", "BE", "DE", "GB")[n % 5],
+            deal_value=1000 * (1 + n % 97),
+            team=team if n % 3 == 0 else None,
+        )
+
+
+# --- one cycle -----------------------------------------------------------------------------
+
+
+@dataclass
+class Figures:
+    size: int
+    cycle: str
+    wall: float
+    start: float
+    server: float
+    pages: int
+    cpu: float
+    rss_mib: float
+    messages: dict[str, int]
+    fetched: int
+    ok: bool
+    page_reader: str
+
+    @property
+    def ratio(self) -> float:
+        return (self.wall - self.start) / self.server if self.server else float("inf")
+
+    @property
+    def cpu_us_per_lead(self) -> float:
+        return self.cpu / self.size * 1e6
+
+
+def run_cycle(size: int, name: str, config: Path, work: Path, sinks: dict[str, Sink]) -> Figures:
+    out = work / f"{name}.json"
+    log = work / f"{name}.log"
+    before_server, before_requests = SERVER.reading()
+    before_msgs = {channel: sink.count() for channel, sink in sinks.items()}
+    env = {**os.environ, TOKEN_ENV: TOKEN}
+    began = time.time()
+    with log.open("wb") as stderr:
+        child = subprocess.Popen(
+            [sys.executable, str(HERE / "worker.py"), str(config), str(out)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+        _, status, usage = os.wait4(child.pid, 0)
+    ended = time.time()
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        sys.exit(f"the {name} cycle at {size} leads failed; see {log}")
+    time.sleep(0.05)  # let the receivers finish counting the last message
+    report = json.loads(out.read_text())
+    server, requests = SERVER.reading()
+    return Figures(
+        size=size,
+        cycle=name,
+        wall=ended - began,
+        start=report["ready"] - began,
+        server=server - before_server,
+        pages=requests - before_requests,
+        cpu=usage.ru_utime + usage.ru_stime - report["ready_cpu"],
+        rss_mib=(report["peak_rss_kib"] or usage.ru_maxrss) / 1024,
+        messages={ch: sink.count() - before_msgs[ch] for ch, sink in sinks.items()},
+        fetched=int(report["fetched"]),
+        ok=bool(report["ok"]),
+        page_reader=str(report["page_reader"]),
+    )
+
+
+def measure(size: int) -> list[Figures]:
+    now = datetime.now(UTC)
+    with (
+        tempfile.TemporaryDirectory(prefix="rw-bench-") as tmp,
+        Sandbox(leads(size, now), token=TOKEN, page_delay=PAGE_DELAY) as api,
+        Sink() as team,
+        Sink() as managers,
+    ):
+        work = Path(tmp)
+        config = work / "referral-watch.toml"
+        config.write_text(
+            CONFIG.format(
+                base_url=api.base_url,
+                token_env=TOKEN_ENV,
+                state=work / "state.db",
+                team=team.url,
+                managers=managers.url,
+            )
+        )
+        sinks = {"team": team, "managers": managers}
+        rows = [run_cycle(size, name, config, work, sinks) for name in ("first", "steady")]
+        _churn(api, size, now)
+        rows.append(run_cycle(size, "churn", config, work, sinks))
+        return rows
+
+
+def _churn(api: Sandbox, size: int, now: datetime) -> None:
+    """What a 15-minute interval brings: 1% of the leads edited, 0.1% new ones."""
+    for n in range(0, size, 100):
+        lead_id = f"00000000-0000-4000-8000-{n:012d}"
+        record = api.get_record(lead_id)
+        if record is not None:
+            details = {**record["details"], "notes": f"Edited during the benchmark ({n})."}
+            api.update(lead_id, details=details)
+    api.add(*leads(size // 1000, now, first=size))
+
+
+# --- report --------------------------------------------------------------------------------
+
+
+def table(rows: list[Figures]) -> str:
+    head = (
+        f"| {'leads':>6} | {'cycle':<6} | {'wall s':>6} | {'start s':>7} | {'server s':>8} "
+        f"| {'ratio':>5} | {'cpu s':>5} | {'cpu us/lead':>11} | {'peak RSS MiB':>12} "
+        f"| {'msgs (team+mgrs)':>16} |"
+    )
+    rule = "|" + "|".join("-" * (len(part)) for part in head.split("|")[1:-1]) + "|"
+    lines = [head, rule]
+    for r in rows:
+        msgs = f"{r.messages.get('team', 0)}+{r.messages.get('managers', 0)}"
+        lines.append(
+            f"| {r.size:>6} | {r.cycle:<6} | {r.wall:>6.2f} | {r.start:>7.2f} | {r.server:>8.2f} "
+            f"| {r.ratio:>5.2f} | {r.cpu:>5.2f} | {r.cpu_us_per_lead:>11.1f} "
+            f"| {r.rss_mib:>12.1f} | {msgs:>16} |"
+        )
+    return "\n".join(lines)
+
+
+def verdicts(rows: list[Figures]) -> list[tuple[bool, str]]:
+    by = {(r.size, r.cycle): r for r in rows}
+    first, steady = by.get((TARGET_SIZE, "first")), by.get((TARGET_SIZE, "steady"))
+    checks: list[tuple[bool, str]] = []
+    if first and steady:
+        n = f"{TARGET_SIZE:,}"
+        checks += [
+            (steady.ratio <= STEADY_RATIO, f"steady ratio {steady.ratio:.2f} <= {STEADY_RATIO}"),
+            (first.ratio <= FIRST_RATIO, f"first cycle ratio {first.ratio:.2f} <= {FIRST_RATIO}"),
+            (
+                steady.cpu_us_per_lead <= STEADY_CPU_US,
+                f"steady CPU {steady.cpu_us_per_lead:.1f} us/lead <= {STEADY_CPU_US:.0f}",
+            ),
+            (
+                max(first.rss_mib, steady.rss_mib) <= RSS_MIB,
+                f"peak RSS {max(first.rss_mib, steady.rss_mib):.1f} MiB <= {RSS_MIB:.0f} at {n}",
+            ),
+        ]
+        digests = first.messages
+        checks.append(
+            (
+                all(0 < count <= MAX_DIGESTS for count in digests.values()),
+                f"first cycle's {n} alerts reach each channel as digests: "
+                + ", ".join(f"{ch} {count} messages" for ch, count in digests.items()),
+            )
+        )
+    checks += _linear(rows)
+    for r in rows:
+        if not r.ok or r.fetched < r.size:
+            checks.append((False, f"{r.size} {r.cycle}: fetched {r.fetched}, ok={r.ok}"))
+    return checks
+
+
+def _linear(rows: list[Figures]) -> list[tuple[bool, str]]:
+    """Peak RSS grows no faster than linearly: the per-lead cost of the step from the middle
+    size to the largest is at most the one from the smallest to the middle (plus noise)."""
+    peak: dict[int, float] = {}
+    for r in rows:
+        peak[r.size] = max(peak.get(r.size, 0.0), r.rss_mib)
+    sizes = sorted(peak)
+    if len(sizes) < 3:
+        return []
+    low, mid, high = sizes[0], sizes[len(sizes) // 2], sizes[-1]
+    before = (peak[mid] - peak[low]) / (mid - low) * 1024  # KiB per lead
+    after = (peak[high] - peak[mid]) / (high - mid) * 1024
+    ok = after <= max(before * 1.5, before + 0.5)  # 0.5 KiB/lead of slack for noise
+    return [
+        (
+            ok,
+            f"RSS grows linearly or slower: {before:.2f} KiB/lead ({low:,}->{mid:,}), "
+            f"{after:.2f} KiB/lead ({mid:,}->{high:,})",
+        )
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    args = parser.parse_args(argv)
+    _instrument()
+    rows: list[Figures] = []
+    for size in sorted(args.sizes):
+        print(f"... {size:,} leads", file=sys.stderr, flush=True)
+        rows.extend(measure(size))
+    print(table(rows))
+    readers = sorted({r.page_reader for r in rows})
+    print(f"\npages read with: {', '.join(readers)}", end="")
+    print("" if readers == ["msgspec"] else " (pip install msgspec: the targets assume it)")
+    print()
+    checks = verdicts(rows)
+    if TARGET_SIZE not in args.sizes:
+        print(f"(the targets are judged at {TARGET_SIZE:,} leads)")
+    for ok, text in checks:
+        print(f"{'met   ' if ok else 'MISSED'} {text}")
+    return 0 if all(ok for ok, _ in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""One `run --once` cycle in a fresh process, timed from the inside.
+
+Started by bench.py with: worker.py CONFIG OUT. Writes a JSON object to OUT: when the process was
+ready to start the cycle (after the interpreter, the CLI module and the config loaded), the CPU
+time used up to then, and the cycle's own result.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _peak_rss_kib() -> int | None:
+    """This process's own peak RSS (VmHWM). ru_maxrss is no good here: the kernel carries the
+    parent's size at fork over into the child's, and the parent holds the sandbox's data."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _page_reader() -> str:
+    from referral_watch import partner_center
+
+    return "msgspec" if partner_center._RAW_PAGE is not None else "standard library"
+
+
+def main() -> None:
+    config_path, out = Path(sys.argv[1]), Path(sys.argv[2])
+    from referral_watch import cli, logs
+    from referral_watch.config import load_config
+
+    logs.configure("json", 0)
+    config = load_config(config_path)
+    ready, ready_cpu = time.time(), _cpu()
+    result = cli.run_once(config)  # the same function `referral-watch run --once` calls
+    done = time.time()
+    peak = _peak_rss_kib()
+    out.write_text(
+        json.dumps(
+            {
+                "ready": ready,
+                "ready_cpu": ready_cpu,
+                "done": done,
+                "peak_rss_kib": peak,
+                "page_reader": _page_reader(),
+                "ok": result.ok,
+                "fetched": result.fetched,
+                "new": result.new,
+                "queued": result.queued,
+                "delivered": result.delivered,
+                "failed": result.failed,
+                "error": result.error,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
