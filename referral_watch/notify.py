@@ -6,12 +6,14 @@ fraction of a second, and ``referral-watch --help`` or ``status --check`` must s
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import re
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TextIO
 from urllib.parse import quote, unquote, urlsplit
@@ -176,8 +178,53 @@ def _scrub(text: str, url: str) -> str:
 # --- Apprise, loaded on first use ---------------------------------------------------------
 
 _load_lock = threading.Lock()
-# Apprise logs through one shared logger; LogCapture is only meaningful one send at a time.
-_send_lock = threading.Lock()
+
+
+class _ContextCapture(logging.Handler):
+    """Collects Apprise's warnings per send, so channels can be sent to side by side and each
+    failure still gets its own reason (Apprise's LogCapture shares one buffer process-wide).
+    A context variable, not a thread-local: Apprise runs the service call in its own worker
+    thread, inside a copy of the caller's context."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        lines = _capture_lines.get()
+        if lines is not None:
+            lines.append(self.format(record))
+
+
+class _Captured:
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
+
+    def getvalue(self) -> str:
+        return "\n".join(self.lines)
+
+
+_capture_lines: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "referral_watch_apprise_lines", default=None
+)
+_capture_handler = _ContextCapture()
+
+
+@contextmanager
+def _captured() -> Iterator[_Captured]:
+    """Apprise's warnings logged by this thread while the block runs."""
+    logger = logging.getLogger("apprise")
+    with _load_lock:
+        if _capture_handler not in logger.handlers:
+            logger.addHandler(_capture_handler)
+        if logger.getEffectiveLevel() > logging.WARNING:
+            logger.setLevel(logging.WARNING)  # reasons are warnings; logs.py keeps them local
+    lines: list[str] = []
+    token = _capture_lines.set(lines)
+    try:
+        yield _Captured(lines)
+    finally:
+        _capture_lines.reset(token)
 
 
 def _plugins() -> Any:
@@ -229,7 +276,7 @@ def _url_problem(url: str) -> str | None:
     if scheme == "msteams" or _OFFICE_CONNECTOR.match(url):
         return MSTEAMS_ADVICE
     apprise = _apprise()
-    with apprise.LogCapture(level=logging.WARNING, fmt="%(message)s") as captured:
+    with _captured() as captured:
         plugin = apprise.Apprise.instantiate(url, suppress_exceptions=True)
     if plugin is not None:
         return None
@@ -317,7 +364,7 @@ class Notifier:
         self, channel: str, config: ChannelConfig, message: Message, addresses: list[str]
     ) -> Delivery:
         apprise = _apprise()
-        with _send_lock, apprise.LogCapture(level=logging.WARNING, fmt="%(message)s") as captured:
+        with _captured() as captured:
             if addresses:
                 # Recipients differ per lead: a short-lived target, not the cached one.
                 url = _url_with_recipients(config.url, addresses)

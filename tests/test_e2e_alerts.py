@@ -248,3 +248,46 @@ def test_resolved_leads_are_forgotten_after_keep_resolved(world: World) -> None:
     world.cli("run", "--once")
     remaining = world.cli("status", "--json", "--all").json()
     assert [entry["id"] for entry in remaining] == [keeper]
+
+
+def test_channels_are_delivered_to_side_by_side(world: World) -> None:
+    """Two channels whose servers each answer only once the other has been reached: this
+    passes only if the deliveries overlap (sequential sending would break the barrier)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    barrier = threading.Barrier(2, timeout=10)
+    arrived: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            arrived.append(self.path)
+            try:
+                barrier.wait()
+                status = 200
+            except threading.BrokenBarrierError:
+                status = 500
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    servers = [ThreadingHTTPServer(("127.0.0.1", 0), Handler) for _ in range(2)]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        world.channels = {
+            name: f"json://127.0.0.1:{server.server_address[1]}/{name}"
+            for name, server in zip(("team", "managers"), servers, strict=True)
+        }
+        world.add_lead(age=timedelta(days=12, hours=6), customer="Both At Once")  # urgent
+        outcome = world.cli("run", "--once")
+        assert outcome.code == 0, outcome.out
+        assert sorted(arrived) == ["/managers", "/team"]
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
