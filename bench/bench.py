@@ -189,7 +189,6 @@ class Figures:
     messages: dict[str, int]
     fetched: int
     ok: bool
-    page_reader: str
 
     @property
     def ratio(self) -> float:
@@ -234,7 +233,6 @@ def run_cycle(size: int, name: str, config: Path, work: Path, sinks: dict[str, S
         messages={ch: sink.count() - before_msgs[ch] for ch, sink in sinks.items()},
         fetched=int(report["fetched"]),
         ok=bool(report["ok"]),
-        page_reader=str(report["page_reader"]),
     )
 
 
@@ -361,9 +359,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"... {size:,} leads", file=sys.stderr, flush=True)
         rows.extend(measure(size))
     print(table(rows))
-    readers = sorted({r.page_reader for r in rows})
-    print(f"\npages read with: {', '.join(readers)}", end="")
-    print("" if readers == ["msgspec"] else " (pip install msgspec: the targets assume it)")
     print()
     checks = verdicts(rows)
     if TARGET_SIZE not in args.sizes:

@@ -32,12 +32,6 @@ def _peak_rss_kib() -> int | None:
     return None
 
 
-def _page_reader() -> str:
-    from referral_watch import partner_center
-
-    return "msgspec" if partner_center._RAW_PAGE is not None else "standard library"
-
-
 def main() -> None:
     config_path, out = Path(sys.argv[1]), Path(sys.argv[2])
     from referral_watch import cli, logs
@@ -56,7 +50,6 @@ def main() -> None:
                 "ready_cpu": ready_cpu,
                 "done": done,
                 "peak_rss_kib": peak,
-                "page_reader": _page_reader(),
                 "ok": result.ok,
                 "fetched": result.fetched,
                 "new": result.new,

@@ -1044,7 +1044,9 @@ def test_the_catalog_check_catches_gaps() -> None:
 def test_the_template_for_translators_matches_the_code() -> None:
     pot = load_catalog(POT, locale=None)
     ids = {m.id if isinstance(m.id, str) else tuple(m.id) for m in pot if m.id}
-    assert ids == source_messages(), "run the pybabel extract command in docs/locale.md"
+    assert ids == source_messages(), (
+        "run the pybabel extract command in README.md (Adding or changing a language)"
+    )
 
 
 def test_catalogs_are_packaged() -> None:
