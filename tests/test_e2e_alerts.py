@@ -291,3 +291,33 @@ def test_channels_are_delivered_to_side_by_side(world: World) -> None:
         for server in servers:
             server.shutdown()
             server.server_close()
+
+
+def test_test_notify_sends_a_marked_message_to_each_channel(world: World) -> None:
+    sent = world.cli("test-notify")
+    assert sent.code == 0, sent.out
+    assert "team: delivered" in sent.out and "managers: delivered" in sent.out
+    for receiver in (world.team, world.managers):
+        assert receiver.bodies[0]["title"].startswith("TEST")
+
+    world.managers.fail_next(1)
+    one = world.cli("test-notify", "--channel", "managers")
+    assert one.code == 1
+    assert "managers: FAILED" in one.out
+    assert len(world.team.bodies) == 1  # only the named channel
+
+    unknown = world.cli("test-notify", "--channel", "pager")
+    assert unknown.code == 1
+    assert "unknown channel(s) pager" in unknown.err
+
+
+def test_status_table_shows_the_most_urgent_first(world: World) -> None:
+    world.add_lead(age=timedelta(days=1), customer="Relaxed Inc", deal_value=1000)
+    world.add_lead(age=timedelta(days=13), customer="Hurry Ltd", deal_value=99000)
+    assert world.cli("run", "--once").code == 0
+    table = world.cli("status").out.splitlines()
+    assert table[0].split()[:2] == ["CUSTOMER", "VALUE"]
+    assert table[1].startswith("Hurry Ltd") and "99,000 USD" in table[1]
+    assert table[2].startswith("Relaxed Inc")
+    assert "2 lead(s) waiting for an answer" in "\n".join(table)
+    assert "Last poll" in table[-1] and "ok" in table[-1]
