@@ -182,16 +182,20 @@ def status(obj: Context, as_json: bool, show_all: bool, check: bool, explain: st
     config = obj.config()
     if check:
         sys.exit(health_check(config))
+    from referral_watch import status_view
     from referral_watch.store import Store
 
     now = now_utc()
-    with Store(config.state.path, create=False) as store:
-        if explain:
-            click.echo(explain_routing(config, store, explain, now))
-            return
-        leads = store.leads(include_resolved=show_all)
-        last = store.last_poll()
-    from referral_watch import status_view
+    if not config.state.path.exists() and not explain:
+        # Nothing polled yet: an empty list, not an error (the table says what to run).
+        leads, last = [], None
+    else:
+        with Store(config.state.path, create=False) as store:
+            if explain:
+                click.echo(explain_routing(config, store, explain, now))
+                return
+            leads = store.leads(include_resolved=show_all)
+            last = store.last_poll()
 
     if as_json:
         click.echo(json.dumps([status_view.as_json(lead, now) for lead in leads], indent=2))

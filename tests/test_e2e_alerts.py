@@ -321,3 +321,11 @@ def test_status_table_shows_the_most_urgent_first(world: World) -> None:
     assert table[2].startswith("Relaxed Inc")
     assert "2 lead(s) waiting for an answer" in "\n".join(table)
     assert "Last poll" in table[-1] and "ok" in table[-1]
+
+
+def test_status_before_the_first_poll_says_what_to_run(world: World) -> None:
+    table = world.cli("status")
+    assert table.code == 0
+    assert "No poll yet: run `referral-watch run --once`." in table.out
+    assert world.cli("status", "--json").json() == []
+    assert not world.state_path.exists()  # looking does not create the state file
