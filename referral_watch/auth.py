@@ -64,6 +64,7 @@ class EnvTokenProvider:
     def __init__(self, variable: str, environ: Mapping[str, str] | None = None) -> None:
         self.variable = variable
         self._environ = environ
+        self.renew_hint = f"put a fresh token in the environment variable {variable}"
 
     def get_token(self, *, force_refresh: bool = False) -> str:
         # Read at every call: a supervisor may update the variable between calls.
@@ -95,6 +96,7 @@ class CommandTokenProvider:
             raise AuthError('auth.command is empty: give ["program", "arg", ...]')
         self.command = list(command)
         self.timeout = timeout
+        self.renew_hint = f"check that `{self.command[0]}` prints a fresh Partner Center token"
         self._reuse_for = reuse_for
         self._token: str | None = None
         self._fetched_at = 0.0
@@ -476,6 +478,8 @@ class MsalTokenProvider:
     effect at the next poll. With a client secret or certificate configured, the refresh is
     done as a confidential client (the token is still the signed-in user's).
     """
+
+    renew_hint = "run `referral-watch login` if needed"
 
     def __init__(self, config: Config, *, http_client: Any | None = None) -> None:
         self._auth = config.auth

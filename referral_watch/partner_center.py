@@ -203,6 +203,10 @@ class PartnerCenter:
             self._sleep(wait)
             attempt += 1
 
+    def _renew_hint(self) -> str:
+        """What renews the credentials: each provider knows (login, a variable, a program)."""
+        return str(getattr(self._tokens, "renew_hint", "run `referral-watch login` if needed"))
+
     def _headers(self, correlation: str) -> dict[str, str]:
         return {
             "Authorization": f"Bearer {self._token}",
@@ -228,8 +232,7 @@ class PartnerCenter:
             raise AuthError(
                 "Partner Center rejected the token (401 unauthenticated): check that the "
                 "signed-in account belongs to the partner's tenant and that the app registration "
-                "has the Partner Center user_impersonation permission; "
-                "run `referral-watch login` if needed",
+                f"has the Partner Center user_impersonation permission; {self._renew_hint()}",
                 needs_login=True,
             )
         if status == 403:

@@ -149,6 +149,9 @@ def test_a_wrong_token_is_reported_clearly(world: World, monkeypatch: object) ->
     result = world.cli("run", "--once")
     assert result.code == 1
     assert "401" in result.out
+    # the env method is renewed by whoever sets the variable, not by `login`
+    assert "put a fresh token in the environment variable RW_TEST_TOKEN" in result.out
+    assert "referral-watch login" not in result.out
     assert "sandbox-token" not in result.out + result.err
 
 
