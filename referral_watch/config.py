@@ -20,6 +20,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -148,6 +149,12 @@ class TierConfig(Section):
     bypass_quiet: bool = False
     title: str | None = None  # Jinja2 template overriding the title
     body: str | None = None  # Jinja2 template overriding the Markdown body
+    _position: int = PrivateAttr(default=-1)  # index in the file, for problems' key paths
+
+    @property
+    def key(self) -> str:
+        """This tier's key path as the operator wrote the file (`policy.tiers[2]`)."""
+        return f"policy.tiers[{self._position}]"
 
 
 class PolicyConfig(Section):
@@ -166,6 +173,8 @@ class PolicyConfig(Section):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"tier names must be unique: {', '.join(duplicates)}")
+        for position, tier in enumerate(tiers):
+            tier._position = position
         return sorted(tiers, key=lambda t: t.remaining, reverse=True)
 
     def severity(self, tier_name: str) -> int:

@@ -909,10 +909,10 @@ def check_templates(config: Config) -> list[str]:
     Each template is compiled and rendered with sample leads (one with every field, one with
     none of the optional ones) in every locale its channels use, so a typo or a template that
     breaks on a lead without a deal value shows up in check-config, not at 3 a.m.
-    The index is the tier's position by severity (least severe first), as config sorts them.
+    Key paths count tiers in the file's order, as the operator wrote them.
     """
     problems: list[str] = []
-    for index, tier in enumerate(config.policy.tiers):
+    for tier in config.policy.tiers:
         styles = list(dict.fromkeys(style_for(config, name) for name in ["", *tier.notify]))
         for field in ("title", "body"):
             source = getattr(tier, field)
@@ -920,5 +920,5 @@ def check_templates(config: Config) -> list[str]:
                 continue
             problem = _template_problem(source, tier, styles)
             if problem:
-                problems.append(f"policy.tiers[{index}].{field}: {problem} (tier {tier.name!r})")
+                problems.append(f"{tier.key}.{field}: {problem} (tier {tier.name!r})")
     return problems

@@ -1062,3 +1062,28 @@ def test_a_name_shared_by_a_solution_and_a_product_is_shown_once() -> None:
     line = next(x for x in body.splitlines() if "Products/solutions" in x)
     assert line.count("Microsoft365") == 1
     assert "Teams Rooms" in line
+
+
+def test_template_problems_name_the_tier_as_the_file_orders_them() -> None:
+    text = """
+[auth]
+method = "env"
+
+[[policy.tiers]]
+name = "final"
+remaining = "12h"
+notify = ["team"]
+title = "{{ custmer }}"
+
+[[policy.tiers]]
+name = "new"
+remaining = "14d"
+notify = ["team"]
+
+[channels]
+team = "json://127.0.0.1:9/hook"
+"""
+    config = parse(text)
+    assert [t.name for t in config.policy.tiers] == ["new", "final"]  # by severity
+    (problem,) = check_templates(config)
+    assert problem.startswith("policy.tiers[0].title: 'custmer' is undefined")
