@@ -10,7 +10,8 @@ Definitions (they are the contract the docs and the tests describe):
 - *open*: still waiting for an answer (no resolution) and its deadline not yet passed;
   bucketed by time left: within a day, within three days, later.
 - *answered in the period*: resolution accepted/declined/won/lost with ``resolved_at`` in the
-  period; time to answer = ``resolved_at - created``.
+  period; time to answer = the answered record's ``updatedDateTime`` when it is later than the
+  last waiting record (else ``resolved_at``, when a poll noticed) - ``created``.
 - *expired in the period*: the deadline passed unanswered inside the period. That is a lead still
   unresolved past its deadline, a lead Partner Center reported as Expired (at the earlier of its
   deadline and when we learned it), or a lead that vanished (``gone``) after its deadline.
@@ -178,8 +179,15 @@ def summarize(leads: Iterable[Lead], now: datetime, since: timedelta) -> Summary
 
 
 def _answer_time(lead: Lead) -> timedelta:
-    answered = lead.resolved_at or lead.referral.created
-    return max(timedelta(0), answered - lead.referral.created)
+    created = lead.referral.created
+    answered = lead.resolved_at or created
+    # The by-id fetch that found the answer stored that record: its updatedDateTime is when the
+    # team answered, not when the next poll noticed. Trusted only after the lead was last
+    # stored as waiting (an older text's updatedDateTime says nothing about the answer).
+    updated = lead.referral.updated
+    if updated is not None and lead.last_seen < updated <= answered:
+        answered = updated
+    return max(timedelta(0), answered - created)
 
 
 def _between(moment: datetime | None, start: datetime, end: datetime) -> bool:

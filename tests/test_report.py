@@ -59,6 +59,8 @@ def lead(
     currency: str = "USD",
     team: tuple[str, ...] = (),
     customer: str | None = None,
+    updated: timedelta | None = None,  # how long before NOW Partner Center last changed it
+    seen: timedelta | None = None,  # how long before NOW it was last stored as waiting
 ) -> Lead:
     deadline = NOW + left
     created = NOW - age if age is not None else deadline - 14 * D
@@ -70,12 +72,13 @@ def lead(
         deal_value=Decimal(value) if value is not None else None,
         currency=currency,
         team=tuple(TeamMember(email=e) for e in team),
+        updated=NOW - updated if updated is not None else None,
     )
     return Lead(
         referral,
         deadline=deadline,
         first_seen=created,
-        last_seen=NOW,
+        last_seen=NOW - seen if seen is not None else NOW,
         resolution=resolution,
         resolved_at=NOW - resolved if resolved is not None else None,
     )
@@ -784,3 +787,15 @@ def test_the_daemon_catches_up_a_missed_report_at_start(world: World) -> None:
     reports = [b for b in world.managers.bodies if b["title"].startswith("Partner Center")]
     assert len(reports) == 1
     assert "Daemon Lead" in reports[0]["message"]
+
+
+def test_time_to_answer_uses_partner_centers_own_answer_time() -> None:
+    """Answered 2 h after it came in and noticed 3 h later still counts 2 h; an updatedDateTime
+    from before the lead was last seen waiting says nothing about the answer."""
+    exact = lead("a", age=10 * H, seen=9 * H, updated=8 * H, resolution="accepted", resolved=5 * H)
+    noticed = lead("b", age=10 * H, seen=9 * H, resolution="declined", resolved=6 * H)
+    stale = lead("c", age=10 * H, seen=7 * H, updated=9 * H, resolution="won", resolved=6 * H)
+    times = {
+        x.referral.id: summarize([x], NOW, 7 * D).median_answer for x in (exact, noticed, stale)
+    }
+    assert times == {"a": 2 * H, "b": 4 * H, "c": 4 * H}
