@@ -330,18 +330,7 @@ class Cycle:
             return
         reason = result.error or ""
         log.warning("ops.event", ops_event=event, failures=failures, reason=reason)
-        from referral_watch import render  # Jinja2 and Babel: only when there is news
-
-        for channel in self.config.operations.notify:
-            message = render.render_ops(
-                event,
-                reason,
-                now,
-                render.style_for(self.config, channel),
-                failures=failures,
-                since=state.alerting_since or now,
-            )
-            self.store.enqueue_message("ops", channel, message.title, message.body, now)
+        self._enqueue_ops(event, reason, now, failures=failures, since=state.alerting_since or now)
         with self.store.transaction():
             self.store.set_meta(
                 "ops.alerting_since",
@@ -469,14 +458,27 @@ class Cycle:
         leads = ", ".join(batch.lead_ids[:5]) or "no lead"
         reason = f"channel {batch.channel}: {what} about {leads}: {error}"
         log.error("delivery.dropped", channel=batch.channel, reason=reason)
+        self._enqueue_ops(ops.DROPPED, reason, now, skip=batch.channel)
+
+    def _enqueue_ops(
+        self,
+        event: str,
+        reason: str,
+        now: datetime,
+        *,
+        skip: str | None = None,
+        failures: int = 0,
+        since: datetime | None = None,
+    ) -> None:
+        """Put a message about referral-watch itself in the outbox for each operations
+        channel (but `skip`, the channel that just failed)."""
         from referral_watch import render  # Jinja2 and Babel: only when there is news
 
         for channel in self.config.operations.notify:
-            if channel == batch.channel:
+            if channel == skip:
                 continue
-            message = render.render_ops(
-                ops.DROPPED, reason, now, render.style_for(self.config, channel)
-            )
+            style = render.style_for(self.config, channel)
+            message = render.render_ops(event, reason, now, style, failures=failures, since=since)
             self.store.enqueue_message("ops", channel, message.title, message.body, now)
 
     def _message(self, batch: Batch, now: datetime) -> Message:

@@ -196,3 +196,27 @@ def test_bypass_quiet_tier_is_sent_during_quiet_hours(world: World) -> None:
     world.add_lead(age=timedelta(days=13, hours=16), now=night, customer="Dies Before Breakfast")
     assert cycle_at(world, clock) == 0
     assert customers(world.managers) == ["Dies Before Breakfast"]
+
+
+def test_a_message_failing_for_a_day_is_dropped_and_ops_told(world: World) -> None:
+    start = datetime(2026, 11, 24, 9, 0, tzinfo=UTC)
+    clock = Clock(start)
+    with WebhookReceiver() as ops:
+        world.channels = {"ops": ops.json_url}
+        world.extra = '[operations]\nnotify = ["ops"]\n'
+        world.add_lead(age=timedelta(days=12, hours=6), now=start, customer="Unlucky Co")
+        world.managers.fail_next(100)  # the managers' channel refuses everything
+        cycle_at(world, clock)
+        clock.now += timedelta(hours=23)
+        cycle_at(world, clock)
+        assert ops.bodies == []  # not a day yet: still retried
+        tries = len(world.managers.requests)
+        clock.now += timedelta(hours=1, minutes=1)
+        cycle_at(world, clock)
+        assert len(world.managers.requests) == tries + 1  # the last try
+        clock.now += timedelta(minutes=15)
+        cycle_at(world, clock)  # the notice queued while delivering goes out with this cycle
+        assert len(world.managers.requests) == tries + 1  # dropped: not tried again
+        assert [b["title"] for b in ops.bodies] == ["referral-watch: a message was dropped"]
+        assert "channel managers" in ops.bodies[0]["message"]
+        assert len(world.team.bodies) == 1  # the other channel was never held up
