@@ -232,9 +232,7 @@ def resolve_id(store: Any, given: str) -> str:
     """A full referral id, or a unique prefix of one (ids are long GUIDs)."""
     if store.known(given):
         return given
-    matches: list[str] = [
-        lead.id for lead in store.leads(include_resolved=True) if lead.id.startswith(given)
-    ]
+    matches: list[str] = store.ids_starting(given)
     if len(matches) == 1 and len(given) >= 4:
         return matches[0]
     if len(matches) > 1:

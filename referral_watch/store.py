@@ -393,6 +393,13 @@ class Store:
         )
         return [row[0] for row in rows]
 
+    def ids_starting(self, prefix: str) -> list[str]:
+        """Lead ids (any state) that begin with `prefix`, case-sensitive, without parsing leads."""
+        rows = self.db.execute(
+            "SELECT id FROM leads WHERE substr(id, 1, ?) = ? ORDER BY id", (len(prefix), prefix)
+        )
+        return [row[0] for row in rows]
+
     def known(self, lead_id: str) -> bool:
         row = self.db.execute("SELECT 1 FROM leads WHERE id = ?", (lead_id,)).fetchone()
         return row is not None
