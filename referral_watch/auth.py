@@ -2,9 +2,11 @@
 
 Partner Center accepts only a signed-in user's delegated token (App+User) and enforces MFA, so
 the operator signs in once by device code (`referral-watch login`) and the daemon refreshes the
-token silently from MSAL's token cache file. The cache holds a refresh token: it is written
-atomically with mode 0600 under a file lock, and no token or secret is ever logged or put into
-an exception message.
+token silently from MSAL's token cache file (token_cache.py: mode 0600, atomic writes under a
+file lock). No token or secret is ever logged or put into an exception message.
+
+``TokenProvider`` is the one interface every token source implements; the API client
+(partner_center.py) and anything else that calls Partner Center take one.
 
 msal is imported lazily, inside the MSAL code paths, so `referral-watch --help` stays quick.
 """
@@ -14,9 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import signal
-import stat
 import subprocess
 import threading
 import time
@@ -24,24 +24,20 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
 import structlog
-from filelock import FileLock
-from filelock import Timeout as LockTimeout
 
 from referral_watch.config import AuthConfig, Config, format_duration
 from referral_watch.errors import AuthError
+from referral_watch.token_cache import LOGIN_HINT, CacheFile, check_cache_permissions
 
 log = structlog.get_logger(__name__)
 
-LOGIN_HINT = "run `referral-watch login` (see README, Sign in)"
 NOT_SIGNED_IN = f"Not signed in to Microsoft: {LOGIN_HINT}"
 PUBLIC_CLOUD_HOST = "login.microsoftonline.com"
 HTTP_TIMEOUT = 30  # seconds; MSAL's own default is to wait forever
-LOCK_TIMEOUT = 30  # seconds to wait for another process writing the token cache
 COMMAND_TOKEN_TTL = 300.0  # a command's token is reused this long unless force_refresh
 
 # Token endpoint errors that a new sign-in will not fix.
@@ -50,8 +46,10 @@ _CLIENT_ERRORS = {"invalid_client", "unauthorized_client", "invalid_request", "i
 
 
 class TokenProvider(Protocol):
+    """Gives bearer tokens for the Partner Center API."""
+
     def get_token(self, *, force_refresh: bool = False) -> str:
-        """A bearer token for Partner Center; raises AuthError."""
+        """A bearer token; raises AuthError when there is none."""
         ...
 
 
@@ -191,150 +189,6 @@ def _tail(text: str, lines: int = 5, limit: int = 400) -> str:
     kept = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
     joined = " | ".join(kept)
     return joined if len(joined) <= limit else "…" + joined[-limit:]
-
-
-# --- the MSAL token cache file ------------------------------------------------------------
-
-
-def check_cache_permissions(path: Path) -> str | None:
-    """A warning when users other than the owner can read or write the token cache."""
-    try:
-        mode = path.stat().st_mode
-    except OSError:
-        return None  # not there yet: it is created 0600
-    if mode & 0o077:
-        return (
-            f"the token cache {path} is accessible to other users (mode "
-            f"{stat.S_IMODE(mode):04o}) and holds a refresh token: run chmod 600 {path}"
-        )
-    return None
-
-
-class _CacheFile:
-    """MSAL's SerializableTokenCache persisted to one JSON file, safely shared by processes.
-
-    ``load_into`` remembers what was read (the base). ``save`` re-reads the file under the
-    lock and merges per entry: what this process changed since the base wins, everything
-    else is taken from the file, so a `login` and the daemon never undo each other's writes.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT, mode=0o600)
-        self._base: dict[str, Any] = {}
-
-    def load_into(self, cache: Any, *, tolerate_corrupt: bool = False) -> None:
-        state = self._read(tolerate_corrupt=tolerate_corrupt)
-        cache.deserialize(json.dumps(state))
-        self._base = state
-
-    def is_damaged(self) -> bool:
-        text = self._read_text()
-        return text is not None and _parse_state(text) is None
-
-    def clear(self) -> None:
-        """Replace the file with an empty cache (used when it is damaged)."""
-        self._base = self._replace(lambda _theirs: {})
-
-    def save(self, cache: Any) -> bool:
-        """Write the cache if MSAL changed it; True when written."""
-        if not cache.has_state_changed:
-            return False
-        base, ours = self._base, json.loads(cache.serialize())
-        merged = self._replace(lambda theirs: _merge(base, ours, theirs))
-        cache.deserialize(json.dumps(merged))
-        self._base = merged
-        return True
-
-    def _replace(self, new_state: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
-        """Under the lock: re-read the file, compute the new state from it, write it."""
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self._lock:
-                state = new_state(self._read(tolerate_corrupt=True))
-                _write_private(self.path, json.dumps(state, indent=1))
-        except LockTimeout:
-            raise AuthError(
-                f"the token cache {self.path} stayed locked for {LOCK_TIMEOUT}s by another "
-                "referral-watch process: try again"
-            ) from None
-        except OSError as exc:
-            raise AuthError(
-                f"cannot write the token cache {self.path}: {exc.strerror or exc} "
-                "(run referral-watch as the user the service runs as)"
-            ) from None
-        return state
-
-    def _read_text(self) -> str | None:
-        try:
-            # Undecodable bytes become U+FFFD, which then fails as JSON: "damaged".
-            return self.path.read_bytes().decode("utf-8", errors="replace")
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise AuthError(
-                f"cannot read the token cache {self.path}: {exc.strerror or exc} "
-                "(run referral-watch as the user the service runs as)"
-            ) from None
-
-    def _read(self, *, tolerate_corrupt: bool) -> dict[str, Any]:
-        text = self._read_text()
-        state = {} if text is None else _parse_state(text)
-        if state is not None:
-            return state
-        if tolerate_corrupt:
-            log.warning("auth.cache_unreadable", path=str(self.path))
-            return {}
-        raise AuthError(
-            f"the token cache {self.path} is damaged (not MSAL's JSON): {LOGIN_HINT}",
-            needs_login=True,
-        )
-
-
-def _parse_state(text: str) -> dict[str, Any] | None:
-    """The cache's JSON object, or None when the text is not one."""
-    try:
-        state = json.loads(text) if text.strip() else {}
-    except ValueError:
-        return None
-    return state if isinstance(state, dict) else None
-
-
-_MISSING: Any = object()
-
-
-def _merge(base: dict[str, Any], ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
-    """Three-way merge of MSAL cache states, entry by entry (sections hold key -> entry)."""
-    merged: dict[str, Any] = {}
-    for section in base.keys() | ours.keys() | theirs.keys():
-        b, o, t = base.get(section, {}), ours.get(section, {}), theirs.get(section, {})
-        if not all(isinstance(part, dict) for part in (b, o, t)):
-            merged[section] = o if section in ours else t
-            continue
-        entries = {}
-        for key in b.keys() | o.keys() | t.keys():
-            mine = o.get(key, _MISSING)
-            value = t.get(key, _MISSING) if mine == b.get(key, _MISSING) else mine
-            if value is not _MISSING:
-                entries[key] = value
-        merged[section] = entries
-    return merged
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Atomically replace ``path`` with ``text``, readable by its owner only."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # exactly 0600, whatever the umask
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 # --- MSAL ----------------------------------------------------------------------------------
@@ -483,7 +337,7 @@ class MsalTokenProvider:
 
     def __init__(self, config: Config, *, http_client: Any | None = None) -> None:
         self._auth = config.auth
-        self._file = _CacheFile(config.cache_path)
+        self._file = CacheFile(config.cache_path)
         self._http_client = http_client
         self._app: Any = None
         self._cache: Any = None
@@ -591,7 +445,7 @@ def login(
         raise AuthError(CONFIDENTIAL_LOGIN)
     if not ((tenant_id or auth.tenant_id) and (client_id or auth.client_id)):
         raise AuthError("sign-in needs auth.tenant_id and auth.client_id in the config")
-    cache_file = _CacheFile(config.cache_path)
+    cache_file = CacheFile(config.cache_path)
     cache = msal.SerializableTokenCache()
     cache_file.load_into(cache, tolerate_corrupt=True)  # a damaged cache is simply replaced
     app = _build_app(auth, cache, http_client, tenant_id=tenant_id, client_id=client_id)
@@ -650,7 +504,7 @@ def logout(config: Config, *, http_client: Any | None = None) -> list[str]:
     """
     import msal
 
-    cache_file = _CacheFile(config.cache_path)
+    cache_file = CacheFile(config.cache_path)
     if not cache_file.path.exists():
         return []
     if cache_file.is_damaged():

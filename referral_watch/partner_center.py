@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from functools import cached_property
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -25,6 +25,7 @@ import msgspec
 import structlog
 
 from referral_watch import __version__
+from referral_watch.auth import TokenProvider
 from referral_watch.config import PartnerCenterConfig
 from referral_watch.errors import ApiError, AuthError
 
@@ -36,14 +37,6 @@ BACKOFF_CAP = 30.0
 RETRY_AFTER_CAP = 120.0
 ORDER_BY = "createdDateTime desc"
 _DETAIL_LIMIT = 300  # characters of a server's error message worth repeating
-
-
-class TokenProvider(Protocol):
-    """Gives bearer tokens for the Partner Center API (implemented in auth.py)."""
-
-    def get_token(self, *, force_refresh: bool = False) -> str:
-        """Return a token; raise AuthError when there is none."""
-        ...
 
 
 @dataclass(frozen=True)

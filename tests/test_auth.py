@@ -25,13 +25,13 @@ from referral_watch.auth import (
     EnvTokenProvider,
     MsalTokenProvider,
     SignedIn,
-    check_cache_permissions,
     login,
     logout,
     token_provider,
 )
 from referral_watch.config import Config, parse_config
 from referral_watch.errors import AuthError
+from referral_watch.token_cache import check_cache_permissions
 
 from fakeidp import DEVICE_CODE_GRANT, FakeIdP, IdpRequest
 
