@@ -28,7 +28,7 @@ from referral_watch.model import (
     parse_referral,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 MIGRATIONS: dict[int, str] = {
     1: """
@@ -87,6 +87,22 @@ MIGRATIONS: dict[int, str] = {
     );
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    # Partner Center webhook events (SPEC 15): one row per distinct event, so a redelivery
+    # is recognised (the key) and an event answered but not yet handled survives a restart.
+    2: """
+    CREATE TABLE webhook_events (
+        key TEXT PRIMARY KEY,
+        event TEXT NOT NULL,
+        lead_id TEXT,
+        changed TEXT,
+        received TEXT NOT NULL,
+        state TEXT NOT NULL,
+        handled_at TEXT,
+        error TEXT
+    );
+    CREATE INDEX webhook_events_pending ON webhook_events (state) WHERE state = 'pending';
+    CREATE INDEX webhook_events_by_received ON webhook_events (received);
+    """,
 }
 
 
@@ -97,6 +113,20 @@ def ts(moment: datetime) -> str:
 
 def from_ts(text: str | None) -> datetime | None:
     return datetime.fromisoformat(text) if text else None
+
+
+# How long handled webhook events are remembered to recognise redeliveries.
+WEBHOOK_KEYS_KEPT = timedelta(days=7)
+
+
+@dataclass(frozen=True)
+class WebhookEvent:
+    """A verified Partner Center event: its dedupe key, name, referral id and change time."""
+
+    key: str
+    event: str
+    lead_id: str | None
+    changed: str | None
 
 
 @dataclass(frozen=True)
@@ -423,6 +453,11 @@ class Store:
                 (cutoff,),
             )
             self.db.execute("DELETE FROM polls WHERE finished < ?", (cutoff,))
+            # Partner Center redelivers for about a day at most; a week of keys is plenty.
+            self.db.execute(
+                "DELETE FROM webhook_events WHERE state != 'pending' AND received < ?",
+                (ts(now - WEBHOOK_KEYS_KEPT),),
+            )
         return len(gone)
 
     # --- silences -----------------------------------------------------------------------
@@ -604,6 +639,45 @@ class Store:
         return int(
             self.db.execute("SELECT count(*) FROM outbox WHERE state = 'pending'").fetchone()[0]
         )
+
+    # --- webhook events -----------------------------------------------------------------
+
+    def add_webhook_event(self, event: WebhookEvent, now: datetime) -> bool:
+        """Remember a verified event; False when the same event was received before."""
+        state = "pending" if event.lead_id is not None else "done"
+        with self.transaction():
+            cursor = self.db.execute(
+                """INSERT INTO webhook_events (key, event, lead_id, changed, received, state)
+                   VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING""",
+                (event.key, event.event, event.lead_id, event.changed, ts(now), state),
+            )
+            return cursor.rowcount == 1
+
+    def pending_webhook_leads(self) -> list[str]:
+        """The lead ids of events received but not handled yet, oldest first, each once."""
+        rows = self.db.execute(
+            "SELECT lead_id FROM webhook_events WHERE state = 'pending' "
+            "GROUP BY lead_id ORDER BY min(received)"
+        )
+        return [row[0] for row in rows]
+
+    def webhook_events_handled(
+        self, lead_ids: Collection[str], now: datetime, error: str | None = None
+    ) -> None:
+        """Mark the pending events of these leads handled (with the error, when it failed:
+        polling is the safety net, so a failed event is not retried by itself)."""
+        state = "failed" if error else "done"
+        for chunk in _chunks(sorted(lead_ids)):
+            marks = ",".join("?" * len(chunk))
+            self.db.execute(
+                f"UPDATE webhook_events SET state = ?, handled_at = ?, error = ? "
+                f"WHERE state = 'pending' AND lead_id IN ({marks})",
+                (state, ts(now), error, *chunk),
+            )
+
+    def last_webhook_event(self) -> datetime | None:
+        row = self.db.execute("SELECT max(received) FROM webhook_events").fetchone()
+        return from_ts(row[0])
 
     # --- poll log and metadata ----------------------------------------------------------
 

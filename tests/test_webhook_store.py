@@ -1,0 +1,55 @@
+"""The state file's webhook events: a v1 file migrates, redeliveries are recognised."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from referral_watch.store import WEBHOOK_KEYS_KEPT, Store, WebhookEvent
+
+NOW = datetime(2026, 11, 24, 9, 0, tzinfo=UTC)
+
+
+def event(key: str, lead: str | None = "lead-1") -> WebhookEvent:
+    return WebhookEvent(key, "referral-created", lead, "2026-11-24T08:59:00Z")
+
+
+def test_a_version_1_file_gains_the_table_and_keeps_its_leads(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    db = sqlite3.connect(path)
+    from referral_watch.store import MIGRATIONS
+
+    db.executescript(MIGRATIONS[1])
+    db.execute("INSERT INTO meta (key, value) VALUES ('kept', 'yes')")
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    with Store(path) as store:
+        assert store.get_meta("kept") == "yes"
+        assert store.add_webhook_event(event("a"), NOW)
+        assert store.last_webhook_event() == NOW
+
+
+def test_the_same_event_twice_is_stored_once(tmp_path: Path) -> None:
+    with Store(tmp_path / "state.db") as store:
+        assert store.add_webhook_event(event("a"), NOW) is True
+        assert store.add_webhook_event(event("a"), NOW + timedelta(seconds=5)) is False
+        assert store.add_webhook_event(event("b"), NOW + timedelta(seconds=6)) is True
+        assert store.pending_webhook_leads() == ["lead-1"]  # one lead, two events
+
+
+def test_handled_events_leave_the_queue_and_are_pruned_after_a_week(tmp_path: Path) -> None:
+    with Store(tmp_path / "state.db") as store:
+        store.add_webhook_event(event("a", "lead-1"), NOW)
+        store.add_webhook_event(event("b", "lead-2"), NOW + timedelta(seconds=1))
+        store.add_webhook_event(event("test", None), NOW)  # a test event needs no work
+        assert store.pending_webhook_leads() == ["lead-1", "lead-2"]
+        with store.transaction():
+            store.webhook_events_handled(["lead-1"], NOW)
+        assert store.pending_webhook_leads() == ["lead-2"]
+        store.prune(NOW + WEBHOOK_KEYS_KEPT + timedelta(hours=1), timedelta(days=30))
+        assert store.pending_webhook_leads() == ["lead-2"]  # never drop work not done
+        # a redelivery of the pruned event is new again; the pending one is still known
+        assert store.add_webhook_event(event("a"), NOW + WEBHOOK_KEYS_KEPT) is True
+        assert store.add_webhook_event(event("b", "lead-2"), NOW + WEBHOOK_KEYS_KEPT) is False
