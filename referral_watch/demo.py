@@ -22,6 +22,7 @@ from referral_watch.notify import Notifier, register_console_target
 from referral_watch.partner_center import PartnerCenter
 from referral_watch.sandbox import Sandbox, make_referral
 from referral_watch.store import Store
+from referral_watch.text import columns
 
 TOKEN = "demo-token"  # the sandbox's own token; nothing real is ever contacted
 
@@ -258,9 +259,9 @@ def _summary(stream: TextIO, store: Store, start: datetime) -> None:
     stream.write(
         "\n" + bold("Summary: what each lead received (tier or notice @ simulated day)") + "\n"
     )
-    width = max((len(c) for c in received), default=10)
-    for customer, items in received.items():
-        stream.write(f"  {customer.ljust(width)}  {outcome[customer]:<9} {' '.join(items)}\n")
+    table = [(c, f"{outcome[c]:<9} {' '.join(items)}") for c, items in received.items()]
+    for line in columns(table, indent="  "):
+        stream.write(line + "\n")
     stream.write(
         "\nThe malformed record was skipped and logged; everything else was answered or "
         "announced.\nNext: `referral-watch check-config`, `referral-watch login`, and the README.\n"

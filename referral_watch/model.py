@@ -105,7 +105,8 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else str(value)
 
 
-def _money(value: Any) -> Decimal | None:
+def as_decimal(value: Any) -> Decimal | None:
+    """A finite amount from a number or text ('25,000.50'); None when there is none."""
     if value is None or value == "" or isinstance(value, bool):
         return None
     try:
@@ -169,7 +170,7 @@ def parse_referral(data: Any, raw: str | None = None) -> Referral:
         type=_text(data.get("type")),
         direction=_text(data.get("direction")),
         country=_text(_obj(profile.get("address")).get("country")).upper(),
-        deal_value=_money(details.get("dealValue")),
+        deal_value=as_decimal(details.get("dealValue")),
         currency=_text(details.get("currency")).upper(),
         notes=_text(details.get("notes")),
         products=_ids(requirements.get("products")),

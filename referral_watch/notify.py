@@ -20,6 +20,14 @@ from urllib.parse import quote, unquote, urlsplit
 
 import structlog
 
+from referral_watch.channels import (
+    EMAIL_SCHEMES,
+    OFFICE_CONNECTOR,
+    SLACK_HOOK_HOST,
+    WEBHOOK_SCHEMES,
+    channel_kind,
+    url_scheme,
+)
 from referral_watch.config import ChannelConfig
 from referral_watch.model import Message
 
@@ -50,42 +58,13 @@ class Delivery:
 
 # --- URL knowledge -------------------------------------------------------------------------
 
-_EMAIL_SCHEMES = frozenset({"mailto", "mailtos"})
-_WEBHOOK_SCHEMES = frozenset({"json", "jsons", "xml", "xmls", "form", "forms"})
-_TEAMS_SCHEMES = frozenset({"workflow", "workflows", "msteams"})
 # Schemes whose host part is a real host name even without a dot (json://myhost:8080/...).
-_HOST_SCHEMES = _EMAIL_SCHEMES | _WEBHOOK_SCHEMES | {"http", "https", "workflow", "workflows"}
+_HOST_SCHEMES = EMAIL_SCHEMES | WEBHOOK_SCHEMES | {"http", "https", "workflow", "workflows"}
 # Schemes whose every path segment is a credential (webhook ids, signatures, tokens).
 _TOKEN_PATH_SCHEMES = frozenset({"slack", "msteams", "workflow", "workflows", "discord", "tgram"})
 _SECRET_KEY = re.compile(r"sig|secret|token|pass|pwd|key|auth|code|hash|cred|session", re.I)
-_TEAMS_HOST = re.compile(r"(\.logic\.azure\.com|\.powerplatform\.com|\.powerautomate\.com)$", re.I)
-_OFFICE_CONNECTOR = re.compile(
-    r"^https?://([^/]*\.webhook\.office\.com|outlook\.office(365)?\.com/webhook)", re.I
-)
-_SLACK_HOOK_HOST = re.compile(r"^hooks\.slack(-gov)?\.com$", re.I)
 _EMAIL = re.compile(r"[^@\s,;<>]+@[^@\s,;<>]+\.[^@\s,;<>]+")
-
-
-def _scheme(url: str) -> str:
-    head, sep, _ = url.partition("://")
-    return head.strip().lower() if sep else ""
-
-
-def channel_kind(url: str) -> str:
-    """What kind of service a channel URL reaches: teams, slack, email, webhook or other."""
-    scheme = _scheme(url)
-    host = (urlsplit(url).hostname or "") if scheme else ""
-    if scheme in _TEAMS_SCHEMES:
-        return "teams"
-    if scheme in ("http", "https") and (_TEAMS_HOST.search(host) or _OFFICE_CONNECTOR.match(url)):
-        return "teams"
-    if scheme == "slack" or (scheme in ("http", "https") and _SLACK_HOOK_HOST.match(host)):
-        return "slack"
-    if scheme in _EMAIL_SCHEMES:
-        return "email"
-    if scheme in _WEBHOOK_SCHEMES:
-        return "webhook"
-    return "other"
+_scheme = url_scheme
 
 
 def _looks_secret(part: str) -> bool:
@@ -124,7 +103,7 @@ def _redact(url: str) -> tuple[str, list[str]]:
     parts = urlsplit(url.strip())
     red = _Redaction([])
     token_path = scheme in _TOKEN_PATH_SCHEMES
-    slack_hook = bool(_SLACK_HOOK_HOST.match(parts.hostname or ""))
+    slack_hook = bool(SLACK_HOOK_HOST.match(parts.hostname or ""))
 
     userinfo, at, hostport = parts.netloc.rpartition("@")
     user, colon, password = userinfo.partition(":")
@@ -144,14 +123,7 @@ def _redact(url: str) -> tuple[str, list[str]]:
         secret = bool(segment) and not channel_like and (every or _looks_secret(segment))
         segments.append(red.mask(segment, secret))
 
-    query = []
-    for item in parts.query.split("&") if parts.query else []:
-        key, eq, value = item.partition("=")
-        unquoted = unquote(value)
-        secret = bool(_SECRET_KEY.search(key)) or (
-            len(unquoted) >= 20 and not re.search(r"[@/,]", unquoted)
-        )
-        query.append(key + eq + red.mask(value, secret))
+    query = _masked_query(parts.query, red)
 
     shown = f"{scheme}://"
     shown += f"{shown_user}@" if at else ""
@@ -161,9 +133,49 @@ def _redact(url: str) -> tuple[str, list[str]]:
     return shown, red.secrets
 
 
+def _masked_query(query: str, red: _Redaction, keep: set[str] | None = None) -> list[str]:
+    """``key=value`` items, secret-looking values masked; only ``keep`` keys when given."""
+    shown = []
+    for item in query.split("&") if query else []:
+        key, eq, value = item.partition("=")
+        if keep is not None and key.lower() not in keep:
+            continue
+        unquoted = unquote(value)
+        secret = bool(_SECRET_KEY.search(key)) or (
+            len(unquoted) >= 20 and not re.search(r"[@/,]", unquoted)
+        )
+        shown.append(key + eq + red.mask(value, secret))
+    return shown
+
+
+def _apprise_private(url: str) -> str | None:
+    """Apprise's own privacy form of a URL it parses (``slack://T...2/...``), else None.
+
+    Apprise adds its defaults (``retry=0&wait=0.5...``) to the query: only the keys the
+    operator wrote are kept, and those are masked by our rule too (Apprise shows headers and
+    payload keys as they are)."""
+    if not url_scheme(url):
+        return None
+    apprise = _apprise()
+    with _captured():
+        plugin = apprise.Apprise.instantiate(url, suppress_exceptions=True)
+    if plugin is None:
+        return None
+    private = str(plugin.url(privacy=True))
+    head, _, query = private.partition("?")
+    written = {q.partition("=")[0].lower() for q in urlsplit(url.strip()).query.split("&") if q}
+    kept = _masked_query(query, _Redaction([]), keep=written)
+    return head.rstrip("/") + (f"?{'&'.join(kept)}" if kept else "")
+
+
 def redact_url(url: str) -> str:
-    """scheme://host/... with passwords, tokens and secret path parts shown as ***."""
-    return _redact(url)[0]
+    """scheme://host/... with passwords, tokens and secret path parts hidden: Apprise's privacy
+    form where Apprise parses the URL, else our own masking (***)."""
+    try:
+        private = _apprise_private(url)
+    except ValueError:
+        private = None
+    return private if private is not None else _redact(url)[0]
 
 
 def _scrub(text: str, url: str) -> str:
@@ -273,7 +285,7 @@ def _url_problem(url: str) -> str | None:
     scheme = _scheme(url)
     if not scheme:
         return "not a URL: an Apprise URL looks like mailtos://..., slack://... or workflows://..."
-    if scheme == "msteams" or _OFFICE_CONNECTOR.match(url):
+    if scheme == "msteams" or OFFICE_CONNECTOR.match(url):
         return MSTEAMS_ADVICE
     apprise = _apprise()
     with _captured() as captured:

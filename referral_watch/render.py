@@ -1,41 +1,41 @@
-"""All wording the product sends: alert -> title and Markdown body, localized.
+"""PURE: all wording the product sends: alert -> title and Markdown body, localized.
 
-PURE: no clock (``now`` is an argument), no network, no logging. The only I/O is reading the
-packaged gettext catalogs (``referral_watch/locale/<lang>/LC_MESSAGES/messages.po``) once per
-language. English is the source language (the msgids); other languages come from the catalogs.
-Numbers and dates are formatted by Babel for the channel's locale, in the channel's time zone.
-
-Per-tier Jinja2 overrides (``TierConfig.title`` / ``.body``) run in a sandbox and get the same
-helpers (``money``, ``when``, ``time_left``) so a custom template is localized too.
+No clock (``now`` is an argument), no network, no logging. Translation and number/date formats
+come from ``i18n``, channel kinds and styles from ``channels``, text shaping from ``text`` and
+the Jinja2 sandbox for per-tier overrides from ``templates``. A custom template gets the same
+helpers (``money``, ``when``, ``time_left``) so it is localized too.
 """
 
 from __future__ import annotations
 
-import gettext
-import io
-import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal, InvalidOperation
-from functools import lru_cache
-from importlib import resources
+from decimal import Decimal
 from typing import Any
-from urllib.parse import quote, urlsplit
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from urllib.parse import quote
 
-from babel import Locale, UnknownLocaleError
-from babel.dates import format_skeleton, format_time, format_timedelta
-from babel.messages.mofile import write_mo
-from babel.messages.pofile import read_po
-from babel.numbers import format_decimal
-from jinja2 import StrictUndefined, Template, TemplateError, TemplateSyntaxError
-from jinja2.exceptions import SecurityError
-from jinja2.runtime import Context
-from jinja2.sandbox import SandboxedEnvironment
-
+from referral_watch.channels import DEFAULT_LINK, SLACK_MAX, TEAMS_MAX, Style, style_for
 from referral_watch.config import Config, TierConfig
-from referral_watch.model import EXPIRED, RESOLVED, TIER, Lead, Message, Referral, TeamMember
+from referral_watch.i18n import (
+    N_,
+    money_text,
+    relative_text,
+    time_left_text,
+    translations,
+    when_text,
+)
+from referral_watch.model import (
+    EXPIRED,
+    RESOLVED,
+    TIER,
+    Lead,
+    Message,
+    Referral,
+    TeamMember,
+    as_decimal,
+)
+from referral_watch.templates import render_template, template_problem
+from referral_watch.text import Part, clip, cut, fit, md
 
 __all__ = [
     "DEFAULT_LINK",
@@ -55,181 +55,11 @@ __all__ = [
     "when_text",
 ]
 
-DEFAULT_LINK = "https://partner.microsoft.com/dashboard/referrals/v2/leads"
-TEAMS_MAX = 1000  # Apprise's workflows:// body cap; we keep title + body within it
-SLACK_MAX = 3000  # well under what Slack accepts for one message
 TITLE_MAX = 119
 NOTES_MAX = 280
 CUSTOMER_MAX = 150  # in bodies; a longer "name" is data gone wrong, not information
 COMPACT_CUSTOMER_MAX = 60
 LIST_MAX = 10  # team members / products shown before "+N more"
-
-_TEAMS_SCHEMES = frozenset({"workflow", "workflows", "powerautomate"})
-_TEAMS_HOSTS = (".logic.azure.com", ".api.powerplatform.com")
-_SLACK_HOSTS = frozenset({"hooks.slack.com"})
-
-
-def N_(message: str) -> str:
-    """Mark a constant for extraction; it is translated where it is used."""
-    return message
-
-
-# --- style: how one channel wants its messages ---------------------------------------------
-
-
-@dataclass(frozen=True)
-class Style:
-    """How one channel wants its messages."""
-
-    locale: str = "en-US"
-    timezone: str = "UTC"
-    compact: bool = False  # Teams: essentials first, short lines
-    max_length: int | None = None  # len(title) + len(body) never exceeds this
-    link_template: str = DEFAULT_LINK
-
-
-def _url_kind(url: str) -> str:
-    """'teams' (Power Automate workflow), 'slack' or '' from a channel URL, without keeping it."""
-    try:
-        parts = urlsplit(url.strip())
-        host = (parts.hostname or "").lower()
-    except ValueError:
-        return ""
-    scheme = parts.scheme.lower()
-    if scheme in _TEAMS_SCHEMES:
-        return "teams"
-    if scheme in ("http", "https") and host.endswith(_TEAMS_HOSTS):
-        return "teams"
-    if scheme == "slack" or (scheme in ("http", "https") and host in _SLACK_HOSTS):
-        return "slack"
-    return ""
-
-
-def style_for(config: Config, channel: str) -> Style:
-    """The channel's locale/timezone (else ``[messages]``) and its size limits."""
-    settings = config.channels.get(channel)
-    locale = (settings.locale if settings else None) or config.messages.locale
-    zone = (settings.timezone if settings else None) or config.messages.timezone
-    kind = _url_kind(settings.url) if settings else ""
-    return Style(
-        locale=locale,
-        timezone=zone,
-        compact=kind == "teams",
-        max_length=TEAMS_MAX if kind == "teams" else SLACK_MAX if kind == "slack" else None,
-        link_template=config.partner_center.link_template,
-    )
-
-
-# --- catalogs and Babel ----------------------------------------------------------------------
-
-
-@lru_cache(maxsize=64)
-def _babel_locale(name: str) -> Locale:
-    """'nl-NL' -> Locale('nl', 'NL'); anything Babel does not know formats as en-US."""
-    try:
-        return Locale.parse(name.replace("-", "_"))
-    except (ValueError, TypeError, UnknownLocaleError):
-        return Locale("en", "US")
-
-
-def _catalog_names(name: str) -> list[str]:
-    locale = _babel_locale(name)
-    names = [str(locale)] if locale.territory else []
-    return [*names, locale.language]
-
-
-@lru_cache(maxsize=16)
-def _translations(name: str) -> gettext.NullTranslations:
-    """The packaged catalog for a locale (most specific first); English needs none."""
-    root = resources.files("referral_watch") / "locale"
-    for candidate in _catalog_names(name):
-        po_file = root / candidate / "LC_MESSAGES" / "messages.po"
-        if not po_file.is_file():
-            continue
-        with po_file.open("rb") as handle:
-            catalog = read_po(handle, locale=candidate)
-        # Compile in memory so gettext handles plural forms; no .mo build step needed.
-        compiled = io.BytesIO()
-        write_mo(compiled, catalog)
-        compiled.seek(0)
-        return gettext.GNUTranslations(compiled)
-    return gettext.NullTranslations()
-
-
-@lru_cache(maxsize=64)
-def _zone(name: str) -> ZoneInfo:
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        return ZoneInfo("UTC")
-
-
-def _zone_label(local: datetime, zone: ZoneInfo) -> str:
-    """CEST / PST / UTC; zones without an abbreviation are named: 'Asia/Dubai (UTC+04)'."""
-    abbreviation = local.tzname() or ""
-    if abbreviation[:1].isalpha():
-        return abbreviation
-    return f"{zone.key} (UTC{abbreviation})"
-
-
-def when_text(moment: datetime, timezone: str, locale: str) -> str:
-    """'Sun, Oct 25, 2026, 2:30 AM CET' / 'zo 25 okt 2026, 02:30 CET'."""
-    zone = _zone(timezone)
-    babel_locale = _babel_locale(locale)
-    local = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(zone)
-    date = format_skeleton("yMMMEd", local, locale=babel_locale)
-    clock = format_time(local, "short", locale=babel_locale)
-    pattern = str(babel_locale.datetime_formats.get("medium", "{1} {0}")).replace("'", "")
-    text = f"{pattern.replace('{1}', date).replace('{0}', clock)} {_zone_label(local, zone)}"
-    # CLDR puts a narrow no-break space before AM/PM; plain text is safer in every channel.
-    return text.replace("\u202f", " ")
-
-
-def money_text(amount: Decimal | None, currency: str, locale: str) -> str:
-    """'25,000 USD' / '25.000 USD' (the ISO code always shown); '' when there is no value."""
-    if amount is None:
-        return ""
-    pattern = "#,##0" if amount == amount.to_integral_value() else "#,##0.00"
-    number = format_decimal(amount, format=pattern, locale=_babel_locale(locale))
-    return f"{number} {currency}".strip()
-
-
-def _span(span: timedelta, _: Callable[[str], str]) -> str:
-    minutes = int(span.total_seconds() // 60)
-    days, rest = divmod(minutes, 24 * 60)
-    hours, mins = divmod(rest, 60)
-    if days:
-        text = _("{days}d {hours}h") if hours else _("{days}d")
-    elif hours:
-        text = _("{hours}h {minutes}m") if mins else _("{hours}h")
-    elif mins:
-        text = _("{minutes}m")
-    else:
-        text = _("<1m")
-    return text.format(days=days, hours=hours, minutes=mins)
-
-
-def time_left_text(remaining: timedelta, locale: str) -> str:
-    """Compact time left, floored to the minute: '3h 58m', '6d 4h', '45m', 'expired 2h ago'."""
-    _ = _translations(locale).gettext
-    if remaining < timedelta(0):
-        return _("expired {duration} ago").format(duration=_span(-remaining, _))
-    return _span(remaining, _)
-
-
-# --- Markdown helpers ------------------------------------------------------------------------
-
-_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|])")
-
-
-def md(text: object) -> str:
-    """User text made safe for one line of Markdown: whitespace collapsed, markup escaped."""
-    return _MD_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
-
-
-def _clip(text: str, limit: int) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[: limit - 1].rstrip() + "…"
 
 
 def _excerpt(notes: str) -> str:
@@ -238,52 +68,8 @@ def _excerpt(notes: str) -> str:
     return flat if len(flat) <= NOTES_MAX else flat[:NOTES_MAX].rstrip() + "…"
 
 
-def _cut(text: str, limit: int) -> str:
-    """Hard cut as a last resort, never leaving a dangling Markdown escape."""
-    if len(text) <= limit:
-        return text
-    if limit <= 0:
-        return ""
-    cut = text[: limit - 1].rstrip()
-    if (len(cut) - len(cut.rstrip("\\"))) % 2:
-        cut = cut[:-1]
-    return cut + "…"
-
-
 def _title(text: str) -> str:
-    return _clip(text, TITLE_MAX)
-
-
-@dataclass(frozen=True)
-class _Part:
-    """One line of a body; optional lines are left out (or shortened) when space is short."""
-
-    text: str
-    essential: bool = True
-    shrink: Callable[[int], str] | None = None  # a version of the line within n characters
-
-
-def _fit(title: str, parts: Sequence[_Part], max_length: int | None) -> str:
-    """Join the lines, keeping len(title) + len(body) within max_length."""
-    if max_length is None:
-        return "\n".join(p.text for p in parts)
-    budget = max_length - len(title)
-    kept = {i: p.text for i, p in enumerate(parts) if p.essential}
-
-    def size(lines: dict[int, str]) -> int:
-        return len("\n".join(text for _, text in sorted(lines.items())))
-
-    for index, part in enumerate(parts):
-        if part.essential:
-            continue
-        if size({**kept, index: part.text}) <= budget:
-            kept[index] = part.text
-        elif part.shrink is not None:
-            room = budget - size({**kept, index: ""})
-            if room >= 40:  # a stub of a line helps nobody
-                kept[index] = part.shrink(room)
-    body = "\n".join(text for _, text in sorted(kept.items())).rstrip()
-    return _cut(body, budget)
+    return clip(text, TITLE_MAX)
 
 
 # --- the per-message vocabulary --------------------------------------------------------------
@@ -317,9 +103,9 @@ class _Words:
     def __init__(self, style: Style, now: datetime) -> None:
         self.style = style
         self.now = now
-        translations = _translations(style.locale)
-        self._: Callable[[str], str] = translations.gettext
-        self.ngettext: Callable[[str, str, int], str] = translations.ngettext
+        translations_ = translations(style.locale)
+        self._: Callable[[str], str] = translations_.gettext
+        self.ngettext: Callable[[str, str, int], str] = translations_.ngettext
 
     def when(self, moment: datetime | None) -> str:
         return when_text(moment, self.style.timezone, self.style.locale) if moment else ""
@@ -332,9 +118,7 @@ class _Words:
 
     def relative(self, delta: timedelta) -> str:
         """Babel's 'in 3 hours' / '2 uur geleden' (delta < 0 is in the past)."""
-        return str(
-            format_timedelta(delta, add_direction=True, locale=_babel_locale(self.style.locale))
-        )
+        return relative_text(delta, self.style.locale)
 
     def link(self, referral_id: str) -> str:
         return self.style.link_template.replace("{id}", quote(referral_id, safe=""))
@@ -355,7 +139,7 @@ class _Words:
         return f"[{text}]({url})"
 
     def capped(self, items: Sequence[str], limit: int = LIST_MAX) -> str:
-        shown = [md(_clip(item, 80)) for item in items[:limit]]
+        shown = [md(clip(item, 80)) for item in items[:limit]]
         if len(items) > limit:
             shown.append(self._("+{count} more").format(count=len(items) - limit))
         return ", ".join(shown)
@@ -397,7 +181,7 @@ def _alert_title(w: _Words, lead: Lead, kind: str) -> str:
 
 
 def _intro(w: _Words, lead: Lead, kind: str) -> str:
-    customer = f"**{md(_clip(lead.referral.customer, CUSTOMER_MAX))}**"
+    customer = f"**{md(clip(lead.referral.customer, CUSTOMER_MAX))}**"
     remaining = lead.remaining(w.now)
     if kind == TIER and remaining >= timedelta(0):
         return w._("{customer} needs an answer in Partner Center within {time_left}.").format(
@@ -413,7 +197,7 @@ def _intro(w: _Words, lead: Lead, kind: str) -> str:
     ).format(customer=customer, resolution=w.resolution(lead.resolution))
 
 
-def _notes_part(w: _Words, notes: str, essential: bool) -> _Part:
+def _notes_part(w: _Words, notes: str, essential: bool) -> Part:
     prefix = w.field(N_("Notes"), "")
     excerpt = _excerpt(notes)
 
@@ -421,46 +205,46 @@ def _notes_part(w: _Words, notes: str, essential: bool) -> _Part:
         # Escaping can lengthen the text, so shorten until the escaped line fits.
         keep = room - len(prefix)
         while keep > 1:
-            line = prefix + md(_clip(excerpt, keep))
+            line = prefix + md(clip(excerpt, keep))
             if len(line) <= room:
                 return line
             keep -= max(1, len(line) - room)
         return prefix + "…"
 
-    return _Part(prefix + md(excerpt), essential, shrink)
+    return Part(prefix + md(excerpt), essential, shrink)
 
 
-def _full_parts(w: _Words, lead: Lead, kind: str) -> list[_Part]:
+def _full_parts(w: _Words, lead: Lead, kind: str) -> list[Part]:
     ref = lead.referral
     team = [_member_name(m) for m in ref.team]
     value = w.money(ref.deal_value, ref.currency) or w._("not stated")
     parts = [
-        _Part(_intro(w, lead, kind)),
-        _Part(""),
-        _Part(w.field(N_("Customer"), md(_clip(ref.customer, CUSTOMER_MAX)))),
-        _Part(w.field(N_("Deal value"), value)),
-        _Part(w.field(N_("Kind"), w.kind(ref))),
-        _Part(w.field(N_("Created"), w.when(ref.created)), essential=False),
-        _Part(w.field(N_("Deadline"), w.when(lead.deadline))),
+        Part(_intro(w, lead, kind)),
+        Part(""),
+        Part(w.field(N_("Customer"), md(clip(ref.customer, CUSTOMER_MAX)))),
+        Part(w.field(N_("Deal value"), value)),
+        Part(w.field(N_("Kind"), w.kind(ref))),
+        Part(w.field(N_("Created"), w.when(ref.created)), essential=False),
+        Part(w.field(N_("Deadline"), w.when(lead.deadline))),
     ]
     if kind == RESOLVED:
-        parts.append(_Part(w.field(N_("Outcome"), w.resolution(lead.resolution))))
+        parts.append(Part(w.field(N_("Outcome"), w.resolution(lead.resolution))))
     else:
-        parts.append(_Part(w.field(N_("Time left"), w.left(lead.remaining(w.now)))))
+        parts.append(Part(w.field(N_("Time left"), w.left(lead.remaining(w.now)))))
     if ref.notes.strip() and kind != RESOLVED:
         parts.append(_notes_part(w, ref.notes, essential=False))
     if ref.solutions or ref.products:
         # a solution and a product often carry the same name: show each name once
         products = w.capped(list(dict.fromkeys([*ref.solutions, *ref.products])))
-        parts.append(_Part(w.field(N_("Products/solutions"), products), essential=False))
+        parts.append(Part(w.field(N_("Products/solutions"), products), essential=False))
     assigned = w.capped(team) if team else w._("nobody assigned")
-    parts.append(_Part(w.field(N_("Assigned team"), assigned), essential=False))
-    parts.append(_Part(w.field(N_("Referral id"), md(ref.id))))
-    parts.extend([_Part(""), _Part(w.open_link(w.link(ref.id)))])
+    parts.append(Part(w.field(N_("Assigned team"), assigned), essential=False))
+    parts.append(Part(w.field(N_("Referral id"), md(ref.id))))
+    parts.extend([Part(""), Part(w.open_link(w.link(ref.id)))])
     return parts
 
 
-def _compact_parts(w: _Words, lead: Lead, kind: str) -> list[_Part]:
+def _compact_parts(w: _Words, lead: Lead, kind: str) -> list[Part]:
     """Teams: the deadline, the customer and the link first; the rest only as space allows."""
     ref = lead.referral
     remaining = lead.remaining(w.now)
@@ -474,16 +258,16 @@ def _compact_parts(w: _Words, lead: Lead, kind: str) -> list[_Part]:
     value = w.money(ref.deal_value, ref.currency)
     team = [_member_name(m) for m in ref.team]
     parts = [
-        _Part(deadline),
-        _Part(w.field(N_("Customer"), md(_clip(ref.customer, COMPACT_CUSTOMER_MAX)))),
-        _Part(w.field(N_("Deal value"), f"{value} · {w.kind(ref)}" if value else w.kind(ref))),
-        _Part(w.field(N_("Assigned team"), w.capped(team, 3) or w._("nobody assigned")), False),
-        _Part(w.field(N_("Referral id"), md(ref.id)), essential=False),
-        _Part(""),
-        _Part(w.open_link(w.link(ref.id))),
+        Part(deadline),
+        Part(w.field(N_("Customer"), md(clip(ref.customer, COMPACT_CUSTOMER_MAX)))),
+        Part(w.field(N_("Deal value"), f"{value} · {w.kind(ref)}" if value else w.kind(ref))),
+        Part(w.field(N_("Assigned team"), w.capped(team, 3) or w._("nobody assigned")), False),
+        Part(w.field(N_("Referral id"), md(ref.id)), essential=False),
+        Part(""),
+        Part(w.open_link(w.link(ref.id))),
     ]
     if ref.notes.strip() and kind != RESOLVED:
-        parts.append(_Part("", essential=False))
+        parts.append(Part("", essential=False))
         parts.append(_notes_part(w, ref.notes, essential=False))
     return parts
 
@@ -493,7 +277,7 @@ def _default_alert(w: _Words, lead: Lead, kind: str, reserve: int = 0) -> Messag
     title = _alert_title(w, lead, kind)
     parts = _compact_parts(w, lead, kind) if w.style.compact else _full_parts(w, lead, kind)
     limit = None if w.style.max_length is None else w.style.max_length - reserve
-    return Message(title, _fit(title, parts, limit))
+    return Message(title, fit(title, parts, limit))
 
 
 def render_alert(
@@ -508,13 +292,13 @@ def render_alert(
         return default
     try:
         context = _template_context(w, lead, tier)
-        title = _render_template(tier.title, context) if tier.title else default.title
-        body = _render_template(tier.body, context) if tier.body else default.body
+        title = render_template(tier.title, context) if tier.title else default.title
+        body = render_template(tier.body, context) if tier.body else default.body
     except Exception:  # a broken override must never cost the reminder itself
         return _with_template_note(w, lead)
     title = _title(title) or default.title
     budget = None if style.max_length is None else style.max_length - len(title)
-    return Message(title, body.strip() if budget is None else _cut(body.strip(), budget))
+    return Message(title, body.strip() if budget is None else cut(body.strip(), budget))
 
 
 def _with_template_note(w: _Words, lead: Lead) -> Message:
@@ -551,10 +335,10 @@ def _digest_line(w: _Words, lead: Lead, kind: str) -> str:
     ref = lead.referral
     remaining = lead.remaining(w.now)
     if w.style.compact:
-        customer = md(_clip(ref.customer, 40))
+        customer = md(clip(ref.customer, 40))
         status = w.resolution(lead.resolution) if kind == RESOLVED else w.left(remaining)
         return f"- **{customer}** · {status}"
-    pieces = [f"**{md(_clip(ref.customer, 80))}**"]
+    pieces = [f"**{md(clip(ref.customer, 80))}**"]
     value = w.money(ref.deal_value, ref.currency)
     if value:
         pieces.append(value)
@@ -610,7 +394,7 @@ def render_digest(
             break
         shown.append(line)
     body = "\n".join([*head, *shown, *_digest_footer(w, len(lines) - len(shown) + more)])
-    return Message(title, body if budget is None else _cut(body, budget))
+    return Message(title, body if budget is None else cut(body, budget))
 
 
 # --- test, operations and report wording ------------------------------------------------------
@@ -619,8 +403,8 @@ def render_digest(
 def _plain(title: str, paragraphs: Sequence[str], style: Style) -> Message:
     """Short notices: one paragraph per line (a single newline is not a break everywhere)."""
     title = _title(title)
-    parts = [_Part(p + "\n") for p in paragraphs[:-1]] + [_Part(p) for p in paragraphs[-1:]]
-    return Message(title, _fit(title, parts, style.max_length))
+    parts = [Part(p + "\n") for p in paragraphs[:-1]] + [Part(p) for p in paragraphs[-1:]]
+    return Message(title, fit(title, parts, style.max_length))
 
 
 def render_test(channel: str, now: datetime, style: Style) -> Message:
@@ -709,7 +493,7 @@ def render_ops(
 
 def report_headings(locale: str, period: timedelta) -> dict[str, str]:
     """Localized headings for the ``report`` summary (keys are stable, English)."""
-    _ = _translations(locale).gettext
+    _ = translations(locale).gettext
     return {
         "title": _("Partner Center referrals: the last {period}").format(
             period=time_left_text(period, locale)
@@ -740,60 +524,6 @@ def report_headings(locale: str, period: timedelta) -> dict[str, str]:
 
 # --- Jinja2 overrides ------------------------------------------------------------------------
 
-_MAX_REPEAT = 10_000
-
-
-class _Sandbox(SandboxedEnvironment):
-    """The sandbox, also refusing '"x" * 10**9'-style output bombs."""
-
-    intercepted_binops = frozenset({"*", "**"})
-
-    def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
-        if operator == "**" and isinstance(right, int) and abs(right) > 100:
-            raise SecurityError("exponent too large")
-        if operator == "*" and _repeat_size(left, right) > _MAX_REPEAT:
-            raise SecurityError("repetition too large")
-        return super().call_binop(context, operator, left, right)
-
-
-def _repeat_size(left: Any, right: Any) -> int:
-    """The length of a string or list repeated by a number; 0 for plain arithmetic."""
-    for sequence, count in ((left, right), (right, left)):
-        if isinstance(sequence, str | list | tuple) and isinstance(count, int):
-            return len(sequence) * count
-    return 0
-
-
-@lru_cache(maxsize=1)
-def _sandbox() -> SandboxedEnvironment:
-    env = _Sandbox(
-        undefined=StrictUndefined,  # a typo in a variable name is an error check-config shows
-        autoescape=False,  # Markdown, not HTML: user text is escaped with the md filter
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-    env.filters["md"] = md
-    return env
-
-
-@lru_cache(maxsize=256)
-def _template(source: str) -> Template:
-    return _sandbox().from_string(source)
-
-
-def _render_template(source: str, context: dict[str, Any]) -> str:
-    return _template(source).render(context)
-
-
-def _as_decimal(value: Any) -> Decimal | None:
-    if value is None or value == "" or isinstance(value, bool):
-        return None
-    try:
-        return Decimal(str(value).replace(",", ""))
-    except InvalidOperation:
-        return None
-
-
 _LEAD_VALUE = object()  # money() without arguments: the lead's own deal value
 
 
@@ -802,7 +532,7 @@ def _template_context(w: _Words, lead: Lead, tier: TierConfig | None) -> dict[st
     remaining = lead.remaining(w.now)
 
     def money(amount: Any = _LEAD_VALUE, currency: str | None = None) -> str:
-        value = ref.deal_value if amount is _LEAD_VALUE else _as_decimal(amount)
+        value = ref.deal_value if amount is _LEAD_VALUE else as_decimal(amount)
         return w.money(value, ref.currency if currency is None else str(currency))
 
     def when(moment: Any = None) -> str:
@@ -883,24 +613,12 @@ def _sample_leads() -> list[Lead]:
 
 
 def _template_problem(source: str, tier: TierConfig, styles: Sequence[Style]) -> str | None:
-    try:
-        _template(source)
-    except TemplateSyntaxError as exc:
-        return f"line {exc.lineno}: {exc.message}"
-    for style in styles:
-        w = _Words(style, _SAMPLE_NOW)
-        for lead in _sample_leads():
-            try:
-                text = _render_template(source, _template_context(w, lead, tier))
-            except SecurityError as exc:
-                return f"unsafe template: {exc}"
-            except TemplateError as exc:
-                return str(exc.message or exc)
-            except Exception as exc:  # helpers misused, arithmetic on a missing value...
-                return f"{type(exc).__name__}: {exc}"
-            if not text.strip():
-                return "renders as empty text"
-    return None
+    contexts = (
+        _template_context(_Words(style, _SAMPLE_NOW), lead, tier)
+        for style in styles
+        for lead in _sample_leads()
+    )
+    return template_problem(source, contexts)
 
 
 def check_templates(config: Config) -> list[str]:

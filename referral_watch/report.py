@@ -29,15 +29,11 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from referral_watch.channels import Style
+from referral_watch.i18n import money_text, time_left_text, when_text
 from referral_watch.model import ANSWERS, Lead, Message
-from referral_watch.render import (
-    Style,
-    md,
-    money_text,
-    report_headings,
-    time_left_text,
-    when_text,
-)
+from referral_watch.render import report_headings
+from referral_watch.text import Part, clip, columns, fit, iso_utc, md
 
 __all__ = [
     "CSV_COLUMNS",
@@ -251,7 +247,7 @@ def _urgent_lines(w: _Wording, s: Summary, limit: int, compact: bool) -> list[st
     lines = []
     for line in s.most_urgent[:limit]:
         width = 40 if compact else 80
-        pieces = [f"**{md(_clip(line.customer, width))}**"]
+        pieces = [f"**{md(clip(line.customer, width))}**"]
         value = w.money(line.deal_value, line.currency)
         if value and not compact:
             pieces.append(value)
@@ -268,7 +264,7 @@ def _answered_part(w: _Wording, s: Summary) -> str:
 def _expired_lines(w: _Wording, s: Summary) -> list[str]:
     lines = []
     for line in s.expired[:LIST_MAX]:
-        pieces = [f"**{md(_clip(line.customer, 80))}**"]
+        pieces = [f"**{md(clip(line.customer, 80))}**"]
         value = w.money(line.deal_value, line.currency)
         if value:
             pieces.append(value)
@@ -312,8 +308,8 @@ def _full_body(w: _Wording, s: Summary) -> str:
     return "\n\n".join(parts)
 
 
-def _compact_parts(w: _Wording, s: Summary) -> list[tuple[str, bool]]:
-    """(paragraph, essential) pairs; optional ones are dropped when the channel is short."""
+def _compact_parts(w: _Wording, s: Summary) -> list[Part]:
+    """The paragraphs; optional ones are dropped when the channel is short."""
     h = w.heads
     answered = f"**{h['answered']}:** {_answered_part(w, s)}"
     if s.median_answer is not None:
@@ -322,35 +318,12 @@ def _compact_parts(w: _Wording, s: Summary) -> list[tuple[str, bool]]:
     if len(s.per_assignee) > COMPACT_TOP:
         assignees += ", " + w.heads["more"].format(count=len(s.per_assignee) - COMPACT_TOP)
     return [
-        (_open_part(w, s), True),
-        (f"**{h['expired']}:** {len(s.expired)}", True),
-        (answered, True),
-        (f"**{h['open']}**\n\n" + "\n".join(_urgent_lines(w, s, COMPACT_TOP, True)), False),
-        (f"**{h['assignees']}:** {assignees or h['none']}", False),
+        Part(_open_part(w, s)),
+        Part(f"**{h['expired']}:** {len(s.expired)}"),
+        Part(answered),
+        Part(f"**{h['open']}**\n\n" + "\n".join(_urgent_lines(w, s, COMPACT_TOP, True)), False),
+        Part(f"**{h['assignees']}:** {assignees or h['none']}", False),
     ]
-
-
-def _fit(title: str, parts: Sequence[tuple[str, bool]], max_length: int | None) -> str:
-    """Essential paragraphs always, optional ones while title + body stay within max_length."""
-    budget = None if max_length is None else max_length - len(title)
-
-    def joined(keep: Sequence[bool]) -> str:
-        return "\n\n".join(text for (text, _), kept in zip(parts, keep, strict=True) if kept)
-
-    keep = [essential for _, essential in parts]
-    for index, (_, essential) in enumerate(parts):
-        trial = [*keep[:index], True, *keep[index + 1 :]]
-        if not essential and (budget is None or len(joined(trial)) <= budget):
-            keep = trial
-    body = joined(keep)
-    if budget is not None and len(body) > budget:  # a last resort: essentials alone too long
-        body = body[: max(0, budget - 1)].rstrip().rstrip("\\") + "…"
-    return body
-
-
-def _clip(text: str, limit: int) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[: limit - 1].rstrip() + "…"
 
 
 def report_message(summary: Summary, style: Style, compact: bool | None = None) -> Message:
@@ -363,7 +336,7 @@ def report_message(summary: Summary, style: Style, compact: bool | None = None) 
         if style.max_length is None or len(title) + len(body) <= style.max_length:
             return Message(title, body)
         # Too long for the channel (Slack): the short form, rather than a report cut mid-list.
-    return Message(title, _fit(title, _compact_parts(w, summary), style.max_length))
+    return Message(title, fit(title, _compact_parts(w, summary), style.max_length, "\n\n"))
 
 
 # --- command-line formats (English) ----------------------------------------------------------
@@ -384,13 +357,7 @@ def _cli_time(moment: datetime, timezone: str) -> str:
 
 
 def _rows(rows: Sequence[Sequence[str]], indent: str = "  ") -> list[str]:
-    if not rows:
-        return [f"{indent}(none)"]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return [
-        (indent + "  ".join(cell.ljust(wd) for cell, wd in zip(row, widths, strict=True))).rstrip()
-        for row in rows
-    ]
+    return columns(rows, indent) or [f"{indent}(none)"]
 
 
 def format_text(summary: Summary, timezone: str = "UTC") -> str:
@@ -416,7 +383,7 @@ def format_text(summary: Summary, timezone: str = "UTC") -> str:
         *_rows(
             [
                 (
-                    _clip(x.customer, 40),
+                    clip(x.customer, 40),
                     money_text(x.deal_value, x.currency, CLI_LOCALE) or "-",
                     time_left_text(x.deadline - s.now, CLI_LOCALE),
                 )
@@ -436,7 +403,7 @@ def format_text(summary: Summary, timezone: str = "UTC") -> str:
         *_rows(
             [
                 (
-                    _clip(x.customer, 40),
+                    clip(x.customer, 40),
                     money_text(x.deal_value, x.currency, CLI_LOCALE) or "-",
                     f"deadline {_cli_time(x.deadline, timezone)}",
                 )
@@ -452,10 +419,6 @@ def format_text(summary: Summary, timezone: str = "UTC") -> str:
 
 def _cli_span(value: timedelta | None) -> str:
     return time_left_text(value, CLI_LOCALE) if value is not None else "-"
-
-
-def _iso(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _seconds(value: timedelta | None) -> int | None:
@@ -474,7 +437,7 @@ def _lead_json(line: LeadLine, now: datetime) -> dict[str, Any]:
         "customer": line.customer,
         "deal_value": _number(line.deal_value),
         "currency": line.currency or None,
-        "deadline": _iso(line.deadline),
+        "deadline": iso_utc(line.deadline),
         "remaining_seconds": _seconds(line.deadline - now),
     }
 
@@ -484,8 +447,8 @@ def as_json(summary: Summary) -> dict[str, Any]:
     s = summary
     return {
         "version": JSON_VERSION,
-        "period_start": _iso(s.start),
-        "period_end": _iso(s.now),
+        "period_start": iso_utc(s.start),
+        "period_end": iso_utc(s.now),
         "period_seconds": _seconds(s.period),
         "open": {
             "total": s.open_total,
@@ -540,7 +503,7 @@ def format_csv(summary: Summary) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
-    start, end = _iso(summary.start), _iso(summary.now)
+    start, end = iso_utc(summary.start), iso_utc(summary.now)
     for metric, key, value in _csv_facts(summary):
         writer.writerow((start, end, metric, key, "" if value is None else value))
     return out.getvalue()

@@ -8,9 +8,10 @@ from zoneinfo import ZoneInfo
 
 from referral_watch import policy
 from referral_watch.config import Config
+from referral_watch.i18n import money_text, time_left_text
 from referral_watch.model import Lead
-from referral_watch.render import money_text, time_left_text
 from referral_watch.store import PollRecord
+from referral_watch.text import columns, iso_utc
 
 # CLI output stays English whatever the alert locale.
 CLI_LOCALE = "en-US"
@@ -42,7 +43,7 @@ def as_json(lead: Lead, now: datetime) -> dict[str, Any]:
 
 
 def _iso(moment: datetime | None) -> str | None:
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ") if moment else None
+    return iso_utc(moment) if moment else None
 
 
 def table(leads: list[Lead], config: Config, now: datetime, last: PollRecord | None) -> str:
@@ -67,11 +68,7 @@ def table(leads: list[Lead], config: Config, now: datetime, last: PollRecord | N
                 state or "-",
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = [
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-        for row in rows
-    ]
+    lines = columns(rows)
     watched = sum(1 for lead in leads if lead.resolution is None)
     lines.append("")
     lines.append(f"{watched} lead(s) waiting for an answer; times in {config.messages.timezone}.")

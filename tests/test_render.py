@@ -754,6 +754,9 @@ def test_size_limits_always_hold(
         ),
         ("slack://TokenA/TokenB/TokenC/#sales", False, SLACK_MAX),
         ("https://hooks.slack.com/services/T000/B000/XXXX", False, SLACK_MAX),
+        # render and delivery once disagreed on these two (issue 13 item 4): one rule now
+        ("https://prod-1.westeurope.powerautomate.com/workflows/abc/x?sig=s", True, TEAMS_MAX),
+        ("https://hooks.slack-gov.com/services/T000/B000/XXXX", False, SLACK_MAX),
         ("mailtos://user:pass@smtp.example.com?to=a@example.com", False, None),
         ("json://127.0.0.1:9/hook", False, None),
         ("https://example.com/logic.azure.com", False, None),
@@ -972,13 +975,15 @@ def test_sandbox_escape_fails_safely_at_send_time() -> None:
 # --- the catalogs ----------------------------------------------------------------------------
 
 _PLACEHOLDER = re.compile(r"\{(\w*)\}")
+WORDING_MODULES = ("render.py", "i18n.py")  # where msgids live
 
 
 def source_messages() -> set[str | tuple[str, ...]]:
-    """Every msgid render.py uses, as Babel's extractor (pybabel extract) finds them."""
+    """Every msgid the wording modules use, as Babel's extractor (pybabel extract) finds them."""
     found: set[str | tuple[str, ...]] = set()
-    for _, message, _, _ in extract_from_file("python", str(PACKAGE / "render.py")):
-        found.add(message if isinstance(message, str) else tuple(message))
+    for module in WORDING_MODULES:
+        for _, message, _, _ in extract_from_file("python", str(PACKAGE / module)):
+            found.add(message if isinstance(message, str) else tuple(message))
     return found
 
 
@@ -1007,7 +1012,7 @@ def catalog_problems(catalog: Catalog, wanted: set[str | tuple[str, ...]]) -> li
             elif set(_PLACEHOLDER.findall(text)) != placeholders:
                 problems.append(f"{key!r}: placeholders {_PLACEHOLDER.findall(text)}")
     problems += [f"{key!r}: missing from the catalog" for key in wanted - present]
-    problems += [f"{key!r}: not used by render.py" for key in present - wanted]
+    problems += [f"{key!r}: not used by the wording modules" for key in present - wanted]
     return problems
 
 
@@ -1087,3 +1092,18 @@ team = "json://127.0.0.1:9/hook"
     assert [t.name for t in config.policy.tiers] == ["new", "final"]  # by severity
     (problem,) = check_templates(config)
     assert problem.startswith("policy.tiers[0].title: 'custmer' is undefined")
+
+
+def test_the_wording_modules_stay_pure() -> None:
+    """render and its parts import no I/O library (STYLE: the pure core), checked in a fresh
+    interpreter so another test's imports cannot hide one."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import referral_watch.render, referral_watch.report;"
+        "bad = {'apprise', 'httpx', 'sqlite3', 'structlog', 'msal'} & set(sys.modules);"
+        "print(sorted(bad))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
