@@ -19,6 +19,7 @@ import json
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -178,6 +179,9 @@ class _Fault:
     delay: float
     truncate: bool
     hang: bool
+    kind: str | None = None  # one of STREAM_FAULTS: a hostile body instead of an answer
+    size: int = 0  # "huge": bytes in the page
+    headers: dict[str, str] | None = None  # extra headers; "{token}" becomes the caller's token
 
     def matches(self, on: str, page: int | None) -> bool:
         return self.on == on and (self.page is None or self.page == page)
@@ -322,18 +326,31 @@ class Sandbox:
         delay: float = 0.0,
         truncate: bool = False,
         hang: bool = False,
+        kind: str | None = None,
+        size: int = 200 * 1024 * 1024,
+        headers: dict[str, str] | None = None,
     ) -> None:
         """Queue a fault for the next ``times`` matching requests (``on`` = "list" or "item").
 
         status 0 serves a 200 with ``body`` as is; ``truncate`` promises more bytes than it sends;
-        ``hang`` never answers until stop().
+        ``hang`` never answers until stop(). ``kind`` serves a hostile 200 instead (see
+        STREAM_FAULTS): "huge" (a valid page of ``size`` bytes), "gzip_bomb" (a small gzip body
+        that inflates without end), "endless_body" (a chunked page that never ends),
+        "endless_next" (every page links to a new next page), "slowloris" (one byte every
+        ``delay`` seconds). ``headers`` are added to the answer ("{token}" in a value becomes
+        the caller's bearer token, as a careless server might echo it).
         """
         if on not in ("list", "item"):
             raise ValueError(f"on must be 'list' or 'item', not {on!r}")
+        if kind is not None and kind not in STREAM_FAULTS:
+            raise ValueError(f"kind must be one of {', '.join(STREAM_FAULTS)}, not {kind!r}")
         with self._lock:
             self._faults.append(
-                _Fault(status, times, on, page, retry_after, body, delay, truncate, hang)
-            )
+                _Fault(
+                    status, times, on, page, retry_after, body, delay, truncate, hang,
+                    kind, size, headers,
+                )
+            )  # fmt: skip
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -528,6 +545,10 @@ class _Handler(BaseHTTPRequestHandler):
             stopping.wait()
             self.close_connection = True
             return True
+        if fault.kind is not None:
+            _StreamFault(self, fault).serve()
+            self.close_connection = True
+            return True
         if fault.delay:
             stopping.wait(fault.delay)
         status = fault.status or 200
@@ -538,7 +559,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             code = _ERROR_CODES.get(status, "error")
             body = _error_body(code, f"Injected fault: {status} {code}.")
-        extra = {}
+        extra = {k: v.replace("{token}", self._token()) for k, v in (fault.headers or {}).items()}
         if fault.retry_after is not None:
             seconds = fault.retry_after
             extra["Retry-After"] = str(int(seconds)) if seconds == int(seconds) else str(seconds)
@@ -548,6 +569,9 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(status, body, extra)
         return True
+
+    def _token(self) -> str:
+        return self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
 
     def _send(
         self,
@@ -566,6 +590,76 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
         self.wfile.flush()
+
+
+STREAM_FAULTS = ("huge", "gzip_bomb", "endless_body", "endless_next", "slowloris")
+
+
+class _StreamFault:
+    """A hostile 200 answer, written as a chunked body until the client gives up (or the
+    sandbox stops): what a broken proxy or a malicious endpoint could send."""
+
+    def __init__(self, handler: _Handler, fault: _Fault) -> None:
+        self.handler = handler
+        self.fault = fault
+        self.stopping = handler.sandbox._stopping
+
+    def serve(self) -> None:
+        kind = self.fault.kind
+        headers = {"Transfer-Encoding": "chunked"}
+        if kind == "gzip_bomb":
+            headers["Content-Encoding"] = "gzip"
+        handler = self.handler
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json; charset=utf-8")
+        for name, value in headers.items():
+            handler.send_header(name, value)
+        handler.end_headers()
+        try:
+            for chunk in getattr(self, f"_{kind}")():
+                if self.stopping.is_set():
+                    return
+                if chunk:
+                    handler.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    handler.wfile.flush()
+            handler.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            pass  # the client hung up: that is what it should do
+
+    def _huge(self) -> Iterator[bytes]:
+        yield b'{"value": ['
+        created = datetime.now(UTC) - timedelta(hours=1)
+        sent, first = 11, True
+        while sent < self.fault.size:
+            record = make_referral(created=created, customer="Huge Page Customer")
+            chunk = (b"" if first else b",") + json.dumps(record).encode()
+            first = False
+            sent += len(chunk)
+            yield chunk
+        yield b"]}"
+
+    def _gzip_bomb(self) -> Iterator[bytes]:
+        packer = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS | 16)
+        yield packer.compress(b'{"value": [') + packer.flush(zlib.Z_SYNC_FLUSH)
+        spaces = b" " * (1 << 20)  # JSON whitespace: 1 MiB inflates from about 1 KiB
+        while True:
+            yield packer.compress(spaces) + packer.flush(zlib.Z_SYNC_FLUSH)
+
+    def _endless_body(self) -> Iterator[bytes]:
+        yield b'{"value": ['
+        created = datetime.now(UTC) - timedelta(hours=1)
+        record = json.dumps(make_referral(created=created, customer="Endless Customer")).encode()
+        while True:
+            yield (record + b",") * 64
+
+    def _endless_next(self) -> Iterator[bytes]:
+        link = f"{self.handler.sandbox._link_base()}/engagements/referrals?chain={uuid.uuid4()}"
+        yield json.dumps({"value": [], "@odata.nextLink": link}).encode()
+
+    def _slowloris(self) -> Iterator[bytes]:
+        yield b"{"
+        while not self.stopping.wait(self.fault.delay or 1.0):
+            yield b" "
 
 
 # --- standalone ----------------------------------------------------------------------------

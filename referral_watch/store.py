@@ -6,6 +6,7 @@ Times are stored as ISO-8601 UTC strings of one fixed width, so text order is ti
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -28,7 +29,7 @@ from referral_watch.model import (
     parse_referral,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 MIGRATIONS: dict[int, str] = {
     1: """
@@ -103,7 +104,27 @@ MIGRATIONS: dict[int, str] = {
     CREATE INDEX webhook_events_pending ON webhook_events (state) WHERE state = 'pending';
     CREATE INDEX webhook_events_by_received ON webhook_events (received);
     """,
+    # Records set aside because they failed on their way (parse, deadline, store, render,
+    # send): one row per record, keyed by its id (or "record:<hash>" when it has none).
+    # Outbox rows that cannot be rendered get the state 'quarantined' (no new column).
+    3: """
+    CREATE TABLE quarantine (
+        key TEXT PRIMARY KEY,
+        lead_id TEXT,
+        stage TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        raw TEXT,
+        first_seen TEXT NOT NULL,
+        last_seen TEXT NOT NULL,
+        notified INTEGER NOT NULL DEFAULT 0
+    );
+    """,
 }
+
+# The stages a record can fail in, in the order it goes through them.
+STAGES = ("parse", "deadline", "store", "render", "send")
+# Characters of a quarantined record's JSON kept for a support case.
+QUARANTINE_RAW_LIMIT = 4096
 
 
 def ts(moment: datetime) -> str:
@@ -130,6 +151,20 @@ class WebhookEvent:
 
 
 @dataclass(frozen=True)
+class Quarantined:
+    """A record set aside: which one, where on its way it failed, and why."""
+
+    key: str  # the referral id, or "record:<hash>" for a record without a usable id
+    lead_id: str | None
+    stage: str  # one of STAGES
+    reason: str
+    first_seen: datetime
+    last_seen: datetime
+    notified: bool = False
+    raw: str | None = None  # the start of the record's JSON
+
+
+@dataclass(frozen=True)
 class PollRecord:
     started: datetime
     finished: datetime
@@ -151,7 +186,9 @@ class Store:
                 f"state file {path} does not exist yet: run `referral-watch run --once` first"
             )
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            private_folder(path.parent)
+            if create:
+                _create_private(path)  # SQLite gives the WAL and SHM files the same mode
             self.db = sqlite3.connect(path, isolation_level=None, timeout=30)
         except (sqlite3.DatabaseError, OSError) as exc:
             raise StateError(f"cannot open state file {path}: {exc}") from None
@@ -458,6 +495,7 @@ class Store:
                 "DELETE FROM webhook_events WHERE state != 'pending' AND received < ?",
                 (ts(now - WEBHOOK_KEYS_KEPT),),
             )
+            self.db.execute("DELETE FROM quarantine WHERE last_seen < ?", (cutoff,))
         return len(gone)
 
     # --- silences -----------------------------------------------------------------------
@@ -624,6 +662,81 @@ class Store:
             )
         return dropped
 
+    # --- quarantine ---------------------------------------------------------------------
+
+    def quarantine(
+        self,
+        key: str,
+        stage: str,
+        reason: str,
+        now: datetime,
+        *,
+        lead_id: str | None = None,
+        raw: str | None = None,
+    ) -> bool:
+        """Set a record aside (or note that it is still bad); True when it is new here, so
+        operations hear about it once. Works inside a transaction or alone."""
+        seen = ts(now)
+        row = self.db.execute(
+            """INSERT INTO quarantine (key, lead_id, stage, reason, raw, first_seen, last_seen)
+               VALUES (?, ?, ?, ?, ?, ?, ?)
+               ON CONFLICT (key) DO UPDATE SET stage = excluded.stage,
+                   reason = excluded.reason, raw = COALESCE(excluded.raw, raw),
+                   last_seen = excluded.last_seen
+               RETURNING first_seen""",
+            (key, lead_id, stage, reason[:500], _clip_raw(raw), seen, seen),
+        ).fetchone()
+        return bool(row[0] == seen)
+
+    def release(self, keys: Iterable[str], stages: Collection[str] = STAGES) -> int:
+        """Take records out of quarantine (they went through now); returns how many were in."""
+        marks = ",".join("?" * len(stages))
+        released = 0
+        for key in keys:
+            cursor = self.db.execute(
+                f"DELETE FROM quarantine WHERE key = ? AND stage IN ({marks})", (key, *stages)
+            )
+            released += cursor.rowcount
+        return released
+
+    def quarantined(self, *, unnotified: bool = False) -> list[Quarantined]:
+        """Records set aside, oldest first (only those operations have not heard of yet)."""
+        where = "WHERE notified = 0" if unnotified else ""
+        rows = self.db.execute(f"SELECT * FROM quarantine {where} ORDER BY first_seen, key")
+        return [
+            Quarantined(
+                key=row["key"],
+                lead_id=row["lead_id"],
+                stage=row["stage"],
+                reason=row["reason"],
+                first_seen=datetime.fromisoformat(row["first_seen"]),
+                last_seen=datetime.fromisoformat(row["last_seen"]),
+                notified=bool(row["notified"]),
+                raw=row["raw"],
+            )
+            for row in rows
+        ]
+
+    def quarantined_keys(self) -> set[str]:
+        return {row[0] for row in self.db.execute("SELECT key FROM quarantine")}
+
+    def mark_quarantine_notified(self, keys: Iterable[str]) -> None:
+        self.db.executemany(
+            "UPDATE quarantine SET notified = 1 WHERE key = ?", [(key,) for key in keys]
+        )
+
+    def set_aside(self, row_ids: Sequence[int], reason: str) -> None:
+        """Outbox rows whose message cannot be made: never retried, never pending forever."""
+        self.db.executemany(
+            "UPDATE outbox SET state = 'quarantined', last_error = ? "
+            "WHERE id = ? AND state = 'pending'",
+            [(reason[:500], row_id) for row_id in row_ids],
+        )
+
+    def oldest_pending(self) -> datetime | None:
+        row = self.db.execute("SELECT min(created) FROM outbox WHERE state = 'pending'").fetchone()
+        return from_ts(row[0])
+
     def row_summary(self, row_id: int) -> dict[str, Any]:
         row = self.db.execute("SELECT * FROM outbox WHERE id = ?", (row_id,)).fetchone()
         return dict(row) if row else {}
@@ -776,6 +889,10 @@ class LeadOutlines(Mapping[str, Lead]):
         return len(self.rows)
 
 
+def _clip_raw(raw: str | None) -> str | None:
+    return raw if raw is None or len(raw) <= QUARANTINE_RAW_LIMIT else raw[:QUARANTINE_RAW_LIMIT]
+
+
 def _chunks(items: Sequence[str], size: int = 500) -> list[Sequence[str]]:
     """Pieces small enough for SQLite's limit on bound parameters."""
     return [items[i : i + size] for i in range(0, len(items), size)]
@@ -836,6 +953,24 @@ def _explain(path: Path, exc: sqlite3.Error) -> str:
     return f"state file {path}: {text}"
 
 
+def private_folder(folder: Path) -> None:
+    """Create the state folder (and missing parents) readable by the service user only:
+    the state holds customer names and deal values. An existing folder is left as it is."""
+    if not folder.exists():
+        folder.mkdir(parents=True, mode=0o700, exist_ok=True)
+        folder.chmod(0o700)  # mkdir's mode is filtered by the umask
+
+
+def _create_private(path: Path) -> None:
+    """Create an empty file 0600 unless it exists (whatever the umask)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    os.fchmod(fd, 0o600)
+    os.close(fd)
+
+
 class InstanceLock:
     """A lock file beside the state file keeping a second process off the same state."""
 
@@ -843,8 +978,8 @@ class InstanceLock:
         import filelock
 
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = filelock.FileLock(str(path), timeout=0)
+        private_folder(path.parent)
+        self._lock = filelock.FileLock(str(path), timeout=0, mode=0o600)
         self._timeout = filelock.Timeout
 
     def acquire(self) -> None:

@@ -140,3 +140,56 @@ def test_second_process_is_refused_by_the_lock(tmp_path: Path) -> None:
             InstanceLock(lock_path).acquire()
     after = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert after.returncode == 0
+
+
+def test_a_file_from_before_the_quarantine_gains_it_and_keeps_its_leads(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    with Store(path) as store, store.transaction():
+        store.upsert([parse_referral(referral("old-lead"))], deadline, NOW)
+    db = sqlite3.connect(path)
+    db.execute("DROP TABLE quarantine")
+    db.execute("PRAGMA user_version = 2")  # webhook events, no quarantine yet
+    db.commit()
+    db.close()
+    with Store(path) as store:
+        assert [lead.id for lead in store.leads()] == ["old-lead"]
+        assert store.quarantine("bad-1", "parse", "no createdDateTime", NOW, lead_id="bad-1")
+        version = store.db.execute("PRAGMA user_version").fetchone()[0]
+    assert version == SCHEMA_VERSION == 3
+
+
+def test_a_quarantined_record_is_new_once_and_released_when_it_goes_through(
+    tmp_path: Path,
+) -> None:
+    with Store(tmp_path / "state.db") as store:
+        assert store.quarantine("bad-1", "parse", "first reason", NOW, raw="x" * 10_000)
+        assert not store.quarantine("bad-1", "store", "second reason", NOW + WINDOW)
+        (item,) = store.quarantined()
+        assert (item.key, item.stage, item.reason) == ("bad-1", "store", "second reason")
+        assert (item.first_seen, item.last_seen) == (NOW, NOW + WINDOW)
+        assert item.raw is not None and len(item.raw) == 4096
+        assert [q.key for q in store.quarantined(unnotified=True)] == ["bad-1"]
+        store.mark_quarantine_notified(["bad-1"])
+        assert store.quarantined(unnotified=True) == []
+        assert store.release(["bad-1"], stages=("render",)) == 0  # failed elsewhere: kept
+        assert store.release(["bad-1"]) == 1
+        assert store.quarantined() == []
+
+
+def test_state_file_wal_lock_and_folder_are_private_under_umask_022(tmp_path: Path) -> None:
+    folder = tmp_path / "new" / "state"
+    code = (
+        "import os, sys; from pathlib import Path; os.umask(0o022)\n"
+        "from referral_watch.store import InstanceLock, Store\n"
+        "folder = Path(sys.argv[1])\n"
+        "with InstanceLock(folder / 'state.db.lock'), Store(folder / 'state.db') as store:\n"
+        "    store.set_meta('k', 'v')\n"
+        "    files = [folder, *sorted(folder.iterdir())]\n"
+        "    print(' '.join(oct(p.stat().st_mode & 0o777) for p in files))\n"
+        "    print(' '.join(p.name for p in files[1:]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(folder)], capture_output=True, text=True, check=True
+    ).stdout.split("\n")
+    assert out[1] == "state.db state.db-shm state.db-wal state.db.lock"
+    assert out[0] == "0o700 0o600 0o600 0o600 0o600"
