@@ -12,9 +12,8 @@ import socket
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 import structlog
@@ -27,6 +26,9 @@ from referral_watch.model import Lead, Message
 from referral_watch.ops import healthy
 from referral_watch.report import report_message, summarize
 from referral_watch.store import InstanceLock, Store, from_ts, ts
+
+if TYPE_CHECKING:
+    from referral_watch.web.server import WebServer
 
 log = structlog.get_logger(__name__)
 
@@ -101,7 +103,7 @@ class Daemon:
         self.stop = threading.Event()
         self.metrics = Metrics()
         self.last_success: datetime | None = None
-        self.server: ThreadingHTTPServer | None = None
+        self.server: WebServer | None = None
         self._api: Any = None
         self._sender: Any = None
         self._scheduler: Any = None
@@ -366,57 +368,26 @@ class Daemon:
             self._schedule(self._scheduler)
         log.info("config.reloaded")
 
-    # --- the health and metrics server ---------------------------------------------------
+    # --- the web server: /healthz, /metrics, the console -------------------------------
+
+    def web_routes(self) -> list[Any]:
+        """Routes other parts add to the web app (see referral_watch.web.app.build_app)."""
+        return []
 
     def _start_server(self) -> None:
         if self.config.server is None:
             return
-        daemon = self
+        from referral_watch.web.app import build_app
+        from referral_watch.web.server import WebServer
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                import json
-
-                if self.path.split("?")[0] == "/healthz":
-                    ok, body = daemon.health()
-                    self._answer(200 if ok else 503, "application/json", json.dumps(body).encode())
-                elif self.path.split("?")[0] == "/metrics":
-                    from prometheus_client import CONTENT_TYPE_LATEST
-
-                    self._answer(200, CONTENT_TYPE_LATEST, daemon.metrics.render())
-                else:
-                    self._answer(404, "text/plain", b"not found: try /healthz or /metrics\n")
-
-            def _answer(self, status: int, content_type: str, body: bytes) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *_: Any) -> None:
-                pass
-
-        server_cfg = self.config.server
-        family = socket.AF_INET6 if ":" in server_cfg.host else socket.AF_INET
-
-        class Server(ThreadingHTTPServer):
-            address_family = family
-            daemon_threads = True
-
-        try:
-            self.server = Server((server_cfg.host, server_cfg.port), Handler)
-        except OSError as exc:
-            raise ReferralWatchError(
-                f"cannot listen on {server_cfg.listen} ([server] listen): {exc.strerror}"
-            ) from None
-        threading.Thread(target=self.server.serve_forever, name="http", daemon=True).start()
-        log.info("server.listening", listen=server_cfg.listen)
+        server = WebServer(build_app(self, routes=self.web_routes()), self.config.server)
+        server.start()
+        self.server = server
 
     def _stop_server(self) -> None:
         if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
+            self.server.stop()
+            self.server = None
 
 
 # --- cron -----------------------------------------------------------------------------------

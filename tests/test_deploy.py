@@ -308,6 +308,8 @@ def test_the_unit_keeps_the_daemon_contract() -> None:
     # the state lives where the config's default (and the example) put it
     assert f"/var/lib/{service['StateDirectory'][0]}" == str(StateConfig().path.parent)
     assert read_unit(UNIT)["Install"]["WantedBy"] == ["multi-user.target"]
+    # more than systemd's default 1024 descriptors (the web server caps its own at 100)
+    assert int(service["LimitNOFILE"][0]) >= 4096
 
 
 def test_the_unit_is_hardened() -> None:

@@ -1,0 +1,116 @@
+"""The daemon's ASGI application (Starlette): /healthz, /metrics, and everything else.
+
+``build_app(host, routes=...)`` is the one place the app is put together. Other parts of
+referral-watch join it by passing their own Starlette routes (the webhook receiver, the answer
+pages): they are matched before the built-in ones, and every response still gets the security
+headers and the same 404 page.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any, Protocol
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from referral_watch.config import Config
+
+# Nothing is loaded from elsewhere: scripts, styles and images come only from this server.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+SECURITY_HEADERS = (
+    (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"same-origin"),
+    (b"x-frame-options", b"DENY"),
+)
+
+
+class Host(Protocol):
+    """What the app needs from the daemon (tests pass a real Daemon that is not serving)."""
+
+    config: Config
+    clock: Callable[[], datetime]
+    metrics: Any  # referral_watch.daemon.Metrics: its .registry is served at /metrics
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """The health verdict and its JSON body: the same one `status --check` gives."""
+        ...
+
+
+def build_app(host: Host, routes: Sequence[BaseRoute] = ()) -> Starlette:
+    """The whole web app for one daemon.
+
+    ``routes``: extra Starlette routes (``Route``, ``Mount``) from other parts, e.g.
+    ``build_app(daemon, routes=[Route("/webhooks/partner-center", receive, methods=["POST"])])``.
+    They come first, so they win over the console's own paths; they may read ``request.app.state
+    .host`` for the daemon (its config, clock, health). ``/healthz`` and ``/metrics`` never need a
+    sign-in.
+    """
+    app = Starlette(
+        routes=[*routes, *_operations_routes(host)],
+        exception_handlers={HTTPException: _http_error},
+    )
+    app.state.host = host
+    app.add_middleware(SecurityHeaders)
+    return app
+
+
+def _operations_routes(host: Host) -> list[BaseRoute]:
+    from prometheus_client import make_asgi_app
+
+    def healthz(_: Request) -> Response:
+        ok, body = host.health()
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    return [
+        Route("/healthz", healthz, methods=["GET", "HEAD"]),
+        Route("/metrics", _Asgi(make_asgi_app(host.metrics.registry)), methods=["GET", "HEAD"]),
+    ]
+
+
+class _Asgi:
+    """An ASGI callable as a Route endpoint (Starlette treats plain functions as handlers)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    if status == 404:
+        return PlainTextResponse("not found\n", status_code=404)
+    detail = exc.detail if isinstance(exc, HTTPException) else "error"
+    return PlainTextResponse(f"{detail}\n", status_code=status)
+
+
+class SecurityHeaders:
+    """Adds the CSP and friends to every response, whichever route (or error) made it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                names = {name.lower() for name, _ in message.get("headers", [])}
+                extra = [(n, v) for n, v in SECURITY_HEADERS if n not in names]
+                message["headers"] = [*message.get("headers", []), *extra]
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
