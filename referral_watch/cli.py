@@ -224,8 +224,8 @@ def health_check(config: Config) -> int:
 def explain_routing(config: Config, store: Any, lead_id: str, now: datetime) -> str:
     from referral_watch import status_view
 
-    lead = store.lead(resolve_id(store, lead_id))
-    return str(status_view.explain(lead, config, now))
+    full_id = resolve_id(store, lead_id)
+    return str(status_view.explain(store.lead(full_id), config, now, store.audit(full_id)))
 
 
 def resolve_id(store: Any, given: str) -> str:
@@ -379,6 +379,72 @@ def unsilence(obj: Context, lead_id: str) -> None:
             click.echo(f"Reminders for {full_id} are back on.")
         else:
             click.echo(f"{full_id} was not silenced.")
+
+
+# --- answer -------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("lead_id", metavar="ID")
+@click.argument("action", type=click.Choice(["accept", "decline"]))
+@click.option("--reason", default="", help="Why (required to decline; Partner Center shows it).")
+@click.pass_obj
+def answer(obj: Context, lead_id: str, action: str, reason: str) -> None:
+    """Accept or decline a lead in Partner Center with the configured sign-in."""
+    import getpass
+
+    from referral_watch.answering import Person, answer_lead, checked_request
+    from referral_watch.auth import token_provider
+    from referral_watch.partner_center import PartnerCenter
+    from referral_watch.store import Store
+
+    config = obj.config()
+    checked_request(action, reason)  # a decline without a reason is refused before any call
+    operator = getpass.getuser()
+    person = Person(operator, operator, "command")
+    with Store(config.state.path, create=False) as store:
+        full_id = resolve_id(store, lead_id)
+        with PartnerCenter(config.partner_center, token_provider(config)) as api:
+            outcome = answer_lead(store, api, full_id, action, reason, person, now_utc())
+        if outcome.ok:
+            click.echo(f"{outcome.message}.")
+            click.echo(notify_resolved(config, store))
+            return
+    click.echo(outcome.message)
+    sys.exit(EXIT_OK if outcome.settled else EXIT_FAILED)
+
+
+def notify_resolved(config: Config, store: Any) -> str:
+    """Tell `on_resolved` now, unless a running daemon owns delivery (it tells at its next
+    cycle: two processes delivering from one outbox could send a message twice)."""
+    from referral_watch.cycle import Cycle
+    from referral_watch.notify import Notifier
+    from referral_watch.store import InstanceLock
+
+    if not config.policy.on_resolved:
+        return "No on_resolved channels to tell."
+    try:
+        lock = InstanceLock(config.lock_path)
+        lock.acquire()
+    except LockedError:
+        return "The running daemon tells on_resolved at its next cycle."
+    try:
+        result = Cycle(config, store, _NoPolls(), Notifier(config.channels)).notify_now()
+    finally:
+        lock.release()
+    if result.failed:
+        return f"Telling on_resolved failed ({result.failures[0]}); retried at the next cycle."
+    return f"Told on_resolved ({result.delivered} message(s))."
+
+
+class _NoPolls:
+    """The Api of a Cycle that only decides and delivers."""
+
+    def pages(self) -> list[Any]:
+        return []
+
+    def get(self, referral_id: str) -> None:
+        return None
 
 
 # --- report -------------------------------------------------------------------------------

@@ -137,6 +137,16 @@ class Cycle:
         )
         return result
 
+    def notify_now(self) -> CycleResult:
+        """Decide and deliver without polling: after an answer given through referral-watch,
+        `on_resolved` hears at once rather than at the next poll."""
+        result = CycleResult(poll_ok=True)
+        now = self.clock()
+        with self.store.transaction():
+            result.queued = self._decide(now)
+        self._deliver(result)
+        return result
+
     def _deadline(self, referral: Referral) -> datetime:
         return deadline_of(referral, self.config.policy.response_window)
 

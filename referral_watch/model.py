@@ -189,6 +189,31 @@ def parse_referral(data: Any, raw: str | None = None) -> Referral:
 
 
 @dataclass(frozen=True)
+class AuditEntry:
+    """One answer given (or refused) through referral-watch (SPEC 14): who, when, what, result.
+
+    ``result`` is ``accepted`` or ``declined`` when Partner Center took the answer, else why
+    not: ``changed`` (412), ``refused`` (403), ``gone`` (404), ``already`` (no longer pending),
+    ``failed`` (any other error). Never holds a token.
+    """
+
+    lead_id: str
+    at: datetime
+    who: str  # the person's email (console) or the signed-in account / operator (command)
+    name: str  # how to call them in a notice: "Ann de Vries"
+    via: str  # "console" | "command"
+    action: str  # "accept" | "decline"
+    result: str
+    reason: str = ""
+    detail: str = ""
+    request_id: str | None = None  # Partner Center's Request-ID of the PATCH
+
+    @property
+    def answered(self) -> bool:
+        return self.result in ("accepted", "declined")
+
+
+@dataclass(frozen=True)
 class Lead:
     """A referral as the state file knows it."""
 
@@ -204,6 +229,7 @@ class Lead:
     expired_notified: bool = False
     resolution_notified: bool = False
     tiers_sent: tuple[str, ...] = ()
+    answered: AuditEntry | None = None  # the answer given through referral-watch, if any
 
     @property
     def id(self) -> str:

@@ -58,6 +58,25 @@ class Page:
         return json.loads(self.texts[index])
 
 
+@dataclass(frozen=True)
+class Patched:
+    """A successful PATCH: the updated record (when Partner Center returned it) and the
+    server's Request-ID, kept in the audit for support cases."""
+
+    record: dict[str, Any] | None
+    request_id: str | None
+
+
+class AnswerError(ApiError):
+    """An answer Partner Center refused (412 changed meanwhile, 403 role missing, 404 ...)."""
+
+    def __init__(
+        self, message: str, *, status: int, code: str | None, request_id: str | None
+    ) -> None:
+        super().__init__(message, status=status, code=code)
+        self.request_id = request_id
+
+
 class PartnerCenter:
     """A client for one configured Partner Center; use as a context manager or call close()."""
 
@@ -139,6 +158,119 @@ class PartnerCenter:
                 code="unreadableRecord",
             )
         return record
+
+    # -- answering (SPEC 14): one request each, never retried
+
+    def current(self, referral_id: str, *, token: str | None = None) -> dict[str, Any] | None:
+        """One referral by id, read with ``token`` (a person's delegated token) or the daemon's
+        own; None when Partner Center does not know it. For its eTag and state before an answer."""
+        response = self._once("GET", referral_id, token)
+        if response.status_code == 404:
+            return None
+        self._answer_checked(response, referral_id, token)
+        try:
+            record = response.json()
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            raise ApiError(
+                f"Partner Center sent an unreadable answer for referral {referral_id}",
+                status=response.status_code,
+                code="unreadableRecord",
+            )
+        return record
+
+    def patch(
+        self,
+        referral_id: str,
+        operations: list[dict[str, Any]],
+        *,
+        etag: str | None,
+        token: str | None = None,
+    ) -> Patched:
+        """PATCH one referral with a JSON Patch document, conditional on ``etag`` (If-Match).
+
+        Not retried: 412 (changed meanwhile), 403 (role missing) and 404 come back as ApiError
+        with that status; the caller decides what to tell the person.
+        """
+        headers = {"Content-Type": "application/json", "Prefer": "return=representation"}
+        if etag:
+            headers["If-Match"] = etag
+        response = self._once("PATCH", referral_id, token, json=operations, headers=headers)
+        self._answer_checked(response, referral_id, token)
+        record: Any = None
+        if response.status_code != 204 and response.content:
+            try:
+                record = response.json()
+            except ValueError:
+                record = None
+        return Patched(
+            record if isinstance(record, dict) else None, response.headers.get("Request-ID")
+        )
+
+    def _once(
+        self, method: str, referral_id: str, token: str | None, **kwargs: Any
+    ) -> httpx.Response:
+        bearer = token if token is not None else self._tokens.get_token()
+        url = httpx.URL(f"{self._base}/engagements/referrals/{quote(referral_id, safe='')}")
+        headers = {**self._answer_headers(bearer), **kwargs.pop("headers", {})}
+        try:
+            response = self._client.request(method, url, headers=headers, **kwargs)
+        except httpx.TransportError as exc:
+            raise ApiError(
+                f"Partner Center could not be reached for referral {referral_id}: "
+                + _describe(exc).replace(bearer, "***"),
+                retryable=True,
+            ) from None
+        log.debug(
+            "api.response",
+            method=method,
+            status=response.status_code,
+            path=url.path,
+            request_id=response.headers.get("Request-ID"),
+        )
+        return response
+
+    def _answer_headers(self, bearer: str) -> dict[str, str]:
+        return {
+            "Authorization": f"Bearer {bearer}",
+            "MS-CorrelationId": str(uuid.uuid4()),
+            "MS-RequestId": str(uuid.uuid4()),
+        }
+
+    def _answer_checked(
+        self, response: httpx.Response, referral_id: str, token: str | None
+    ) -> None:
+        status = response.status_code
+        if 200 <= status < 300:
+            return
+        code = _error_code(response)
+        detail = _error_message(response)
+        if token:
+            detail = detail.replace(token, "***")
+        said = f" (Partner Center said: {detail})" if detail else ""
+        request_id = response.headers.get("Request-ID")
+        if status == 412:
+            message = (
+                f"referral {referral_id} was changed in Partner Center meanwhile (412): "
+                "nothing was answered; look at its current state and try again"
+            )
+        elif status == 403:
+            message = (
+                f"Partner Center refused to answer referral {referral_id} (403 "
+                f"{code or 'forbidden'}): the account lacks the Referral Admin or Referral User "
+                f"role; ask a Partner Center admin to assign one{said}"
+            )
+        elif status == 404:
+            message = f"referral {referral_id} is not known to Partner Center (404){said}"
+        elif status == 401:
+            message = (
+                f"Partner Center rejected the token for referral {referral_id} (401): "
+                f"sign in again ({self._renew_hint()})"
+            )
+        else:
+            message = f"Partner Center answered {status} for referral {referral_id}{said}"
+        raise AnswerError(message, status=status, code=code, request_id=request_id)
 
     def close(self) -> None:
         self._client.close()

@@ -27,6 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from referral_watch import sandbox_answers
 from referral_watch.odata import FilterError, Predicate, compile_filter
 
 API_PREFIX = "/v1.0"
@@ -166,6 +167,11 @@ class RecordedRequest:
     path: str
     query: dict[str, str]
     headers: Headers
+    body: bytes = b""
+
+    def json(self) -> Any:
+        """The request body as JSON (a PATCH's JSON Patch document)."""
+        return json.loads(self.body)
 
 
 @dataclass
@@ -234,6 +240,13 @@ class Sandbox:
         self.next_link_base: str | None = None
         self.base_url = ""
         self.requests: list[RecordedRequest] = []
+        # Tokens accepted besides `token` (e.g. people's delegated tokens), and tokens that may
+        # read but not answer: their holder lacks the Referral Admin / Referral User role.
+        self.more_tokens: set[str] = set()
+        self.without_role: set[str] = set()
+        # Called with the referral id when a PATCH arrives, before it is applied: a test can
+        # change the record there (a real eTag mismatch, 412).
+        self.before_patch: Callable[[str], None] | None = None
         self._lock = threading.Lock()
         self._records: dict[str, dict[str, Any]] = {}
         self._serialized: dict[str, bytes] = {}
@@ -287,6 +300,8 @@ class Sandbox:
             for record in referrals:
                 # Malformed records (no id) are served too: the client must survive them.
                 ref_id = str(record.get("id") or f"_no-id-{len(self._records)}-{uuid.uuid4()}")
+                if isinstance(record, dict) and "eTag" not in record:
+                    record = {**record, "eTag": sandbox_answers.new_etag()}
                 self._records[ref_id] = record
                 self._serialized[ref_id] = json.dumps(record, separators=(",", ":")).encode()
             self._version += 1
@@ -294,7 +309,11 @@ class Sandbox:
     def update(self, referral_id: str, **fields: Any) -> None:
         """Replace top-level keys of one record, e.g. ``update(id, substatus="Accepted")``."""
         with self._lock:
-            record = {**self._records[referral_id], **fields}
+            record = {
+                **self._records[referral_id],
+                "eTag": sandbox_answers.new_etag(),  # every update makes a new version
+                **fields,
+            }
             self._records[referral_id] = record
             self._serialized[referral_id] = json.dumps(record, separators=(",", ":")).encode()
             self._version += 1
@@ -330,7 +349,8 @@ class Sandbox:
         size: int = 200 * 1024 * 1024,
         headers: dict[str, str] | None = None,
     ) -> None:
-        """Queue a fault for the next ``times`` matching requests (``on`` = "list" or "item").
+        """Queue a fault for the next ``times`` matching requests (``on`` = "list", "item" or
+        "patch").
 
         status 0 serves a 200 with ``body`` as is; ``truncate`` promises more bytes than it sends;
         ``hang`` never answers until stop(). ``kind`` serves a hostile 200 instead (see
@@ -340,8 +360,8 @@ class Sandbox:
         ``delay`` seconds). ``headers`` are added to the answer ("{token}" in a value becomes
         the caller's bearer token, as a careless server might echo it).
         """
-        if on not in ("list", "item"):
-            raise ValueError(f"on must be 'list' or 'item', not {on!r}")
+        if on not in ("list", "item", "patch"):
+            raise ValueError(f"on must be 'list', 'item' or 'patch', not {on!r}")
         if kind is not None and kind not in STREAM_FAULTS:
             raise ValueError(f"kind must be one of {', '.join(STREAM_FAULTS)}, not {kind!r}")
         with self._lock:
@@ -374,7 +394,36 @@ class Sandbox:
 
     def _authorized(self, headers: Headers) -> bool:
         expected = self.token
-        return expected is None or headers.get("authorization") == f"Bearer {expected}"
+        given = headers.get("authorization") or ""
+        return (
+            expected is None
+            or given == f"Bearer {expected}"
+            or given.removeprefix("Bearer ") in self.more_tokens
+        )
+
+    def _answer(self, referral_id: str, headers: Headers, body: bytes) -> dict[str, Any]:
+        """Apply a PATCH to one record; the updated record, or PatchRejected."""
+        if (headers.get("authorization") or "").removeprefix("Bearer ") in self.without_role:
+            raise sandbox_answers.PatchRejected(
+                403,
+                "accessDenied",
+                "The user does not have the Referral Admin or Referral User role.",
+            )
+        ops = sandbox_answers.read_patch(body)
+        if self.before_patch is not None:
+            self.before_patch(referral_id)
+        with self._lock:
+            record = self._records.get(referral_id)
+            if record is None:
+                raise sandbox_answers.PatchRejected(
+                    404, "itemNotFound", f"Referral {referral_id} was not found."
+                )
+            sandbox_answers.check_if_match(record, headers.get("if-match"))
+            updated = sandbox_answers.apply_patch(record, ops, format_time(datetime.now(UTC)))
+            self._records[referral_id] = updated
+            self._serialized[referral_id] = json.dumps(updated, separators=(",", ":")).encode()
+            self._version += 1
+        return updated
 
     def _parse_query(self, query: dict[str, str]) -> _Query:
         if "$skiptoken" in query:
@@ -509,6 +558,28 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(400, _error_body("invalidRequest", exc.message))
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (e.g. its timeout): nothing to answer
+
+    def do_PATCH(self) -> None:
+        split = urlsplit(self.path)
+        headers = Headers((k.lower(), v) for k, v in self.headers.items())
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.sandbox._record(RecordedRequest("PATCH", split.path, {}, headers, body))
+        path = split.path.rstrip("/")
+        if not path.startswith(ITEM_PREFIX) or "/" in path[len(ITEM_PREFIX) :]:
+            self._send(404, _error_body("resourceNotFound", f"No route for {split.path}."))
+            return
+        if self._fault("patch", None) or not self._check_token(headers):
+            return
+        try:
+            updated = self.sandbox._answer(unquote(path[len(ITEM_PREFIX) :]), headers, body)
+        except sandbox_answers.PatchRejected as exc:
+            self._send(exc.status, _error_body(exc.code, exc.message))
+            return
+        etag = {"ETag": str(updated["eTag"])}
+        if "return=representation" in (headers.get("prefer") or ""):
+            self._send(200, json.dumps(updated).encode(), etag)
+        else:
+            self._send(204, b"", etag)
 
     def _list(self, query: dict[str, str], headers: Headers) -> None:
         parsed = self.sandbox._parse_query(query)

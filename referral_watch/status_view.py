@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -9,7 +10,7 @@ from zoneinfo import ZoneInfo
 from referral_watch import policy
 from referral_watch.config import Config
 from referral_watch.i18n import money_text, time_left_text
-from referral_watch.model import Lead
+from referral_watch.model import AuditEntry, Lead
 from referral_watch.store import PollRecord
 from referral_watch.text import columns, iso_utc
 
@@ -39,6 +40,22 @@ def as_json(lead: Lead, now: datetime) -> dict[str, Any]:
         "resolution": lead.resolution,
         "first_seen": _iso(lead.first_seen),
         "resolved_at": _iso(lead.resolved_at) if lead.resolved_at else None,
+        "answered_by": _answered_by(lead.answered),
+    }
+
+
+def _answered_by(entry: AuditEntry | None) -> dict[str, Any] | None:
+    """Who answered the lead through referral-watch (SPEC 14), or None."""
+    if entry is None:
+        return None
+    return {
+        "name": entry.name,
+        "who": entry.who,
+        "via": entry.via,
+        "at": _iso(entry.at),
+        "answer": entry.result,
+        "reason": entry.reason or None,
+        "request_id": entry.request_id,
     }
 
 
@@ -89,7 +106,9 @@ def _cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def explain(lead: Lead | None, config: Config, now: datetime) -> str:
+def explain(
+    lead: Lead | None, config: Config, now: datetime, audit: Sequence[AuditEntry] = ()
+) -> str:
     if lead is None:
         return "unknown lead"
     ref = lead.referral
@@ -115,4 +134,19 @@ def explain(lead: Lead | None, config: Config, now: datetime) -> str:
             else ""
         )
         lines.append(f"  channel {name}: {verdict}{quiet}")
+    lines.extend(audit_lines(audit))
     return "\n".join(lines)
+
+
+def audit_lines(audit: Sequence[AuditEntry]) -> list[str]:
+    """The answers given or tried through referral-watch, oldest first."""
+    lines = ["  answers:"] if audit else []
+    for entry in audit:
+        who = entry.who if entry.name in ("", entry.who) else f"{entry.name} <{entry.who}>"
+        reason = f" ({entry.reason})" if entry.reason else ""
+        request = f", Partner Center request {entry.request_id}" if entry.request_id else ""
+        lines.append(
+            f"    {entry.at:%Y-%m-%d %H:%M} UTC {entry.action}{reason} by {who} via {entry.via}: "
+            f"{entry.result}{request}"
+        )
+    return lines

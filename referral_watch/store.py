@@ -21,6 +21,7 @@ from referral_watch.model import (
     RESOLVED,
     TIER,
     Alert,
+    AuditEntry,
     Lead,
     MalformedReferral,
     PendingRow,
@@ -29,7 +30,7 @@ from referral_watch.model import (
     parse_referral,
 )
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 MIGRATIONS: dict[int, str] = {
     1: """
@@ -119,12 +120,31 @@ MIGRATIONS: dict[int, str] = {
         notified INTEGER NOT NULL DEFAULT 0
     );
     """,
+    # Answers given through referral-watch (SPEC 14), and refusals: who, when, what, result.
+    4: """
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY,
+        lead_id TEXT NOT NULL,
+        at TEXT NOT NULL,
+        who TEXT NOT NULL,
+        name TEXT NOT NULL DEFAULT '',
+        via TEXT NOT NULL,
+        action TEXT NOT NULL,
+        reason TEXT NOT NULL DEFAULT '',
+        result TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT '',
+        request_id TEXT
+    );
+    CREATE INDEX audit_by_lead ON audit (lead_id, id);
+    """,
 }
 
 # The stages a record can fail in, in the order it goes through them.
 STAGES = ("parse", "deadline", "store", "render", "send")
 # Characters of a quarantined record's JSON kept for a support case.
 QUARANTINE_RAW_LIMIT = 4096
+# The audit columns, in AuditEntry's order after lead_id.
+_AUDIT_COLUMNS = "lead_id, at, who, name, via, action, result, reason, detail, request_id"
 
 
 def ts(moment: datetime) -> str:
@@ -376,8 +396,14 @@ class Store:
                        s.through_deadline,
                        (SELECT group_concat(DISTINCT o.tier) FROM outbox o
                          WHERE o.lead_id = l.id AND o.kind = 'tier' AND o.state = 'delivered')
-                         AS tiers_sent
+                         AS tiers_sent,
+                       a.at AS a_at, a.who AS a_who, a.name AS a_name, a.via AS a_via,
+                       a.action AS a_action, a.result AS a_result, a.reason AS a_reason,
+                       a.request_id AS a_request_id
                 FROM leads l LEFT JOIN silences s ON s.lead_id = l.id
+                LEFT JOIN audit a ON a.id = (
+                    SELECT max(id) FROM audit WHERE lead_id = l.id
+                      AND result IN ('accepted', 'declined'))
                 WHERE {where} ORDER BY l.deadline""",
             params,
         )
@@ -483,6 +509,7 @@ class Store:
             ]
             for lead_id in gone:
                 self.db.execute("DELETE FROM outbox WHERE lead_id = ?", (lead_id,))
+                self.db.execute("DELETE FROM audit WHERE lead_id = ?", (lead_id,))
                 self.db.execute("DELETE FROM silences WHERE lead_id = ?", (lead_id,))
                 self.db.execute("DELETE FROM leads WHERE id = ?", (lead_id,))
             self.db.execute(
@@ -497,6 +524,52 @@ class Store:
             )
             self.db.execute("DELETE FROM quarantine WHERE last_seen < ?", (cutoff,))
         return len(gone)
+
+    # --- answers (SPEC 14) ---------------------------------------------------------------
+
+    def record_answer(self, entry: AuditEntry, raw: str | None = None) -> None:
+        """Keep an audit row; when Partner Center took the answer, resolve the lead at once
+        (``accepted``/``declined``, its record as Partner Center returned it) so its reminders
+        stop and ``on_resolved`` hears of it, in the same transaction."""
+        with self.transaction():
+            if entry.answered:
+                self.resolve(entry.lead_id, entry.result, entry.at, raw)
+            self.db.execute(
+                f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    entry.lead_id,
+                    ts(entry.at),
+                    entry.who,
+                    entry.name,
+                    entry.via,
+                    entry.action,
+                    entry.result,
+                    entry.reason,
+                    entry.detail[:500],
+                    entry.request_id,
+                ),
+            )
+
+    def audit(self, lead_id: str) -> list[AuditEntry]:
+        """Every answer and refusal recorded for one lead, oldest first."""
+        rows = self.db.execute(
+            f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE lead_id = ? ORDER BY id", (lead_id,)
+        )
+        return [
+            AuditEntry(
+                lead_id=r[0],
+                at=datetime.fromisoformat(r[1]),
+                who=r[2],
+                name=r[3],
+                via=r[4],
+                action=r[5],
+                result=r[6],
+                reason=r[7],
+                detail=r[8],
+                request_id=r[9],
+            )
+            for r in rows
+        ]
 
     # --- silences -----------------------------------------------------------------------
 
@@ -921,6 +994,23 @@ def _lead(row: sqlite3.Row) -> Lead | None:
         expired_notified=bool(row["expired_notified"]),
         resolution_notified=bool(row["resolution_notified"]),
         tiers_sent=tiers,
+        answered=_answered(row),
+    )
+
+
+def _answered(row: sqlite3.Row) -> AuditEntry | None:
+    if row["a_at"] is None:
+        return None
+    return AuditEntry(
+        lead_id=row["id"],
+        at=datetime.fromisoformat(row["a_at"]),
+        who=row["a_who"],
+        name=row["a_name"],
+        via=row["a_via"],
+        action=row["a_action"],
+        result=row["a_result"],
+        reason=row["a_reason"],
+        request_id=row["a_request_id"],
     )
 
 
