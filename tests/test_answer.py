@@ -59,9 +59,7 @@ def test_sandbox_accept_answers_204_and_changes_the_etag(
     assert answer.content == b""
     after = http.get(item(sandbox)).json()
     assert (after["status"], after["substatus"]) == ("Active", "Accepted")
-    assert after["eTag"] != before["eTag"] == answer.headers["ETag"].replace(
-        answer.headers["ETag"], before["eTag"]
-    )
+    assert after["eTag"] != before["eTag"]
     assert after["eTag"] == answer.headers["ETag"]
     assert "acceptedDateTime" in after
     recorded = sandbox.requests[-2]
