@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from referral_watch.errors import LockedError, StateError
-from referral_watch.model import TIER, Alert, parse_referral
+from referral_watch.model import TIER, Alert, AuditEntry, parse_referral
 from referral_watch.store import SCHEMA_VERSION, InstanceLock, Store
 
 NOW = datetime(2026, 11, 24, 9, 0, tzinfo=UTC)
@@ -148,6 +148,7 @@ def test_a_file_from_before_the_quarantine_gains_it_and_keeps_its_leads(tmp_path
         store.upsert([parse_referral(referral("old-lead"))], deadline, NOW)
     db = sqlite3.connect(path)
     db.execute("DROP TABLE quarantine")
+    db.execute("DROP TABLE audit")
     db.execute("PRAGMA user_version = 2")  # webhook events, no quarantine yet
     db.commit()
     db.close()
@@ -155,7 +156,30 @@ def test_a_file_from_before_the_quarantine_gains_it_and_keeps_its_leads(tmp_path
         assert [lead.id for lead in store.leads()] == ["old-lead"]
         assert store.quarantine("bad-1", "parse", "no createdDateTime", NOW, lead_id="bad-1")
         version = store.db.execute("PRAGMA user_version").fetchone()[0]
-    assert version == SCHEMA_VERSION == 3
+    assert version == SCHEMA_VERSION
+
+
+def test_a_file_from_before_the_audit_gains_it_and_keeps_its_leads(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    with Store(path) as store, store.transaction():
+        store.upsert([parse_referral(referral("old-lead"))], deadline, NOW)
+    db = sqlite3.connect(path)
+    db.execute("DROP TABLE audit")
+    db.execute("PRAGMA user_version = 3")  # quarantine, no audit yet
+    db.commit()
+    db.close()
+    with Store(path) as store:
+        assert [lead.id for lead in store.leads()] == ["old-lead"]
+        entry = AuditEntry(
+            "old-lead", NOW, "ann@contoso.com", "Ann", "console", "accept", "accepted"
+        )
+        store.record_answer(entry)
+        assert store.audit("old-lead") == [entry]
+        assert store.lead("old-lead").answered == entry  # type: ignore[union-attr]
+        assert store.lead("old-lead").resolution == "accepted"  # type: ignore[union-attr]
+        assert store.leads() == []  # resolved at once: no longer watched
+        version = store.db.execute("PRAGMA user_version").fetchone()[0]
+    assert version == SCHEMA_VERSION == 4
 
 
 def test_a_quarantined_record_is_new_once_and_released_when_it_goes_through(
