@@ -197,6 +197,24 @@ def _intro(w: _Words, lead: Lead, kind: str) -> str:
     ).format(customer=customer, resolution=w.resolution(lead.resolution))
 
 
+_ANSWERED_BY = {
+    "accepted": N_("Accepted by {name} via referral-watch, {time_left} before the deadline."),
+    "declined": N_("Declined by {name} via referral-watch, {time_left} before the deadline."),
+}
+
+
+def _answered_line(w: _Words, lead: Lead) -> str | None:
+    """'Accepted by Ann de Vries via referral-watch, 3d 4h before the deadline.' (SPEC 14), for
+    a lead answered through referral-watch; None otherwise."""
+    entry = lead.answered
+    if entry is None or entry.result not in _ANSWERED_BY:
+        return None
+    early = max(lead.deadline - entry.at, timedelta(0))
+    return w._(_ANSWERED_BY[entry.result]).format(
+        name=md(clip(entry.name or entry.who, 80)), time_left=w.left(early)
+    )
+
+
 def _notes_part(w: _Words, notes: str, essential: bool) -> Part:
     prefix = w.field(N_("Notes"), "")
     excerpt = _excerpt(notes)
@@ -229,6 +247,11 @@ def _full_parts(w: _Words, lead: Lead, kind: str) -> list[Part]:
     ]
     if kind == RESOLVED:
         parts.append(Part(w.field(N_("Outcome"), w.resolution(lead.resolution))))
+        answered = _answered_line(w, lead)
+        if answered:
+            parts[1:1] = [Part(""), Part(answered)]
+        if lead.answered is not None and lead.answered.reason:
+            parts.append(Part(w.field(N_("Reason"), md(clip(lead.answered.reason, NOTES_MAX)))))
     else:
         parts.append(Part(w.field(N_("Time left"), w.left(lead.remaining(w.now)))))
     if ref.notes.strip() and kind != RESOLVED:
@@ -249,7 +272,9 @@ def _compact_parts(w: _Words, lead: Lead, kind: str) -> list[Part]:
     ref = lead.referral
     remaining = lead.remaining(w.now)
     if kind == RESOLVED:
-        deadline = w.field(N_("Outcome"), w.resolution(lead.resolution))
+        deadline = _answered_line(w, lead) or w.field(
+            N_("Outcome"), w.resolution(lead.resolution)
+        )
     elif remaining >= timedelta(0):
         left = w._("{time_left} left").format(time_left=w.left(remaining))
         deadline = w.field(N_("Deadline"), f"{w.when(lead.deadline)} ({left})")

@@ -4,12 +4,17 @@ real HTTP (the sandbox as Partner Center, receivers as channels, a real state fi
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
+import test_render
+from test_render import NOW, make_lead
 
+from referral_watch.model import RESOLVED, AuditEntry
+from referral_watch.render import render_alert
 from referral_watch.sandbox import Sandbox, make_referral
 
 from conftest import World
@@ -183,6 +188,8 @@ def test_accept_from_the_command_line(world: World) -> None:
 
     told = [body for body in world.team.bodies if "Lead accepted" in str(body["title"])]
     assert len(told) == 1  # on_resolved heard at once, not at the next poll
+    assert "via referral-watch" in str(told[0]["message"])
+    assert "before the deadline" in str(told[0]["message"])
 
     world.cli("run", "--once")
     assert len(world.team.bodies) == 2  # the new-lead alert and the one resolved notice
@@ -263,3 +270,47 @@ def test_an_unknown_id_is_exit_1(world: World) -> None:
     result = world.cli("answer", "ffffffff-0000", "accept")
     assert result.code == 1
     assert "no lead with id" in result.err
+
+
+# --- the on_resolved wording ---------------------------------------------------------------
+
+
+def answered_lead(result: str = "accepted", reason: str = "") -> Any:
+    lead = make_lead(remaining=timedelta(days=3, hours=4, minutes=10), resolution=result)
+    entry = AuditEntry(
+        lead.id, NOW, "ann@contoso.com", "Ann de Vries", "console", result[:-2], result, reason
+    )
+    return replace(lead, answered=entry, resolved_at=NOW)
+
+
+@pytest.mark.parametrize(
+    ("style_name", "expected"),
+    [
+        ("EN", "Accepted by Ann de Vries via referral-watch, 3d 4h before the deadline."),
+        ("NL", "Geaccepteerd door Ann de Vries via referral-watch, 3d 4u voor de deadline."),
+        ("TEAMS", "Accepted by Ann de Vries via referral-watch, 3d 4h before the deadline."),
+        ("SLACK", "Accepted by Ann de Vries via referral-watch, 3d 4h before the deadline."),
+    ],
+)
+def test_the_resolved_notice_names_who_answered_and_how_early(
+    style_name: str, expected: str
+) -> None:
+    style = getattr(test_render, style_name)
+    message = render_alert(answered_lead(), RESOLVED, None, test_render.NOW, style)
+    assert expected in message.body
+    if style.max_length:
+        assert len(message.title) + len(message.body) <= style.max_length
+
+
+def test_a_decline_notice_carries_the_reason() -> None:
+    lead = answered_lead("declined", "Outside our region")
+    message = render_alert(lead, RESOLVED, None, test_render.NOW, test_render.EN)
+    assert "Declined by Ann de Vries via referral-watch" in message.body
+    assert "**Reason:** Outside our region" in message.body
+
+
+def test_a_lead_answered_elsewhere_keeps_the_plain_notice() -> None:
+    lead = test_render.make_lead(resolution="accepted")
+    message = render_alert(lead, RESOLVED, None, test_render.NOW, test_render.EN)
+    assert "via referral-watch" not in message.body
+    assert "was answered in Partner Center (accepted)" in message.body
