@@ -272,9 +272,7 @@ def _compact_parts(w: _Words, lead: Lead, kind: str) -> list[Part]:
     ref = lead.referral
     remaining = lead.remaining(w.now)
     if kind == RESOLVED:
-        deadline = _answered_line(w, lead) or w.field(
-            N_("Outcome"), w.resolution(lead.resolution)
-        )
+        deadline = _answered_line(w, lead) or w.field(N_("Outcome"), w.resolution(lead.resolution))
     elif remaining >= timedelta(0):
         left = w._("{time_left} left").format(time_left=w.left(remaining))
         deadline = w.field(N_("Deadline"), f"{w.when(lead.deadline)} ({left})")
