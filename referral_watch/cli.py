@@ -144,11 +144,12 @@ def run_once(config: Config) -> Any:
     from referral_watch.cycle import Cycle
     from referral_watch.notify import Notifier
     from referral_watch.partner_center import PartnerCenter
-    from referral_watch.store import InstanceLock, Store
+    from referral_watch.replica import state_lock
+    from referral_watch.store import Store
 
     with (
-        InstanceLock(config.lock_path),
-        Store(config.state.path) as store,
+        state_lock(config),
+        Store(config.state.location) as store,
         PartnerCenter(config.partner_center, token_provider(config)) as api,
     ):
         return Cycle(config, store, api, Notifier(config.channels)).run()
@@ -186,11 +187,11 @@ def status(obj: Context, as_json: bool, show_all: bool, check: bool, explain: st
     from referral_watch.store import Store
 
     now = now_utc()
-    if not config.state.path.exists() and not explain:
+    if config.state.url is None and not config.state.path.exists() and not explain:
         # Nothing polled yet: an empty list, not an error (the table says what to run).
         leads, last = [], None
     else:
-        with Store(config.state.path, create=False) as store:
+        with Store(config.state.location, create=False) as store:
             if explain:
                 click.echo(explain_routing(config, store, explain, now))
                 return
@@ -208,7 +209,7 @@ def health_check(config: Config) -> int:
     from referral_watch.store import Store
 
     try:
-        with Store(config.state.path, create=False) as store:
+        with Store(config.state.location, create=False) as store:
             last = store.last_success()
     except StateError as exc:
         click.echo(f"unhealthy: {exc}", err=True)
@@ -342,7 +343,7 @@ def silence(obj: Context, lead_id: str, duration: str, reason: str, through_dead
         raise click.BadParameter(str(exc), param_hint="--for") from None
     config = obj.config()
     now = now_utc()
-    with Store(config.state.path, create=False) as store:
+    with Store(config.state.location, create=False) as store:
         full_id = resolve_id(store, lead_id)
         store.silence(
             full_id,
@@ -373,7 +374,7 @@ def unsilence(obj: Context, lead_id: str) -> None:
     from referral_watch.store import Store
 
     config = obj.config()
-    with Store(config.state.path, create=False) as store:
+    with Store(config.state.location, create=False) as store:
         full_id = resolve_id(store, lead_id)
         if store.unsilence(full_id):
             click.echo(f"Reminders for {full_id} are back on.")
@@ -479,7 +480,7 @@ def report(obj: Context, since: str, fmt: str) -> None:
     if not period:
         raise click.BadParameter("the period must be longer than 0s", param_hint="--since")
     config = obj.config()
-    with Store(config.state.path, create=False) as store:
+    with Store(config.state.location, create=False) as store:
         leads = store.leads(include_resolved=True)
     summary = summarize(leads, now_utc(), period)
     click.echo(render_report(summary, fmt, config.messages.timezone), nl=False)

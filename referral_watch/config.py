@@ -126,7 +126,37 @@ class AuthConfig(Section):
 
 class StateConfig(Section):
     path: Path = Path("/var/lib/referral-watch/state.db")
+    url: str | None = None  # PostgreSQL instead of the SQLite file: replicas, one active
     keep_resolved: Duration = timedelta(days=90)
+
+    @model_validator(mode="after")
+    def _one_place(self) -> StateConfig:
+        if self.url is None:
+            return self
+        if "path" in self.model_fields_set:
+            raise ValueError("set either path (SQLite) or url (PostgreSQL), not both")
+        if not self.url.startswith(("postgresql://", "postgres://")):
+            raise ValueError(
+                "url must be a PostgreSQL URL (postgresql://user@host/database); "
+                "for a SQLite file use path"
+            )
+        return self
+
+    @property
+    def location(self) -> Path | str:
+        """What the store opens: the PostgreSQL URL, else the SQLite file."""
+        return self.url if self.url is not None else self.path
+
+    @property
+    def shown(self) -> str:
+        """The location fit for logs and messages (a URL's password is never shown)."""
+        return redact_url(self.url) if self.url is not None else str(self.path)
+
+
+def redact_url(url: str) -> str:
+    """postgresql://user:secret@host/db -> postgresql://user:***@host/db (also password=...)."""
+    shown = re.sub(r"(://[^/?#:@]*):[^/?#@]*@", r"\1:***@", url)
+    return re.sub(r"(?i)(password=)[^&\s]*", r"\1***", shown)
 
 
 class ScheduleConfig(Section):

@@ -31,7 +31,7 @@ from referral_watch.model import (
     deadline_of,
     parse_referral,
 )
-from referral_watch.store import PollRecord, Store, from_ts, ts
+from referral_watch.store import CLAIM_LEASE, PollRecord, Store, from_ts, ts
 
 log = structlog.get_logger(__name__)
 
@@ -99,6 +99,7 @@ class Cycle:
         sender: Sender,
         clock: Clock = system_clock,
         stop: threading.Event | None = None,
+        may_send: Callable[[], bool] | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -106,6 +107,8 @@ class Cycle:
         self.sender = sender
         self.clock = clock
         self.stop = stop or threading.Event()
+        # Asked right before each send: a replica that lost the active lock sends nothing more.
+        self.may_send = may_send or (lambda: True)
 
     # --- the cycle ----------------------------------------------------------------------
 
@@ -393,7 +396,7 @@ class Cycle:
         """Send each channel's messages in order, channels side by side (at most
         PARALLEL_CHANNELS at once). A channel's next message waits until this thread has
         recorded the previous one, so a crash repeats at most one message per channel."""
-        outcomes: queue.Queue[tuple[Batch, Any, threading.Event] | None] = queue.Queue()
+        outcomes: queue.Queue[_Claim | tuple[Batch, Any, threading.Event] | None] = queue.Queue()
         abort = threading.Event()
         workers = min(PARALLEL_CHANNELS, len(jobs))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deliver") as pool:
@@ -406,6 +409,9 @@ class Cycle:
                     if item is None:
                         finished += 1
                         continue
+                    if isinstance(item, _Claim):
+                        self._claim(item)
+                        continue
                     batch, outcome, recorded = item
                     try:
                         self._settle(batch, outcome, result)
@@ -415,16 +421,35 @@ class Cycle:
                 abort.set()  # workers stop after the message in flight
                 raise
 
+    def _claim(self, claim: _Claim) -> None:
+        """Take the message's outbox rows for this process (on the thread owning the store)."""
+        try:
+            claim.granted = self.store.claim(claim.batch.row_ids, self.clock(), CLAIM_LEASE)
+            claim.at = time.monotonic()
+        finally:
+            claim.done.set()
+
     def _channel_worker(
         self,
         jobs: list[tuple[Batch, Message]],
-        outcomes: queue.Queue[tuple[Batch, Any, threading.Event] | None],
+        outcomes: queue.Queue[_Claim | tuple[Batch, Any, threading.Event] | None],
         abort: threading.Event,
     ) -> None:
         try:
             for index, (batch, message) in enumerate(jobs):
                 if self.stop.is_set() or abort.is_set():
                     log.info("delivery.stopped", channel=batch.channel, left=len(jobs) - index)
+                    return
+                claim = _Claim(batch)
+                outcomes.put(claim)
+                while not claim.done.wait(0.05):
+                    if abort.is_set():
+                        return
+                if not claim.granted:
+                    log.info("delivery.claimed_elsewhere", channel=batch.channel, kind=batch.kind)
+                    continue
+                if not self._still_ours(claim):
+                    log.warning("delivery.stopped", channel=batch.channel, reason="not active")
                     return
                 try:
                     outcome = self.sender.send(batch.channel, message, recipients=batch.recipients)
@@ -437,6 +462,13 @@ class Cycle:
                         return
         finally:
             outcomes.put(None)
+
+    def _still_ours(self, claim: _Claim) -> bool:
+        """Right before a send: this replica may still send, and its claim is young enough
+        that no other replica can have taken it over (a process paused between claiming and
+        sending finds its claim too old when it wakes)."""
+        young = time.monotonic() - claim.at < CLAIM_LEASE.total_seconds() / 2
+        return young and not self.stop.is_set() and self.may_send()
 
     def _settle(self, batch: Batch, outcome: Any, result: CycleResult) -> None:
         """Record what happened to one message (on the thread that owns the store)."""
@@ -520,6 +552,16 @@ class Cycle:
             httpx.get(beat.url, timeout=beat.timeout.total_seconds()).raise_for_status()
         except httpx.HTTPError as exc:
             log.warning("heartbeat.failed", error=type(exc).__name__)
+
+
+@dataclass
+class _Claim:
+    """A channel worker's request to claim a message's rows before sending it."""
+
+    batch: Batch
+    done: threading.Event = field(default_factory=threading.Event)
+    granted: bool = False
+    at: float = 0.0  # time.monotonic() of the claim
 
 
 @dataclass(frozen=True)

@@ -138,7 +138,7 @@ class Daemon:
             self._api = self.api_factory(self.config)
         if self._sender is None:
             self._sender = self.sender_factory(self.config)
-        with self.metrics.poll_duration.time(), Store(self.config.state.path) as store:
+        with self.metrics.poll_duration.time(), Store(self.config.state.location) as store:
             result = Cycle(self.config, store, self._api, self._sender, self.clock, self.stop).run()
             self._observe(store, result)
         return result
@@ -184,7 +184,7 @@ class Daemon:
             return False
         now = self.clock()
         key = f"report.{name}.last"
-        with Store(self.config.state.path) as store:
+        with Store(self.config.state.location) as store:
             last = from_ts(store.get_meta(key))
             if last is None and at_start:
                 # Never run before: nothing was missed. Remember from when to count.
@@ -277,7 +277,7 @@ class Daemon:
 
         report_triggers(self.config)  # a bad cron schedule is a config error, before anything
         with InstanceLock(self.config.lock_path):
-            with Store(self.config.state.path) as store:
+            with Store(self.config.state.location) as store:
                 self.last_success = store.last_success()
             self._start_server()
             scheduler = BlockingScheduler(timezone=UTC)
@@ -291,7 +291,7 @@ class Daemon:
             log.info(
                 "daemon.started",
                 interval=str(self.config.schedule.interval),
-                state=str(self.config.state.path),
+                state=self.config.state.shown,
                 pid=os.getpid(),
             )
             try:
@@ -356,8 +356,8 @@ class Daemon:
         except ConfigError as exc:
             log.error("config.reload_failed", problems=exc.problems, kept="old configuration")
             return
-        if config.state.path != self.config.state.path:
-            log.error("config.reload_failed", problem="state.path cannot change while running")
+        if config.state.location != self.config.state.location:
+            log.error("config.reload_failed", problem="[state] cannot change while running")
             return
         self.config = config
         if self._api is not None:

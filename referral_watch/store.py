@@ -1,20 +1,20 @@
-"""The SQLite state file: leads, the outbox (which is also the history of what was sent),
-silences, the poll log, and a little metadata.
+"""The state: leads, the outbox (which is also the history of what was sent), silences, the
+poll log, and a little metadata; in a SQLite file, or in PostgreSQL with `state.url` (the
+differences live in dialect.py: one SQL text serves both).
 
 Times are stored as ISO-8601 UTC strings of one fixed width, so text order is time order.
 """
 
 from __future__ import annotations
 
-import os
-import sqlite3
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from referral_watch.dialect import Postgres, Sqlite, open_dialect, private_folder
 from referral_watch.errors import LockedError, StateError
 from referral_watch.model import (
     EXPIRED,
@@ -30,7 +30,9 @@ from referral_watch.model import (
     parse_referral,
 )
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
+
+_T = TypeVar("_T")
 
 MIGRATIONS: dict[int, str] = {
     1: """
@@ -137,6 +139,12 @@ MIGRATIONS: dict[int, str] = {
     );
     CREATE INDEX audit_by_lead ON audit (lead_id, id);
     """,
+    # Outbox claims (SPEC 16): a row is taken for sending by one process (claim_owner) until
+    # claim_until, so two replicas that both believe they are active never send it twice.
+    5: """
+    ALTER TABLE outbox ADD COLUMN claim_owner TEXT;
+    ALTER TABLE outbox ADD COLUMN claim_until TEXT;
+    """,
 }
 
 # The stages a record can fail in, in the order it goes through them.
@@ -170,6 +178,10 @@ class WebhookEvent:
     changed: str | None
 
 
+# How long a claim on an outbox row keeps other processes off it: longer than one send takes.
+CLAIM_LEASE = timedelta(seconds=30)
+
+
 @dataclass(frozen=True)
 class Quarantined:
     """A record set aside: which one, where on its way it failed, and why."""
@@ -197,33 +209,32 @@ class PollRecord:
 
 
 class Store:
-    """One open state file. Not shared between threads: open one per thread."""
+    """One open state (a SQLite file, or a PostgreSQL database given by its URL). Not shared
+    between threads: open one per thread."""
 
-    def __init__(self, path: Path, *, create: bool = True) -> None:
-        self.path = path
-        if not create and not path.exists():
-            raise StateError(
-                f"state file {path} does not exist yet: run `referral-watch run --once` first"
-            )
+    def __init__(self, where: Path | str, *, create: bool = True, name: str | None = None) -> None:
+        """`where`: a SQLite file's path or a PostgreSQL URL; `name`: how the connection shows
+        in PostgreSQL's pg_stat_activity (an active replica's work connections are fenced by
+        it on takeover)."""
+        self.dialect: Sqlite | Postgres = open_dialect(where, create=create)
+        self.path = where
+        self.shown = self.dialect.shown  # fit for messages: a URL without its password
+        self.db: Any = self.dialect.connect(name)
         try:
-            private_folder(path.parent)
-            if create:
-                _create_private(path)  # SQLite gives the WAL and SHM files the same mode
-            self.db = sqlite3.connect(path, isolation_level=None, timeout=30)
-        except (sqlite3.DatabaseError, OSError) as exc:
-            raise StateError(f"cannot open state file {path}: {exc}") from None
-        try:
-            self.db.row_factory = sqlite3.Row
             self._check_version()  # before anything writes to a file we may not understand
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.dialect.tune(self.db)
             self._migrate()
-        except sqlite3.DatabaseError as exc:
+        except self.dialect.errors as exc:
             self.db.close()
-            raise StateError(_explain(path, exc)) from None
+            raise StateError(self.dialect.explain(exc)) from None
         except StateError:
             self.db.close()
             raise
+
+    @property
+    def owner(self) -> str:
+        """Who this process is in outbox claims."""
+        return self.dialect.owner
 
     def close(self) -> None:
         self.db.close()
@@ -237,46 +248,63 @@ class Store:
     # --- schema -------------------------------------------------------------------------
 
     def _check_version(self) -> None:
-        version = int(self.db.execute("PRAGMA user_version").fetchone()[0])
+        version = self.dialect.version(self.db)
         if version > SCHEMA_VERSION:
+            what = "state file" if isinstance(self.dialect, Sqlite) else "state database"
             raise StateError(
-                f"state file {self.path} was written by a newer referral-watch (schema {version}, "
-                f"this version knows {SCHEMA_VERSION}): upgrade referral-watch or use another file"
+                f"{what} {self.shown} was written by a newer referral-watch (schema {version}, "
+                f"this version knows {SCHEMA_VERSION}): upgrade referral-watch or use another "
+                f"{'file' if what == 'state file' else 'database'}"
             )
 
     def _migrate(self) -> None:
-        version = int(self.db.execute("PRAGMA user_version").fetchone()[0])
-        for target in range(version + 1, SCHEMA_VERSION + 1):
+        if self.dialect.version(self.db) >= SCHEMA_VERSION:
+            return
+        for target in range(1, SCHEMA_VERSION + 1):
             with self.transaction():
-                for statement in _statements(MIGRATIONS[target]):
+                # Read again under the write lock: another replica may have migrated meanwhile.
+                if self.dialect.version(self.db) >= target:
+                    continue
+                for statement in _statements(self.dialect.ddl(MIGRATIONS[target])):
                     self.db.execute(statement)
-                self.db.execute(f"PRAGMA user_version = {target}")
+                self.dialect.set_version(self.db, target)
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception (nothing half-written)."""
+    def transaction(self) -> Iterator[Any]:
+        """BEGIN (a writer's lock) ... COMMIT, or ROLLBACK on any exception (nothing
+        half-written)."""
         try:
-            self.db.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            raise StateError(_explain(self.path, exc)) from None
+            self.dialect.begin(self.db)
+        except self.dialect.errors as exc:
+            raise StateError(self.dialect.explain(exc)) from None
+        except StateError:
+            self._rollback()
+            raise
         try:
             yield self.db
-        except sqlite3.DatabaseError as exc:  # e.g. the disk filled up mid-poll
+        except self.dialect.errors as exc:  # e.g. the disk filled up mid-poll
             self._rollback()
-            raise StateError(_explain(self.path, exc)) from None
+            raise StateError(self.dialect.explain(exc)) from None
         except BaseException:
             self._rollback()
             raise
         try:
             self.db.execute("COMMIT")
-        except sqlite3.DatabaseError as exc:
+        except self.dialect.errors as exc:
             self._rollback()
-            raise StateError(_explain(self.path, exc)) from None
+            raise StateError(self.dialect.explain(exc)) from None
+        except StateError:
+            self._rollback()
+            raise
 
     def _rollback(self) -> None:
-        # SQLite may already have rolled back by itself (SQLITE_FULL, SQLITE_IOERR ...).
-        if self.db.in_transaction:
-            self.db.execute("ROLLBACK")
+        # SQLite may already have rolled back by itself (SQLITE_FULL, SQLITE_IOERR ...);
+        # a lost PostgreSQL connection has nothing left to roll back.
+        try:
+            if self.dialect.in_transaction(self.db):
+                self.db.execute("ROLLBACK")
+        except StateError:
+            pass
 
     # --- leads --------------------------------------------------------------------------
 
@@ -375,7 +403,7 @@ class Store:
         most urgent first; ``ids`` limits them to those leads."""
         where = "l.resolution IS NULL"
         if include_resolved:
-            where = "1"
+            where = "1 = 1"
         elif for_policy:
             where = """(l.resolution IS NULL
                         OR (l.resolution = 'expired' AND l.expired_notified = 0)
@@ -476,10 +504,10 @@ class Store:
                              WHERE o.lead_id = l.id AND o.channel = p.channel
                                AND o.kind = 'tier' AND o.tier = p.tier
                                AND o.state != 'skipped' AND o.created > p.repeat_after)))))
-                   OR (? AND l.expired_notified = 0
+                   OR (? = 1 AND l.expired_notified = 0
                        AND ((l.resolution IS NULL AND l.deadline < ?)
                             OR l.resolution = 'expired'))
-                   OR (? AND l.resolution_notified = 0
+                   OR (? = 1 AND l.resolution_notified = 0
                        AND l.resolution NOT IN ('expired', 'gone'))
                 ORDER BY l.deadline""",
             params,
@@ -597,7 +625,7 @@ class Store:
     def unsilence(self, lead_id: str) -> bool:
         with self.transaction():
             cursor = self.db.execute("DELETE FROM silences WHERE lead_id = ?", (lead_id,))
-        return cursor.rowcount > 0
+        return bool(cursor.rowcount > 0)
 
     # --- outbox -------------------------------------------------------------------------
 
@@ -669,10 +697,11 @@ class Store:
         with self.transaction():
             cursor = self.db.execute(
                 """INSERT INTO outbox (lead_id, kind, channel, state, created, title, body)
-                   VALUES (NULL, ?, ?, 'pending', ?, ?, ?)""",
+                   VALUES (NULL, ?, ?, 'pending', ?, ?, ?) RETURNING id""",
                 (kind, channel, ts(now), title, body),
             )
-        return int(cursor.lastrowid or 0)
+            row_id = int(cursor.fetchone()[0])
+        return row_id
 
     def pending(self, *, kinds: Sequence[str] | None = None) -> list[PendingRow]:
         rows = self.db.execute(
@@ -700,11 +729,37 @@ class Store:
         row = self.db.execute("SELECT title, body FROM outbox WHERE id = ?", (row_id,)).fetchone()
         return (row[0] or "", row[1] or "") if row else ("", "")
 
+    def claim(self, row_ids: Sequence[int], now: datetime, lease: timedelta = CLAIM_LEASE) -> bool:
+        """Take the rows of one message for sending until now + lease. True when all of them
+        are this process's now; False when one was delivered meanwhile or another process
+        holds a claim on it whose lease still runs (then nothing is claimed)."""
+        ids = list(dict.fromkeys(row_ids))
+        with self.transaction():
+            free = 0
+            for chunk in _chunks(ids):
+                marks = ",".join("?" * len(chunk))
+                rows = self.db.execute(
+                    f"""SELECT id FROM outbox WHERE id IN ({marks}) AND state = 'pending'
+                          AND (claim_owner IS NULL OR claim_owner = ? OR claim_until < ?)
+                        {self.dialect.for_update}""",
+                    (*chunk, self.owner, ts(now)),
+                )
+                free += len(rows.fetchall())
+            if free < len(ids):
+                return False
+            for chunk in _chunks(ids):
+                marks = ",".join("?" * len(chunk))
+                self.db.execute(
+                    f"UPDATE outbox SET claim_owner = ?, claim_until = ? WHERE id IN ({marks})",
+                    (self.owner, ts(now + lease), *chunk),
+                )
+        return True
+
     def delivered(self, row_ids: Sequence[int], now: datetime) -> None:
         with self.transaction():
             self.db.executemany(
-                "UPDATE outbox SET state = 'delivered', delivered_at = ?, last_error = NULL "
-                "WHERE id = ? AND state = 'pending'",
+                "UPDATE outbox SET state = 'delivered', delivered_at = ?, last_error = NULL, "
+                "claim_owner = NULL, claim_until = NULL WHERE id = ? AND state = 'pending'",
                 [(ts(now), row_id) for row_id in row_ids],
             )
 
@@ -718,6 +773,7 @@ class Store:
         with self.transaction():
             self.db.executemany(
                 """UPDATE outbox SET attempts = attempts + 1, last_error = ?,
+                       claim_owner = NULL, claim_until = NULL,
                        first_failure = COALESCE(first_failure, ?)
                    WHERE id = ? AND state = 'pending'""",
                 [(error[:500], ts(now), row_id) for row_id in row_ids],
@@ -837,7 +893,7 @@ class Store:
                    VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING""",
                 (event.key, event.event, event.lead_id, event.changed, ts(now), state),
             )
-            return cursor.rowcount == 1
+            return bool(cursor.rowcount == 1)
 
     def pending_webhook_leads(self) -> list[str]:
         """The lead ids of events received but not handled yet, oldest first, each once."""
@@ -966,7 +1022,7 @@ def _clip_raw(raw: str | None) -> str | None:
     return raw if raw is None or len(raw) <= QUARANTINE_RAW_LIMIT else raw[:QUARANTINE_RAW_LIMIT]
 
 
-def _chunks(items: Sequence[str], size: int = 500) -> list[Sequence[str]]:
+def _chunks(items: Sequence[_T], size: int = 500) -> list[Sequence[_T]]:
     """Pieces small enough for SQLite's limit on bound parameters."""
     return [items[i : i + size] for i in range(0, len(items), size)]
 
@@ -975,7 +1031,7 @@ def _statements(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]
 
 
-def _lead(row: sqlite3.Row) -> Lead | None:
+def _lead(row: Any) -> Lead | None:
     try:
         referral = parse_referral_text(row["raw"])
     except MalformedReferral:
@@ -998,7 +1054,7 @@ def _lead(row: sqlite3.Row) -> Lead | None:
     )
 
 
-def _answered(row: sqlite3.Row) -> AuditEntry | None:
+def _answered(row: Any) -> AuditEntry | None:
     if row["a_at"] is None:
         return None
     return AuditEntry(
@@ -1022,43 +1078,6 @@ def parse_referral_text(raw: str) -> Referral:
     except ValueError as exc:
         raise MalformedReferral(f"stored record is not JSON: {exc}") from None
     return parse_referral(data, raw)
-
-
-def _explain(path: Path, exc: sqlite3.Error) -> str:
-    text = str(exc)
-    if "locked" in text or "busy" in text:
-        return f"state file {path} is busy (locked by another process): {text}"
-    if "readonly" in text or "read-only" in text:
-        return (
-            f"state file {path} is read-only: "
-            "give the service user write access to it and its folder"
-        )
-    if "not a database" in text or "malformed" in text:
-        return (
-            f"state file {path} is corrupt ({text}): restore it from a backup, or move it away "
-            "to start afresh (leads will be seen as new)"
-        )
-    if "disk" in text and "full" in text:
-        return f"no space left for state file {path}: free disk space (nothing was changed)"
-    return f"state file {path}: {text}"
-
-
-def private_folder(folder: Path) -> None:
-    """Create the state folder (and missing parents) readable by the service user only:
-    the state holds customer names and deal values. An existing folder is left as it is."""
-    if not folder.exists():
-        folder.mkdir(parents=True, mode=0o700, exist_ok=True)
-        folder.chmod(0o700)  # mkdir's mode is filtered by the umask
-
-
-def _create_private(path: Path) -> None:
-    """Create an empty file 0600 unless it exists (whatever the umask)."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return
-    os.fchmod(fd, 0o600)
-    os.close(fd)
 
 
 class InstanceLock:

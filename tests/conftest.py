@@ -19,6 +19,7 @@ import structlog
 from referral_watch import cli
 from referral_watch.sandbox import Sandbox, make_referral
 
+from pgserver import PostgresServer, find_bindir
 from receivers import WebhookReceiver
 
 TOKEN_ENV = "RW_TEST_TOKEN"
@@ -70,6 +71,7 @@ class World:
     tiers: str = TIERS
     channels: dict[str, str] = field(default_factory=dict)
     state: str = ""  # more [state] keys
+    state_url: str | None = None  # PostgreSQL instead of the SQLite file
     auth: str = f'method = "env"\ntoken_env = "{TOKEN_ENV}"'
 
     @property
@@ -79,6 +81,11 @@ class World:
     @property
     def state_path(self) -> Path:
         return self.tmp / "state" / "state.db"
+
+    def _state_place(self) -> str:
+        if self.state_url is not None:
+            return f"url = {json.dumps(self.state_url)}"
+        return f"path = {json.dumps(str(self.state_path))}"
 
     def write_config(self) -> Path:
         channels = {
@@ -100,7 +107,7 @@ timeout = "5s"
 {self.auth}
 
 [state]
-path = "{self.state_path}"
+{self._state_place()}
 {self.state}
 
 [policy]
@@ -181,3 +188,34 @@ def world(
         WebhookReceiver() as managers,
     ):
         yield World(tmp_path, sandbox, team, managers, capsys)
+
+
+# --- PostgreSQL (state.url) -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the whole run (skipped only where none is installed)."""
+    bindir = find_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb)")
+    server = PostgresServer(bindir)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres: PostgresServer) -> str:
+    """A fresh, empty database on the test server."""
+    return postgres.create_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def state_location(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+    """Where a test's state lives: each test using this runs on both backends."""
+    if request.param == "sqlite":
+        return tmp_path / "state.db"
+    return str(request.getfixturevalue("pg_url"))

@@ -45,13 +45,36 @@ def read_env_file(path: Path) -> dict[str, str]:
     return env
 
 
-def uncommented(text: str) -> str:
-    """The example with every commented-out setting switched on."""
+# Settings that replace another one: switching the first on switches the second off.
+INSTEAD_OF = {("state", "url"): "path"}  # PostgreSQL instead of the SQLite file
+
+
+def uncommented(text: str, *, alternatives: bool = True) -> str:
+    """The example with every commented-out setting switched on (one of each pair in
+    INSTEAD_OF unless `alternatives` is false: a set of keys, not a config)."""
     lines = []
+    switched: set[str] = set()  # "table.key" switched on here
+    table = ""
     for line in text.splitlines():
         match = COMMENTED_SETTING.match(line)
-        lines.append(match.group(1) if match else line)
-    return "\n".join(lines) + "\n"
+        active = match.group(1) if match else line
+        if header := TABLE.match(active):
+            table = header.group(1)
+        elif match and (setting := SETTING.match(active)):
+            switched.add(f"{table}.{setting.group(1)}")
+        lines.append(active)
+    off = {
+        f"{section}.{old}"
+        for (section, new), old in INSTEAD_OF.items()
+        if alternatives and f"{section}.{new}" in switched
+    }
+    table, out = "", []
+    for line in lines:
+        if header := TABLE.match(line):
+            table = header.group(1)
+        setting = SETTING.match(line)
+        out.append(f"# {line}" if setting and f"{table}.{setting.group(1)}" in off else line)
+    return "\n".join(out) + "\n"
 
 
 def normalize(path: tuple[str, ...]) -> str:
@@ -163,7 +186,7 @@ def test_env_example_is_plain_name_equals_value() -> None:
 
 
 def test_every_key_of_the_schema_is_in_the_example(text: str) -> None:
-    in_file = set(file_keys(tomllib.loads(uncommented(text))))
+    in_file = set(file_keys(tomllib.loads(uncommented(text, alternatives=False))))
     in_model = {path for path, _ in model_fields(Config)}
     # the walk reaches into dicts, lists and optional sections
     assert {"channels.*.match.min_deal_value", "policy.tiers.repeat", "heartbeat.url"} <= in_model

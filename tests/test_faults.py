@@ -24,7 +24,6 @@ import httpx
 import pytest
 import structlog
 
-from referral_watch import store as store_module
 from referral_watch.auth import EnvTokenProvider
 from referral_watch.config import Config, load_config
 from referral_watch.cycle import Cycle, CycleResult
@@ -286,7 +285,7 @@ def test_a_read_only_state_file_is_reported_and_left_alone(world: World) -> None
 
     world.add_lead(age=timedelta(minutes=1), customer="Not Yet Seen")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(store_module.sqlite3, "connect", read_only)
+        patch.setattr(sqlite3, "connect", read_only)
         result = world.cli("run", "--once")
     assert result.code == 1
     assert "read-only" in result.err and "write access" in result.err
@@ -368,7 +367,7 @@ def test_a_full_disk_during_the_poll_changes_nothing(world: World) -> None:
     for n in range(20):
         world.add_lead(age=timedelta(minutes=n + 1), customer=f"Overflow {n:02d}", notes=notes)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(store_module.sqlite3, "connect", nearly_full)
+        patch.setattr(sqlite3, "connect", nearly_full)
         result = world.cli("run", "--once")
     assert result.code == 1
     assert "no space left for state file" in result.err and "nothing was changed" in result.err

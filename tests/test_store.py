@@ -1,4 +1,7 @@
-"""The state file: schema, migrations, transactions, the instance lock."""
+"""The state: schema, migrations, transactions, the instance lock.
+
+Every test that takes `state_location` runs twice: on a SQLite file and on a real PostgreSQL
+database (started by the test suite, see pgserver.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +15,9 @@ import pytest
 
 from referral_watch.errors import LockedError, StateError
 from referral_watch.model import TIER, Alert, AuditEntry, parse_referral
-from referral_watch.store import SCHEMA_VERSION, InstanceLock, Store
+from referral_watch.store import SCHEMA_VERSION, InstanceLock, PollRecord, Store
+
+from pgserver import PostgresServer
 
 NOW = datetime(2026, 11, 24, 9, 0, tzinfo=UTC)
 WINDOW = timedelta(days=14)
@@ -43,6 +48,23 @@ def test_new_file_is_created_at_the_current_schema(tmp_path: Path) -> None:
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+def test_new_database_is_created_at_the_current_schema(
+    postgres: PostgresServer, pg_url: str
+) -> None:
+    with Store(pg_url):
+        pass
+    with Store(pg_url):  # opening again migrates nothing
+        pass
+    assert postgres.sql(pg_url, "SELECT version FROM schema_version") == [(SCHEMA_VERSION,)]
+    tables = {
+        row[0]
+        for row in postgres.sql(
+            pg_url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+        )
+    }
+    assert {"leads", "outbox", "silences", "polls", "meta"} <= tables
+
+
 def test_newer_schema_is_refused_and_left_untouched(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     db = sqlite3.connect(path)
@@ -54,6 +76,29 @@ def test_newer_schema_is_refused_and_left_untouched(tmp_path: Path) -> None:
     assert path.read_bytes() == before
 
 
+def test_newer_database_schema_is_refused_and_left_untouched(
+    postgres: PostgresServer, pg_url: str
+) -> None:
+    postgres.sql(pg_url, "CREATE TABLE schema_version (version BIGINT NOT NULL)")
+    postgres.sql(pg_url, "INSERT INTO schema_version VALUES (%s)", (SCHEMA_VERSION + 1,))
+    with pytest.raises(StateError, match="newer referral-watch"):
+        Store(pg_url)
+    tables = postgres.sql(pg_url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+    assert tables == [("schema_version",)]
+
+
+def test_unreachable_database_is_a_clear_error_without_the_password(
+    postgres: PostgresServer,
+) -> None:
+    from pgserver import free_port
+
+    url = f"postgresql://postgres:s3cret@127.0.0.1:{free_port()}/postgres"
+    with pytest.raises(StateError) as caught:
+        Store(url)
+    assert "unreachable" in str(caught.value) and "127.0.0.1" in str(caught.value)
+    assert "s3cret" not in str(caught.value)
+
+
 def test_corrupt_file_gets_a_clear_message(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     path.write_bytes(b"this is not sqlite at all" * 100)
@@ -63,21 +108,21 @@ def test_corrupt_file_gets_a_clear_message(tmp_path: Path) -> None:
     assert path.read_bytes() == before
 
 
-def test_missing_file_for_a_reader_says_what_to_run(tmp_path: Path) -> None:
+def test_missing_state_for_a_reader_says_what_to_run(state_location: Path | str) -> None:
     with pytest.raises(StateError, match="run --once"):
-        Store(tmp_path / "none.db", create=False)
+        Store(state_location, create=False)
 
 
-def test_a_failed_transaction_changes_nothing(tmp_path: Path) -> None:
-    with Store(tmp_path / "state.db") as store:
+def test_a_failed_transaction_changes_nothing(state_location: Path | str) -> None:
+    with Store(state_location) as store:
         with pytest.raises(RuntimeError), store.transaction():
             store.upsert([parse_referral(referral("a"))], deadline, NOW)
             raise RuntimeError("the poll failed on page 2")
         assert store.leads() == []
 
 
-def test_upsert_counts_new_leads_once_and_keeps_first_seen(tmp_path: Path) -> None:
-    with Store(tmp_path / "state.db") as store:
+def test_upsert_counts_new_leads_once_and_keeps_first_seen(state_location: Path | str) -> None:
+    with Store(state_location) as store:
         with store.transaction():
             assert store.upsert([parse_referral(referral("a"))], deadline, NOW) == 1
         later = NOW + timedelta(hours=1)
@@ -96,8 +141,8 @@ def test_upsert_counts_new_leads_once_and_keeps_first_seen(tmp_path: Path) -> No
         assert store.absent_since(later + timedelta(hours=1)) == ["a"]
 
 
-def test_more_severe_tier_supersedes_a_held_one(tmp_path: Path) -> None:
-    with Store(tmp_path / "state.db") as store:
+def test_more_severe_tier_supersedes_a_held_one(state_location: Path | str) -> None:
+    with Store(state_location) as store:
         with store.transaction():
             store.upsert([parse_referral(referral("a"))], deadline, NOW)
             store.record([Alert("a", TIER, "team", "reminder", 1)], NOW)
@@ -109,8 +154,8 @@ def test_more_severe_tier_supersedes_a_held_one(tmp_path: Path) -> None:
         assert states == {"reminder": "superseded", "urgent": "pending"}
 
 
-def test_failed_rows_are_dropped_after_the_give_up_time(tmp_path: Path) -> None:
-    with Store(tmp_path / "state.db") as store:
+def test_failed_rows_are_dropped_after_the_give_up_time(state_location: Path | str) -> None:
+    with Store(state_location) as store:
         with store.transaction():
             store.upsert([parse_referral(referral("a"))], deadline, NOW)
             store.record([Alert("a", TIER, "team", "new", 0)], NOW)
@@ -142,33 +187,51 @@ def test_second_process_is_refused_by_the_lock(tmp_path: Path) -> None:
     assert after.returncode == 0
 
 
-def test_a_file_from_before_the_quarantine_gains_it_and_keeps_its_leads(tmp_path: Path) -> None:
-    path = tmp_path / "state.db"
-    with Store(path) as store, store.transaction():
+def _back_to(where: Path | str, version: int, *statements: str) -> None:
+    """Turn a current state back into one written at schema `version` (what a state left by
+    an older referral-watch holds), so opening it runs the later migrations for real."""
+    # schema 5 added the outbox claim columns
+    undo = [*statements, "ALTER TABLE outbox DROP COLUMN claim_owner"]
+    undo.append("ALTER TABLE outbox DROP COLUMN claim_until")
+    if isinstance(where, Path):
+        db = sqlite3.connect(where)
+        for statement in undo:
+            db.execute(statement)
+        db.execute(f"PRAGMA user_version = {version}")
+        db.commit()
+        db.close()
+        return
+    import psycopg
+
+    with psycopg.connect(where, autocommit=True) as conn:
+        for statement in undo:
+            conn.execute(statement)  # type: ignore[arg-type]
+        conn.execute("UPDATE schema_version SET version = %s", (version,))
+
+
+def _version(store: Store) -> int:
+    return store.dialect.version(store.db)
+
+
+def test_a_state_from_before_the_quarantine_gains_it_and_keeps_its_leads(
+    state_location: Path | str,
+) -> None:
+    with Store(state_location) as store, store.transaction():
         store.upsert([parse_referral(referral("old-lead"))], deadline, NOW)
-    db = sqlite3.connect(path)
-    db.execute("DROP TABLE quarantine")
-    db.execute("DROP TABLE audit")
-    db.execute("PRAGMA user_version = 2")  # webhook events, no quarantine yet
-    db.commit()
-    db.close()
-    with Store(path) as store:
+    _back_to(state_location, 2, "DROP TABLE quarantine", "DROP TABLE audit")
+    with Store(state_location) as store:
         assert [lead.id for lead in store.leads()] == ["old-lead"]
         assert store.quarantine("bad-1", "parse", "no createdDateTime", NOW, lead_id="bad-1")
-        version = store.db.execute("PRAGMA user_version").fetchone()[0]
-    assert version == SCHEMA_VERSION
+        assert _version(store) == SCHEMA_VERSION
 
 
-def test_a_file_from_before_the_audit_gains_it_and_keeps_its_leads(tmp_path: Path) -> None:
-    path = tmp_path / "state.db"
-    with Store(path) as store, store.transaction():
+def test_a_state_from_before_the_audit_gains_it_and_keeps_its_leads(
+    state_location: Path | str,
+) -> None:
+    with Store(state_location) as store, store.transaction():
         store.upsert([parse_referral(referral("old-lead"))], deadline, NOW)
-    db = sqlite3.connect(path)
-    db.execute("DROP TABLE audit")
-    db.execute("PRAGMA user_version = 3")  # quarantine, no audit yet
-    db.commit()
-    db.close()
-    with Store(path) as store:
+    _back_to(state_location, 3, "DROP TABLE audit")
+    with Store(state_location) as store:
         assert [lead.id for lead in store.leads()] == ["old-lead"]
         entry = AuditEntry(
             "old-lead", NOW, "ann@contoso.com", "Ann", "console", "accept", "accepted"
@@ -178,14 +241,25 @@ def test_a_file_from_before_the_audit_gains_it_and_keeps_its_leads(tmp_path: Pat
         assert store.lead("old-lead").answered == entry  # type: ignore[union-attr]
         assert store.lead("old-lead").resolution == "accepted"  # type: ignore[union-attr]
         assert store.leads() == []  # resolved at once: no longer watched
-        version = store.db.execute("PRAGMA user_version").fetchone()[0]
-    assert version == SCHEMA_VERSION == 4
+        assert _version(store) == SCHEMA_VERSION == 5
+
+
+def test_a_state_from_before_the_claims_gains_them_and_keeps_its_outbox(
+    state_location: Path | str,
+) -> None:
+    with Store(state_location) as store:
+        row = store.enqueue_message("ops", "ops", "title", "body", NOW)
+    _back_to(state_location, 4)
+    with Store(state_location) as store:
+        assert [r.id for r in store.pending()] == [row]
+        assert store.claim([row], NOW)
+        assert _version(store) == SCHEMA_VERSION
 
 
 def test_a_quarantined_record_is_new_once_and_released_when_it_goes_through(
-    tmp_path: Path,
+    state_location: Path | str,
 ) -> None:
-    with Store(tmp_path / "state.db") as store:
+    with Store(state_location) as store:
         assert store.quarantine("bad-1", "parse", "first reason", NOW, raw="x" * 10_000)
         assert not store.quarantine("bad-1", "store", "second reason", NOW + WINDOW)
         (item,) = store.quarantined()
@@ -217,3 +291,151 @@ def test_state_file_wal_lock_and_folder_are_private_under_umask_022(tmp_path: Pa
     ).stdout.split("\n")
     assert out[1] == "state.db state.db-shm state.db-wal state.db.lock"
     assert out[0] == "0o700 0o600 0o600 0o600 0o600"
+
+
+def _stored(store: Store, *ids: str, now: datetime = NOW) -> None:
+    with store.transaction():
+        store.upsert([parse_referral(referral(i)) for i in ids], deadline, now)
+
+
+def test_silences_are_kept_replaced_and_lifted(state_location: Path | str) -> None:
+    with Store(state_location) as store:
+        _stored(store, "a", "b")
+        until = NOW + timedelta(days=2)
+        store.silence("a", NOW + timedelta(hours=1), NOW, reason="on it", by="ann")
+        store.silence("a", until, NOW, reason="call on Monday", by="bob", through_deadline=True)
+        lead = store.lead("a")
+        assert lead is not None and lead.silenced_until == until
+        assert lead.silence_reason == "call on Monday" and lead.silence_through_deadline
+        assert store.unsilence("a") is True
+        assert store.unsilence("a") is False
+        lead = store.lead("a")
+        assert lead is not None and lead.silenced_until is None
+
+
+def test_resolving_a_lead_supersedes_its_held_reminders(state_location: Path | str) -> None:
+    with Store(state_location) as store:
+        _stored(store, "a", "b")
+        with store.transaction():
+            store.record(
+                [Alert("a", TIER, "team", "new", 0), Alert("b", TIER, "team", "new", 0)], NOW
+            )
+            store.resolve("a", "accepted", NOW, raw=None)
+        assert [row.lead_id for row in store.pending()] == ["b"]
+        assert [lead.id for lead in store.leads()] == ["b"]
+        resolved = store.lead("a")
+        assert resolved is not None and resolved.resolution == "accepted"
+        assert [lead.id for lead in store.leads(include_resolved=True)] == ["a", "b"]
+
+
+def test_delivered_tiers_show_on_the_lead_and_end_its_candidacy(
+    state_location: Path | str,
+) -> None:
+    points = [("team", "new", NOW + WINDOW, None)]
+    with Store(state_location) as store:
+        _stored(store, "a", "b")
+        assert store.policy_candidates(points, NOW) == ["a", "b"]
+        with store.transaction():
+            store.record([Alert("a", TIER, "team", "new", 0)], NOW)
+        (row,) = store.pending()
+        store.delivered([row.id], NOW)
+        lead = store.lead("a")
+        assert lead is not None and lead.tiers_sent == ("new",)
+        assert store.policy_candidates(points, NOW) == ["b"]
+        assert [s.state for s in store.history(["a"])["a"]] == ["delivered"]
+        assert store.backlog() == 0
+        assert store.row_summary(row.id)["state"] == "delivered"
+
+
+def test_messages_about_no_lead_keep_their_text(state_location: Path | str) -> None:
+    with Store(state_location) as store:
+        first = store.enqueue_message("ops", "ops", "Polling fails", "5 in a row", NOW)
+        second = store.enqueue_message("report", "managers", "Weekly", "3 open", NOW)
+        assert second > first
+        assert store.message_text(first) == ("Polling fails", "5 in a row")
+        assert [(r.kind, r.channel) for r in store.pending()] == [
+            ("ops", "ops"),
+            ("report", "managers"),
+        ]
+        assert [r.id for r in store.pending(kinds=["report"])] == [second]
+        assert store.backlog() == 2
+
+
+def test_polls_and_metadata(state_location: Path | str) -> None:
+    with Store(state_location) as store:
+        assert store.last_success() is None and store.last_poll() is None
+        store.record_poll(PollRecord(NOW, NOW + timedelta(seconds=3), ok=True, fetched=4))
+        for minutes in (15, 30):
+            at = NOW + timedelta(minutes=minutes)
+            store.record_poll(PollRecord(at, at, ok=False, error="HTTP 503", needs_login=True))
+        assert store.last_success() == NOW + timedelta(seconds=3)
+        assert store.failures_in_a_row() == 2
+        last = store.last_poll()
+        assert last is not None and last.error == "HTTP 503" and last.needs_login
+        assert store.get_meta("k") is None
+        store.set_meta("k", "100%")  # a percent sign is data, not a placeholder
+        store.set_meta("k", "v2")
+        assert store.get_meta("k") == "v2"
+        store.set_meta("k", None)
+        assert store.get_meta("k") is None
+
+
+def test_lookups_by_id_prefix_and_summaries(state_location: Path | str) -> None:
+    with Store(state_location) as store:
+        _stored(store, "abc-1", "abc-2", "abd-3")
+        assert store.ids_starting("abc") == ["abc-1", "abc-2"]
+        assert store.ids_starting("ABC") == []
+        assert store.known("abd-3") and not store.known("zzz")
+        count, soonest = store.watched_summary()
+        assert count == 3 and soonest == NOW - timedelta(days=1) + WINDOW
+        assert set(store.lead_outlines(["abc-1", "abd-3"])) == {"abc-1", "abd-3"}
+        assert sorted(store.fingerprints().values()) == ["abc-1", "abc-2", "abd-3"]
+        assert [lead.id for lead in store.leads(ids=["abd-3", "abc-1"])] == ["abc-1", "abd-3"]
+
+
+def test_expired_and_pruned_leads(state_location: Path | str) -> None:
+    with Store(state_location) as store:
+        _stored(store, "old", "new")
+        with store.transaction():
+            store.record([Alert("old", TIER, "team", "new", 0)], NOW)
+        later = NOW + WINDOW
+        with store.transaction():
+            store.mark_expired(later)
+            store.resolve("old", "expired", later)
+        assert store.pending() == []  # the held reminder is moot
+        assert store.prune(later + timedelta(days=1), timedelta(days=90)) == 0
+        assert store.prune(later + timedelta(days=91), timedelta(days=90)) == 1
+        assert [lead.id for lead in store.leads(include_resolved=True)] == ["new"]
+        assert store.history() == {}
+
+
+def test_a_claimed_row_waits_for_its_lease_before_another_process_takes_it(
+    state_location: Path | str,
+) -> None:
+    with Store(state_location) as mine, Store(state_location) as theirs:
+        theirs.dialect.owner = "another replica"
+        _stored(mine, "a")
+        with mine.transaction():
+            mine.record([Alert("a", TIER, "team", "new", 0)], NOW)
+        row = mine.pending()[0].id
+        lease = timedelta(seconds=30)
+        assert mine.claim([row], NOW, lease)
+        assert mine.claim([row], NOW + timedelta(seconds=1), lease)  # its own: again
+        assert not theirs.claim([row], NOW + timedelta(seconds=29), lease)
+        assert not theirs.claim([row, row], NOW + timedelta(seconds=29), lease)
+        # the owner died mid-send: after the lease the other one takes the row over
+        assert not theirs.claim([row], NOW + timedelta(seconds=31), lease)  # renewed at 1s
+        assert theirs.claim([row], NOW + timedelta(seconds=32), lease)
+        assert not mine.claim([row], NOW + timedelta(seconds=33), lease)
+        theirs.delivered([row], NOW + timedelta(seconds=34))
+        assert not theirs.claim([row], NOW + timedelta(seconds=35), lease)  # sent: nobody's
+        assert mine.pending() == []
+
+
+def test_a_failed_attempt_frees_the_claim_for_the_next_try(state_location: Path | str) -> None:
+    with Store(state_location) as mine, Store(state_location) as theirs:
+        theirs.dialect.owner = "another replica"
+        first = mine.enqueue_message("ops", "ops", "t", "b", NOW)
+        assert mine.claim([first], NOW)
+        mine.failed([first], "HTTP 502", NOW, timedelta(days=1))
+        assert theirs.claim([first], NOW + timedelta(seconds=1))

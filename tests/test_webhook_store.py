@@ -1,4 +1,5 @@
-"""The state file's webhook events: a v1 file migrates, redeliveries are recognised."""
+"""The state's webhook events: a v1 file migrates, redeliveries are recognised (the tests
+taking `state_location` run on SQLite and on PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -31,16 +32,18 @@ def test_a_version_1_file_gains_the_table_and_keeps_its_leads(tmp_path: Path) ->
         assert store.last_webhook_event() == NOW
 
 
-def test_the_same_event_twice_is_stored_once(tmp_path: Path) -> None:
-    with Store(tmp_path / "state.db") as store:
+def test_the_same_event_twice_is_stored_once(state_location: Path | str) -> None:
+    with Store(state_location) as store:
         assert store.add_webhook_event(event("a"), NOW) is True
         assert store.add_webhook_event(event("a"), NOW + timedelta(seconds=5)) is False
         assert store.add_webhook_event(event("b"), NOW + timedelta(seconds=6)) is True
         assert store.pending_webhook_leads() == ["lead-1"]  # one lead, two events
 
 
-def test_handled_events_leave_the_queue_and_are_pruned_after_a_week(tmp_path: Path) -> None:
-    with Store(tmp_path / "state.db") as store:
+def test_handled_events_leave_the_queue_and_are_pruned_after_a_week(
+    state_location: Path | str,
+) -> None:
+    with Store(state_location) as store:
         store.add_webhook_event(event("a", "lead-1"), NOW)
         store.add_webhook_event(event("b", "lead-2"), NOW + timedelta(seconds=1))
         store.add_webhook_event(event("test", None), NOW)  # a test event needs no work
