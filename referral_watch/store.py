@@ -810,7 +810,7 @@ class Store:
             """INSERT INTO quarantine (key, lead_id, stage, reason, raw, first_seen, last_seen)
                VALUES (?, ?, ?, ?, ?, ?, ?)
                ON CONFLICT (key) DO UPDATE SET stage = excluded.stage,
-                   reason = excluded.reason, raw = COALESCE(excluded.raw, raw),
+                   reason = excluded.reason, raw = COALESCE(excluded.raw, quarantine.raw),
                    last_seen = excluded.last_seen
                RETURNING first_seen""",
             (key, lead_id, stage, reason[:500], _clip_raw(raw), seen, seen),
