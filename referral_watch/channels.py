@@ -83,6 +83,7 @@ class Style:
     max_length: int | None = None  # len(title) + len(body) never exceeds this
     link_template: str = DEFAULT_LINK
     markup: str = "markdown"  # "markdown" or "slack": how Partner Center text is escaped
+    answer_base: str = ""  # the console's public URL when Accept/Decline links are on (SPEC 14)
 
 
 def style_for(config: Config, channel: str) -> Style:

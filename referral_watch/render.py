@@ -138,6 +138,21 @@ class _Words:
         text = self._("Open in Partner Center")
         return f"[{text}]({url})"
 
+    def answer_url(self, referral_id: str, action: str) -> str:
+        """The console's answer page for one lead (SPEC 14): a plain link, no secret in it."""
+        lead = quote(referral_id, safe="")
+        return f"{self.style.answer_base}/leads/{lead}/answer?action={action}"
+
+    def links(self, referral_id: str, kind: str) -> str:
+        """'Open in Partner Center', and for a tier alert with answering on, Accept / Decline."""
+        opened = self.open_link(self.link(referral_id))
+        if kind != TIER or not self.style.answer_base:
+            return opened
+        accept, decline = self._("Accept"), self._("Decline")
+        accept_url = self.answer_url(referral_id, "accept")
+        decline_url = self.answer_url(referral_id, "decline")
+        return f"{opened} · [{accept}]({accept_url}) · [{decline}]({decline_url})"
+
     def capped(self, items: Sequence[str], limit: int = LIST_MAX) -> str:
         shown = [md(clip(item, 80)) for item in items[:limit]]
         if len(items) > limit:
@@ -263,7 +278,7 @@ def _full_parts(w: _Words, lead: Lead, kind: str) -> list[Part]:
     assigned = w.capped(team) if team else w._("nobody assigned")
     parts.append(Part(w.field(N_("Assigned team"), assigned), essential=False))
     parts.append(Part(w.field(N_("Referral id"), md(ref.id))))
-    parts.extend([Part(""), Part(w.open_link(w.link(ref.id)))])
+    parts.extend([Part(""), Part(w.links(ref.id, kind))])
     return parts
 
 
@@ -287,7 +302,7 @@ def _compact_parts(w: _Words, lead: Lead, kind: str) -> list[Part]:
         Part(w.field(N_("Assigned team"), w.capped(team, 3) or w._("nobody assigned")), False),
         Part(w.field(N_("Referral id"), md(ref.id)), essential=False),
         Part(""),
-        Part(w.open_link(w.link(ref.id))),
+        Part(w.links(ref.id, kind)),
     ]
     if ref.notes.strip() and kind != RESOLVED:
         parts.append(Part("", essential=False))
@@ -375,6 +390,10 @@ def _digest_line(w: _Words, lead: Lead, kind: str) -> str:
     if "{id}" in w.style.link_template:
         open_text = w._("open")
         pieces.append(f"[{open_text}]({w.link(ref.id)})")
+    if kind == TIER and w.style.answer_base:
+        accept, decline = w._("accept"), w._("decline")
+        pieces.append(f"[{accept}]({w.answer_url(ref.id, 'accept')})")
+        pieces.append(f"[{decline}]({w.answer_url(ref.id, 'decline')})")
     return "- " + " · ".join(pieces)
 
 

@@ -13,8 +13,8 @@ import pytest
 import test_render
 from test_render import NOW, make_lead
 
-from referral_watch.model import RESOLVED, AuditEntry
-from referral_watch.render import render_alert
+from referral_watch.model import EXPIRED, RESOLVED, TIER, AuditEntry
+from referral_watch.render import render_alert, render_digest
 from referral_watch.sandbox import Sandbox, make_referral
 
 from conftest import World
@@ -314,3 +314,85 @@ def test_a_lead_answered_elsewhere_keeps_the_plain_notice() -> None:
     message = render_alert(lead, RESOLVED, None, test_render.NOW, test_render.EN)
     assert "via referral-watch" not in message.body
     assert "was answered in Partner Center (accepted)" in message.body
+
+
+# --- Accept / Decline links in alerts ------------------------------------------------------
+
+BASE = "https://leads.contoso.example"
+
+
+def answer_links(lead_id: str) -> tuple[str, str]:
+    return (
+        f"{BASE}/leads/{lead_id}/answer?action=accept",
+        f"{BASE}/leads/{lead_id}/answer?action=decline",
+    )
+
+
+@pytest.mark.parametrize("style_name", ["EN", "NL", "SLACK", "TEAMS"])
+def test_every_tier_alert_carries_accept_and_decline_links(style_name: str) -> None:
+    style = replace(getattr(test_render, style_name), answer_base=BASE)
+    lead = make_lead()
+    message = render_alert(lead, TIER, None, NOW, style)
+    accept, decline = answer_links(lead.id)
+    words = ("Accepteren", "Afwijzen") if style_name == "NL" else ("Accept", "Decline")
+    assert f"[{words[0]}]({accept})" in message.body
+    assert f"[{words[1]}]({decline})" in message.body
+    # next to the Partner Center link, on the same line
+    [line] = [text for text in message.body.splitlines() if accept in text]
+    assert "partner.microsoft.com" in line
+    if style.max_length:
+        assert len(message.title) + len(message.body) <= style.max_length
+
+
+def test_links_stay_off_when_answering_is_off_and_on_notices() -> None:
+    lead = make_lead()
+    assert "/answer?action=" not in render_alert(lead, TIER, None, NOW, test_render.EN).body
+    on = replace(test_render.EN, answer_base=BASE)
+    assert "/answer?action=" not in render_alert(lead, EXPIRED, None, NOW, on).body
+    assert "/answer?action=" not in render_alert(answered_lead(), RESOLVED, None, NOW, on).body
+
+
+def test_a_long_teams_alert_keeps_its_links_within_the_card_limit() -> None:
+    lead = make_lead(
+        customer="Northwind " * 30,
+        notes="word " * 400,
+        team=[
+            {"firstName": f"Person{n}", "lastName": "Long-Surname", "email": f"p{n}@x.example"}
+            for n in range(20)
+        ],
+    )
+    style = replace(test_render.TEAMS, answer_base=BASE + "/a/rather/long/path/prefix")
+    message = render_alert(lead, TIER, None, NOW, style)
+    assert len(message.title) + len(message.body) <= style.max_length  # type: ignore[operator]
+    assert "/answer?action=accept" in message.body
+    assert "/answer?action=decline" in message.body
+
+
+def test_digests_carry_the_links_per_lead_where_space_allows() -> None:
+    leads = [make_lead(ref_id=f"8a7b6c5d-0000-4000-8000-00000000000{n}") for n in range(3)]
+    on = replace(test_render.SLACK, answer_base=BASE)
+    body = render_digest(leads, TIER, None, 0, NOW, on).body
+    for lead in leads:
+        accept, decline = answer_links(lead.id)
+        assert f"[accept]({accept})" in body and f"[decline]({decline})" in body
+    teams = replace(test_render.TEAMS, answer_base=BASE)
+    assert "/answer?action=" not in render_digest(leads, TIER, None, 0, NOW, teams).body
+
+
+def test_the_teams_card_with_the_links_stays_within_the_workflow_limits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Intercepted at requests' transport, as in test_notify: what Apprise really posts."""
+    from test_notify import TEAMS_SHORT, FakeService, notifier
+
+    teams = FakeService(status=202, content=b"").install(monkeypatch)
+    lead = make_lead(customer="Contoso " * 40, notes="x" * 2000)
+    style = replace(test_render.TEAMS, answer_base=BASE)
+    message = render_alert(lead, TIER, None, NOW, style)
+    assert notifier(TEAMS_SHORT).send("team", message).ok
+    (request,) = teams.sent
+    card = request.payload["attachments"][0]["content"]
+    text = next(block["text"] for block in card["body"] if block.get("id") == "body")
+    accept, decline = answer_links(lead.id)
+    assert accept in text and decline in text  # not cut off by Apprise's 1,000-character cap
+    assert len(request.body) < 28 * 1024  # Power Automate's limit for a card message
