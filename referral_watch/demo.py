@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, ClassVar, TextIO
 
+from referral_watch.answering import Person, answer_lead
 from referral_watch.auth import EnvTokenProvider
 from referral_watch.config import Config, parse_config
 from referral_watch.cycle import Cycle
@@ -25,6 +26,7 @@ from referral_watch.store import Store
 from referral_watch.text import columns
 
 TOKEN = "demo-token"  # the sandbox's own token; nothing real is ever contacted
+ANN = Person("ann.devries@contoso.example", "Ann de Vries", "console")
 
 CONFIG = """
 [partner_center]
@@ -92,6 +94,7 @@ class Event:
     describe: str
     act: Callable[[Sandbox], None]
     done: bool = False
+    accept: str | None = None  # a lead accepted through referral-watch's answer path instead
 
 
 @dataclass
@@ -155,8 +158,10 @@ def story(start: datetime) -> Story:
         events=[
             Event(
                 timedelta(days=1, hours=3),
-                "Adatum Corporation is accepted in Partner Center",
-                lambda sb: sb.update(adatum["id"], status="Active", substatus="Accepted"),
+                "Ann de Vries clicks Accept in the alert for Adatum Corporation "
+                "(referral-watch PATCHes the referral with If-Match)",
+                lambda sb: None,
+                accept=adatum["id"],
             ),
             Event(
                 timedelta(days=3, hours=3),
@@ -196,9 +201,13 @@ def run_demo(
         tokens = EnvTokenProvider("DEMO_TOKEN", environ={"DEMO_TOKEN": TOKEN})
         with Store(config.state.path) as store, PartnerCenter(config.partner_center, tokens) as api:
             cycle = Cycle(config, store, api, Notifier(config.channels), clock)
+
+            def accept(lead_id: str) -> None:
+                answer_lead(store, api, lead_id, "accept", "", ANN, clock.now)
+
             while clock.now <= start + timedelta(days=days):
                 printer.header = _cycle_header(stream, clock.now, start)
-                _happen(plot, clock.now - start, sandbox, printer)
+                _happen(plot, clock.now - start, sandbox, printer, accept)
                 cycle.run()
                 clock.advance(step)
                 time.sleep(pause)
@@ -229,12 +238,23 @@ def _cycle_header(stream: TextIO, now: datetime, start: datetime) -> str:
     return _style(stream, "2")(text + "─" * max(0, 72 - len(text)))
 
 
-def _happen(plot: Story, elapsed: timedelta, sandbox: Sandbox, printer: ConsolePrinter) -> None:
+def _happen(
+    plot: Story,
+    elapsed: timedelta,
+    sandbox: Sandbox,
+    printer: ConsolePrinter,
+    accept: Callable[[str], None],
+) -> None:
     for event in plot.events:
         if not event.done and elapsed >= event.at:
-            event.act(sandbox)
+            if event.accept:
+                accept(event.accept)
+                where = "through referral-watch"
+            else:
+                event.act(sandbox)
+                where = "in Partner Center"
             event.done = True
-            printer.line(_style(printer.stream, "1;35")(f"» in Partner Center: {event.describe}"))
+            printer.line(_style(printer.stream, "1;35")(f"» {where}: {event.describe}"))
 
 
 def _summary(stream: TextIO, store: Store, start: datetime) -> None:
@@ -292,6 +312,10 @@ class ConsolePrinter:
             self.shown_full = True
             for line in body.strip().splitlines():
                 self.stream.write(_style(self.stream, "2")(f"      {line}") + "\n")
+        else:  # who answered through referral-watch is worth a line of its own
+            for line in body.splitlines():
+                if "via referral-watch" in line:
+                    self.stream.write(_style(self.stream, "2")(f"      {line.strip()}") + "\n")
         self.stream.flush()
 
 

@@ -22,6 +22,8 @@ def test_demo_shows_the_whole_story_and_exits_0() -> None:
     assert "Lead expires in" in out
     assert "Lead expired unanswered: Tailspin Toys" in out
     assert "Lead accepted: Adatum Corporation" in out
+    # answered through referral-watch's own answer path (a PATCH to the sandbox)
+    assert "Accepted by Ann de Vries via referral-watch" in out
     assert "7 leads need an answer within 14d" in out  # the digest
     assert "Summary: what each lead received" in out
     # the malformed record is reported, not fatal
