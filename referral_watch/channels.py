@@ -69,8 +69,9 @@ def channel_kind(url: str) -> str:
 
 
 def markup_of(kind: str) -> str:
-    """The markup a kind of channel reads: Slack's mrkdwn, else Markdown."""
-    return "slack" if kind == "slack" else "markdown"
+    """The markup a kind of channel reads: 'slack' (mrkdwn through Apprise), 'teams' (Markdown,
+    the title too) or 'markdown' (bodies only: email subjects and webhook titles are plain)."""
+    return kind if kind in ("slack", "teams") else "markdown"
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ class Style:
     compact: bool = False  # Teams: essentials first, short lines
     max_length: int | None = None  # len(title) + len(body) never exceeds this
     link_template: str = DEFAULT_LINK
-    markup: str = "markdown"  # "markdown" or "slack": how Partner Center text is escaped
+    markup: str = "markdown"  # "markdown", "teams" or "slack": how outside text is escaped
     answer_base: str = ""  # the console's public URL when Accept/Decline links are on (SPEC 14)
 
 

@@ -16,6 +16,7 @@ import click
 from referral_watch import __version__
 from referral_watch.config import Config, find_config_path, load_config, parse_duration
 from referral_watch.errors import ConfigError, LockedError, ReferralWatchError, StateError
+from referral_watch.text import terminal
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_LOCKED = 0, 1, 2, 3
 
@@ -34,7 +35,7 @@ class Context:
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
+    click.echo(f"error: {terminal(message)}", err=True)  # it may quote Partner Center text
     sys.exit(code)
 
 
@@ -107,7 +108,7 @@ def run(obj: Context, once: bool) -> None:
         result = run_once(config)
         click.echo(summary_line(result))
         for failure in result.failures[:10]:
-            click.echo(f"  - {failure}")
+            click.echo(f"  - {terminal(failure)}")
         sys.exit(EXIT_OK if result.ok else EXIT_FAILED)
     from referral_watch import daemon
 

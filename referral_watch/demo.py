@@ -23,7 +23,7 @@ from referral_watch.notify import Notifier, register_console_target
 from referral_watch.partner_center import PartnerCenter
 from referral_watch.sandbox import Sandbox, make_referral
 from referral_watch.store import Store
-from referral_watch.text import columns
+from referral_watch.text import columns, terminal
 
 TOKEN = "demo-token"  # the sandbox's own token; nothing real is ever contacted
 ANN = Person("ann.devries@contoso.example", "Ann de Vries", "console")
@@ -281,7 +281,7 @@ def _summary(stream: TextIO, store: Store, start: datetime) -> None:
     )
     table = [(c, f"{outcome[c]:<9} {' '.join(items)}") for c, items in received.items()]
     for line in columns(table, indent="  "):
-        stream.write(line + "\n")
+        stream.write(terminal(line) + "\n")
     stream.write(
         "\nThe malformed record was skipped and logged; everything else was answered or "
         "announced.\nNext: `referral-watch check-config`, `referral-watch login`, and the README.\n"

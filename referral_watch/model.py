@@ -8,6 +8,8 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from referral_watch.text import clean_line, clean_notes, currency_code
+
 PENDING = "pending"
 
 # Resolutions a lead can end with (lower-cased substatus, or "gone" after a 404).
@@ -99,10 +101,15 @@ def _list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
-def _text(value: Any) -> str:
+def _raw_text(value: Any) -> str:
     if value is None:
         return ""
     return value if isinstance(value, str) else str(value)
+
+
+def _text(value: Any) -> str:
+    """A one-line text field, sanitised at the edge (text.clean_line: SPEC behaviour 9)."""
+    return clean_line(_raw_text(value))
 
 
 def as_decimal(value: Any) -> Decimal | None:
@@ -171,8 +178,8 @@ def parse_referral(data: Any, raw: str | None = None) -> Referral:
         direction=_text(data.get("direction")),
         country=_text(_obj(profile.get("address")).get("country")).upper(),
         deal_value=as_decimal(details.get("dealValue")),
-        currency=_text(details.get("currency")).upper(),
-        notes=_text(details.get("notes")),
+        currency=currency_code(_text(details.get("currency"))),
+        notes=clean_notes(_raw_text(details.get("notes"))),
         products=_ids(requirements.get("products")),
         solutions=tuple(
             _text(_obj(s).get("name")) or _text(_obj(s).get("id"))

@@ -30,6 +30,7 @@ from referral_watch.channels import (
 )
 from referral_watch.config import ChannelConfig
 from referral_watch.model import Message
+from referral_watch.text import terminal
 
 log = structlog.get_logger(__name__)
 
@@ -449,6 +450,7 @@ _console_printer: ConsolePrinter | None = None
 def _console_send(body: str, title: str, notify_type: str, *args: Any, **kwargs: Any) -> bool:
     meta = kwargs.get("meta") or {}
     channel = str(meta.get("host") or "console")  # console://team -> "team"
+    title, body = terminal(title), terminal(body)  # a terminal: no control character reaches it
     if _console_printer is not None:
         _console_printer(channel, title, body, notify_type)
     else:

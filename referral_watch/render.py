@@ -35,7 +35,7 @@ from referral_watch.model import (
     as_decimal,
 )
 from referral_watch.templates import render_template, template_problem
-from referral_watch.text import Part, clip, cut, fit, md
+from referral_watch.text import Part, clip, cut, escaper, fit, md, visible
 
 __all__ = [
     "DEFAULT_LINK",
@@ -105,7 +105,14 @@ class _Words:
         self.now = now
         translations_ = translations(style.locale)
         self._: Callable[[str], str] = translations_.gettext
+        self.esc = escaper(style.markup)  # Partner Center text -> this channel's markup
         self.ngettext: Callable[[str, str, int], str] = translations_.ngettext
+
+    def title_text(self, text: str) -> str:
+        """Outside text for a title: plain in email subjects, webhook titles and Slack (Apprise
+        escapes Slack's), Markdown-escaped for Teams, whose card renders its title."""
+        flat = visible(" ".join(text.split()))
+        return md(flat) if self.style.markup == "teams" else flat
 
     def when(self, moment: datetime | None) -> str:
         return when_text(moment, self.style.timezone, self.style.locale) if moment else ""
@@ -154,14 +161,14 @@ class _Words:
         return f"{opened} · [{accept}]({accept_url}) · [{decline}]({decline_url})"
 
     def capped(self, items: Sequence[str], limit: int = LIST_MAX) -> str:
-        shown = [md(clip(item, 80)) for item in items[:limit]]
+        shown = [self.esc(clip(item, 80)) for item in items[:limit]]
         if len(items) > limit:
             shown.append(self._("+{count} more").format(count=len(items) - limit))
         return ", ".join(shown)
 
     def resolution(self, resolution: str | None) -> str:
         word = _RESOLUTION_WORDS.get(resolution or "")
-        return self._(word) if word else md(resolution or "")
+        return self._(word) if word else self.esc(resolution or "")
 
 
 def _member_name(member: TeamMember) -> str:
@@ -173,7 +180,7 @@ def _member_name(member: TeamMember) -> str:
 
 def _alert_title(w: _Words, lead: Lead, kind: str) -> str:
     ref = lead.referral
-    customer = " ".join(ref.customer.split())
+    customer = w.title_text(ref.customer)
     co_sell = ref.kind == "co-sell"
     remaining = lead.remaining(w.now)
     if kind == TIER and remaining >= timedelta(0):
@@ -196,7 +203,7 @@ def _alert_title(w: _Words, lead: Lead, kind: str) -> str:
 
 
 def _intro(w: _Words, lead: Lead, kind: str) -> str:
-    customer = f"**{md(clip(lead.referral.customer, CUSTOMER_MAX))}**"
+    customer = f"**{w.esc(clip(lead.referral.customer, CUSTOMER_MAX))}**"
     remaining = lead.remaining(w.now)
     if kind == TIER and remaining >= timedelta(0):
         return w._("{customer} needs an answer in Partner Center within {time_left}.").format(
@@ -226,7 +233,7 @@ def _answered_line(w: _Words, lead: Lead) -> str | None:
         return None
     early = max(lead.deadline - entry.at, timedelta(0))
     return w._(_ANSWERED_BY[entry.result]).format(
-        name=md(clip(entry.name or entry.who, 80)), time_left=w.left(early)
+        name=w.esc(clip(entry.name or entry.who, 80)), time_left=w.left(early)
     )
 
 
@@ -238,13 +245,13 @@ def _notes_part(w: _Words, notes: str, essential: bool) -> Part:
         # Escaping can lengthen the text, so shorten until the escaped line fits.
         keep = room - len(prefix)
         while keep > 1:
-            line = prefix + md(clip(excerpt, keep))
+            line = prefix + w.esc(clip(excerpt, keep))
             if len(line) <= room:
                 return line
             keep -= max(1, len(line) - room)
         return prefix + "…"
 
-    return Part(prefix + md(excerpt), essential, shrink)
+    return Part(prefix + w.esc(excerpt), essential, shrink)
 
 
 def _full_parts(w: _Words, lead: Lead, kind: str) -> list[Part]:
@@ -254,7 +261,7 @@ def _full_parts(w: _Words, lead: Lead, kind: str) -> list[Part]:
     parts = [
         Part(_intro(w, lead, kind)),
         Part(""),
-        Part(w.field(N_("Customer"), md(clip(ref.customer, CUSTOMER_MAX)))),
+        Part(w.field(N_("Customer"), w.esc(clip(ref.customer, CUSTOMER_MAX)))),
         Part(w.field(N_("Deal value"), value)),
         Part(w.field(N_("Kind"), w.kind(ref))),
         Part(w.field(N_("Created"), w.when(ref.created)), essential=False),
@@ -266,7 +273,7 @@ def _full_parts(w: _Words, lead: Lead, kind: str) -> list[Part]:
         if answered:
             parts[1:1] = [Part(""), Part(answered)]
         if lead.answered is not None and lead.answered.reason:
-            parts.append(Part(w.field(N_("Reason"), md(clip(lead.answered.reason, NOTES_MAX)))))
+            parts.append(Part(w.field(N_("Reason"), w.esc(clip(lead.answered.reason, NOTES_MAX)))))
     else:
         parts.append(Part(w.field(N_("Time left"), w.left(lead.remaining(w.now)))))
     if ref.notes.strip() and kind != RESOLVED:
@@ -277,7 +284,7 @@ def _full_parts(w: _Words, lead: Lead, kind: str) -> list[Part]:
         parts.append(Part(w.field(N_("Products/solutions"), products), essential=False))
     assigned = w.capped(team) if team else w._("nobody assigned")
     parts.append(Part(w.field(N_("Assigned team"), assigned), essential=False))
-    parts.append(Part(w.field(N_("Referral id"), md(ref.id))))
+    parts.append(Part(w.field(N_("Referral id"), w.esc(ref.id))))
     parts.extend([Part(""), Part(w.links(ref.id, kind))])
     return parts
 
@@ -297,10 +304,10 @@ def _compact_parts(w: _Words, lead: Lead, kind: str) -> list[Part]:
     team = [_member_name(m) for m in ref.team]
     parts = [
         Part(deadline),
-        Part(w.field(N_("Customer"), md(clip(ref.customer, COMPACT_CUSTOMER_MAX)))),
+        Part(w.field(N_("Customer"), w.esc(clip(ref.customer, COMPACT_CUSTOMER_MAX)))),
         Part(w.field(N_("Deal value"), f"{value} · {w.kind(ref)}" if value else w.kind(ref))),
         Part(w.field(N_("Assigned team"), w.capped(team, 3) or w._("nobody assigned")), False),
-        Part(w.field(N_("Referral id"), md(ref.id)), essential=False),
+        Part(w.field(N_("Referral id"), w.esc(ref.id)), essential=False),
         Part(""),
         Part(w.links(ref.id, kind)),
     ]
@@ -373,10 +380,10 @@ def _digest_line(w: _Words, lead: Lead, kind: str) -> str:
     ref = lead.referral
     remaining = lead.remaining(w.now)
     if w.style.compact:
-        customer = md(clip(ref.customer, 40))
+        customer = w.esc(clip(ref.customer, 40))
         status = w.resolution(lead.resolution) if kind == RESOLVED else w.left(remaining)
         return f"- **{customer}** · {status}"
-    pieces = [f"**{md(clip(ref.customer, 80))}**"]
+    pieces = [f"**{w.esc(clip(ref.customer, 80))}**"]
     value = w.money(ref.deal_value, ref.currency)
     if value:
         pieces.append(value)
@@ -456,7 +463,7 @@ def render_test(channel: str, now: datetime, style: Style) -> Message:
         w._("TEST: referral-watch can reach this channel"),
         [
             w._("This is a test message from referral-watch for {channel}, sent {when}.").format(
-                channel=f"**{md(channel)}**", when=w.when(now)
+                channel=f"**{w.esc(channel)}**", when=w.when(now)
             ),
             w._(
                 "Reminders about Partner Center leads that need an answer will arrive here. "
@@ -482,7 +489,7 @@ def _failing_lines(w: _Words, reason: str, failures: int, since: datetime | None
             )
         )
     if reason:
-        lines.append(w._("Reason: {reason}").format(reason=md(reason)))
+        lines.append(w._("Reason: {reason}").format(reason=w.esc(reason)))
     lines += [
         w._(
             "referral-watch retries every cycle; until a poll succeeds it sees no new leads "
@@ -528,7 +535,7 @@ def render_ops(
     if event == "dropped":
         lines = [w._("A message could not be delivered for a day and was dropped.")]
         if reason:
-            lines.append(w._("Details: {reason}").format(reason=md(reason)))
+            lines.append(w._("Details: {reason}").format(reason=w.esc(reason)))
         return _plain(w._("referral-watch: a message was dropped"), lines, style)
     raise ValueError(f"unknown operations event {event!r}")
 
@@ -620,7 +627,7 @@ def _template_context(w: _Words, lead: Lead, tier: TierConfig | None) -> dict[st
         "when": when,
         "time_left": time_left,
         "relative": relative,
-        "md": md,
+        "md": w.esc,
     }
 
 

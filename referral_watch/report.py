@@ -33,7 +33,7 @@ from referral_watch.channels import Style
 from referral_watch.i18n import money_text, time_left_text, when_text
 from referral_watch.model import ANSWERS, Lead, Message
 from referral_watch.render import report_headings
-from referral_watch.text import Part, clip, columns, fit, iso_utc, md
+from referral_watch.text import Part, clip, columns, csv_cell, escaper, fit, iso_utc, terminal
 
 __all__ = [
     "CSV_COLUMNS",
@@ -217,6 +217,7 @@ class _Wording:
     def __init__(self, summary: Summary, style: Style) -> None:
         self.style = style
         self.heads = report_headings(style.locale, summary.period)
+        self.esc = escaper(style.markup)  # names from Partner Center -> the channel's markup
         self.now = summary.now
 
     def money(self, amount: Decimal | None, currency: str) -> str:
@@ -234,7 +235,7 @@ class _Wording:
         return when_text(moment, self.style.timezone, self.style.locale)
 
     def who(self, assignee: str) -> str:
-        return self.heads["unassigned"] if assignee == UNASSIGNED else md(assignee)
+        return self.heads["unassigned"] if assignee == UNASSIGNED else self.esc(assignee)
 
 
 def _open_part(w: _Wording, s: Summary) -> str:
@@ -247,7 +248,7 @@ def _urgent_lines(w: _Wording, s: Summary, limit: int, compact: bool) -> list[st
     lines = []
     for line in s.most_urgent[:limit]:
         width = 40 if compact else 80
-        pieces = [f"**{md(clip(line.customer, width))}**"]
+        pieces = [f"**{w.esc(clip(line.customer, width))}**"]
         value = w.money(line.deal_value, line.currency)
         if value and not compact:
             pieces.append(value)
@@ -264,7 +265,7 @@ def _answered_part(w: _Wording, s: Summary) -> str:
 def _expired_lines(w: _Wording, s: Summary) -> list[str]:
     lines = []
     for line in s.expired[:LIST_MAX]:
-        pieces = [f"**{md(clip(line.customer, 80))}**"]
+        pieces = [f"**{w.esc(clip(line.customer, 80))}**"]
         value = w.money(line.deal_value, line.currency)
         if value:
             pieces.append(value)
@@ -414,7 +415,7 @@ def format_text(summary: Summary, timezone: str = "UTC") -> str:
     if s.expired_value:
         lines += _rows([("deal value lost", _cli_money(s.expired_value))])
     lines += ["", "Open leads per assignee:", *_rows([(n, str(c)) for n, c in s.per_assignee])]
-    return "\n".join(lines) + "\n"
+    return terminal("\n".join(lines)) + "\n"
 
 
 def _cli_span(value: timedelta | None) -> str:
@@ -505,7 +506,8 @@ def format_csv(summary: Summary) -> str:
     writer.writerow(CSV_COLUMNS)
     start, end = iso_utc(summary.start), iso_utc(summary.now)
     for metric, key, value in _csv_facts(summary):
-        writer.writerow((start, end, metric, key, "" if value is None else value))
+        cells = (start, end, metric, key, "" if value is None else value)
+        writer.writerow([csv_cell(cell) for cell in cells])
     return out.getvalue()
 
 

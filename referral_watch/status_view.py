@@ -12,7 +12,7 @@ from referral_watch.config import Config
 from referral_watch.i18n import money_text, time_left_text
 from referral_watch.model import AuditEntry, Lead
 from referral_watch.store import PollRecord
-from referral_watch.text import columns, iso_utc
+from referral_watch.text import columns, iso_utc, terminal
 
 # CLI output stays English whatever the alert locale.
 CLI_LOCALE = "en-US"
@@ -90,7 +90,7 @@ def table(leads: list[Lead], config: Config, now: datetime, last: PollRecord | N
     lines.append("")
     lines.append(f"{watched} lead(s) waiting for an answer; times in {config.messages.timezone}.")
     lines.append(_poll_line(last))
-    return "\n".join(lines)
+    return terminal("\n".join(lines))  # Partner Center text never drives the terminal
 
 
 def _poll_line(last: PollRecord | None) -> str:
@@ -135,7 +135,7 @@ def explain(
         )
         lines.append(f"  channel {name}: {verdict}{quiet}")
     lines.extend(audit_lines(audit))
-    return "\n".join(lines)
+    return terminal("\n".join(lines))  # Partner Center text never drives the terminal
 
 
 def audit_lines(audit: Sequence[AuditEntry]) -> list[str]:

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from functools import lru_cache
 from typing import Any
 
-from jinja2 import StrictUndefined, Template, TemplateError, TemplateSyntaxError
+from jinja2 import StrictUndefined, Template, TemplateError, TemplateSyntaxError, pass_context
 from jinja2.exceptions import SecurityError
 from jinja2.runtime import Context
 from jinja2.sandbox import SandboxedEnvironment
@@ -51,8 +51,15 @@ def _sandbox() -> SandboxedEnvironment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters["md"] = md
+    env.filters["md"] = _escape
     return env
+
+
+@pass_context
+def _escape(context: Context, value: Any) -> str:
+    """``|md``: the channel's own escaping, which render puts in the context as ``md``."""
+    escape = context.get("md")
+    return str(escape(value)) if callable(escape) else md(value)
 
 
 @lru_cache(maxsize=256)
