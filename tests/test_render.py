@@ -1107,3 +1107,16 @@ def test_the_wording_modules_stay_pure() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_slack_bodies_carry_no_backslash_escapes_and_no_live_mentions() -> None:
+    """Issue 13 item 4: notes with *, _ or | arrived in Slack as \\*help\\*; Slack's own
+    <!channel> from a customer must not become live (entities instead)."""
+    config = parse(config_text(channels='x = "https://hooks.slack-gov.com/services/T0/B0/XX"'))
+    lead = make_lead(customer="Ping <!channel>", notes="Need *help* with _licences_ | now")
+    body = render_alert(lead, TIER, FINAL, NOW, style_for(config, "x")).body
+    assert "*help*" in body and "_licences_" in body and "| now" in body
+    assert "\\*" not in body and "\\_" not in body and "\\|" not in body
+    assert "\\<!channel\\>" in body  # Apprise sends it to Slack as &lt;!channel&gt;
+    email = render_alert(lead, TIER, FINAL, NOW, EN).body
+    assert "\\*help\\*" in email  # Markdown channels keep their escaping
