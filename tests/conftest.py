@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 import pytest
 import structlog
@@ -20,9 +23,152 @@ from referral_watch import cli
 from referral_watch.sandbox import Sandbox, make_referral
 
 from pgserver import PostgresServer, find_bindir
-from receivers import WebhookReceiver
+
+if TYPE_CHECKING:  # receivers imports this module's helpers; the fixture imports it late
+    from receivers import WebhookReceiver
 
 TOKEN_ENV = "RW_TEST_TOKEN"
+
+
+# --- the helpers every test uses (one copy each) ----------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 15.0, what: str = "") -> None:
+    """Return as soon as `condition()` is true; fail after `timeout` seconds. Tests wait on
+    what they expect, never for a fixed time: a loaded 2-core machine is slow, not broken."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+        time.sleep(0.02)
+
+
+class NotifySocket:
+    """A stand-in for systemd's NOTIFY_SOCKET: collects what the daemon reports (READY=1,
+    WATCHDOG=1, STOPPING=1), each with the time it arrived."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.05)
+        self.received: list[tuple[float, str]] = []
+
+    @property
+    def seen(self) -> list[str]:
+        self._drain()
+        return [message for _, message in self.received]
+
+    def count(self, message: str) -> int:
+        return self.seen.count(message)
+
+    def last(self, message: str) -> float | None:
+        """The monotonic time `message` last arrived, or None."""
+        self._drain()
+        times = [at for at, seen in self.received if seen == message]
+        return times[-1] if times else None
+
+    def wait_for(self, message: str, timeout: float = 20) -> None:
+        wait_until(lambda: message in self.seen, timeout, f"{message} (got {self.received})")
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except (TimeoutError, BlockingIOError):
+                return
+            self.received.extend((time.monotonic(), m) for m in data.decode().splitlines())
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class DaemonProcess:
+    """`referral-watch run` in a subprocess, its stdout and stderr read as they come, so a test
+    can wait for a log event (`wait_for_log`) instead of sleeping."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        self._out: list[str] = []
+        self._err: list[str] = []
+        assert self.process.stdout is not None and self.process.stderr is not None
+        streams = ((self.process.stdout, self._out), (self.process.stderr, self._err))
+        self._readers = [
+            threading.Thread(target=_collect, args=(stream, lines), daemon=True)
+            for stream, lines in streams
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    # the Popen calls the tests use
+    def send_signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def kill(self) -> None:
+        self.process.kill()
+
+    def poll(self) -> int | None:
+        return self.process.poll()
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.process.wait(timeout=timeout)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        """Wait for the exit; everything it wrote (stdout, stderr)."""
+        self.process.wait(timeout=timeout)
+        for reader in self._readers:
+            reader.join(timeout=5)
+        for stream in (self.process.stdout, self.process.stderr):
+            if stream is not None:
+                stream.close()
+        return "".join(self._out), "".join(self._err)
+
+    # the log
+    @property
+    def log(self) -> str:
+        """stderr so far (the JSON log)."""
+        return "".join(list(self._err))
+
+    def events(self, event: str) -> list[dict[str, Any]]:
+        """The JSON log lines whose event is `event`, so far."""
+        found = []
+        for line in list(self._err):
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and entry.get("event") == event:
+                found.append(entry)
+        return found
+
+    def wait_for_log(self, event: str, count: int = 1, timeout: float = 20) -> list[dict[str, Any]]:
+        wait_until(
+            lambda: len(self.events(event)) >= count or self.poll() is not None,
+            timeout,
+            f"{count} {event!r} log line(s)",
+        )
+        found = self.events(event)
+        assert len(found) >= count, f"exit {self.poll()} before {event!r}:\n{self.log}"
+        return found
+
+
+def _collect(stream: IO[str], lines: list[str]) -> None:
+    for line in stream:
+        lines.append(line)
+
 
 TIERS = """
 [[policy.tiers]]
@@ -136,10 +282,12 @@ timeout = "5s"
         return Outcome(code, captured.out, captured.err)
 
     @contextmanager
-    def daemon(self, *extra: str) -> Iterator[subprocess.Popen[str]]:
-        """`referral-watch run` as a real subprocess; killed if the test leaves it running."""
+    def daemon(self, *extra: str, env: dict[str, str] | None = None) -> Iterator[DaemonProcess]:
+        """`referral-watch run` as a real subprocess; killed if the test leaves it running.
+        `env` adds to (or, with "", removes from) the environment."""
         self.write_config()
-        process = subprocess.Popen(
+        environment = {**os.environ, **(env or {})}
+        process = DaemonProcess(
             [
                 sys.executable,
                 "-m",
@@ -151,10 +299,7 @@ timeout = "5s"
                 "run",
                 *extra,
             ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ},
+            {name: value for name, value in environment.items() if value != ""},
         )
         try:
             yield process
@@ -181,6 +326,8 @@ def _fresh_logging() -> Iterator[None]:
 def world(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> Iterator[World]:
+    from receivers import WebhookReceiver
+
     monkeypatch.setenv(TOKEN_ENV, "sandbox-token")
     with (
         Sandbox(token="sandbox-token") as sandbox,

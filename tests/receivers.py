@@ -18,9 +18,7 @@ from __future__ import annotations
 import email
 import email.policy
 import json
-import socket
 import threading
-import time
 from dataclasses import dataclass
 from email.message import EmailMessage
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -31,15 +29,9 @@ from urllib.parse import quote
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from conftest import free_port, wait_until
+
 LOOPBACK = "127.0.0.1"
-
-
-def _wait(condition: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
 
 
 # --- webhook -----------------------------------------------------------------------------
@@ -98,19 +90,23 @@ class _HookServer(ThreadingHTTPServer):
 class WebhookReceiver:
     """A threaded HTTP server on 127.0.0.1 recording every request it gets.
 
-    ``fail_next(n, status=500)`` makes the next n requests fail (they are still recorded).
+    ``fail_next(n, status=500)`` makes the next n requests fail (they are still recorded);
+    ``delay`` seconds pass before each answer (a slow channel).
     """
 
-    def __init__(self, path: str = "/hook") -> None:
+    def __init__(self, path: str = "/hook", *, delay: float = 0.0) -> None:
         self.path = path
+        self.delay = delay
         self.requests: list[ReceivedRequest] = []
         self._lock = threading.Lock()
+        self._answering = threading.Event()  # set on stop: no slow answer outlives the receiver
         self._failures: list[int] = []
         self._server: _HookServer | None = None
         self._thread: threading.Thread | None = None
 
     # lifecycle
     def start(self) -> WebhookReceiver:
+        self._answering.clear()
         self._server = _HookServer(self)
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
@@ -119,6 +115,7 @@ class WebhookReceiver:
         return self
 
     def stop(self) -> None:
+        self._answering.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -160,6 +157,8 @@ class WebhookReceiver:
             self._failures.extend([status] * count)
 
     def _accept(self, request: ReceivedRequest) -> int:
+        if self.delay:
+            self._answering.wait(self.delay)
         with self._lock:
             self.requests.append(request)
             return self._failures.pop(0) if self._failures else 200
@@ -172,7 +171,7 @@ class WebhookReceiver:
             return [r.json for r in self.requests]
 
     def wait_for(self, count: int, timeout: float = 5.0) -> list[ReceivedRequest]:
-        _wait(lambda: len(self.requests) >= count, timeout, f"{count} webhook request(s)")
+        wait_until(lambda: len(self.requests) >= count, timeout, f"{count} webhook request(s)")
         with self._lock:
             return list(self.requests)
 
@@ -227,12 +226,6 @@ class _Collector:
         return "250 Message accepted for delivery"
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((LOOPBACK, 0))
-        return int(probe.getsockname()[1])
-
-
 class SmtpReceiver:
     """An aiosmtpd server on 127.0.0.1 (no TLS, no auth) collecting every message."""
 
@@ -246,7 +239,7 @@ class SmtpReceiver:
     def start(self) -> SmtpReceiver:
         last_error: OSError | None = None
         for _ in range(5):  # another process may grab the probed port in between
-            port = _free_port()
+            port = free_port()
             controller = Controller(_Collector(self), hostname=LOOPBACK, port=port)
             try:
                 controller.start()
@@ -283,6 +276,6 @@ class SmtpReceiver:
         return f"mailto://{LOOPBACK}:{self.port}?{query}"
 
     def wait_for(self, count: int, timeout: float = 5.0) -> list[ReceivedMail]:
-        _wait(lambda: len(self.messages) >= count, timeout, f"{count} mail message(s)")
+        wait_until(lambda: len(self.messages) >= count, timeout, f"{count} mail message(s)")
         with self._lock:
             return list(self.messages)

@@ -4,36 +4,18 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
 
-from conftest import World
+from conftest import World, free_port, wait_until
 from receivers import WebhookReceiver
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 15.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def fast(world: World, **server: str) -> None:
@@ -66,8 +48,7 @@ def test_daemon_alerts_new_leads_each_cycle_and_stops_on_sigterm(world: World) -
 def test_a_second_instance_exits_3(world: World) -> None:
     fast(world)
     with world.daemon() as first:
-        wait_until(lambda: world.state_path.exists(), what="the state file")
-        time.sleep(0.5)
+        first.wait_for_log("daemon.started")  # it holds the state lock
         second = subprocess.run(
             [sys.executable, "-m", "referral_watch", "--config", str(world.config_path), "run"],
             capture_output=True,
@@ -138,7 +119,8 @@ def test_kill_9_and_restart_neither_loses_nor_repeats(world: World) -> None:
     world.add_lead(age=timedelta(hours=1), customer="While Down")
     with world.daemon() as process:
         world.team.wait_for(2)
-        time.sleep(2.5)  # a couple more cycles: nothing may repeat
+        cycles = len(process.events("cycle.done"))
+        process.wait_for_log("cycle.done", cycles + 2)  # a couple more cycles: nothing repeats
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=10) == 0
     assert sorted(body["title"].split(": ")[-1] for body in world.team.bodies) == [
@@ -167,7 +149,8 @@ def test_a_wrong_token_gives_one_ops_alert_and_one_recovery(world: World) -> Non
             assert "401" in ops.bodies[0]["message"] or "401" in ops.bodies[0]["title"]
             world.sandbox.token = "sandbox-token"
             ops.wait_for(2, timeout=20)
-            time.sleep(2.5)
+            cycles = len(process.events("cycle.done"))
+            process.wait_for_log("cycle.done", cycles + 3)  # good cycles: no more ops messages
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=10) == 0
         assert len(ops.bodies) == 2
@@ -186,7 +169,7 @@ def test_sighup_reloads_the_config_and_keeps_the_old_one_when_the_new_is_bad(
         world.tiers = world.tiers.replace('notify = ["team"]', 'notify = ["team", "extra"]', 1)
         world.write_config()
         process.send_signal(signal.SIGHUP)
-        time.sleep(1.5)
+        process.wait_for_log("config.reloaded")
         world.add_lead(age=timedelta(hours=1), customer="After Reload")
         extra.wait_for(2)  # the new channel hears about both waiting leads
         assert sorted(b["title"].rsplit(": ", 1)[-1] for b in extra.bodies) == [
@@ -196,7 +179,7 @@ def test_sighup_reloads_the_config_and_keeps_the_old_one_when_the_new_is_bad(
 
         world.config_path.write_text("[policy\nbroken = ")
         process.send_signal(signal.SIGHUP)
-        time.sleep(1.5)
+        process.wait_for_log("config.reload_failed")
         world.add_lead(age=timedelta(hours=1), customer="After Bad Reload")
         extra.wait_for(3)  # still running, with the last good config
         process.send_signal(signal.SIGTERM)

@@ -12,10 +12,8 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -28,6 +26,8 @@ import yaml
 
 from referral_watch.config import DEFAULT_PATHS, StateConfig, parse_config
 from referral_watch.sandbox import Sandbox
+
+from conftest import NotifySocket, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -549,43 +549,6 @@ def test_kustomize_renders_the_manifests() -> None:
 # --- the daemon keeps the promises the unit and the probes rely on -------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class NotifySocket:
-    """A stand-in for systemd's NOTIFY_SOCKET: collects what the daemon reports."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.5)
-        self.seen: list[str] = []
-
-    def wait_for(self, message: str, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while message not in self.seen:
-            assert time.monotonic() < deadline, f"no {message} (got {self.seen})"
-            try:
-                self.seen.extend(self.sock.recv(4096).decode().splitlines())
-            except TimeoutError:
-                continue
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def wait_until(check: Any, what: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
 def healthz(port: int) -> int:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
@@ -655,7 +618,7 @@ def test_the_daemon_behaves_as_the_unit_and_probes_expect(
     try:
         notify.wait_for("READY=1")  # Type=notify
         notify.wait_for("WATCHDOG=1")  # WatchdogSec=
-        wait_until(lambda: healthz(port) == 200, "/healthz to answer 200 (readiness probe)")
+        wait_until(lambda: healthz(port) == 200, what="/healthz to answer 200 (readiness probe)")
         assert health_check() == 0  # HEALTHCHECK, liveness and startup probes
 
         # RestartPreventExitStatus=3: a second instance on the same state gives up with 3
@@ -664,7 +627,7 @@ def test_the_daemon_behaves_as_the_unit_and_probes_expect(
 
         # ExecReload= sends SIGHUP: the daemon re-reads its config and keeps running
         daemon.send_signal(signal.SIGHUP)
-        wait_until(lambda: healthz(port) == 200, "/healthz after SIGHUP")
+        wait_until(lambda: healthz(port) == 200, what="/healthz after SIGHUP")
         assert daemon.poll() is None
 
         # systemctl stop sends SIGTERM: a clean exit 0, so Restart=on-failure does not restart

@@ -14,8 +14,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from referral_watch.partner_center import PartnerCenter
 from referral_watch.sandbox import make_referral
 from referral_watch.store import SCHEMA_VERSION, Store
 
-from conftest import TOKEN_ENV, World
+from conftest import TOKEN_ENV, World, wait_until
 
 # Every status the Referrals API documents for a list request.
 DOCUMENTED = (400, 401, 403, 404, 409, 412, 429, 500, 502, 503, 504)
@@ -386,24 +385,6 @@ def test_a_full_disk_during_the_poll_changes_nothing(world: World) -> None:
 # --- signals and the clock ----------------------------------------------------------------
 
 
-def _slow(receiver: Any, seconds: float) -> None:
-    accept = receiver._accept
-
-    def slowly(request: Any) -> int:
-        time.sleep(seconds)
-        return int(accept(request))
-
-    receiver._accept = slowly
-
-
-def _wait(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 def test_sigterm_during_delivery_finishes_the_message_in_flight_and_loses_none(
     world: World,
 ) -> None:
@@ -411,10 +392,12 @@ def test_sigterm_during_delivery_finishes_the_message_in_flight_and_loses_none(
     customers = [f"Urgent Account {n}" for n in range(4)]
     for name in customers:  # four urgent leads: four single messages to each channel
         world.add_lead(age=timedelta(days=12, hours=6), customer=name)
-    _slow(world.team, 0.4)
-    _slow(world.managers, 0.4)
+    world.team.delay = world.managers.delay = 0.4  # slow channels: SIGTERM comes mid-delivery
     with world.daemon() as daemon:
-        _wait(lambda: len(world.team.requests) + len(world.managers.requests) >= 1, "a message")
+        wait_until(
+            lambda: len(world.team.requests) + len(world.managers.requests) >= 1,
+            what="a message",
+        )
         daemon.send_signal(signal.SIGTERM)
         _, err = daemon.communicate(timeout=30)
     # The operator sees a clean stop: exit 0, "stopping" then "stopped" in the log.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from referral_watch.notify import (
     register_console_target,
 )
 
+from conftest import free_port
 from receivers import SmtpReceiver, WebhookReceiver
 
 CUSTOMER = "Fabrikam Customer Inc"
@@ -61,12 +61,6 @@ SLACK_BOT = f"slack://{SLACK_BOT_TOKEN}/#general"
 
 def notifier(url: str, **options: Any) -> Notifier:
     return Notifier({"team": ChannelConfig(url=url, **options)})
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 # --- real local receivers ---------------------------------------------------------------
