@@ -129,7 +129,7 @@ def checked(config: Config) -> Config:
         register_console_target()
     problems = check_channels(config.channels) + check_templates(config)
     if config.reports:
-        from referral_watch.daemon import report_triggers
+        from referral_watch.schedule import report_triggers
 
         try:
             report_triggers(config)

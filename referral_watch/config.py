@@ -314,12 +314,9 @@ class ReportConfig(Section):
     @field_validator("schedule")
     @classmethod
     def _cron(cls, value: str) -> str:
-        fields = value.split()
-        if len(fields) != 5:
-            raise ValueError(
-                f"{value!r} is not a cron expression: use five fields "
-                '"minute hour day month weekday", e.g. "0 8 * * mon"'
-            )
+        from referral_watch.schedule import cron_expression  # the rule the daemon runs by
+
+        cron_expression(value)
         return value
 
 

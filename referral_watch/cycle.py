@@ -355,9 +355,18 @@ class Cycle:
 
     # --- delivery -----------------------------------------------------------------------
 
-    def _deliver(self, result: CycleResult) -> None:
+    def deliver(self, row_ids: Collection[int]) -> CycleResult:
+        """Deliver these outbox rows now (a report the daemon just queued), settled like every
+        message: a refused one stays in the outbox for the next cycle, a dropped one tells ops."""
+        result = CycleResult()
+        self._deliver(result, only=set(row_ids))
+        return result
+
+    def _deliver(self, result: CycleResult, only: Collection[int] | None = None) -> None:
         now = self.clock()
         rows = self.store.pending()
+        if only is not None:
+            rows = [row for row in rows if row.id in only]
         if not rows:
             return
         batches = policy.delivery_batches(rows, self._delivery_leads(rows), self.config, now)

@@ -2,7 +2,7 @@
 lock, the /healthz + /metrics server and systemd notifications.
 
 Scheduled reports (``[[reports]]``) run on the same scheduler, each on a cron trigger in its own
-time zone; a lock keeps a report and a poll cycle from running at the same time."""
+time zone (schedule.py); a lock keeps a report and a poll cycle from running at the same time."""
 
 from __future__ import annotations
 
@@ -11,20 +11,17 @@ import signal
 import socket
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from types import FrameType
 from typing import TYPE_CHECKING, Any
-from zoneinfo import ZoneInfo
 
 import structlog
 
-from referral_watch import policy, render
-from referral_watch.config import Config, ReportConfig
-from referral_watch.cycle import GIVE_UP_AFTER, Clock, Cycle, CycleResult, system_clock
+from referral_watch import schedule
+from referral_watch.config import Config
+from referral_watch.cycle import Clock, Cycle, CycleResult, system_clock
 from referral_watch.errors import ConfigError, ReferralWatchError
-from referral_watch.model import Lead, Message
 from referral_watch.ops import healthy
-from referral_watch.report import report_message, summarize
 from referral_watch.store import InstanceLock, Store, from_ts, ts
 
 if TYPE_CHECKING:
@@ -34,8 +31,6 @@ log = structlog.get_logger(__name__)
 
 CYCLE_JOB = "cycle"
 REPORT_JOB = "report:"  # + the report's name
-# A report missed while the daemon was down is sent once at start if it is less late than this.
-CATCH_UP = timedelta(days=1)
 
 
 class Metrics:
@@ -183,67 +178,32 @@ class Daemon:
         if report is None:  # removed by a reload since the job was scheduled
             return False
         now = self.clock()
-        key = f"report.{name}.last"
         with Store(self.config.state.location) as store:
-            last = from_ts(store.get_meta(key))
+            last = from_ts(store.get_meta(schedule.last_key(report)))
             if last is None and at_start:
                 # Never run before: nothing was missed. Remember from when to count.
-                store.set_meta(key, ts(now))
+                store.set_meta(schedule.last_key(report), ts(now))
                 return False
-            window = now - CATCH_UP
-            due = latest_fire_time(report_trigger(report), max(last or window, window), now)
+            due = schedule.due_run(report, last, now)
             if due is None:
                 return False
             if at_start:
                 log.info("report.catch_up", report=name, scheduled=due.isoformat())
-            self._send_report(store, report, due, now)
+            rows = schedule.queue_report(store, self.config, report, due, now)
+            log.info("report.queued", report=name, channels=len(rows))
+            self._deliver(store, rows)
         return True
 
-    def _send_report(
-        self, store: Store, report: ReportConfig, due: datetime, now: datetime
-    ) -> None:
-        """Enqueue the report for each channel, then deliver it; a failure stays in the outbox
-        and the next cycle's delivery retries it like any other message."""
-        leads = store.leads(include_resolved=True)
-        queued: list[tuple[int, str, Message]] = []
-        for channel in report.notify:
-            message = self._report_message(report, channel, leads, now)
-            row = store.enqueue_message("report", channel, message.title, message.body, now)
-            queued.append((row, channel, message))
-        store.set_meta(f"report.{report.name}.last", ts(due))
-        log.info("report.queued", report=report.name, channels=len(queued))
+    def _deliver(self, store: Store, rows: list[int]) -> None:
+        """Deliver just-queued outbox rows the way every cycle delivers: a refusal stays in the
+        outbox for the next cycle, a message dropped after a day of refusals tells ops."""
         if self._sender is None:
             self._sender = self.sender_factory(self.config)
-        sender = self._sender  # a reload (SIGHUP) may replace it meanwhile
-        for row, channel, message in queued:
-            if self.stop.is_set():
-                break  # left in the outbox: delivered by the next cycle
-            self._deliver_report(store, sender, report.name, row, channel, message)
-
-    def _report_message(
-        self, report: ReportConfig, channel: str, leads: list[Lead], now: datetime
-    ) -> Message:
-        settings = self.config.channels.get(channel)
-        # A channel with `match` only hears about its own leads, in reports too.
-        mine = [
-            x for x in leads if settings is None or policy.channel_matches(settings, x.referral)
-        ]
-        summary = summarize(mine, now, report.since)
-        return report_message(summary, render.style_for(self.config, channel))
-
-    def _deliver_report(
-        self, store: Store, sender: Any, name: str, row: int, channel: str, message: Message
-    ) -> None:
-        outcome = sender.send(channel, message)
-        if outcome.ok:
-            store.delivered([row], self.clock())
-            self.metrics.deliveries.labels(channel, "ok").inc()
-            log.info("report.sent", report=name, channel=channel)
-            return
-        error = outcome.error or "delivery failed"
-        store.failed([row], error, self.clock(), GIVE_UP_AFTER)
-        self.metrics.deliveries.labels(channel, "failed").inc()
-        log.error("report.failed", report=name, channel=channel, error=error, retry="next cycle")
+        cycle = Cycle(self.config, store, self._api, self._sender, self.clock, self.stop)
+        result = cycle.deliver(rows)
+        for (channel, outcome), count in result.by_channel.items():
+            self.metrics.deliveries.labels(channel, outcome).inc(count)
+        self.metrics.backlog.set(store.backlog())
 
     def close(self) -> None:
         """Close the API clients, after the cycle in flight (if any) has finished."""
@@ -275,7 +235,7 @@ class Daemon:
     def serve(self) -> int:
         from apscheduler.schedulers.blocking import BlockingScheduler
 
-        report_triggers(self.config)  # a bad cron schedule is a config error, before anything
+        schedule.report_triggers(self.config)  # a bad schedule is a config error, before anything
         with InstanceLock(self.config.lock_path):
             with Store(self.config.state.location) as store:
                 self.last_success = store.last_success()
@@ -317,7 +277,7 @@ class Daemon:
             misfire_grace_time=int(interval),
             replace_existing=True,
         )
-        for report, trigger in report_triggers(self.config):
+        for report, trigger in schedule.report_triggers(self.config):
             scheduler.add_job(
                 self.run_report,
                 trigger,
@@ -325,7 +285,7 @@ class Daemon:
                 id=REPORT_JOB + report.name,
                 max_instances=1,
                 coalesce=True,
-                misfire_grace_time=int(CATCH_UP.total_seconds()),
+                misfire_grace_time=int(schedule.CATCH_UP.total_seconds()),
                 replace_existing=True,
             )
         wanted = {REPORT_JOB + report.name for report in self.config.reports}
@@ -352,7 +312,7 @@ class Daemon:
             return
         try:
             config = self.reload_config()
-            report_triggers(config)
+            schedule.report_triggers(config)
         except ConfigError as exc:
             log.error("config.reload_failed", problems=exc.problems, kept="old configuration")
             return
@@ -388,105 +348,6 @@ class Daemon:
         if self.server is not None:
             self.server.stop()
             self.server = None
-
-
-# --- cron -----------------------------------------------------------------------------------
-
-_CRON_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
-
-
-def _cron_day(text: str) -> int:
-    """0-7 (0 and 7 are Sunday) or a day name; names keep Sunday as 0."""
-    word = text.strip().lower()
-    if word.isdigit() and int(word) <= 7:
-        return int(word)
-    if word in _CRON_DAYS:
-        return _CRON_DAYS.index(word)
-    raise ValueError(f"{text!r} is not a weekday (0-7 or sun-sat)")
-
-
-def cron_weekdays(field: str) -> str:
-    """A standard cron weekday field as APScheduler day names: "1-5" -> "mon,tue,wed,thu,fri".
-
-    APScheduler 3 counts 0 as Monday, cron as Sunday, so numbers cannot be passed through.
-    """
-    days: set[int] = set()
-    for item in field.split(","):
-        spec, slash, step_text = item.partition("/")
-        if slash and not step_text.isdigit():
-            raise ValueError(f"{item!r}: the step after / must be a number")
-        step = int(step_text) if slash else 1
-        if spec == "*":
-            first, last = 0, 6
-        elif "-" in spec:
-            low, high = spec.split("-", 1)
-            first, last = _cron_day(low), _cron_day(high)
-            last = 7 if last == 0 and first > 0 else last  # "fri-sun"
-        else:
-            first = _cron_day(spec)
-            last = 6 if slash else first  # "1/2": from Monday on, every other day
-        if last < first or step < 1:
-            raise ValueError(f"{item!r} is not a weekday range")
-        days.update(day % 7 for day in range(first, last + 1, step))
-    if len(days) == 7:
-        return "*"
-    return ",".join(_CRON_DAYS[day] for day in sorted(days, key=lambda d: (d - 1) % 7))
-
-
-def report_trigger(report: ReportConfig) -> Any:
-    """The APScheduler trigger for a report's 5-field cron schedule in its own time zone.
-
-    Raises ValueError for a schedule APScheduler cannot use.
-    """
-    from apscheduler.triggers.combining import OrTrigger
-    from apscheduler.triggers.cron import CronTrigger
-
-    minute, hour, day, month, weekday = report.schedule.split()
-    zone = ZoneInfo(report.timezone)
-    days = cron_weekdays(weekday)
-
-    def cron(day_of_month: str, day_of_week: str) -> Any:
-        return CronTrigger(
-            minute=minute,
-            hour=hour,
-            day=day_of_month,
-            month=month,
-            day_of_week=day_of_week,
-            timezone=zone,
-        )
-
-    if day != "*" and days != "*":
-        # cron runs when either day field matches; APScheduler would want both
-        return OrTrigger([cron(day, "*"), cron("*", days)])
-    return cron(day, days)
-
-
-def report_triggers(config: Config) -> list[tuple[ReportConfig, Any]]:
-    """Every report with its trigger, or a ConfigError naming each bad schedule."""
-    problems: list[str] = []
-    triggers: list[tuple[ReportConfig, Any]] = []
-    seen: set[str] = set()
-    for index, report in enumerate(config.reports):
-        if report.name in seen:
-            problems.append(f"reports[{index}].name: {report.name!r} is used twice")
-        seen.add(report.name)
-        try:
-            triggers.append((report, report_trigger(report)))
-        except ValueError as exc:
-            problems.append(f"reports[{index}].schedule: {report.schedule!r}: {exc}")
-    if problems:
-        raise ConfigError(problems, str(config.source) if config.source else None)
-    return triggers
-
-
-def latest_fire_time(trigger: Any, after: datetime, now: datetime) -> datetime | None:
-    """The last time the trigger fired in (after, now], or None."""
-    found = None
-    moment = trigger.get_next_fire_time(None, after + timedelta(microseconds=1))
-    while moment is not None and moment <= now:
-        found = moment
-        moment = trigger.get_next_fire_time(None, moment + timedelta(microseconds=1))
-    return found.astimezone(UTC) if found is not None else None
 
 
 def _default_api(config: Config) -> Any:

@@ -50,6 +50,20 @@ def wait_until(condition: Callable[[], Any], timeout: float = 15.0, what: str = 
         time.sleep(0.02)
 
 
+def faketime_env(start: datetime) -> dict[str, str] | None:
+    """The environment that runs a subprocess under libfaketime (Debian's faketime), its
+    clock starting at `start` and running on; monotonic time stays real. None without it."""
+    libraries = sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))
+    if not libraries:
+        return None
+    return {
+        "LD_PRELOAD": str(libraries[0]),
+        "FAKETIME": "@" + start.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"),
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        "TZ": "UTC",
+    }
+
+
 class NotifySocket:
     """A stand-in for systemd's NOTIFY_SOCKET: collects what the daemon reports (READY=1,
     WATCHDOG=1, STOPPING=1), each with the time it arrived."""
@@ -129,10 +143,11 @@ class DaemonProcess:
     def communicate(self, timeout: float | None = None) -> tuple[str, str]:
         """Wait for the exit; everything it wrote (stdout, stderr)."""
         self.process.wait(timeout=timeout)
-        for reader in self._readers:
+        for reader, stream in zip(
+            self._readers, (self.process.stdout, self.process.stderr), strict=True
+        ):
             reader.join(timeout=5)
-        for stream in (self.process.stdout, self.process.stderr):
-            if stream is not None:
+            if stream is not None and not reader.is_alive():  # closing under a read blocks
                 stream.close()
         return "".join(self._out), "".join(self._err)
 

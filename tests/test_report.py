@@ -15,14 +15,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from referral_watch import schedule
 from referral_watch.config import Config, ReportConfig, load_config, parse_config
-from referral_watch.daemon import (
-    Daemon,
-    cron_weekdays,
-    latest_fire_time,
-    report_trigger,
-    report_triggers,
-)
+from referral_watch.daemon import Daemon
 from referral_watch.errors import ConfigError
 from referral_watch.model import Lead, Referral, TeamMember
 from referral_watch.render import TEAMS_MAX, Style
@@ -38,7 +33,7 @@ from referral_watch.report import (
 from referral_watch.sandbox import make_referral
 from referral_watch.store import Store, ts
 
-from conftest import World
+from conftest import World, faketime_env
 from receivers import SmtpReceiver, WebhookReceiver
 
 NOW = datetime(2026, 3, 2, 9, 30, tzinfo=UTC)  # a Monday
@@ -437,34 +432,51 @@ def test_the_teams_form_stays_short_with_a_big_pipeline() -> None:
 
 # --- cron --------------------------------------------------------------------------------------
 
+AMS, NYC = "Europe/Amsterdam", "America/New_York"
+
+
+def utc(text: str) -> datetime:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC)
+
 
 @pytest.mark.parametrize(
-    ("field", "names"),
+    ("field", "days"),
     [
-        ("*", "*"),
+        ("*", "mon tue wed thu fri sat sun"),
         ("1", "mon"),
         ("0", "sun"),
         ("7", "sun"),
         ("mon", "mon"),
-        ("1-5", "mon,tue,wed,thu,fri"),
-        ("mon-fri", "mon,tue,wed,thu,fri"),
-        ("5-7", "fri,sat,sun"),
-        ("fri-sun", "fri,sat,sun"),
-        ("*/2", "tue,thu,sat,sun"),
-        ("1,3,SAT", "mon,wed,sat"),
-        ("0-6", "*"),
+        ("MON", "mon"),
+        ("1-5", "mon tue wed thu fri"),
+        ("mon-fri", "mon tue wed thu fri"),
+        ("5-7", "fri sat sun"),
+        ("fri-sun", "fri sat sun"),  # cronsim alone refuses a range ending on Sunday
+        ("sat-0", "sat sun"),
+        ("*/2", "tue thu sat sun"),
+        ("1,3,SAT", "mon wed sat"),
+        ("0-6", "mon tue wed thu fri sat sun"),
     ],
 )
-def test_cron_weekdays_count_from_sunday_like_cron(field: str, names: str) -> None:
-    assert cron_weekdays(field) == names
+def test_cron_weekdays_count_from_sunday_like_cron(field: str, days: str) -> None:
+    sunday = utc("2026-03-01T00:00:00")
+    runs = schedule.runs_after(
+        schedule.cron_expression(f"0 8 * * {field}"), ZoneInfo("UTC"), sunday
+    )
+    week = [run for run, _ in zip(runs, range(7), strict=False) if run < sunday + WEEK]
+    assert " ".join(run.strftime("%a").lower() for run in sorted(week, key=_monday_first)) == days
 
 
-def report_config(schedule: str, zone: str = "Europe/Amsterdam") -> ReportConfig:
+def _monday_first(moment: datetime) -> int:
+    return moment.weekday()
+
+
+def report_config(schedule: str, zone: str = AMS) -> ReportConfig:
     return ReportConfig(name="weekly", schedule=schedule, timezone=zone, notify=["managers"])
 
 
 @pytest.mark.parametrize(
-    ("schedule", "after", "expected_utc"),
+    ("schedule_text", "after", "expected_utc"),
     [
         ("0 8 * * mon", datetime(2026, 3, 1, tzinfo=UTC), datetime(2026, 3, 2, 7, 0, tzinfo=UTC)),
         ("0 8 * * 1", datetime(2026, 3, 1, tzinfo=UTC), datetime(2026, 3, 2, 7, 0, tzinfo=UTC)),
@@ -484,25 +496,85 @@ def report_config(schedule: str, zone: str = "Europe/Amsterdam") -> ReportConfig
     ],
 )
 def test_a_report_fires_at_its_cron_time_in_its_zone(
-    schedule: str, after: datetime, expected_utc: datetime
+    schedule_text: str, after: datetime, expected_utc: datetime
 ) -> None:
-    fire = report_trigger(report_config(schedule)).get_next_fire_time(None, after)
+    fire = schedule.report_trigger(report_config(schedule_text)).get_next_fire_time(None, after)
     assert fire == expected_utc
 
 
-def test_latest_fire_time_finds_the_last_scheduled_run() -> None:
-    trigger = report_trigger(report_config("0 8 * * mon"))
+# Both clock changes of 2026 in both zones. Amsterdam: 02:00 CET -> 03:00 CEST on Mar 29
+# (01:00 UTC), 03:00 CEST -> 02:00 CET on Oct 25 (01:00 UTC). New York: 02:00 EST -> 03:00 EDT
+# on Mar 8 (07:00 UTC), 02:00 EDT -> 01:00 EST on Nov 1 (06:00 UTC).
+CRON_JOB_RUNS = [
+    # hourly: every real hour, the repeated one twice (02:15 CEST and 02:15 CET), none lost
+    ("15 * * * *", AMS, "2026-10-25T00:00", ["00:15", "01:15", "02:15", "03:15"]),
+    ("15 * * * *", AMS, "2026-03-29T00:00", ["00:15", "01:15", "02:15"]),
+    ("15 * * * *", NYC, "2026-11-01T04:00", ["04:15", "05:15", "06:15", "07:15"]),
+    ("15 * * * *", NYC, "2026-03-08T06:00", ["06:15", "07:15", "08:15"]),
+    # started inside the repeated hour (the wedge of issue 13): the next real hour
+    ("15 * * * *", AMS, "2026-10-25T01:15:30", ["02:15", "03:15"]),
+    ("15 * * * *", NYC, "2026-11-01T06:15:30", ["07:15", "08:15"]),
+    # a fixed time in the repeated hour runs once; in the skipped hour, right after it
+    ("30 2 * * *", AMS, "2026-10-24T12:00", ["10-25 00:30", "10-26 01:30"]),
+    ("30 2 * * *", AMS, "2026-10-25T01:15", ["10-26 01:30"]),  # not 00:30 again
+    ("30 2 * * *", AMS, "2026-03-28T12:00", ["03-29 01:00", "03-30 00:30"]),
+    ("30 1 * * *", NYC, "2026-10-31T12:00", ["11-01 05:30", "11-02 06:30"]),
+    ("30 1 * * *", NYC, "2026-11-01T06:10", ["11-02 06:30"]),
+    ("30 2 * * *", NYC, "2026-03-07T12:00", ["03-08 07:00", "03-09 06:30"]),
+    # a weekly report across the change keeps its local time
+    ("0 8 * * sun", AMS, "2026-10-18T12:00", ["10-25 07:00", "11-01 07:00"]),
+    ("0 8 * * sun", NYC, "2026-03-01T14:00", ["03-08 12:00", "03-15 12:00"]),
+]
+
+
+def _times(runs: list[datetime], like: list[str]) -> list[str]:
+    shape = "%m-%d %H:%M" if " " in like[0] else "%H:%M"
+    return [run.strftime(shape) for run in runs]
+
+
+@pytest.mark.parametrize(("schedule_text", "zone", "start", "expected"), CRON_JOB_RUNS)
+def test_the_cron_job_runs_through_both_clock_changes(
+    schedule_text: str, zone: str, start: str, expected: list[str]
+) -> None:
+    """As the scheduler asks: the first run after `start`, then the run after each run."""
+    trigger = schedule.report_trigger(report_config(schedule_text, zone))
+    now = utc(start)
+    runs = [trigger.get_next_fire_time(None, now)]
+    while len(runs) < len(expected):
+        runs.append(trigger.get_next_fire_time(runs[-1], runs[-1]))
+    assert all(run.tzinfo is not None for run in runs)
+    assert _times(runs, expected) == expected
+
+
+def test_the_last_run_is_found_forwards_from_the_last_one_sent() -> None:
+    expression = schedule.cron_expression("0 8 * * mon")
+    zone = ZoneInfo(AMS)
     monday_8 = datetime(2026, 3, 2, 7, 0, tzinfo=UTC)
-    assert latest_fire_time(trigger, monday_8 - D, monday_8 + 3 * H) == monday_8
-    assert latest_fire_time(trigger, monday_8, monday_8 + 3 * H) is None  # already had it
-    assert latest_fire_time(trigger, monday_8 - 20 * D, monday_8 + H) == monday_8
+    assert schedule.last_run(expression, zone, monday_8 - D, monday_8 + 3 * H) == monday_8
+    assert schedule.last_run(expression, zone, monday_8, monday_8 + 3 * H) is None  # had it
+    assert schedule.last_run(expression, zone, monday_8 - 20 * D, monday_8 + H) == monday_8
+    assert schedule.last_run(expression, zone, monday_8 - D, monday_8) == monday_8  # on time
 
 
-def test_a_bad_schedule_is_a_config_error_naming_its_key(tmp_path: Path) -> None:
-    config = make_config(tmp_path, {"managers": "json://127.0.0.1:9/x"}, "61 8 * * mon")
+@pytest.mark.parametrize(
+    ("schedule_text", "bad"),
+    [
+        ("61 8 * * mon", "bad minute"),
+        ("0 25 * * mon", "bad hour"),
+        ("0 8 32 * *", "bad day-of-month"),
+        ("0 8 * 13 *", "bad month"),
+        ("0 8 * * funday", "bad day-of-week"),
+        ("0 8 * *", "five fields"),
+    ],
+)
+def test_a_bad_schedule_is_a_config_error_naming_its_key(
+    tmp_path: Path, schedule_text: str, bad: str
+) -> None:
     with pytest.raises(ConfigError) as caught:
-        report_triggers(config)
-    assert caught.value.problems[0].startswith("reports[0].schedule: '61 8 * * mon'")
+        make_config(tmp_path, {"managers": "json://127.0.0.1:9/x"}, schedule_text)
+    (problem,) = caught.value.problems
+    assert problem.startswith("reports[0].schedule: ")
+    assert repr(schedule_text) in problem and bad in problem
 
 
 # --- the daemon: scheduling, catch-up, delivery -----------------------------------------------
@@ -610,6 +682,49 @@ def test_a_report_missed_while_down_is_sent_once_at_start(
     with Store(config.state.path) as store:
         assert store.get_meta("report.weekly.last") == ts(MONDAY_8_AMS)
         assert store.backlog() == 0
+
+
+# (schedule, zone, the last run sent, the daemon starts at, the run it catches up or None)
+CATCH_UPS = [
+    # issue 13: restarted at 02:15 CET (the second one) after the 02:15 CEST run went out
+    ("15 * * * *", AMS, "2026-10-25T00:15", "2026-10-25T01:15:30", "2026-10-25T01:15"),
+    ("15 * * * *", AMS, "2026-10-25T01:15", "2026-10-25T01:45", None),
+    ("15 * * * *", AMS, "2026-03-29T00:15", "2026-03-29T01:20", "2026-03-29T01:15"),
+    ("15 * * * *", NYC, "2026-11-01T05:15", "2026-11-01T06:20", "2026-11-01T06:15"),
+    ("15 * * * *", NYC, "2026-03-08T06:15", "2026-03-08T07:20", "2026-03-08T07:15"),
+    # down at 02:30 CEST, back in the repeated hour: that run is caught up
+    ("30 2 * * *", AMS, "2026-10-24T00:30", "2026-10-25T01:15", "2026-10-25T00:30"),
+    ("30 2 * * *", AMS, "2026-10-25T00:30", "2026-10-25T01:45", None),  # not twice
+    ("30 2 * * *", AMS, "2026-03-28T01:30", "2026-03-29T02:00", "2026-03-29T01:00"),
+    ("30 1 * * *", NYC, "2026-10-31T05:30", "2026-11-01T06:45", "2026-11-01T05:30"),
+    ("30 1 * * *", NYC, "2026-11-01T05:30", "2026-11-01T06:45", None),
+    ("30 2 * * *", NYC, "2026-03-07T07:30", "2026-03-08T08:00", "2026-03-08T07:00"),
+]
+
+
+@pytest.mark.timeout(20)  # the old arithmetic never returned from the first case
+@pytest.mark.parametrize(("schedule_text", "zone", "last", "start", "caught_up"), CATCH_UPS)
+def test_the_catch_up_at_start_through_both_clock_changes(
+    tmp_path: Path,
+    managers: WebhookReceiver,
+    schedule_text: str,
+    zone: str,
+    last: str,
+    start: str,
+    caught_up: str | None,
+) -> None:
+    config = make_config(tmp_path, {"managers": managers.json_url}, schedule_text, zone)
+    clock = Clock(utc(start))
+    seed(config, clock.now)
+    set_last(config, utc(last))
+    daemon = Daemon(config, clock=clock)
+    daemon.catch_up_reports()
+    daemon.catch_up_reports()  # a second restart at once sends nothing more
+    clock.now += timedelta(minutes=5)
+    daemon.run_report("weekly")  # nor does the cron job for the same run
+    assert reports_queued(config) == len(managers.requests) == (caught_up is not None)
+    with Store(config.state.path) as store:
+        assert store.get_meta("report.weekly.last") == ts(utc(caught_up or last))
 
 
 def test_a_report_more_than_a_day_late_is_not_sent_at_start(
@@ -796,6 +911,45 @@ def test_the_daemon_catches_up_a_missed_report_at_start(world: World) -> None:
     reports = [b for b in world.managers.bodies if b["title"].startswith("Partner Center")]
     assert len(reports) == 1
     assert "Daemon Lead" in reports[0]["message"]
+
+
+@pytest.mark.slow
+def test_the_daemon_goes_on_polling_through_the_repeated_hour(world: World) -> None:
+    """Issue 13: the real daemon under libfaketime, started at 02:15:50 CET (01:15:50 UTC, in
+    the hour repeated on 2026-10-25 in Amsterdam) after the 02:15 CEST run went out: the
+    02:15 CET run is caught up at start, the 02:16 CET run comes from the cron job ten seconds
+    later, each once, and polling goes on (the old arithmetic never returned, holding the lock).
+    """
+    start = datetime(2026, 10, 25, 1, 15, 50, tzinfo=UTC)
+    fake_clock = faketime_env(start)
+    if fake_clock is None:
+        pytest.skip("needs libfaketime (Debian's faketime package)")
+    world.add_lead(age=H, customer="Fold Hour Lead", now=start)
+    world.extra = '[schedule]\ninterval = "1s"\njitter = "0s"\n' + "".join(
+        f'[[reports]]\nname = "{name}"\nschedule = "{minute} * * * *"\n'
+        'timezone = "Europe/Amsterdam"\nnotify = ["managers"]\n'
+        for name, minute in (("hourly", 15), ("next", 16))
+    )
+    world.write_config()
+    with Store(world.state_path) as store:
+        store.set_meta("report.hourly.last", ts(datetime(2026, 10, 25, 0, 15, tzinfo=UTC)))
+        store.set_meta("report.next.last", ts(datetime(2026, 10, 25, 0, 16, tzinfo=UTC)))
+    with world.daemon(env=fake_clock) as process:
+        caught_up = process.wait_for_log("report.catch_up")
+        assert [e["report"] for e in caught_up] == ["hourly"]
+        assert caught_up[0]["scheduled"] == "2026-10-25T01:15:00+00:00"
+        queued = process.wait_for_log("report.queued", 2, timeout=40)  # the cron job: 01:16
+        assert [e["report"] for e in queued] == ["hourly", "next"]
+        cycles = len(process.events("cycle.done"))
+        process.wait_for_log("cycle.done", cycles + 3)  # polling goes on after both
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+    reports = [b for b in world.managers.bodies if b["title"].startswith("Partner Center")]
+    assert len(reports) == 2  # each run once
+    assert "Fold Hour Lead" in reports[0]["message"]
+    with Store(world.state_path) as store:
+        assert store.get_meta("report.hourly.last") == ts(datetime(2026, 10, 25, 1, 15, tzinfo=UTC))
+        assert store.get_meta("report.next.last") == ts(datetime(2026, 10, 25, 1, 16, tzinfo=UTC))
 
 
 def test_time_to_answer_uses_partner_centers_own_answer_time() -> None:

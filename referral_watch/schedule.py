@@ -1,0 +1,160 @@
+"""Report schedules: standard cron in each report's own time zone, evaluated by cronsim.
+
+One rule serves the scheduler's trigger, the catch-up at start and `check-config`. cronsim
+(healthchecks' cron evaluator) counts weekdays as cron does (0 and 7 are Sunday), runs a job
+when either day field matches if both are set, and handles clock changes as Debian's cron
+does: a run at a fixed time inside the hour skipped in spring happens right after it, one in
+the hour repeated in autumn happens once, and an hourly or finer schedule runs every real hour.
+
+Also here: which scheduled run of a report is due, and the report's messages for the outbox.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+from zoneinfo import ZoneInfo
+
+from apscheduler.triggers.base import BaseTrigger
+from cronsim import CronSim, CronSimError
+
+from referral_watch.errors import ConfigError
+
+if TYPE_CHECKING:  # config.py checks schedules with cron_expression: import only what it needs
+    from referral_watch.config import Config, ReportConfig
+    from referral_watch.model import Lead, Message
+    from referral_watch.store import Store
+
+# A report missed while the daemon was down is sent once at start if it is less late than this.
+CATCH_UP = timedelta(days=1)
+
+# cronsim wants a weekday range to run upwards; cron reads "fri-sun" as Friday to Sunday (7).
+_TO_SUNDAY = re.compile(r"\b(mon|tue|wed|thu|fri|sat|[1-6])-(sun|0)\b", re.IGNORECASE)
+
+
+def cron_expression(schedule: str) -> str:
+    """A report's 5-field schedule as cronsim reads it. Raises ValueError saying what is wrong."""
+    fields = schedule.split()
+    if len(fields) != 5:
+        raise ValueError(
+            f"{schedule!r} is not a cron expression: use five fields "
+            '"minute hour day month weekday", e.g. "0 8 * * mon"'
+        )
+    fields[4] = _TO_SUNDAY.sub(r"\1-7", fields[4])
+    expression = " ".join(fields)
+    try:
+        CronSim(expression, datetime(2000, 1, 1))  # parses the fields, evaluates nothing
+    except CronSimError as exc:
+        problem = str(exc).lower()  # "Bad day-of-week"
+        raise ValueError(
+            f"{schedule!r}: {problem} (minute 0-59, hour 0-23, day 1-31, month 1-12 or jan-dec, "
+            "weekday 0-7 or sun-sat)"
+        ) from None
+    return expression
+
+
+def runs_after(expression: str, zone: ZoneInfo, start: datetime) -> Iterator[datetime]:
+    """The schedule's runs after `start` (aware), in UTC, earliest first."""
+    for moment in CronSim(expression, start.astimezone(zone)):
+        run = moment.astimezone(UTC)
+        # Started inside autumn's repeated hour, cronsim (which counts fixed times in wall
+        # clock time) may first give a run of that hour's first pass: already behind us.
+        if run > start:
+            yield run
+
+
+def last_run(expression: str, zone: ZoneInfo, after: datetime, now: datetime) -> datetime | None:
+    """The last run in (after, now], or None.
+
+    Counted forwards from `after`, not backwards from `now` (cronsim's reverse=True): started
+    in autumn's repeated hour, counting back from the wall-clock time skips a fixed-time run of
+    the first pass (02:30 CEST seen from 02:15 CET), and the catch-up would miss it.
+    """
+    found = None
+    for run in runs_after(expression, zone, after):
+        if run > now:
+            break
+        found = run
+    return found
+
+
+class CronTrigger(BaseTrigger):  # type: ignore[misc]  # APScheduler ships no type hints
+    """An APScheduler trigger firing at a cron schedule's runs, by cronsim."""
+
+    def __init__(self, schedule: str, timezone: str) -> None:
+        self.expression = cron_expression(schedule)
+        self.zone = ZoneInfo(timezone)
+
+    def get_next_fire_time(
+        self, previous_fire_time: datetime | None, now: datetime
+    ) -> datetime | None:
+        return next(runs_after(self.expression, self.zone, previous_fire_time or now), None)
+
+    def __str__(self) -> str:
+        return f"cron[{self.expression} {self.zone.key}]"
+
+
+def report_trigger(report: ReportConfig) -> CronTrigger:
+    return CronTrigger(report.schedule, report.timezone)
+
+
+def report_triggers(config: Config) -> list[tuple[ReportConfig, CronTrigger]]:
+    """Every report with its trigger, or a ConfigError naming each bad one."""
+    problems: list[str] = []
+    triggers: list[tuple[ReportConfig, CronTrigger]] = []
+    seen: set[str] = set()
+    for index, report in enumerate(config.reports):
+        if report.name in seen:
+            problems.append(f"reports[{index}].name: {report.name!r} is used twice")
+        seen.add(report.name)
+        try:
+            triggers.append((report, report_trigger(report)))
+        except ValueError as exc:  # a Config built without validation
+            problems.append(f"reports[{index}].schedule: {exc}")
+    if problems:
+        raise ConfigError(problems, str(config.source) if config.source else None)
+    return triggers
+
+
+def last_key(report: ReportConfig) -> str:
+    """The state's meta key holding the report's last scheduled run sent."""
+    return f"report.{report.name}.last"
+
+
+def due_run(report: ReportConfig, last: datetime | None, now: datetime) -> datetime | None:
+    """The scheduled run of `report` to send now: the last one in the catch-up window that is
+    later than `last` (the last one sent), or None."""
+    window = now - CATCH_UP
+    after = max(last or window, window)
+    return last_run(cron_expression(report.schedule), ZoneInfo(report.timezone), after, now)
+
+
+def queue_report(
+    store: Store, config: Config, report: ReportConfig, due: datetime, now: datetime
+) -> list[int]:
+    """Put the report in the outbox for each of its channels and remember `due` as sent.
+    Returns the outbox rows, for the cycle's delivery."""
+    from referral_watch.store import ts
+
+    leads = store.leads(include_resolved=True)
+    rows = []
+    for channel in report.notify:
+        message = _message(config, report, channel, leads, now)
+        rows.append(store.enqueue_message("report", channel, message.title, message.body, now))
+    store.set_meta(last_key(report), ts(due))
+    return rows
+
+
+def _message(
+    config: Config, report: ReportConfig, channel: str, leads: list[Lead], now: datetime
+) -> Message:
+    from referral_watch import policy, render  # Jinja2 and Babel: only when a report is due
+    from referral_watch.report import report_message, summarize
+
+    settings = config.channels.get(channel)
+    # A channel with `match` only hears about its own leads, in reports too.
+    mine = [x for x in leads if settings is None or policy.channel_matches(settings, x.referral)]
+    summary = summarize(mine, now, report.since)
+    return report_message(summary, render.style_for(config, channel))
