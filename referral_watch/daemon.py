@@ -70,9 +70,11 @@ class Metrics:
         )
         self.most_urgent = Gauge(
             "referral_watch_most_urgent_remaining_seconds",
-            "Time left on the most urgent watched lead (negative once past)",
+            "Time left on the most urgent watched lead (negative once past; +Inf while none)",
             registry=self.registry,
         )
+        # Until a cycle says otherwise no lead waits: 0 would fire "< 6 * 3600" alert rules.
+        self.most_urgent.set(float("inf"))
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest
@@ -146,10 +148,13 @@ class Daemon:
         if self.last_success:
             self.metrics.last_success.set(self.last_success.timestamp())
         self.metrics.backlog.set(store.backlog())
+        self._observe_leads(store)
+
+    def _observe_leads(self, store: Store) -> None:
         watched, soonest = store.watched_summary()
         self.metrics.watched.set(watched)
-        if soonest is not None:
-            self.metrics.most_urgent.set((soonest - self.clock()).total_seconds())
+        left = float("inf") if soonest is None else (soonest - self.clock()).total_seconds()
+        self.metrics.most_urgent.set(left)
 
     # --- scheduled reports -----------------------------------------------------------------
 
@@ -239,6 +244,7 @@ class Daemon:
         with InstanceLock(self.config.lock_path):
             with Store(self.config.state.location) as store:
                 self.last_success = store.last_success()
+                self._observe_leads(store)  # what the state file knows, until the first cycle
             self._start_server()
             scheduler = BlockingScheduler(timezone=UTC)
             self._scheduler = scheduler

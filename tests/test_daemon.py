@@ -217,3 +217,31 @@ def test_a_cycle_that_crashes_is_logged_and_the_next_one_runs(world: World) -> N
     metrics = daemon.metrics.render().decode()
     assert 'referral_watch_polls_total{result="error"} 1.0' in metrics
     assert 'referral_watch_polls_total{result="ok"} 1.0' in metrics
+
+
+def urgent_metric(metrics: bytes) -> float:
+    line = next(
+        line
+        for line in metrics.decode().splitlines()
+        if line.startswith("referral_watch_most_urgent_remaining_seconds ")
+    )
+    return float(line.split()[1])
+
+
+def test_most_urgent_remaining_is_infinite_while_no_lead_waits(world: World) -> None:
+    """Issue 13.3: not 0 before the first lead (the README's `< 6 * 3600` rule would fire),
+    not the last lead's value forever once every lead is answered."""
+    from referral_watch.config import load_config
+    from referral_watch.daemon import Daemon
+
+    daemon = Daemon(load_config(world.write_config()))
+    assert urgent_metric(daemon.metrics.render()) == float("inf")  # before any cycle
+    assert daemon.cycle() is not None
+    assert urgent_metric(daemon.metrics.render()) == float("inf")  # polled: nothing waits
+    lead = world.add_lead(age=timedelta(days=13), customer="Urgent Co")
+    daemon.cycle()
+    assert 0 < urgent_metric(daemon.metrics.render()) <= 86400
+    world.sandbox.update(lead, substatus="Accepted", status="Active")
+    daemon.cycle()
+    daemon.close()
+    assert urgent_metric(daemon.metrics.render()) == float("inf")  # answered: nothing waits

@@ -832,6 +832,56 @@ def test_end_to_end_a_report_reaches_a_webhook_and_an_email_inbox(world: World) 
         assert len(world.team.requests) == before
 
 
+def test_a_report_is_settled_like_any_message_and_ops_hears_when_it_is_dropped(
+    world: World,
+) -> None:
+    """Issue 14: one settle path. A channel whose sender breaks does not keep the report from
+    the other channel; its copy waits in the outbox, is retried by the cycles and, refused for
+    a day, is dropped with a message to ops naming it."""
+    from referral_watch.notify import Notifier
+
+    class OneChannelBroken:
+        def __init__(self, inner: Notifier) -> None:
+            self.inner = inner
+
+        def send(self, channel: str, message: Any, *, recipients: Any = ()) -> Any:
+            if channel == "broken":
+                raise RuntimeError("a bug in one channel's plugin")
+            return self.inner.send(channel, message, recipients=recipients)
+
+    with WebhookReceiver() as ops:
+        world.channels = {"broken": "json://127.0.0.1:9/never", "ops": ops.json_url}
+        world.extra = (
+            '[[reports]]\nname = "weekly"\nschedule = "0 8 * * mon"\ntimezone = "UTC"\n'
+            'notify = ["broken", "managers"]\n'
+            '[operations]\nnotify = ["ops"]\n'
+        )
+        config = load_config(world.write_config())
+        set_last(config, MONDAY_8_AMS - WEEK)
+        clock = Clock(datetime(2026, 3, 2, 9, 0, tzinfo=UTC))  # Monday, an hour after 08:00 UTC
+        daemon = Daemon(
+            config, clock=clock, sender_factory=lambda c: OneChannelBroken(Notifier(c.channels))
+        )
+        assert daemon.run_report("weekly") is True
+        assert [b["title"] for b in world.managers.bodies] == [
+            "Partner Center referrals: the last 7d"
+        ]
+        with Store(config.state.path) as store:
+            (waiting,) = store.pending()
+            assert (waiting.kind, waiting.channel, waiting.attempts) == ("report", "broken", 1)
+
+        clock.now += D + H  # a day of refusals later, the next cycles retry it, then give up
+        assert daemon.cycle() is not None
+        assert daemon.cycle() is not None
+        daemon.close()
+        assert [b["title"] for b in ops.bodies] == ["referral-watch: a message was dropped"]
+        assert "channel broken: report" in ops.bodies[0]["message"]
+        assert len(world.managers.bodies) == 1  # the report itself went out once
+    metrics = daemon.metrics.render().decode()
+    assert 'referral_watch_deliveries_total{channel="broken",result="failed"} 2.0' in metrics
+    assert 'referral_watch_deliveries_total{channel="managers",result="ok"} 1.0' in metrics
+
+
 def test_the_report_command_prints_every_format(world: World) -> None:
     now = datetime.now(UTC)
     world.add_lead(age=13 * D + 20 * H, customer="Urgent Fabrikam", now=now)
