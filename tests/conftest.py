@@ -22,9 +22,8 @@ import structlog
 from referral_watch import cli
 from referral_watch.sandbox import Sandbox, make_referral
 
-from pgserver import PostgresServer, find_bindir
-
-if TYPE_CHECKING:  # receivers imports this module's helpers; the fixture imports it late
+if TYPE_CHECKING:  # these import this module's helpers; the fixtures import them late
+    from pgserver import PostgresServer
     from receivers import WebhookReceiver
 
 TOKEN_ENV = "RW_TEST_TOKEN"
@@ -40,7 +39,7 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def wait_until(condition: Callable[[], Any], timeout: float = 15.0, what: str = "") -> None:
+def wait_until(condition: Callable[[], Any], timeout: float = 20.0, what: str = "") -> None:
     """Return as soon as `condition()` is true; fail after `timeout` seconds. Tests wait on
     what they expect, never for a fixed time: a loaded 2-core machine is slow, not broken."""
     deadline = time.monotonic() + timeout
@@ -358,6 +357,8 @@ def world(
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresServer]:
     """One real PostgreSQL server for the whole run (skipped only where none is installed)."""
+    from pgserver import PostgresServer, find_bindir
+
     bindir = find_bindir()
     if bindir is None:
         pytest.skip("PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb)")

@@ -13,10 +13,11 @@ import itertools
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
+
+from conftest import free_port
 
 
 def find_bindir() -> Path | None:
@@ -27,12 +28,6 @@ def find_bindir() -> Path | None:
 def _major(path: str) -> int:
     part = Path(path).parent.parent.name
     return int(part) if part.isdigit() else 0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class PostgresServer:

@@ -11,8 +11,8 @@ from referral_watch.config import parse_config
 from referral_watch.errors import ConfigError
 from referral_watch.replica import Leadership
 
-from conftest import World
-from pgserver import PostgresServer, free_port
+from conftest import World, free_port
+from pgserver import PostgresServer
 
 
 @pytest.fixture

@@ -90,7 +90,7 @@ def test_newer_database_schema_is_refused_and_left_untouched(
 def test_unreachable_database_is_a_clear_error_without_the_password(
     postgres: PostgresServer,
 ) -> None:
-    from pgserver import free_port
+    from conftest import free_port
 
     url = f"postgresql://postgres:s3cret@127.0.0.1:{free_port()}/postgres"
     with pytest.raises(StateError) as caught:

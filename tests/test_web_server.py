@@ -10,10 +10,8 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -23,22 +21,7 @@ from referral_watch.config import load_config
 from referral_watch.daemon import Daemon
 from referral_watch.web.app import build_app
 
-from conftest import World
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+from conftest import World, free_port
 
 
 def get(url: str, timeout: float = 5) -> tuple[int, bytes]:
