@@ -404,7 +404,7 @@ def answer(obj: Context, lead_id: str, action: str, reason: str) -> None:
     checked_request(action, reason)  # a decline without a reason is refused before any call
     operator = getpass.getuser()
     person = Person(operator, operator, "command")
-    with Store(config.state.path, create=False) as store:
+    with Store(config.state.location, create=False) as store:
         full_id = resolve_id(store, lead_id)
         with PartnerCenter(config.partner_center, token_provider(config)) as api:
             outcome = answer_lead(store, api, full_id, action, reason, person, now_utc())
@@ -419,34 +419,20 @@ def answer(obj: Context, lead_id: str, action: str, reason: str) -> None:
 def notify_resolved(config: Config, store: Any) -> str:
     """Tell `on_resolved` now, unless a running daemon owns delivery (it tells at its next
     cycle: two processes delivering from one outbox could send a message twice)."""
-    from referral_watch.cycle import Cycle
+    from referral_watch.cycle import Cycle, NoPolls
     from referral_watch.notify import Notifier
-    from referral_watch.store import InstanceLock
+    from referral_watch.replica import state_lock
 
     if not config.policy.on_resolved:
         return "No on_resolved channels to tell."
     try:
-        lock = InstanceLock(config.lock_path)
-        lock.acquire()
+        with state_lock(config):
+            result = Cycle(config, store, NoPolls(), Notifier(config.channels)).notify_now()
     except LockedError:
         return "The running daemon tells on_resolved at its next cycle."
-    try:
-        result = Cycle(config, store, _NoPolls(), Notifier(config.channels)).notify_now()
-    finally:
-        lock.release()
     if result.failed:
         return f"Telling on_resolved failed ({result.failures[0]}); retried at the next cycle."
     return f"Told on_resolved ({result.delivered} message(s))."
-
-
-class _NoPolls:
-    """The Api of a Cycle that only decides and delivers."""
-
-    def pages(self) -> list[Any]:
-        return []
-
-    def get(self, referral_id: str) -> None:
-        return None
 
 
 # --- report -------------------------------------------------------------------------------

@@ -573,6 +573,16 @@ class _Claim:
     at: float = 0.0  # time.monotonic() of the claim
 
 
+class NoPolls:
+    """The Api of a Cycle that only decides and delivers (``Cycle.notify_now``)."""
+
+    def pages(self) -> list[Any]:
+        return []
+
+    def get(self, referral_id: str) -> None:
+        return None
+
+
 @dataclass(frozen=True)
 class _Failure:
     """A delivery outcome for a message that could not be sent at all."""

@@ -396,3 +396,54 @@ def test_the_teams_card_with_the_links_stays_within_the_workflow_limits(
     accept, decline = answer_links(lead.id)
     assert accept in text and decline in text  # not cut off by Apprise's 1,000-character cap
     assert len(request.body) < 28 * 1024  # Power Automate's limit for a card message
+
+
+# --- the client's answer calls ---------------------------------------------------------------
+
+
+def client(sandbox: Sandbox) -> Any:
+    from referral_watch.auth import EnvTokenProvider
+    from referral_watch.config import PartnerCenterConfig
+    from referral_watch.partner_center import PartnerCenter
+
+    config = PartnerCenterConfig(base_url=sandbox.base_url, timeout="5s")  # type: ignore[arg-type]
+    tokens = EnvTokenProvider("T", environ={"T": "sandbox-token"})
+    return PartnerCenter(config, tokens)
+
+
+def test_the_client_patches_with_the_given_token_only(sandbox: Sandbox) -> None:
+    sandbox.more_tokens.add("person-token")
+    with client(sandbox) as api:
+        record = api.current("lead-1", token="person-token")
+        patched = api.patch("lead-1", ACCEPT, etag=record["eTag"], token="person-token")
+    assert patched.record["substatus"] == "Accepted"
+    assert patched.request_id
+    assert {r.headers["Authorization"] for r in sandbox.requests} == {"Bearer person-token"}
+
+
+def test_the_client_translates_refusals_without_repeating_the_token(sandbox: Sandbox) -> None:
+    from referral_watch.partner_center import AnswerError
+
+    with client(sandbox) as api:
+        with pytest.raises(AnswerError) as gone:
+            api.patch("nobody", ACCEPT, etag=None)
+        assert gone.value.status == 404 and "not known to Partner Center" in str(gone.value)
+        assert api.current("nobody") is None
+        with pytest.raises(AnswerError) as rejected:
+            api.patch("lead-1", ACCEPT, etag=None, token="stolen-looking-token")
+        assert rejected.value.status == 401
+        assert "stolen-looking-token" not in str(rejected.value)
+    assert sandbox.get_record("lead-1")["substatus"] == "Pending"  # type: ignore[index]
+
+
+def test_a_running_daemon_tells_on_resolved_itself(world: World) -> None:
+    from referral_watch.store import InstanceLock
+
+    lead = watched_lead(world)
+    with InstanceLock(world.state_path.with_name("state.db.lock")):  # as `run` holds it
+        result = world.cli("answer", lead, "accept")
+    assert result.code == 0, result.err
+    assert "running daemon tells on_resolved at its next cycle" in result.out
+    assert len(world.team.bodies) == 1  # only the new-lead alert so far
+    world.cli("run", "--once")
+    assert any("via referral-watch" in str(b["message"]) for b in world.team.bodies)
