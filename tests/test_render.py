@@ -6,6 +6,7 @@ of a DST change), and the catalogs are the packaged .po files.
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from dataclasses import replace
@@ -947,6 +948,71 @@ def test_check_templates_reports_broken_templates_with_their_key(
     assert len(problems) == 1
     assert problems[0].startswith(problem)
     assert problems[0].endswith("(tier 'final')")
+
+
+# Issue 20 item 10: resource bombs, each of which once passed check-config and then ran.
+BOMBS = {
+    "ljust": "{{ 'a'.ljust(10**9) }}",
+    "center_filter": "{{ 'a' | center(1000000000) }}",
+    "percent_width": "{{ '%400000000d' % 1 }}",
+    "percent_star": "{{ '%*d' % (400000000, 1) }}",
+    "format_filter": "{{ '%400000000d' | format(1) }}",
+    "str_format": "{{ '{:>400000000}'.format(1) }}",
+    "doubling": (
+        "{% set ns = namespace(s='ab') %}{% for i in range(40) %}"
+        "{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s | length }}"
+    ),
+    "doubling_plus": (
+        "{% set ns = namespace(s='ab') %}{% for i in range(40) %}"
+        "{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s | length }}"
+    ),
+    "list_doubling": (
+        "{% set ns = namespace(l=[1]) %}{% for i in range(40) %}"
+        "{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l | length }}"
+    ),
+    "extend_self": "{% set l = [1] %}{% for i in range(40) %}{{ l.extend(l) }}{% endfor %}x",
+    "nested_range": "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+    "nested_small": "{% for i in range(5000) %}{% for j in range(5000) %}{% endfor %}{% endfor %}x",
+    "nested_strings": (
+        "{% set s = 'a' * 10000 %}{% for i in s %}{% for j in s %}{% endfor %}{% endfor %}x"
+    ),
+    "replace": "{{ ('a' * 10000).replace('a', 'b' * 10000) }}",
+    "expandtabs": "{{ ('\t' * 10000).expandtabs(10000) }}",
+    "batch_fill": "{{ [1] | batch(1000000000, 0) | list | length }}",
+    "big_number": "{% set ns = namespace(n=10**100) %}{% for i in range(30) %}{% set ns.n = ns.n * ns.n %}{% endfor %}x",
+    "output": "{% for i in range(9000) %}{{ 'x' * 9000 }}{% endfor %}",
+    "lipsum": "{{ lipsum(n=100000) }}",
+}
+
+
+@pytest.mark.parametrize("bomb", sorted(BOMBS), ids=sorted(BOMBS))
+def test_template_resource_bombs_are_refused_at_check_time_and_bounded_at_send_time(
+    bomb: str,
+) -> None:
+    source = BOMBS[bomb]
+    tier = TierConfig(
+        name="final",
+        remaining="12h",  # type: ignore[arg-type]
+        notify=["team"],
+        body=source,
+    )
+    problems = check_templates(parse(config_text(f"body = {json.dumps(source)}")))
+    assert len(problems) == 1 and problems[0].startswith("policy.tiers[1].body: "), problems
+    message = render_alert(make_lead(), TIER, tier, NOW, EN)  # the standard wording instead
+    assert message.body.endswith("this is the standard wording._")
+    assert len(message.body) < 5000
+
+
+def test_templates_within_the_budget_still_work() -> None:
+    source = (
+        "{% for i in range(100) %}{% for j in range(50) %}.{% endfor %}{% endfor %}"
+        "{{ '%8.2f' % 1234.5 }} {{ '{:>10}'.format(customer) }} {{ 'x' | center(30) }}"
+        " {{ money(250000, 'USD') }} {{ '%d' % 250000 }} {{ '%s' | format(250000) }}"
+    )
+    assert check_templates(parse(config_text(f"body = {json.dumps(source)}"))) == []
+    tier = TierConfig(name="final", remaining="12h", notify=["team"], body=source)  # type: ignore[arg-type]
+    body = render_alert(make_lead(), TIER, tier, NOW, EN).body
+    assert body.startswith("." * 5000) and "250,000 USD 250000 250000" in body
 
 
 def test_sandbox_escape_fails_safely_at_send_time() -> None:
