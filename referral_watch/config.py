@@ -179,7 +179,15 @@ class TierConfig(Section):
     bypass_quiet: bool = False
     title: str | None = None  # Jinja2 template overriding the title
     body: str | None = None  # Jinja2 template overriding the Markdown body
+    severity: Literal["info", "success", "warning", "failure"] | None = None  # Apprise's type
     _position: int = PrivateAttr(default=-1)  # index in the file, for problems' key paths
+    _default_severity: str = PrivateAttr(default="info")  # by rank, set by PolicyConfig
+
+    @property
+    def notify_type(self) -> str:
+        """Apprise's notification type for this tier: ``severity``, else by its rank (the
+        first tier info, the last failure, those between warning)."""
+        return self.severity or self._default_severity
 
     @property
     def key(self) -> str:
@@ -205,7 +213,11 @@ class PolicyConfig(Section):
             raise ValueError(f"tier names must be unique: {', '.join(duplicates)}")
         for position, tier in enumerate(tiers):
             tier._position = position
-        return sorted(tiers, key=lambda t: t.remaining, reverse=True)
+        ranked = sorted(tiers, key=lambda t: t.remaining, reverse=True)
+        for rank, tier in enumerate(ranked):
+            last = rank == len(ranked) - 1
+            tier._default_severity = "info" if rank == 0 else "failure" if last else "warning"
+        return ranked
 
     def severity(self, tier_name: str) -> int:
         for index, tier in enumerate(self.tiers):

@@ -282,10 +282,12 @@ class Alert:
 
 @dataclass(frozen=True)
 class Message:
-    """What a channel receives: a short title and a Markdown body."""
+    """What a channel receives: a short title, a Markdown body and Apprise's notification type
+    (info, success, warning, failure: the colour and icon Slack, Teams or Discord show)."""
 
     title: str
     body: str
+    notify_type: str = "info"
 
 
 @dataclass(frozen=True)

@@ -347,6 +347,14 @@ def _url_with_recipients(url: str, recipients: Sequence[str]) -> str:
     return f"{parts.scheme}://{parts.netloc}?{'&'.join(kept)}{fragment}"
 
 
+def _notify_type(apprise: Any, name: str) -> Any:
+    """Apprise's NotifyType for 'info', 'success', 'warning' or 'failure' (else info)."""
+    try:
+        return apprise.NotifyType(name)
+    except ValueError:
+        return apprise.NotifyType.INFO
+
+
 class Notifier:
     """Sends messages to the configured channels. ``send`` reports failures, never raises them."""
 
@@ -392,6 +400,7 @@ class Notifier:
                 body=message.body,
                 title=message.title,
                 body_format=apprise.NotifyFormat.MARKDOWN,
+                notify_type=_notify_type(apprise, message.notify_type),
             )
         if ok:
             return Delivery(True)

@@ -9,6 +9,7 @@ helpers (``money``, ``when``, ``time_left``) so it is localized too.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -45,6 +46,7 @@ __all__ = [
     "check_templates",
     "md",
     "money_text",
+    "notify_type",
     "render_alert",
     "render_digest",
     "render_ops",
@@ -325,10 +327,27 @@ def _default_alert(w: _Words, lead: Lead, kind: str, reserve: int = 0) -> Messag
     return Message(title, fit(title, parts, limit))
 
 
+def notify_type(kind: str, tier: TierConfig | None) -> str:
+    """Apprise's type for an alert: the tier's severity, success for an answered lead,
+    failure for an expired one (SPEC [[policy.tiers]] severity)."""
+    if kind == RESOLVED:
+        return "success"
+    if kind == EXPIRED:
+        return "failure"
+    return tier.notify_type if tier is not None else "info"
+
+
 def render_alert(
     lead: Lead, kind: str, tier: TierConfig | None, now: datetime, style: Style
 ) -> Message:
     """One lead's tier reminder, expired notice or resolved notice."""
+    message = _render_alert(lead, kind, tier, now, style)
+    return replace(message, notify_type=notify_type(kind, tier))
+
+
+def _render_alert(
+    lead: Lead, kind: str, tier: TierConfig | None, now: datetime, style: Style
+) -> Message:
     if kind not in (TIER, EXPIRED, RESOLVED):
         raise ValueError(f"unknown alert kind {kind!r}")
     w = _Words(style, now)
@@ -443,7 +462,8 @@ def render_digest(
             break
         shown.append(line)
     body = "\n".join([*head, *shown, *_digest_footer(w, len(lines) - len(shown) + more)])
-    return Message(title, body if budget is None else cut(body, budget))
+    final = body if budget is None else cut(body, budget)
+    return Message(title, final, notify_type(kind, tier))
 
 
 # --- test, operations and report wording ------------------------------------------------------

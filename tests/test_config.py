@@ -102,6 +102,54 @@ notify = ["team"]
     assert config.policy.tiers[2].notify == ["team"]  # a single name is taken as a list
 
 
+def tiers_config(*tiers: str) -> str:
+    """MINIMAL with the given [[policy.tiers]] tables instead of its own."""
+    head = MINIMAL.split("[[policy.tiers]]")[0]
+    return head + "".join(f"[[policy.tiers]]\n{t}\n" for t in tiers) + MINIMAL.split('["team"]')[1]
+
+
+@pytest.mark.parametrize(
+    ("tiers", "types"),
+    [
+        (['name = "only"\nremaining = "14d"\nnotify = ["team"]'], ["info"]),
+        (
+            [
+                'name = "final"\nremaining = "12h"\nnotify = ["team"]',
+                'name = "new"\nremaining = "14d"\nnotify = ["team"]',
+            ],
+            ["info", "failure"],
+        ),
+        (
+            [
+                'name = "new"\nremaining = "14d"\nnotify = ["team"]',
+                'name = "reminder"\nremaining = "7d"\nnotify = ["team"]',
+                'name = "urgent"\nremaining = "2d"\nnotify = ["team"]',
+                'name = "final"\nremaining = "12h"\nnotify = ["team"]',
+            ],
+            ["info", "warning", "warning", "failure"],
+        ),
+        (
+            [
+                'name = "new"\nremaining = "14d"\nnotify = ["team"]\nseverity = "success"',
+                'name = "final"\nremaining = "12h"\nnotify = ["team"]\nseverity = "warning"',
+            ],
+            ["success", "warning"],
+        ),
+    ],
+)
+def test_tier_severity_defaults_by_rank_or_as_set(tiers: list[str], types: list[str]) -> None:
+    """Issue 13 item 7: every alert was Apprise type info."""
+    config = parse_config(tiers_config(*tiers), env={})
+    assert [t.notify_type for t in config.policy.tiers] == types
+
+
+def test_an_unknown_severity_names_its_key() -> None:
+    text = tiers_config('name = "new"\nremaining = "14d"\nnotify = ["team"]\nseverity = "red"')
+    (problem,) = problems_of(text)
+    assert problem.startswith("policy.tiers[0].severity:")
+    assert "info" in problem and "failure" in problem
+
+
 def test_interpolation_from_environment_and_files(tmp_path: Path) -> None:
     secret = tmp_path / "smtp-pass"
     secret.write_text("s3cret\n")

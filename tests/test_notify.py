@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -402,3 +403,90 @@ def test_importing_notify_does_not_load_apprise() -> None:
     code = "import sys, referral_watch.notify; print('apprise' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# --- notify types (issue 13 item 7) and the Apprise internals notify.py relies on -----------
+
+
+@pytest.mark.parametrize("kind", ["info", "success", "warning", "failure"])
+def test_the_notify_type_reaches_slack_and_teams(
+    monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    import apprise
+
+    service = FakeService(status=200, content=b"ok").install(monkeypatch)
+    message = Message(MESSAGE.title, MESSAGE.body, notify_type=kind)
+    assert notifier(SLACK_HOOK).send("team", message).ok
+    service.status = 202
+    assert notifier(TEAMS_SHORT).send("team", message).ok
+    slack, teams = (request.payload for request in service.sent)
+    colour = apprise.AppriseAsset().color(apprise.NotifyType(kind))
+    assert slack["attachments"][0]["color"] == colour
+    card = teams["attachments"][0]["content"]
+    (image,) = [block for block in card["body"] if block.get("type") == "Image"]
+    assert image["altText"] == kind and f"apprise-{kind}-" in image["url"]
+
+
+def test_a_final_tier_alert_is_sent_as_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From the config's tier rank through render to the Slack payload's colour."""
+    import apprise
+
+    from referral_watch.channels import Style
+    from referral_watch.config import parse_config
+    from referral_watch.model import EXPIRED, RESOLVED, TIER, Lead, parse_referral
+    from referral_watch.render import render_alert, render_digest
+    from referral_watch.sandbox import make_referral
+
+    config = parse_config(
+        '[auth]\nmethod = "env"\n[channels]\nteam = "json://127.0.0.1:9/x"\n'
+        + "".join(
+            f'[[policy.tiers]]\nname = "{n}"\nremaining = "{r}"\nnotify = ["team"]\n'
+            for n, r in (("new", "14d"), ("urgent", "2d"), ("final", "12h"))
+        ),
+        env={},
+    )
+    now = datetime(2026, 3, 2, 9, 30, tzinfo=UTC)
+    ref = parse_referral(make_referral(created=now - timedelta(days=13, hours=20)))
+    lead = Lead(ref, ref.created + timedelta(days=14), ref.created, now)
+    new, urgent, final = config.policy.tiers
+    style = Style(markup="slack")
+    types = {
+        "new": render_alert(lead, TIER, new, now, style).notify_type,
+        "urgent": render_alert(lead, TIER, urgent, now, style).notify_type,
+        "final": render_alert(lead, TIER, final, now, style).notify_type,
+        "expired": render_alert(lead, EXPIRED, None, now, style).notify_type,
+        "resolved": render_alert(lead, RESOLVED, None, now, style).notify_type,
+        "digest": render_digest([lead], TIER, final, 0, now, style).notify_type,
+    }
+    assert types == {
+        "new": "info",
+        "urgent": "warning",
+        "final": "failure",
+        "expired": "failure",
+        "resolved": "success",
+        "digest": "failure",
+    }
+    service = FakeService().install(monkeypatch)
+    assert notifier(SLACK_HOOK).send("team", render_alert(lead, TIER, final, now, style)).ok
+    (request,) = service.sent
+    failure = apprise.AppriseAsset().color(apprise.NotifyType.FAILURE)
+    assert request.payload["attachments"][0]["color"] == failure
+
+
+def test_the_apprise_internals_notify_relies_on_are_there() -> None:
+    """notify.py uses three things outside Apprise's documented API (pinned apprise<3): the
+    plugin registry, a plugin's request_rate_per_sec, and the decorator for custom schemes."""
+    import apprise
+    from apprise import manager_plugins
+
+    registry = manager_plugins.NotificationManager()
+    assert "slack" in registry and "json" in registry and "nosuchscheme" not in registry
+
+    target = Notifier._build(apprise, SLACK_HOOK)
+    assert target is not None
+    assert target[0].request_rate_per_sec <= 1.0  # our cap on Apprise's wait between sends
+
+    register_console_target(io.StringIO())  # apprise.decorators.notify(on="console")
+    assert "console" in registry
+    assert Notifier({"c": ChannelConfig(url="console://")}).send("c", MESSAGE).ok
+    register_console_target(None)

@@ -971,7 +971,9 @@ BOMBS = {
         "{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l | length }}"
     ),
     "extend_self": "{% set l = [1] %}{% for i in range(40) %}{{ l.extend(l) }}{% endfor %}x",
-    "nested_range": "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+    "nested_range": (
+        "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}"
+    ),
     "nested_small": "{% for i in range(5000) %}{% for j in range(5000) %}{% endfor %}{% endfor %}x",
     "nested_strings": (
         "{% set s = 'a' * 10000 %}{% for i in s %}{% for j in s %}{% endfor %}{% endfor %}x"
@@ -979,7 +981,10 @@ BOMBS = {
     "replace": "{{ ('a' * 10000).replace('a', 'b' * 10000) }}",
     "expandtabs": "{{ ('\t' * 10000).expandtabs(10000) }}",
     "batch_fill": "{{ [1] | batch(1000000000, 0) | list | length }}",
-    "big_number": "{% set ns = namespace(n=10**100) %}{% for i in range(30) %}{% set ns.n = ns.n * ns.n %}{% endfor %}x",
+    "big_number": (
+        "{% set ns = namespace(n=10**100) %}{% for i in range(30) %}"
+        "{% set ns.n = ns.n * ns.n %}{% endfor %}x"
+    ),
     "output": "{% for i in range(9000) %}{{ 'x' * 9000 }}{% endfor %}",
     "lipsum": "{{ lipsum(n=100000) }}",
 }
