@@ -130,7 +130,10 @@ class _Words:
         return relative_text(delta, self.style.locale)
 
     def link(self, referral_id: str) -> str:
-        return self.style.link_template.replace("{id}", quote(referral_id, safe=""))
+        # errors="replace": an id holding a lone surrogate still gives a link, never a crash
+        return self.style.link_template.replace(
+            "{id}", quote(referral_id, safe="", errors="replace")
+        )
 
     def list_link(self) -> str:
         """A link for many leads: the template when it names no single lead."""
@@ -149,7 +152,7 @@ class _Words:
 
     def answer_url(self, referral_id: str, action: str) -> str:
         """The console's answer page for one lead (SPEC 14): a plain link, no secret in it."""
-        lead = quote(referral_id, safe="")
+        lead = quote(referral_id, safe="", errors="replace")
         return f"{self.style.answer_base}/leads/{lead}/answer?action={action}"
 
     def links(self, referral_id: str, kind: str) -> str:

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 import requests
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
@@ -314,6 +314,7 @@ TEXT_FIELDS = st.text(
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(*(["\x1b]0;x\x07\ud800\u202e\x00"] * 8))  # the worst of each kind, every run
 @given(
     customer=TEXT_FIELDS,
     notes=TEXT_FIELDS,
@@ -336,7 +337,6 @@ def test_no_control_character_reaches_any_output(
 ) -> None:
     record = make_referral(
         created=NOW - timedelta(days=3),
-        id="rw-" + ref_id,
         customer=customer or "x",
         notes=notes,
         currency=currency,
@@ -344,6 +344,7 @@ def test_no_control_character_reaches_any_output(
         team=[{"firstName": member, "lastName": member, "email": f"{member}@contoso.com"}],
     )
     record["name"] = name
+    record["id"] = "rw-" + ref_id
     record["details"]["requirements"]["products"] = [{"id": product or "p"}]
     record["details"]["requirements"]["solutions"] = [{"id": product or "s", "name": product}]
     referral = parse_referral(record)
