@@ -14,7 +14,13 @@ from typing import Any, NoReturn
 import click
 
 from referral_watch import __version__
-from referral_watch.config import Config, find_config_path, load_config, parse_duration
+from referral_watch.config import (
+    Config,
+    console_problems,
+    find_config_path,
+    load_config,
+    parse_duration,
+)
 from referral_watch.errors import ConfigError, LockedError, ReferralWatchError, StateError
 from referral_watch.text import terminal
 
@@ -128,6 +134,7 @@ def checked(config: Config) -> Config:
     if any(channel.url.startswith("console://") for channel in config.channels.values()):
         register_console_target()
     problems = check_channels(config.channels) + check_templates(config)
+    problems += console_problems(config)
     if config.reports:
         from referral_watch.schedule import report_triggers
 

@@ -340,6 +340,7 @@ class OperationsConfig(Section):
 
 class ServerConfig(Section):
     listen: str = "127.0.0.1:9464"
+    public_url: str | None = None  # how browsers reach the server (usually a TLS proxy)
 
     @field_validator("listen")
     @classmethod
@@ -349,6 +350,13 @@ class ServerConfig(Section):
             raise ValueError(f'{value!r} is not "host:port", e.g. "127.0.0.1:9464" or "[::]:9464"')
         return value
 
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", value):
+            raise ValueError(f'{value!r} is not an http(s) URL such as "https://leads.contoso.com"')
+        return value.rstrip("/") if value else value
+
     @property
     def host(self) -> str:
         return self.listen.rpartition(":")[0].strip("[]")
@@ -356,6 +364,54 @@ class ServerConfig(Section):
     @property
     def port(self) -> int:
         return int(self.listen.rpartition(":")[2])
+
+    @property
+    def loopback(self) -> bool:
+        """Only this machine can reach ``listen``."""
+        import ipaddress
+
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    @property
+    def base_url(self) -> str:
+        """Where people open the console: ``public_url``, else ``http://listen``."""
+        return self.public_url or f"http://{self.listen}"
+
+
+class ConsoleConfig(Section):
+    sign_in: Literal["entra", "none"] = "entra"
+    tenant_id: str | None = None
+    client_id: str | None = None
+    client_secret: str | None = None
+    authority: str = "https://login.microsoftonline.com"
+    allowed: StrList = []
+    answer: bool = True
+    session_secret: str | None = None
+
+    @model_validator(mode="after")
+    def _entra_needs(self) -> ConsoleConfig:
+        if self.sign_in != "entra":
+            return self
+        missing = [
+            key
+            for key in ("tenant_id", "client_id", "client_secret", "session_secret")
+            if not getattr(self, key)
+        ]
+        if missing:
+            raise ValueError(f'sign_in "entra" needs {", ".join(missing)}')
+        if not self.allowed:
+            raise ValueError(
+                'sign_in "entra" needs allowed = ["contoso.com", ...]: the email domains '
+                "or addresses that may sign in"
+            )
+        if self.session_secret and len(self.session_secret) < 32:
+            raise ValueError("session_secret must be at least 32 characters of random text")
+        return self
 
 
 class HeartbeatConfig(Section):
@@ -375,6 +431,7 @@ class Config(Section):
     operations: OperationsConfig = OperationsConfig()
     server: ServerConfig | None = None
     heartbeat: HeartbeatConfig | None = None
+    console: ConsoleConfig | None = None
     source: Path | None = Field(default=None, exclude=True)
 
     @property
@@ -384,6 +441,22 @@ class Config(Section):
     @property
     def lock_path(self) -> Path:
         return self.state.path.with_name(self.state.path.name + ".lock")
+
+
+def console_problems(config: Config) -> list[str]:
+    """The console's rules across sections: it is served by [server], and without a sign-in
+    only to this machine."""
+    console = config.console
+    if console is None:
+        return []
+    if config.server is None:
+        return ["console: the console is served by the web server: add [server] listen"]
+    if console.sign_in == "none" and not config.server.loopback:
+        return [
+            f'console.sign_in: "none" lets anyone who reaches {config.server.listen} in; use '
+            '"entra", or listen on a loopback address such as "127.0.0.1:9464"'
+        ]
+    return []
 
 
 # --- loading -----------------------------------------------------------------------------

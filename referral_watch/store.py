@@ -921,6 +921,57 @@ class Store:
         row = self.db.execute("SELECT max(received) FROM webhook_events").fetchone()
         return from_ts(row[0])
 
+    # --- the console -------------------------------------------------------------------
+
+    def waiting_page(
+        self, now: datetime, query: str = "", *, offset: int = 0, limit: int = 200
+    ) -> tuple[list[Lead], int]:
+        """One page of the leads still waiting before their deadline, most urgent first, and
+        how many there are in all; ``query`` keeps those whose customer or stored record
+        contains it (any case), e.g. a country code or a product name."""
+        where = "resolution IS NULL AND deadline >= ?"
+        params: list[str] = [ts(now)]
+        if query:
+            pattern = "%" + "".join("\\" + c if c in "\\%_" else c for c in query) + "%"
+            where += " AND (customer LIKE ? ESCAPE '\\' OR raw LIKE ? ESCAPE '\\')"
+            params += [pattern, pattern]
+        total = int(
+            self.db.execute(f"SELECT count(*) FROM leads WHERE {where}", params).fetchone()[0]
+        )
+        page = self._leads_where(
+            f"l.id IN (SELECT id FROM leads WHERE {where} ORDER BY deadline "
+            f"LIMIT {int(limit)} OFFSET {int(offset)})",
+            params,
+        )
+        return page, total
+
+    def recently_closed(self, now: datetime, since: datetime, limit: int = 50) -> list[Lead]:
+        """Leads answered (or gone) since ``since``, and those whose deadline passed since
+        then without an answer; the latest first."""
+        where = (
+            "(resolution IS NOT NULL AND resolved_at >= ?) "
+            "OR (resolution IS NULL AND deadline < ? AND deadline >= ?)"
+        )
+        leads = self._leads_where(
+            f"l.id IN (SELECT id FROM leads WHERE {where} "
+            f"ORDER BY coalesce(resolved_at, deadline) DESC LIMIT {int(limit)})",
+            (ts(since), ts(now), ts(since)),
+        )
+        return sorted(leads, key=lambda x: x.resolved_at or x.deadline, reverse=True)
+
+    def messages_for(self, lead_id: str) -> list[dict[str, Any]]:
+        """Every outbox row about one lead, oldest first: what was sent, held or skipped where,
+        and when (the console's lead page)."""
+        rows = self.db.execute(
+            "SELECT kind, channel, tier, state, created, delivered_at, attempts FROM outbox "
+            "WHERE lead_id = ? ORDER BY id",
+            (lead_id,),
+        )
+        return [
+            {**dict(row), "created": from_ts(row["created"]), "delivered_at": from_ts(row[5])}
+            for row in rows
+        ]
+
     # --- poll log and metadata ----------------------------------------------------------
 
     def record_poll(self, poll: PollRecord) -> None:

@@ -1046,7 +1046,8 @@ def test_sandbox_escape_fails_safely_at_send_time() -> None:
 # --- the catalogs ----------------------------------------------------------------------------
 
 _PLACEHOLDER = re.compile(r"\{(\w*)\}")
-WORDING_MODULES = ("render.py", "i18n.py")  # where msgids live
+WORDING_MODULES = ("render.py", "i18n.py", "web/views.py")  # where msgids live
+WORDING_TEMPLATES = "web/templates/*.html"  # the console's pages (Babel's jinja2 extractor)
 
 
 def source_messages() -> set[str | tuple[str, ...]]:
@@ -1054,6 +1055,9 @@ def source_messages() -> set[str | tuple[str, ...]]:
     found: set[str | tuple[str, ...]] = set()
     for module in WORDING_MODULES:
         for _, message, _, _ in extract_from_file("python", str(PACKAGE / module)):
+            found.add(message if isinstance(message, str) else tuple(message))
+    for template in sorted(PACKAGE.glob(WORDING_TEMPLATES)):
+        for _, message, _, _ in extract_from_file("jinja2", str(template)):
             found.add(message if isinstance(message, str) else tuple(message))
     return found
 

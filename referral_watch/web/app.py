@@ -8,6 +8,7 @@ headers and the same 404 page.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
@@ -46,22 +47,54 @@ class Host(Protocol):
         ...
 
 
-def build_app(host: Host, routes: Sequence[BaseRoute] = ()) -> Starlette:
+def build_app(
+    host: Host, routes: Sequence[BaseRoute] = (), open_paths: Sequence[str] = ()
+) -> Starlette:
     """The whole web app for one daemon.
 
     ``routes``: extra Starlette routes (``Route``, ``Mount``) from other parts, e.g.
     ``build_app(daemon, routes=[Route("/webhooks/partner-center", receive, methods=["POST"])])``.
-    They come first, so they win over the console's own paths; they may read ``request.app.state
-    .host`` for the daemon (its config, clock, health). ``/healthz`` and ``/metrics`` never need a
-    sign-in.
+    They come first, so they win over the console's own paths; they may read
+    ``request.app.state.host`` for the daemon (its config, clock, health). Every path needs the
+    console's sign-in (``request.state.viewer`` is the person) except ``/healthz``,
+    ``/metrics``, ``/static/*``, ``/auth/*``, ``webhooks.path`` and the ``open_paths`` given
+    here (for machines, e.g. a webhook receiver). Without ``[console]`` only those are served.
+    Forms check ``console.checked_form(request)`` (the CSRF token) before acting.
     """
+    from starlette.middleware.sessions import SessionMiddleware
+
+    from referral_watch.web import console, signin
+
+    sessions = signin.Sessions()
     app = Starlette(
-        routes=[*routes, *_operations_routes(host)],
+        routes=[
+            *routes,
+            *_operations_routes(host),
+            *console.routes(),
+            *signin.auth_routes(sessions),
+        ],
         exception_handlers={HTTPException: _http_error},
     )
     app.state.host = host
+    app.state.sessions = sessions
+    app.add_middleware(signin.SignInGate, host=host, sessions=sessions, open_paths=open_paths)
+    settings = host.config.console
+    app.add_middleware(
+        SessionMiddleware,
+        # Without a configured secret (sign_in = "none"), sessions last as long as the process.
+        secret_key=(settings.session_secret if settings else None) or secrets.token_urlsafe(32),
+        session_cookie="referral_watch_session",
+        max_age=signin.SESSION_LIFETIME,
+        same_site="lax",
+        https_only=_https(host.config),
+    )
     app.add_middleware(SecurityHeaders)
     return app
+
+
+def _https(config: Config) -> bool:
+    server = config.server
+    return bool(server and server.public_url and server.public_url.startswith("https://"))
 
 
 def _operations_routes(host: Host) -> list[BaseRoute]:

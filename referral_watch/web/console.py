@@ -1,0 +1,246 @@
+"""The console's pages (SPEC 13): the waiting leads, one lead, silence and unsilence, and
+/api/leads. Every page is read from the state file per request (a Store per request: one per
+thread); the signed-in person is ``request.state.viewer`` (see ``signin``)."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from functools import lru_cache
+from typing import Any
+
+from jinja2 import Environment, PackageLoader, select_autoescape
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from referral_watch import __version__, status_view
+from referral_watch.config import Config, parse_duration
+from referral_watch.errors import StateError
+from referral_watch.i18n import babel_locale, translations
+from referral_watch.store import Store
+from referral_watch.web import views
+
+PAGE_SIZE = 200
+RECENT = timedelta(days=7)  # "recently answered and expired"
+RECENT_LIMIT = 50
+LONGEST_SILENCE = timedelta(days=365)
+STATIC = {"console.css": "text/css; charset=utf-8", "console.js": "text/javascript; charset=utf-8"}
+
+
+@lru_cache(maxsize=1)
+def environment() -> Environment:
+    # Autoescape on for every template: referral text is data, never markup (no |safe on it).
+    return Environment(
+        loader=PackageLoader("referral_watch.web", "templates"),
+        autoescape=select_autoescape(default=True, default_for_string=True),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
+def routes() -> list[BaseRoute]:
+    return [
+        Route("/", index, methods=["GET", "HEAD"]),
+        Route("/leads/{lead_id}", lead_page, methods=["GET", "HEAD"]),
+        Route("/leads/{lead_id}/silence", silence, methods=["POST"]),
+        Route("/leads/{lead_id}/unsilence", unsilence, methods=["POST"]),
+        Route("/api/leads", api_leads, methods=["GET", "HEAD"]),
+        Route("/static/{name}", static, methods=["GET", "HEAD"]),
+    ]
+
+
+# --- shared pieces ---------------------------------------------------------------------
+
+
+def host_of(request: Request) -> Any:
+    return request.app.state.host
+
+
+def config_of(request: Request) -> Config:
+    config: Config = host_of(request).config  # a reload (SIGHUP) may replace it
+    return config
+
+
+def now_of(request: Request) -> datetime:
+    moment: datetime = host_of(request).clock()
+    return moment
+
+
+def open_store(config: Config) -> Store:
+    try:
+        return Store(config.state.path, create=False)
+    except StateError as exc:
+        raise HTTPException(503, str(exc)) from None
+
+
+def csrf_token(request: Request) -> str:
+    """The session's anti-forgery token, made on first use; every form posts it back."""
+    token = request.session.get("csrf")
+    if not isinstance(token, str):
+        token = secrets.token_urlsafe(32)
+        request.session["csrf"] = token
+    return token
+
+
+async def checked_form(request: Request) -> dict[str, str]:
+    form = await request.form()
+    sent = form.get("csrf")
+    expected = request.session.get("csrf")
+    if not isinstance(sent, str) or not isinstance(expected, str):
+        raise HTTPException(403, "This form has expired: reload the page and try again.")
+    if not secrets.compare_digest(sent, expected):
+        raise HTTPException(403, "This form has expired: reload the page and try again.")
+    return {key: value for key, value in form.items() if isinstance(value, str)}
+
+
+def gettext_for(config: Config) -> Callable[[str], str]:
+    return translations(config.messages.locale).gettext
+
+
+def page(request: Request, template: str, status: int = 200, **context: Any) -> HTMLResponse:
+    config = config_of(request)
+    _ = gettext_for(config)
+    healthy, _body = host_of(request).health()
+    with open_store(config) as store:
+        last = store.last_poll()
+        last_success = store.last_success()
+    viewer = getattr(request.state, "viewer", None)
+    html = (
+        environment()
+        .get_template(template)
+        .render(
+            _=_,
+            lang=babel_locale(config.messages.locale).language,
+            version=__version__,
+            banner=views.banner(healthy, last_success, last, config, _),
+            timezone=config.messages.timezone,
+            viewer=viewer,
+            csrf=csrf_token(request),
+            **context,
+        )
+    )
+    return HTMLResponse(html, status_code=status, headers={"Cache-Control": "no-store"})
+
+
+# --- pages -------------------------------------------------------------------------------
+
+
+def index(request: Request) -> Response:
+    config = config_of(request)
+    now = now_of(request)
+    _ = gettext_for(config)
+    query = request.query_params.get("q", "").strip()[:200]
+    number = _page_number(request)
+    with open_store(config) as store:
+        leads, total = store.waiting_page(
+            now, query, offset=(number - 1) * PAGE_SIZE, limit=PAGE_SIZE
+        )
+        closed = [] if number > 1 else store.recently_closed(now, now - RECENT, RECENT_LIMIT)
+    pages = max(1, -(-total // PAGE_SIZE))
+    return page(
+        request,
+        "index.html",
+        rows=[views.row(lead, config, now, _) for lead in leads],
+        closed=[views.row(lead, config, now, _) for lead in closed],
+        total=total,
+        query=query,
+        number=number,
+        pages=pages,
+    )
+
+
+def _page_number(request: Request) -> int:
+    text = request.query_params.get("page", "1")
+    return int(text) if text.isdigit() and 0 < int(text) < 1_000_000 else 1
+
+
+def lead_page(request: Request) -> Response:
+    config = config_of(request)
+    now = now_of(request)
+    _ = gettext_for(config)
+    lead_id = request.path_params["lead_id"]
+    with open_store(config) as store:
+        lead = store.lead(lead_id)
+        if lead is None:
+            raise HTTPException(404)
+        messages = store.messages_for(lead_id)
+    return page(
+        request,
+        "lead.html",
+        lead=views.detail(lead, config, now, _),
+        messages=views.message_lines(messages, config, _),
+        error=request.query_params.get("error", "") == "duration",
+    )
+
+
+async def silence(request: Request) -> Response:
+    form = await checked_form(request)
+    lead_id = request.path_params["lead_id"]
+    try:
+        length = parse_duration(form.get("duration", ""))
+    except ValueError:
+        length = timedelta(0)
+    if not timedelta(0) < length <= LONGEST_SILENCE:
+        return RedirectResponse(f"/leads/{_quoted(lead_id)}?error=duration", status_code=303)
+    reason = form.get("reason", "").strip()[:500]
+    viewer = getattr(request.state, "viewer", None)
+    by = viewer.email if viewer is not None else ""
+
+    def write() -> None:
+        config, now = config_of(request), now_of(request)
+        with open_store(config) as store:
+            if not store.known(lead_id):
+                raise HTTPException(404)
+            store.silence(lead_id, now + length, now, reason=reason, by=by or "console")
+
+    await run_in_threadpool(write)
+    return RedirectResponse(f"/leads/{_quoted(lead_id)}", status_code=303)
+
+
+async def unsilence(request: Request) -> Response:
+    await checked_form(request)
+    lead_id = request.path_params["lead_id"]
+
+    def write() -> None:
+        with open_store(config_of(request)) as store:
+            if not store.known(lead_id):
+                raise HTTPException(404)
+            store.unsilence(lead_id)
+
+    await run_in_threadpool(write)
+    return RedirectResponse(f"/leads/{_quoted(lead_id)}", status_code=303)
+
+
+def _quoted(lead_id: str) -> str:
+    from urllib.parse import quote
+
+    return quote(lead_id, safe="")
+
+
+def api_leads(request: Request) -> Response:
+    """What `status --json` prints (``?all=1``: with resolved leads, as `status --all`)."""
+    config = config_of(request)
+    now = now_of(request)
+    everything = request.query_params.get("all", "") in ("1", "true", "yes")
+    with open_store(config) as store:
+        leads = store.leads(include_resolved=everything)
+    return JSONResponse([status_view.as_json(lead, now) for lead in leads])
+
+
+def static(request: Request) -> Response:
+    """Only the files named in STATIC, from inside the package: nothing else is reachable."""
+    from importlib import resources
+
+    name = request.path_params["name"]
+    if name not in STATIC:
+        raise HTTPException(404)
+    data = (resources.files("referral_watch.web") / "static" / name).read_bytes()
+    return Response(
+        data,
+        media_type=STATIC[name],
+        headers={"Cache-Control": "public, max-age=86400"},
+    )

@@ -1,0 +1,226 @@
+"""What the console pages show, as plain values for the templates: localized, never HTML.
+
+Templates escape everything (autoescape); nothing here builds markup.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from urllib.parse import quote
+
+from babel.dates import format_datetime
+
+from referral_watch import policy
+from referral_watch.config import Config
+from referral_watch.i18n import babel_locale, money_text, time_left_text, zone
+from referral_watch.model import Lead
+from referral_watch.store import PollRecord
+
+Gettext = Callable[[str], str]
+
+
+def when(moment: datetime | None, config: Config) -> str:
+    """A short local date and time in the console's locale and zone: '01-12-2026 14:05'."""
+    if moment is None:
+        return ""
+    messages = config.messages
+    text = format_datetime(
+        moment, "short", tzinfo=zone(messages.timezone), locale=babel_locale(messages.locale)
+    )
+    return str(text).replace("\u202f", " ")
+
+
+def iso(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def severity(lead: Lead, config: Config, now: datetime) -> tuple[str, str]:
+    """(CSS class, tier name) of a lead's current tier: the colour follows the tier's rank,
+    as Apprise's notification types do in chat (first info, last failure, between warning)."""
+    if lead.remaining(now).total_seconds() < 0:
+        return "sev-expired", ""
+    tier = policy.current_tier(lead, config, now)
+    if tier is None:
+        return "sev-none", ""
+    rank = config.policy.severity(tier.name)
+    last = len(config.policy.tiers) - 1
+    kind = "info" if rank == 0 else "failure" if rank == last else "warning"
+    return f"sev-{kind}", tier.name
+
+
+def assignees(lead: Lead) -> list[str]:
+    return [member.name or member.email for member in lead.referral.team if member.email]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One lead as a table row."""
+
+    id: str
+    short_id: str
+    customer: str
+    deadline: str  # ISO-8601 UTC, for the countdown in the browser
+    deadline_text: str
+    left: str
+    sev: str
+    tier: str
+    value: str
+    kind: str
+    country: str
+    assignees: list[str]
+    silence: str
+    silence_reason: str
+    tiers_sent: list[str]
+    resolution: str
+    search: str  # lower-case text the search box matches
+
+
+def row(lead: Lead, config: Config, now: datetime, _: Gettext) -> Row:
+    ref = lead.referral
+    sev, tier = severity(lead, config, now)
+    locale = config.messages.locale
+    silenced = lead.silenced(now) and lead.silenced_until is not None
+    products = [*ref.products, *ref.solutions]
+    return Row(
+        id=lead.id,
+        short_id=lead.id[:8],
+        customer=ref.customer,
+        deadline=iso(lead.deadline),
+        deadline_text=when(lead.deadline, config),
+        left=time_left_text(lead.deadline - now, locale),
+        sev=sev,
+        tier=tier,
+        value=money_text(ref.deal_value, ref.currency, locale),
+        kind=_("co-sell") if ref.kind == "co-sell" else _("lead"),
+        country=ref.country,
+        assignees=assignees(lead),
+        silence=when(lead.silenced_until, config) if silenced else "",
+        silence_reason=lead.silence_reason if silenced else "",
+        tiers_sent=list(lead.tiers_sent),
+        resolution=_resolution(lead, now, _),
+        search=" ".join([ref.customer, ref.country, *products, ref.name]).lower(),
+    )
+
+
+def _resolution(lead: Lead, now: datetime, _: Gettext) -> str:
+    words = {
+        "accepted": _("accepted"),
+        "declined": _("declined"),
+        "won": _("won"),
+        "lost": _("lost"),
+        "expired": _("expired"),
+        "gone": _("gone from Partner Center"),
+    }
+    if lead.resolution is None:
+        return _("expired") if lead.remaining(now).total_seconds() < 0 else ""
+    return words.get(lead.resolution, lead.resolution)
+
+
+@dataclass(frozen=True)
+class Banner:
+    ok: bool
+    last_success: str
+    problem: str
+
+
+def banner(
+    healthy: bool,
+    last_success: datetime | None,
+    last: PollRecord | None,
+    config: Config,
+    _: Gettext,
+) -> Banner:
+    """The health verdict with, when unhealthy, the reason from the last failed poll."""
+    problem = ""
+    if not healthy:
+        if last is None:
+            problem = _("No poll has run yet.")
+        elif last.needs_login:
+            problem = _("Partner Center sign-in expired: run referral-watch login.")
+        elif not last.ok and last.error:
+            problem = _("The last poll failed: {error}").format(error=last.error)
+        else:
+            problem = _("No successful poll for a while.")
+    return Banner(healthy, when(last_success, config), problem)
+
+
+@dataclass(frozen=True)
+class MessageLine:
+    kind: str
+    channel: str
+    tier: str
+    state: str
+    created: str
+    delivered: str
+    attempts: int
+
+
+def message_lines(rows: Sequence[dict[str, Any]], config: Config, _: Gettext) -> list[MessageLine]:
+    states = {
+        "delivered": _("sent"),
+        "pending": _("held or waiting"),
+        "skipped": _("skipped (a more urgent tier was due)"),
+        "superseded": _("replaced by a later message"),
+        "dropped": _("dropped after a day of failures"),
+    }
+    kinds = {
+        "tier": _("reminder"),
+        "expired": _("expired notice"),
+        "resolved": _("answered notice"),
+    }
+    return [
+        MessageLine(
+            kind=kinds.get(r["kind"], r["kind"]),
+            channel=r["channel"],
+            tier=r["tier"] or "",
+            state=states.get(r["state"], r["state"]),
+            created=when(r["created"], config),
+            delivered=when(r["delivered_at"], config),
+            attempts=int(r["attempts"]),
+        )
+        for r in rows
+    ]
+
+
+@dataclass(frozen=True)
+class Detail:
+    row: Row
+    name: str
+    status: str
+    created: str
+    first_seen: str
+    last_seen: str
+    resolved_at: str
+    products: list[str]
+    solutions: list[str]
+    team: list[str]
+    notes: str
+    link: str
+    silenced: bool
+    fields: list[tuple[str, str]] = field(default_factory=list)
+
+
+def detail(lead: Lead, config: Config, now: datetime, _: Gettext) -> Detail:
+    ref = lead.referral
+    base = row(lead, config, now, _)
+    template = config.partner_center.link_template
+    link = template.replace("{id}", quote(lead.id, safe="")) if "{id}" in template else template
+    team = [f"{m.name} <{m.email}>" if m.name and m.email else m.name or m.email for m in ref.team]
+    return Detail(
+        row=base,
+        name=ref.name,
+        status=" / ".join(x for x in (ref.status, ref.substatus) if x),
+        created=when(ref.created, config),
+        first_seen=when(lead.first_seen, config),
+        last_seen=when(lead.last_seen, config),
+        resolved_at=when(lead.resolved_at, config),
+        products=list(ref.products),
+        solutions=list(ref.solutions),
+        team=team,
+        notes=ref.notes,
+        link=link,
+        silenced=bool(base.silence),
+    )
