@@ -1,0 +1,238 @@
+"""The console in a real browser (Playwright driving Debian's Chromium) against a real daemon
+on the sandbox: order, the ticking countdown, search, silencing, Dutch, and the screenshots
+the README shows (docs/console.png, docs/console-phone.png)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import World
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+# `RW_SCREENSHOTS=docs .venv/bin/pytest tests/test_browser.py` refreshes the README's pictures;
+# otherwise they go to the test's temporary folder (so a test run leaves the tree clean).
+SCREENSHOTS = "RW_SCREENSHOTS"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def configured(world: World, console: str, extra: str) -> str:
+    """Write a config with the console on a free loopback port; its base URL."""
+    port = free_port()
+    world.extra = (
+        f'[schedule]\ninterval = "1h"\njitter = "0s"\n'
+        f'[server]\nlisten = "127.0.0.1:{port}"\n[console]\n{console}\n{extra}'
+    )
+    world.write_config()
+    return f"http://127.0.0.1:{port}"
+
+
+class Daemon:
+    def __init__(self, world: World, env: dict[str, str] | None = None) -> None:
+        self.world = world
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "referral_watch", "--config", str(world.config_path), "run"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+
+    def stop(self) -> str:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        _, err = self.process.communicate(timeout=10)
+        return err
+
+
+@pytest.fixture
+def run_daemon(world: World) -> Iterator[Callable[..., str]]:
+    running: list[Daemon] = []
+
+    def start(console: str = 'sign_in = "none"', extra: str = "", **env: str) -> str:
+        base = configured(world, console, extra)
+        daemon = Daemon(world, env)
+        running.append(daemon)
+        wait_until(lambda: _answers(base + "/healthz"), what="the daemon's web server")
+        # the first cycle has run once the state file knows a poll
+        wait_until(lambda: world.cli("status", "--check").code == 0, what="the first poll")
+        return base
+
+    yield start
+    for daemon in running:
+        daemon.stop()
+
+
+def _answers(url: str) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+
+
+def person(first: str, last: str) -> dict[str, str]:
+    return {"firstName": first, "lastName": last, "email": f"{first.lower()}@contoso.com"}
+
+
+def a_pipeline(world: World) -> None:
+    """A realistic mix of leads at every stage, one of them answered in the last cycle."""
+    anna, bas, chen = person("Anna", "de Vries"), person("Bas", "Jansen"), person("Chen", "Li")
+    leads = [
+        ("Fabrikam Customer Inc", timedelta(days=13, hours=18), 25000, "NL", [anna]),
+        ("Contoso Pharmaceuticals", timedelta(days=12, hours=3), 120000, "DE", [bas, chen]),
+        ("Northwind Traders", timedelta(days=9), 8000, "US", [chen]),
+        ("Tailspin Toys", timedelta(days=4), 43500, "NL", []),
+        ("<script>alert(1)</script> Ltd", timedelta(days=2), 1000, "GB", [anna]),
+        ("Wide World Importers", timedelta(hours=5), 61000, "BE", [bas]),
+    ]
+    for customer, age, value, country, team in leads:
+        world.add_lead(age=age, customer=customer, deal_value=value, country=country, team=team)
+    answered = world.add_lead(
+        age=timedelta(days=6), customer="Adventure Works", deal_value=15000, country="NL"
+    )
+    world.extra = '[server]\nlisten = "127.0.0.1:9"\n[console]\nsign_in = "none"\n'
+    assert world.cli("run", "--once").code == 0
+    world.sandbox.update(answered, status="Closed", substatus="Accepted")
+
+
+def test_rows_are_in_deadline_order_and_the_countdown_ticks(
+    world: World, run_daemon: Callable[..., str], browser: Any
+) -> None:
+    a_pipeline(world)
+    base = run_daemon()
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page.goto(base + "/")
+    customers = page.locator("#waiting tbody tr td.customer").all_inner_texts()
+    assert customers[:2] == ["Fabrikam Customer Inc", "Contoso Pharmaceuticals"]
+    assert customers[-1] == "Wide World Importers"
+    deadlines = page.locator("#waiting time[data-deadline]").evaluate_all(
+        "els => els.map(e => e.dataset.deadline)"
+    )
+    assert deadlines == sorted(deadlines)
+    # the script replaced the server's "5h 59m" with a clock that ticks
+    first = page.locator("#waiting time").first
+    before = first.inner_text()
+    assert re.fullmatch(r"\d\d:\d\d:\d\d", before), before
+    page.wait_for_timeout(1100)
+    assert first.inner_text() != before
+    assert page.locator("text=<script>alert(1)</script> Ltd").count() == 1  # shown as text
+    shots = DOCS if os.environ.get(SCREENSHOTS) == "docs" else world.tmp
+    page.screenshot(path=str(shots / "console.png"))
+    phone = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True)
+    phone.goto(base + "/")
+    assert phone.evaluate("document.documentElement.scrollWidth") <= 390  # no sideways scroll
+    phone.screenshot(path=str(shots / "console-phone.png"))
+    assert (shots / "console.png").stat().st_size > 10_000
+    page.close()
+    phone.close()
+
+
+def test_search_box_filters_rows_without_a_reload(
+    world: World, run_daemon: Callable[..., str], browser: Any
+) -> None:
+    a_pipeline(world)
+    base = run_daemon()
+    page = browser.new_page()
+    page.goto(base + "/")
+    from playwright.sync_api import expect
+
+    visible = page.locator("#waiting tbody tr:visible td.customer")
+    expect(visible).to_have_count(6)
+    page.get_by_label("Search by customer, country or product").fill("nl")
+    expect(visible).to_have_text(["Fabrikam Customer Inc", "Tailspin Toys"])
+    page.get_by_label("Search by customer, country or product").fill("northwind")
+    expect(visible).to_have_text(["Northwind Traders"])
+    expect(page.locator("#count")).to_have_text("1 / 6")
+    page.close()
+
+
+def test_silencing_from_the_page_shows_in_status_json(
+    world: World, run_daemon: Callable[..., str], browser: Any
+) -> None:
+    world.add_lead(age=timedelta(days=3), customer="Hush Corp")
+    base = run_daemon()
+    page = browser.new_page()
+    page.goto(base + "/")
+    page.get_by_role("link", name="Hush Corp").click()
+    page.get_by_label("For how long (e.g. 4h, 2d)").fill("3d")
+    page.get_by_label("Reason").fill("customer on holiday")
+    page.get_by_role("button", name="Silence").click()
+    page.wait_for_selector("#silence-state")
+    [lead] = world.cli("status", "--json").json()
+    assert lead["silence_reason"] == "customer on holiday"
+    assert lead["silenced_until"] is not None
+    page.get_by_role("button", name="Unsilence").click()
+    page.wait_for_selector("form.silence")
+    assert world.cli("status", "--json").json()[0]["silenced_until"] is None
+    page.close()
+
+
+def test_dutch_shows_dutch_words_and_numbers(
+    world: World, run_daemon: Callable[..., str], browser: Any
+) -> None:
+    world.add_lead(age=timedelta(days=1), customer="Gouda Kaas BV", deal_value=25000)
+    base = run_daemon(extra='[messages]\nlocale = "nl-NL"\ntimezone = "Europe/Amsterdam"\n')
+    page = browser.new_page()
+    page.goto(base + "/")
+    row = page.locator("#waiting tbody tr").first
+    assert "25.000 USD" in row.inner_text()
+    assert page.get_by_role("heading", name=re.compile("Wachtende leads")).count() == 1
+    page.close()
