@@ -82,7 +82,9 @@ def test_other_parts_add_routes_that_win_and_get_the_headers(world: World) -> No
 
     daemon = Daemon(load_config(world.write_config()))
     hook = Route("/webhooks/x", lambda _: PlainTextResponse("hooked"), methods=["POST"])
-    client = TestClient(build_app(daemon, routes=[hook]))
+    gated = TestClient(build_app(daemon, routes=[hook]))
+    assert gated.post("/webhooks/x").status_code == 404  # no [console]: people's pages are off
+    client = TestClient(build_app(daemon, routes=[hook], open_paths=["/webhooks/x"]))
     response = client.post("/webhooks/x")
     assert response.text == "hooked"
     assert response.headers["x-content-type-options"] == "nosniff"

@@ -72,7 +72,7 @@ def now_of(request: Request) -> datetime:
 
 def open_store(config: Config) -> Store:
     try:
-        return Store(config.state.path, create=False)
+        return Store(config.state.location, create=False)
     except StateError as exc:
         raise HTTPException(503, str(exc)) from None
 
