@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -103,11 +103,10 @@ def run_daemon(world: World) -> Iterator[Callable[..., str]]:
 
     def start(console: str = 'sign_in = "none"', extra: str = "", **env: str) -> str:
         base = configured(world, console, extra)
+        since = datetime.now(UTC)
         daemon = Daemon(world, env)
         running.append(daemon)
-        wait_until(lambda: _answers(base + "/healthz"), what="the daemon's web server")
-        # the first cycle has run once the state file knows a poll
-        wait_until(lambda: world.cli("status", "--check").code == 0, what="the first poll")
+        wait_until(lambda: _polled_since(base, since), what="the daemon's first poll")
         return base
 
     yield start
@@ -115,17 +114,21 @@ def run_daemon(world: World) -> Iterator[Callable[..., str]]:
         daemon.stop()
 
 
-def _answers(url: str) -> bool:
+def _polled_since(base: str, since: datetime) -> bool:
+    """The daemon's /healthz reports a successful poll of its own (not an earlier run's)."""
+    import json
     import urllib.error
     import urllib.request
 
     try:
-        with urllib.request.urlopen(url, timeout=2):
-            return True
+        with urllib.request.urlopen(base + "/healthz", timeout=2) as response:
+            body = json.loads(response.read())
     except urllib.error.HTTPError:
-        return True
+        return False  # 503: no successful poll yet
     except OSError:
-        return False
+        return False  # not listening yet
+    last = body.get("last_success")
+    return bool(last) and datetime.fromisoformat(last) > since
 
 
 def person(first: str, last: str) -> dict[str, str]:
