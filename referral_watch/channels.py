@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from referral_watch.config import Config
+from referral_watch.config import ChannelConfig, Config
 
 __all__ = [
     "DEFAULT_LINK",
@@ -85,6 +85,7 @@ class Style:
     link_template: str = DEFAULT_LINK
     markup: str = "markdown"  # "markdown", "teams" or "slack": how outside text is escaped
     answer_base: str = ""  # the console's public URL when Accept/Decline links are on (SPEC 14)
+    team_domains: tuple[str, ...] = ()  # "Assigned team" shows only these; () shows everyone
 
 
 def style_for(config: Config, channel: str) -> Style:
@@ -100,4 +101,12 @@ def style_for(config: Config, channel: str) -> Style:
         max_length=TEAMS_MAX if kind == "teams" else SLACK_MAX if kind == "slack" else None,
         link_template=config.partner_center.link_template,
         markup=markup_of(kind),
+        team_domains=_our_domains(config, settings),
     )
+
+
+def _our_domains(config: Config, settings: ChannelConfig | None) -> tuple[str, ...]:
+    """The channel's assignee_domains, else every channel's: who counts as our people."""
+    if settings is not None and settings.assignee_domains:
+        return tuple(settings.assignee_domains)
+    return tuple(sorted({d for c in config.channels.values() for d in c.assignee_domains}))

@@ -290,6 +290,18 @@ class ChannelConfig(Section):
     locale: LocaleName | None = None
     match: MatchConfig | None = None
     to_assignees: bool = False
+    assignee_domains: StrList = []  # our people: team members with these email domains
+
+    @field_validator("assignee_domains")
+    @classmethod
+    def _domains(cls, values: list[str]) -> list[str]:
+        domains = [value.strip().lower().removeprefix("@") for value in values]
+        bad = [d for d in domains if not re.fullmatch(r"[a-z0-9-]+(\.[a-z0-9-]+)+", d)]
+        if bad:
+            raise ValueError(
+                f'{", ".join(map(repr, bad))}: give email domains such as "contoso.com"'
+            )
+        return domains
 
     @field_validator("quiet_hours")
     @classmethod
@@ -304,6 +316,12 @@ class ChannelConfig(Section):
     def _assignees_need_email(self) -> ChannelConfig:
         if self.to_assignees and not re.match(r"mailtos?://", self.url):
             raise ValueError("to_assignees works only with mailto:// or mailtos:// URLs")
+        if self.to_assignees and not self.assignee_domains:
+            raise ValueError(
+                'to_assignees needs assignee_domains = ["your-company.com", ...]: a lead\'s '
+                "team also holds Microsoft's and other partners' people, who must not get your "
+                "reminders"
+            )
         return self
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
@@ -67,6 +68,16 @@ class Referral:
     @property
     def team_emails(self) -> tuple[str, ...]:
         return tuple(m.email for m in self.team if m.email and m.notifications)
+
+
+def our_members(team: Iterable[TeamMember], domains: Iterable[str]) -> tuple[TeamMember, ...]:
+    """The members whose email domain is one of ``domains`` (lower case); with no domains,
+    every member (nothing says who is ours). A referral's team holds the people of every
+    organization involved, Microsoft's sellers among them."""
+    wanted = frozenset(domains)
+    if not wanted:
+        return tuple(team)
+    return tuple(m for m in team if m.email.rpartition("@")[2].strip().lower() in wanted)
 
 
 def deadline_of(referral: Referral, response_window: timedelta) -> datetime:

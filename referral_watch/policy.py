@@ -27,6 +27,7 @@ from referral_watch.model import (
     PendingRow,
     Referral,
     Sent,
+    our_members,
 )
 
 # Outbox row states the policy cares about (model.Sent.state).
@@ -441,7 +442,9 @@ def _recipients(row: PendingRow, leads: Mapping[str, Lead], config: Config) -> t
     lead = leads.get(row.lead_id)
     if lead is None:
         return ()
-    return tuple(sorted(set(lead.referral.team_emails), key=lambda email: (email.lower(), email)))
+    ours = our_members(lead.referral.team, channel.assignee_domains)
+    emails = {m.email for m in ours if m.email and m.notifications}
+    return tuple(sorted(emails, key=lambda email: (email.lower(), email)))
 
 
 def _group_batches(

@@ -34,6 +34,7 @@ from referral_watch.model import (
     Referral,
     TeamMember,
     as_decimal,
+    our_members,
 )
 from referral_watch.templates import render_template, template_problem
 from referral_watch.text import Part, clip, cut, escaper, fit, md, visible
@@ -180,6 +181,10 @@ def _member_name(member: TeamMember) -> str:
     return member.name or member.email
 
 
+def _ours(w: _Words, ref: Referral) -> tuple[TeamMember, ...]:
+    return our_members(ref.team, w.style.team_domains)
+
+
 # --- single alerts ---------------------------------------------------------------------------
 
 
@@ -261,7 +266,7 @@ def _notes_part(w: _Words, notes: str, essential: bool) -> Part:
 
 def _full_parts(w: _Words, lead: Lead, kind: str) -> list[Part]:
     ref = lead.referral
-    team = [_member_name(m) for m in ref.team]
+    team = [_member_name(m) for m in _ours(w, ref)]
     value = w.money(ref.deal_value, ref.currency) or w._("not stated")
     parts = [
         Part(_intro(w, lead, kind)),
@@ -306,7 +311,7 @@ def _compact_parts(w: _Words, lead: Lead, kind: str) -> list[Part]:
     else:
         deadline = w.field(N_("Deadline"), f"{w.when(lead.deadline)} ({w.left(remaining)})")
     value = w.money(ref.deal_value, ref.currency)
-    team = [_member_name(m) for m in ref.team]
+    team = [_member_name(m) for m in _ours(w, ref)]
     parts = [
         Part(deadline),
         Part(w.field(N_("Customer"), w.esc(clip(ref.customer, COMPACT_CUSTOMER_MAX)))),
@@ -638,8 +643,8 @@ def _template_context(w: _Words, lead: Lead, tier: TierConfig | None) -> dict[st
         "notes_excerpt": _excerpt(ref.notes),
         "products": list(ref.products),
         "solutions": list(ref.solutions),
-        "team": [_member_name(m) for m in ref.team],
-        "team_emails": list(ref.team_emails),
+        "team": [_member_name(m) for m in _ours(w, ref)],
+        "team_emails": [m.email for m in _ours(w, ref) if m.email and m.notifications],
         "link": w.link(ref.id),
         "tier": tier.name if tier else "",
         "now": w.now,

@@ -62,15 +62,24 @@ def test_a_benelux_channel_hears_only_matching_leads(world: World) -> None:
         assert "channel benelux:" in explained.out
 
 
-def test_assignee_alerts_go_to_the_leads_team_by_real_smtp(world: World) -> None:
+# Microsoft's own sample referral has only the Microsoft seller in its team (see
+# shared/reference/partner-center-referrals.md, `team`).
+MICROSOFT_SELLER = {"firstName": "John", "lastName": "Doe", "email": "john.doe@microsoft.com"}
+
+
+def test_assignee_alerts_go_to_our_people_only_by_real_smtp(world: World) -> None:
     with SmtpReceiver() as smtp:
         url = smtp.mailto_url(to="sales@example.com")
-        world.channels = {"owners": f'{{ url = "{url}", to_assignees = true }}'}
+        world.channels = {
+            "owners": f'{{ url = "{url}", to_assignees = true, '
+            'assignee_domains = ["contoso.example"] }'
+        }
         world.tiers = world.tiers.replace('notify = ["team"]', 'notify = ["owners"]', 1)
         world.add_lead(
             age=timedelta(hours=1),
             customer="Assigned Co",
             team=[
+                MICROSOFT_SELLER,
                 {"firstName": "Jan", "lastName": "Bakker", "email": "jan@contoso.example"},
                 {
                     "firstName": "Mia",
@@ -80,12 +89,38 @@ def test_assignee_alerts_go_to_the_leads_team_by_real_smtp(world: World) -> None
                 },
             ],
         )
-        world.add_lead(age=timedelta(hours=2), customer="Nobody's Co", team=[])
+        world.add_lead(
+            age=timedelta(hours=2), customer="Contoso Customer Inc", team=[MICROSOFT_SELLER]
+        )
+        world.add_lead(age=timedelta(hours=3), customer="Nobody's Co", team=[])
         assert world.cli("run", "--once").code == 0
-        mails = smtp.wait_for(2)
+        mails = smtp.wait_for(3)
         by_subject = {mail.subject.rsplit(": ", 1)[-1]: mail for mail in mails}
-        assert by_subject["Assigned Co"].rcpt_tos == ("jan@contoso.example",)
+        assert len(by_subject) == 3
+        assigned = by_subject["Assigned Co"]
+        assert assigned.rcpt_tos == ("jan@contoso.example",)
+        assert "Jan Bakker" in assigned.text and "Mia Jansen" in assigned.text
+        assert "John Doe" not in assigned.text  # "Assigned team" shows our people only
+        # only Microsoft's seller in the team: our own list hears it, not Microsoft
+        microsoft_only = by_subject["Contoso Customer Inc"]
+        assert microsoft_only.rcpt_tos == ("sales@example.com",)
+        assert "John Doe" not in microsoft_only.text
+        assert "nobody assigned" in microsoft_only.text
         assert by_subject["Nobody's Co"].rcpt_tos == ("sales@example.com",)
+        # every mail went to our domain: none reached the Microsoft seller
+        assert all(
+            r.endswith(("@contoso.example", "@example.com")) for m in mails for r in m.rcpt_tos
+        )
+
+
+def test_to_assignees_without_assignee_domains_is_a_config_error(world: World) -> None:
+    world.channels = {
+        "owners": '{ url = "mailto://127.0.0.1:9?to=a@example.com", to_assignees = true }'
+    }
+    checked = world.cli("check-config")
+    assert checked.code == 2
+    assert "channels.owners: to_assignees needs assignee_domains" in checked.err
+    assert world.cli("run", "--once").code == 2
 
 
 def test_a_silence_from_the_cli_holds_tier_reminders(world: World) -> None:

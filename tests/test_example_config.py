@@ -19,7 +19,13 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from referral_watch.config import Config, format_duration, parse_config, parse_duration
+from referral_watch.config import (
+    Config,
+    MatchConfig,
+    format_duration,
+    parse_config,
+    parse_duration,
+)
 from referral_watch.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,6 +172,32 @@ def test_commented_out_settings_are_valid_too(text: str, env: dict[str, str]) ->
     benelux = config.channels["benelux"].match
     assert benelux is not None
     assert benelux.country == ["NL", "BE", "LU"]
+
+
+def test_the_example_product_match_matches_microsofts_sample_referrals(
+    text: str, env: dict[str, str]
+) -> None:
+    """Product tags are ids such as `Microsoft365`: a match on a marketing name ("Microsoft 365
+    E5") could never hear about any lead."""
+    from referral_watch.model import parse_referral
+    from referral_watch.policy import channel_matches
+
+    config = parse_config(uncommented(text), env=env)
+    benelux = config.channels["benelux"]
+    assert benelux.match is not None and benelux.match.product
+    only_products = benelux.model_copy(update={"match": MatchConfig(product=benelux.match.product)})
+    # the `requirements` of Microsoft's own samples (shared/reference/sample-referrals-page.json)
+    samples = [
+        {"products": [{"id": "Microsoft365"}], "solutions": [{"id": "SOL-Microsoft365"}]},
+        {"products": [{"id": "AzureSQL"}], "services": [{"id": "Migration"}]},
+    ]
+    for requirements in samples:
+        record = {
+            "id": "c5fbb3b6-be74-4795-9fb5-4324c73fed37",
+            "createdDateTime": "2020-10-30T21:03:00.0000000Z",
+            "details": {"requirements": requirements},
+        }
+        assert channel_matches(only_products, parse_referral(record)), requirements
 
 
 def test_every_variable_the_example_uses_is_in_env_example(text: str, env: dict[str, str]) -> None:

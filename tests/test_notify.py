@@ -90,7 +90,11 @@ def test_email_subject_is_the_title_and_body_carries_the_text() -> None:
 
 def test_to_assignees_mails_the_lead_team_instead_of_the_url_recipient() -> None:
     with SmtpReceiver() as smtp:
-        owners = notifier(smtp.mailto_url(to="sales@example.com"), to_assignees=True)
+        owners = notifier(
+            smtp.mailto_url(to="sales@example.com"),
+            to_assignees=True,
+            assignee_domains=["contoso.com"],
+        )
         team = ["ann@contoso.com", "bob@contoso.com"]
         result = owners.send("team", MESSAGE, recipients=team)
         mails = smtp.wait_for(2)
@@ -101,7 +105,11 @@ def test_to_assignees_mails_the_lead_team_instead_of_the_url_recipient() -> None
 
 def test_to_assignees_falls_back_to_the_url_recipient_without_a_team() -> None:
     with SmtpReceiver() as smtp:
-        owners = notifier(smtp.mailto_url(to="sales@example.com"), to_assignees=True)
+        owners = notifier(
+            smtp.mailto_url(to="sales@example.com"),
+            to_assignees=True,
+            assignee_domains=["contoso.com"],
+        )
         assert owners.send("team", MESSAGE, recipients=()).ok
         assert owners.send("team", MESSAGE, recipients=["not an address"]).ok
         mails = smtp.wait_for(2)

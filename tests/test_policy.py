@@ -66,7 +66,8 @@ notify = "team"
 
 [channels]
 team = "json://127.0.0.1:9/team"
-owners = { url = "mailto://u:p@127.0.0.1:9?to=sales@example.com", to_assignees = true }
+owners = { url = "mailto://u:p@127.0.0.1:9?to=sales@example.com", to_assignees = true, \
+assignee_domains = ["example.com", "X.org"] }
 
 [channels.managers]
 url = "json://127.0.0.1:9/managers"
@@ -718,6 +719,8 @@ def test_to_assignees_groups_by_the_leads_team() -> None:
         assigned("B0", "bob@example.com", "ann@example.com"),  # same set, other order
         assigned("C0", "carol@example.com"),
         assigned("N0"),  # no team: the URL's own recipients
+        assigned("M0", "john.doe@microsoft.com"),  # only Microsoft's seller: not ours
+        assigned("D0", "john.doe@microsoft.com", "dan@EXAMPLE.com"),  # ours only
         lead(
             "Q0",
             left=H,
@@ -731,7 +734,9 @@ def test_to_assignees_groups_by_the_leads_team() -> None:
         (("ann@example.com", "bob@example.com"), True, ("A0", "A1", "A2", "A3"), 1, 5),
         (("carol@example.com",), False, ("C0",), 0, 1),
         ((), False, ("N0",), 0, 1),
+        ((), False, ("M0",), 0, 1),
         ((), False, ("Q0",), 0, 1),
+        (("dan@EXAMPLE.com",), False, ("D0",), 0, 1),
     ]
     # other channels never carry recipients
     assert delivery_batches([row(1, "C0")], known, CONFIG, NOW)[0].recipients == ()

@@ -1195,3 +1195,47 @@ def test_slack_bodies_carry_no_backslash_escapes_and_no_live_mentions() -> None:
     assert "\\<!channel\\>" in body  # Apprise sends it to Slack as &lt;!channel&gt;
     email = render_alert(lead, TIER, FINAL, NOW, EN).body
     assert "\\*help\\*" in email  # Markdown channels keep their escaping
+
+
+def test_assigned_team_shows_only_our_people_in_every_layout() -> None:
+    """A referral's team holds every organization's people; with assignee_domains configured
+    the messages name only ours (Microsoft's own sample team is just its seller)."""
+    team = [
+        {"firstName": "John", "lastName": "Doe", "email": "john.doe@microsoft.com"},
+        {"firstName": "Jan", "lastName": "Bakker", "email": "jan@Contoso.example"},
+    ]
+    lead = make_lead(team=team)
+    ours = ("contoso.example",)
+    for style in (EN, TEAMS, SLACK):
+        everyone = render_alert(lead, TIER, FINAL, NOW, style).body
+        assert "John Doe" in everyone and "Jan Bakker" in everyone
+        body = render_alert(lead, TIER, FINAL, NOW, replace(style, team_domains=ours)).body
+        assert "Jan Bakker" in body and "John Doe" not in body
+    microsoft_only = make_lead(team=team[:1])
+    body = render_alert(microsoft_only, TIER, FINAL, NOW, replace(EN, team_domains=ours)).body
+    assert "nobody assigned" in body and "John Doe" not in body
+    templated = TierConfig(  # type: ignore[call-arg]
+        name="final",
+        remaining="12h",
+        notify=["team"],
+        body="{{ team|join(',') }}|{{ team_emails|join(',') }}",
+    )
+    message = render_alert(lead, TIER, templated, NOW, replace(EN, team_domains=ours))
+    assert message.body.strip() == "Jan Bakker|jan@Contoso.example"
+
+
+def test_style_for_names_the_channels_own_domains_else_all_channels() -> None:
+    channels = (
+        'owners = { url = "mailto://127.0.0.1:9?to=a@example.com", to_assignees = true, '
+        'assignee_domains = ["Contoso.example", "@fabrikam.example"] }\n'
+        'benelux = { url = "mailto://127.0.0.1:9?to=b@example.com", '
+        'assignee_domains = ["nl.example"] }'
+    )
+    config = parse(config_text(channels=channels))
+    assert style_for(config, "owners").team_domains == ("contoso.example", "fabrikam.example")
+    assert style_for(config, "team").team_domains == (
+        "contoso.example",
+        "fabrikam.example",
+        "nl.example",
+    )
+    assert style_for(parse(config_text()), "team").team_domains == ()
