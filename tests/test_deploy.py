@@ -293,6 +293,27 @@ def test_the_build_context_has_the_sources_and_no_secrets(tmp_path: Path) -> Non
 # --- systemd -------------------------------------------------------------------------------
 
 
+def test_documents_the_deploy_files_cite_exist() -> None:
+    """A comment pointing at a document must point at one that is there: a file that exists
+    and, for README.md, a section heading it really has."""
+    headings = {
+        line.lstrip("#").strip()
+        for line in (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+        if line.startswith("#")
+    }
+    cited = 0
+    for path in [DOCKERFILE, *sorted((ROOT / "deploy").rglob("*")), ENV_EXAMPLE, EXAMPLE]:
+        if not path.is_file():
+            continue
+        text = path.read_text(encoding="utf-8")
+        for document in re.findall(r"[\w./-]+\.md\b", text):
+            cited += 1
+            assert (ROOT / document).is_file(), f"{path.name} cites {document}, which is missing"
+        for section in re.findall(r'README\.md,\s*(?:#\s*)?section "([^"]+)"', text):
+            assert section in headings, f"{path.name} cites README section {section!r}"
+    assert cited >= 2
+
+
 def test_the_unit_keeps_the_daemon_contract() -> None:
     service = read_unit(UNIT)["Service"]
     assert service["Type"] == ["notify"]
