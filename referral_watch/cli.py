@@ -17,7 +17,9 @@ from referral_watch import __version__
 from referral_watch.config import (
     Config,
     console_problems,
+    environment,
     find_config_path,
+    find_env_file,
     load_config,
     parse_duration,
 )
@@ -28,16 +30,24 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_LOCKED = 0, 1, 2, 3
 
 
 class Context:
-    def __init__(self, config_path: str | None, log_format: str, verbose: int) -> None:
+    def __init__(
+        self, config_path: str | None, log_format: str, verbose: int, env_file: str | None = None
+    ) -> None:
         self.config_path = config_path
+        self.env_file = env_file
         self.log_format = log_format
         self.verbose = verbose
         self._config: Config | None = None
 
     def config(self) -> Config:
         if self._config is None:
-            self._config = load_config(find_config_path(self.config_path))
+            self._config = self.load()
         return self._config
+
+    def load(self) -> Config:
+        """Read the config file (and the env file) afresh: at start and at every reload."""
+        path = find_config_path(self.config_path)
+        return load_config(path, env=environment(find_env_file(self.env_file, path)))
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
@@ -53,6 +63,11 @@ def now_utc() -> datetime:
 @click.version_option(__version__, prog_name="referral-watch")
 @click.option("--config", "config_path", metavar="PATH", help="Config file (TOML).")
 @click.option(
+    "--env-file",
+    metavar="PATH",
+    help="KEY=VALUE lines filling ${NAME} in the config (default: a .env beside it).",
+)
+@click.option(
     "--log-format",
     type=click.Choice(["auto", "json", "console"]),
     default="auto",
@@ -61,12 +76,14 @@ def now_utc() -> datetime:
 )
 @click.option("-v", "--verbose", count=True, help="More log detail (-vv: libraries too).")
 @click.pass_context
-def cli(ctx: click.Context, config_path: str | None, log_format: str, verbose: int) -> None:
+def cli(
+    ctx: click.Context, config_path: str | None, env_file: str | None, log_format: str, verbose: int
+) -> None:
     """Make sure no Partner Center lead or co-sell opportunity expires unanswered."""
     from referral_watch import logs
 
     logs.configure(log_format, verbose)
-    ctx.obj = Context(config_path, log_format, verbose)
+    ctx.obj = Context(config_path, log_format, verbose, env_file)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -118,9 +135,7 @@ def run(obj: Context, once: bool) -> None:
         sys.exit(EXIT_OK if result.ok else EXIT_FAILED)
     from referral_watch import daemon
 
-    sys.exit(
-        daemon.serve(config, reload=lambda: checked(load_config(find_config_path(obj.config_path))))
-    )
+    sys.exit(daemon.serve(config, reload=lambda: checked(obj.load())))
 
 
 def checked(config: Config) -> Config:
@@ -257,7 +272,7 @@ def resolve_id(store: Any, given: str) -> str:
 def check_config(obj: Context) -> None:
     """Validate the config file and print every problem."""
     path = find_config_path(obj.config_path)
-    config = checked(load_config(path))
+    config = checked(obj.load())
     click.echo(
         f"{path}: valid ({len(config.policy.tiers)} tiers, {len(config.channels)} channels, "
         f"auth method {config.auth.method})"

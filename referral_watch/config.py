@@ -30,6 +30,7 @@ from referral_watch.errors import ConfigError
 
 DEFAULT_PATHS = (Path("referral-watch.toml"), Path("/etc/referral-watch/config.toml"))
 CONFIG_ENV = "REFERRAL_WATCH_CONFIG"
+ENV_FILE_ENV = "REFERRAL_WATCH_ENV_FILE"
 
 _DURATION_PART = re.compile(r"(\d+)([smhdw])")
 _DURATION_WHOLE = re.compile(r"(?:\d+[smhdw])+")
@@ -622,6 +623,47 @@ def find_config_path(cli_path: str | None, env: Mapping[str, str] | None = None)
         if candidate.exists():
             return candidate
     return DEFAULT_PATHS[0]
+
+
+def find_env_file(
+    cli_path: str | None, config_path: Path, env: Mapping[str, str] | None = None
+) -> Path | None:
+    """--env-file, else $REFERRAL_WATCH_ENV_FILE, else a `.env` beside the config if there."""
+    environ = os.environ if env is None else env
+    if cli_path:
+        return Path(cli_path)
+    if environ.get(ENV_FILE_ENV):
+        return Path(environ[ENV_FILE_ENV])
+    beside = config_path.parent / ".env"
+    return beside if beside.is_file() else None
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """The ``NAME=value`` lines of a dotenv file (python-dotenv's syntax, no ${} expansion:
+    Docker's env_file and systemd's EnvironmentFile read the same file without any)."""
+    from dotenv import dotenv_values
+
+    try:
+        with path.open(encoding="utf-8") as stream:
+            values = dotenv_values(stream=stream, interpolate=False)
+    except FileNotFoundError:
+        raise ConfigError(
+            [
+                f"environment file {path} does not exist: pass --env-file PATH or set "
+                f"{ENV_FILE_ENV} (an example is config/.env.example)"
+            ]
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError([f"cannot read environment file {path}: {reason}"]) from None
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def environment(env_file: Path | None, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What ``${NAME}`` references see: the env file's values, overridden by the environment."""
+    environ = os.environ if env is None else env
+    from_file = read_env_file(env_file) if env_file is not None else {}
+    return {**from_file, **environ}
 
 
 def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
