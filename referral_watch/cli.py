@@ -271,12 +271,17 @@ def resolve_id(store: Any, given: str) -> str:
 @click.pass_obj
 def check_config(obj: Context) -> None:
     """Validate the config file and print every problem."""
+    from referral_watch.state_folder import state_folder_problem
+
     path = find_config_path(obj.config_path)
     config = checked(obj.load())
     click.echo(
         f"{path}: valid ({len(config.policy.tiers)} tiers, {len(config.channels)} channels, "
         f"auth method {config.auth.method})"
     )
+    problem = state_folder_problem(config.state.path.parent)
+    if problem:  # the file is fine; this user just cannot run it here yet
+        click.echo(f"warning: state.path: {problem}", err=True)
 
 
 @cli.command("test-notify")

@@ -24,6 +24,7 @@ from typing import Any
 
 from referral_watch.config import redact_url
 from referral_watch.errors import StateError
+from referral_watch.state_folder import make_state_folder
 
 # Advisory lock keys (64-bit, any value; these spell "rw-write" and "rw-activ" in ASCII).
 WRITE_LOCK = 0x72772D7772697465
@@ -173,10 +174,9 @@ def explain_sqlite(path: Path, exc: BaseException) -> str:
 
 def private_folder(folder: Path) -> None:
     """Create the state folder (and missing parents) readable by the service user only:
-    the state holds customer names and deal values. An existing folder is left as it is."""
-    if not folder.exists():
-        folder.mkdir(parents=True, mode=0o700, exist_ok=True)
-        folder.chmod(0o700)  # mkdir's mode is filtered by the umask
+    the state holds customer names and deal values. An existing folder is left as it is.
+    StateError (the path and the fix) when it cannot be created."""
+    make_state_folder(folder, mode=0o700)
 
 
 def _create_private(path: Path) -> None:
