@@ -212,7 +212,7 @@ def status(obj: Context, as_json: bool, show_all: bool, check: bool, explain: st
     now = now_utc()
     if config.state.url is None and not config.state.path.exists() and not explain:
         # Nothing polled yet: an empty list, not an error (the table says what to run).
-        leads, last = [], None
+        leads, last, all_ids = [], None, []
     else:
         with Store(config.state.location, create=False) as store:
             if explain:
@@ -220,11 +220,12 @@ def status(obj: Context, as_json: bool, show_all: bool, check: bool, explain: st
                 return
             leads = store.leads(include_resolved=show_all)
             last = store.last_poll()
+            all_ids = store.ids_starting("")  # short ids must be unique among all of them
 
     if as_json:
         click.echo(json.dumps([status_view.as_json(lead, now) for lead in leads], indent=2))
         return
-    click.echo(status_view.table(leads, config, now, last))
+    click.echo(status_view.table(leads, config, now, last, all_ids))
 
 
 def health_check(config: Config) -> int:
@@ -261,7 +262,10 @@ def resolve_id(store: Any, given: str) -> str:
         return matches[0]
     if len(matches) > 1:
         fail(f"{given!r} matches {len(matches)} leads: give more of the id")
-    fail(f"no lead with id {given!r} in the state file (see `referral-watch status --all`)")
+    fail(
+        f"no lead with id {given!r} in the state file "
+        "(`referral-watch status --all` shows every lead's id)"
+    )
 
 
 # --- check-config / test-notify --------------------------------------------------------

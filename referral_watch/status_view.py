@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -63,9 +63,50 @@ def _iso(moment: datetime | None) -> str | None:
     return iso_utc(moment) if moment else None
 
 
-def table(leads: list[Lead], config: Config, now: datetime, last: PollRecord | None) -> str:
+SHORT_ID_MIN = 8
+
+
+def short_ids(ids: Iterable[str], minimum: int = SHORT_ID_MIN) -> dict[str, str]:
+    """Each id's shortest prefix that no other id shares, at least ``minimum`` characters
+    (the whole id when it is shorter, or a prefix of another id)."""
+    ordered = sorted(set(ids))
+    shortest: dict[str, str] = {}
+    for index, lead_id in enumerate(ordered):
+        neighbours = ordered[max(0, index - 1) : index] + ordered[index + 1 : index + 2]
+        shared = max((_common_length(lead_id, other) for other in neighbours), default=0)
+        shortest[lead_id] = lead_id[: max(minimum, shared + 1)]
+    return shortest
+
+
+def _common_length(a: str, b: str) -> int:
+    length = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        length += 1
+    return length
+
+
+def table(
+    leads: list[Lead],
+    config: Config,
+    now: datetime,
+    last: PollRecord | None,
+    all_ids: Iterable[str] = (),
+) -> str:
+    """``all_ids``: every id in the state, so each short id shown is unique among them."""
     zone = ZoneInfo(config.messages.timezone)
-    header = ("CUSTOMER", "VALUE", "CREATED", "DEADLINE", "LEFT", "TIERS SENT", "SILENCE/STATE")
+    short = short_ids([*all_ids, *(lead.id for lead in leads)])
+    header = (
+        "ID",
+        "CUSTOMER",
+        "VALUE",
+        "CREATED",
+        "DEADLINE",
+        "LEFT",
+        "TIERS SENT",
+        "SILENCE/STATE",
+    )
     rows = [header]
     for lead in sorted(leads, key=lambda x: (x.resolution is not None, x.deadline)):
         ref = lead.referral
@@ -76,6 +117,7 @@ def table(leads: list[Lead], config: Config, now: datetime, last: PollRecord | N
         )
         rows.append(
             (
+                short[lead.id],
                 _cut(ref.customer, 32),
                 money_text(ref.deal_value, ref.currency, CLI_LOCALE) or "-",
                 f"{ref.created.astimezone(zone):%Y-%m-%d}",
@@ -89,6 +131,8 @@ def table(leads: list[Lead], config: Config, now: datetime, last: PollRecord | N
     watched = sum(1 for lead in leads if lead.resolution is None)
     lines.append("")
     lines.append(f"{watched} lead(s) waiting for an answer; times in {config.messages.timezone}.")
+    if leads:
+        lines.append("Any command taking an ID accepts the short one shown.")
     lines.append(_poll_line(last))
     return terminal("\n".join(lines))  # Partner Center text never drives the terminal
 

@@ -320,11 +320,50 @@ def test_status_table_shows_the_most_urgent_first(world: World) -> None:
     world.add_lead(age=timedelta(days=13), customer="Hurry Ltd", deal_value=99000)
     assert world.cli("run", "--once").code == 0
     table = world.cli("status").out.splitlines()
-    assert table[0].split()[:2] == ["CUSTOMER", "VALUE"]
-    assert table[1].startswith("Hurry Ltd") and "99,000 USD" in table[1]
-    assert table[2].startswith("Relaxed Inc")
+    assert table[0].split()[:3] == ["ID", "CUSTOMER", "VALUE"]
+    assert table[1].split(maxsplit=1)[1].startswith("Hurry Ltd") and "99,000 USD" in table[1]
+    assert table[2].split(maxsplit=1)[1].startswith("Relaxed Inc")
     assert "2 lead(s) waiting for an answer" in "\n".join(table)
     assert "Last poll" in table[-1] and "ok" in table[-1]
+
+
+def test_status_shows_short_ids_that_every_id_command_accepts(world: World) -> None:
+    """The shortest unique prefix, at least 8 characters: two leads sharing their first ten
+    characters show eleven; silence, unsilence and --explain take what the table shows."""
+    twins = ["0a9d3c1e-5b7f-4c3e-9d2a-1f6e8b4c7a21", "0a9d3c1e-5c00-4000-8000-000000000002"]
+    for number, lead_id in enumerate(twins):
+        world.add_lead(age=timedelta(days=1 + number), id=lead_id, customer=f"Twin {number}")
+    loner = world.add_lead(age=timedelta(days=5), id="f00dcafe-0000-4000-8000-00000000000f")
+    assert world.cli("run", "--once").code == 0
+    rows = world.cli("status").out.splitlines()[1:4]
+    shown = {" ".join(row.split()[1:3]): row.split()[0] for row in rows}
+    assert shown == {
+        "Twin 0": "0a9d3c1e-5b",
+        "Twin 1": "0a9d3c1e-5c",
+        "Fabrikam Customer": "f00dcafe",
+    }
+    assert loner.startswith(shown["Fabrikam Customer"])
+
+    for customer in ("Twin 0", "Fabrikam Customer"):
+        short = shown[customer]
+        explained = world.cli("status", "--explain", short)
+        assert explained.code == 0, explained.err
+        assert explained.out.startswith(customer)
+    silenced = world.cli("silence", shown["Twin 1"], "--for", "1d")
+    assert silenced.code == 0, silenced.err
+    assert twins[1] in silenced.out
+    assert world.cli("unsilence", shown["Twin 1"]).code == 0
+
+    ambiguous = world.cli("silence", "0a9d3c1e", "--for", "1d")
+    assert ambiguous.code == 1 and "matches 2 leads" in ambiguous.err
+    unknown = world.cli("unsilence", "deadbeef")
+    assert unknown.code == 1
+    assert "`referral-watch status --all` shows every lead's id" in unknown.err
+    # ... and --all really does show ids, resolved leads included
+    world.sandbox.update(loner, status="Closed", substatus="Declined")
+    assert world.cli("run", "--once").code == 0
+    everything = world.cli("status", "--all").out
+    assert "f00dcafe" in everything and "declined" in everything
 
 
 def test_status_before_the_first_poll_says_what_to_run(world: World) -> None:
