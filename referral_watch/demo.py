@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -119,7 +120,9 @@ def story(start: datetime) -> Story:
         deal_value="250000",
         currency="EUR",
         country="NL",
-        expiration=(start + timedelta(days=6)).replace(hour=0, minute=0, second=0, microsecond=0),
+        # Six days from the start exactly, not cut back to a midnight: at a late start hour that
+        # would put the deadline before the acceptance below, and the story would contradict itself.
+        expiration=start + timedelta(days=6),
         notes="Customer wants to move 40 SQL servers to Azure before fiscal year end.",
     )
     tailspin = lead("Tailspin Toys", timedelta(days=13, hours=16), deal_value=8000)
@@ -184,12 +187,13 @@ def run_demo(
     step: timedelta = timedelta(hours=3),
     pause: float = 0.125,
     extra_channel: str | None = None,
+    start: datetime | None = None,
 ) -> int:
-    """Run the story; returns the exit status (0)."""
+    """Run the story from ``start`` (default: this hour); returns the exit status (0)."""
     stream = out or sys.stdout
     printer = ConsolePrinter(stream)
     register_console_target(stream, printer=printer)
-    start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    start = start or datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
     clock = SteppedClock(start)
     plot = story(start)
     with (
@@ -297,26 +301,31 @@ class ConsolePrinter:
         self.stream = stream
         self.shown_full = False
         self.header = ""  # printed before the first line of a cycle that has something to say
+        # Channels are delivered side by side (threads): one message at a time on the screen,
+        # or two channels both print the day header and interleave their lines.
+        self._lock = threading.RLock()
 
     def line(self, text: str) -> None:
-        if self.header:
-            self.stream.write(self.header + "\n")
-            self.header = ""
-        self.stream.write(text + "\n")
+        with self._lock:
+            if self.header:
+                self.stream.write(self.header + "\n")
+                self.header = ""
+            self.stream.write(text + "\n")
 
     def __call__(self, channel: str, title: str, body: str, notify_type: str) -> None:
         colour = _style(self.stream, self.COLOURS.get(channel, "35"))
-        self.line(f"  {colour(f'▸ {channel:<9}')} {_style(self.stream, '1')(title)}")
-        digest = title[:1].isdigit()  # "7 leads need an answer within 14d"
-        if not self.shown_full or digest:
-            self.shown_full = True
-            for line in body.strip().splitlines():
-                self.stream.write(_style(self.stream, "2")(f"      {line}") + "\n")
-        else:  # who answered through referral-watch is worth a line of its own
-            for line in body.splitlines():
-                if "via referral-watch" in line:
-                    self.stream.write(_style(self.stream, "2")(f"      {line.strip()}") + "\n")
-        self.stream.flush()
+        with self._lock:
+            self.line(f"  {colour(f'▸ {channel:<9}')} {_style(self.stream, '1')(title)}")
+            digest = title[:1].isdigit()  # "7 leads need an answer within 14d"
+            if not self.shown_full or digest:
+                self.shown_full = True
+                for line in body.strip().splitlines():
+                    self.stream.write(_style(self.stream, "2")(f"      {line}") + "\n")
+            else:  # who answered through referral-watch is worth a line of its own
+                for line in body.splitlines():
+                    if "via referral-watch" in line:
+                        self.stream.write(_style(self.stream, "2")(f"      {line.strip()}") + "\n")
+            self.stream.flush()
 
 
 def _style(stream: TextIO, code: str) -> Callable[[str], str]:

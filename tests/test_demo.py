@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import itertools
 import subprocess
 import sys
+from datetime import UTC, datetime
+
+import pytest
+
+from referral_watch.demo import run_demo
 
 
 def test_demo_shows_the_whole_story_and_exits_0() -> None:
@@ -32,3 +39,49 @@ def test_demo_shows_the_whole_story_and_exits_0() -> None:
     fabrikam = next(line for line in out.splitlines() if line.strip().startswith("Fabrikam"))
     assert fabrikam.count("final@") == 2
     assert "expired " in fabrikam
+
+
+BURST = ["Alpine Ski House", "Bellows College", "Coho Winery", "Datum Systems", "Fourth Coffee"]
+
+
+def demo_output(start: datetime) -> str:
+    out = io.StringIO()
+    assert run_demo(out=out, pause=0.0, start=start) == 0
+    return out.getvalue()
+
+
+def summary_of(text: str) -> list[str]:
+    return text.split("Summary: what each lead received", 1)[1].strip().splitlines()[1:13]
+
+
+@pytest.mark.parametrize("hour_minute", [(0, 0), (6, 30), (13, 0), (23, 30)])
+def test_the_demo_tells_the_same_story_at_any_start_hour(hour_minute: tuple[int, int]) -> None:
+    start = datetime(2026, 3, 2, *hour_minute, tzinfo=UTC)
+    text = demo_output(start)
+    lines = text.splitlines()
+
+    # Northwind is accepted just in time: never announced expired before (or after) that
+    accepted = lines.index("» in Partner Center: Northwind Traders is accepted just in time")
+    assert not any("expired unanswered: Northwind" in line for line in lines), start
+    assert any("opportunity accepted: Northwind Traders" in line for line in lines[accepted:])
+    northwind = next(line for line in summary_of(text) if line.strip().startswith("Northwind"))
+    assert "accepted" in northwind and "expired@" not in northwind
+
+    # one header per simulated cycle, never two in a row
+    headers = [line for line in lines if line.startswith("── day")]
+    assert len(headers) == len(set(headers))
+    for before, after in itertools.pairwise(lines):
+        assert not (before.startswith("── day") and after.startswith("── day")), before
+
+    # the team digest's body right under its own headline, not under the managers' one
+    digest = next(i for i, line in enumerate(lines) if "7 leads need an answer" in line)
+    assert "▸ team" in lines[digest]
+    body = []
+    for line in lines[digest + 1 :]:
+        if not line.startswith("      "):
+            break
+        body.append(line)
+    assert all(any(name in line for line in body) for name in BURST), body
+
+    # and the very same story (what each lead received, on which simulated day) every time
+    assert summary_of(text) == summary_of(demo_output(datetime(2026, 3, 2, 9, 0, tzinfo=UTC)))
