@@ -435,6 +435,7 @@ class ConsoleConfig(Section):
 
 class HeartbeatConfig(Section):
     url: str = Field(min_length=1)
+    fail_url: str | None = Field(None, min_length=1)  # pinged when a poll fails
     timeout: Duration = timedelta(seconds=10)
 
 

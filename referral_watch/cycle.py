@@ -119,8 +119,8 @@ class Cycle:
         self._poll(now, result)
         self._tell_operations(result, now)
         self._deliver(result)
+        self._heartbeat(result.poll_ok)
         if result.poll_ok:
-            self._heartbeat()
             pruned = self.store.prune(now, self.config.state.keep_resolved)
             if pruned:
                 log.info("state.pruned", leads=pruned)
@@ -551,16 +551,23 @@ class Cycle:
             return render.render_digest(known, batch.kind, tier, batch.more, now, style)
         return render.render_alert(known[0], batch.kind, tier, now, style)
 
-    def _heartbeat(self) -> None:
+    def _heartbeat(self, poll_ok: bool) -> None:
+        """Ping the dead-man's switch: `url` after a good poll, `fail_url` after a failed one.
+        The URLs hold the check's key, so only the outcome is logged."""
         beat = self.config.heartbeat
-        if beat is None:
+        url = None if beat is None else beat.url if poll_ok else beat.fail_url
+        if beat is None or url is None:
             return
         import httpx
 
+        ping = "success" if poll_ok else "fail"
         try:
-            httpx.get(beat.url, timeout=beat.timeout.total_seconds()).raise_for_status()
+            response = httpx.get(url, timeout=beat.timeout.total_seconds())
         except httpx.HTTPError as exc:
-            log.warning("heartbeat.failed", error=type(exc).__name__)
+            log.warning("heartbeat.failed", ping=ping, error=type(exc).__name__)
+            return
+        if response.is_error:
+            log.warning("heartbeat.refused", ping=ping, status=response.status_code)
 
 
 @dataclass

@@ -3,6 +3,7 @@ team and managers channels, a real state file, and the CLI as an operator runs i
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -228,6 +229,29 @@ def test_the_heartbeat_is_pinged_after_a_good_cycle_only(world: World) -> None:
         world.sandbox.fail(500, times=20)  # not retried: fails at once
         assert world.cli("run", "--once").code == 1
         assert len(pings.requests) == 1  # a failed poll does not ping
+
+
+def test_a_failed_poll_pings_the_fail_url_and_a_refused_ping_is_logged(world: World) -> None:
+    """Issue 13.10: healthchecks.io's /fail at once when a poll fails; a ping the service
+    refuses is logged with its HTTP status (and never with the URL, which holds the key)."""
+    from receivers import WebhookReceiver
+
+    with WebhookReceiver(path="/ping/abc") as pings:
+        world.extra = f'[heartbeat]\nurl = "{pings.url}"\nfail_url = "{pings.url}/fail"\n'
+        assert world.cli("run", "--once").code == 0
+        world.sandbox.fail(500, times=20)
+        assert world.cli("run", "--once").code == 1
+        assert [r.path for r in pings.requests] == ["/ping/abc", "/ping/abc/fail"]
+
+        world.sandbox.clear_faults()
+        pings.fail_next(1, status=404)  # the check was deleted on the service's side
+        outcome = world.cli("run", "--once")
+        assert outcome.code == 0  # the poll itself was fine
+        refused = [json.loads(line) for line in outcome.err.splitlines() if "heartbeat" in line]
+        assert [(e["event"], e["ping"], e["status"]) for e in refused] == [
+            ("heartbeat.refused", "success", 404)
+        ]
+        assert "/ping/abc" not in outcome.err
 
 
 def test_check_config_reports_a_bad_report_schedule(world: World) -> None:

@@ -297,7 +297,7 @@ SECTIONS = {
     "messages": ["locale", "timezone"],
     "operations": ["notify", "after_failures", "repeat"],
     "server": ["listen"],
-    "heartbeat": ["url", "timeout"],
+    "heartbeat": ["url", "fail_url", "timeout"],
     "reports": ["name", "schedule", "timezone", "notify"],
 }
 CHANNEL_KEYS = ["url", "quiet_hours", "quiet_days", "timezone", "locale", "match", "to_assignees"]
