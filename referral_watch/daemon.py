@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,7 @@ from referral_watch.cycle import Clock, Cycle, CycleResult, system_clock
 from referral_watch.errors import ConfigError, ReferralWatchError
 from referral_watch.ops import healthy
 from referral_watch.store import InstanceLock, Store, from_ts, ts
+from referral_watch.watchdog import Progress
 
 if TYPE_CHECKING:
     from referral_watch.web.server import WebServer
@@ -31,6 +33,10 @@ log = structlog.get_logger(__name__)
 
 CYCLE_JOB = "cycle"
 REPORT_JOB = "report:"  # + the report's name
+# After SIGTERM, a poll in flight gets this long to end before it is left behind (nothing of an
+# unfinished poll is kept); a message being sent is waited for up to SEND_WAIT.
+STOP_GRACE = 2.0
+SEND_WAIT = 60.0
 
 
 class Metrics:
@@ -104,14 +110,15 @@ class Daemon:
         self._api: Any = None
         self._sender: Any = None
         self._scheduler: Any = None
-        self._work = threading.Lock()  # one poll cycle or one report at a time
+        self.progress = Progress(_stuck_after(config))  # one cycle or one report at a time
+        self._withheld = False  # the watchdog ping is held back: the work is wedged
         self._retired: list[Any] = []  # API clients replaced by a reload, closed when idle
         self._reports_checked = False
 
     # --- one cycle, as a scheduler job ---------------------------------------------------
 
     def cycle(self) -> CycleResult | None:
-        with self._work:
+        with self.progress.working():
             result = self._guarded_cycle()
         if not self._reports_checked:
             # After the first poll, so a report that is sent late at least carries fresh data.
@@ -132,11 +139,10 @@ class Daemon:
     def _cycle(self) -> CycleResult:
         self._close_retired()
         if self._api is None:
-            self._api = self.api_factory(self.config)
-        if self._sender is None:
-            self._sender = self.sender_factory(self.config)
+            self._api = self.progress.watched(self.api_factory(self.config))
+        sender = self._current_sender()
         with self.metrics.poll_duration.time(), Store(self.config.state.location) as store:
-            result = Cycle(self.config, store, self._api, self._sender, self.clock, self.stop).run()
+            result = Cycle(self.config, store, self._api, sender, self.clock, self.stop).run()
             self._observe(store, result)
         return result
 
@@ -169,7 +175,7 @@ class Daemon:
         Idempotent per scheduled run (the last one sent is kept in the state's meta table), so
         the cron job and the catch-up at start never both send the same run.
         """
-        with self._work:
+        with self.progress.working():
             try:
                 return self._run_report(name, at_start)
             except ReferralWatchError as exc:
@@ -202,17 +208,20 @@ class Daemon:
     def _deliver(self, store: Store, rows: list[int]) -> None:
         """Deliver just-queued outbox rows the way every cycle delivers: a refusal stays in the
         outbox for the next cycle, a message dropped after a day of refusals tells ops."""
-        if self._sender is None:
-            self._sender = self.sender_factory(self.config)
-        cycle = Cycle(self.config, store, self._api, self._sender, self.clock, self.stop)
+        cycle = Cycle(self.config, store, self._api, self._current_sender(), self.clock, self.stop)
         result = cycle.deliver(rows)
         for (channel, outcome), count in result.by_channel.items():
             self.metrics.deliveries.labels(channel, outcome).inc(count)
         self.metrics.backlog.set(store.backlog())
 
+    def _current_sender(self) -> Any:
+        if self._sender is None:
+            self._sender = self.progress.watched(self.sender_factory(self.config), sends=True)
+        return self._sender  # a reload (SIGHUP) may replace it meanwhile
+
     def close(self) -> None:
         """Close the API clients, after the cycle in flight (if any) has finished."""
-        with self._work:
+        with self.progress.lock:
             if self._api is not None:
                 self._retired.append(self._api)
                 self._api = None
@@ -251,7 +260,7 @@ class Daemon:
             self._schedule(scheduler)
             watchdog = _watchdog_interval()
             if watchdog:
-                scheduler.add_job(sd_notify, "interval", seconds=watchdog, args=["WATCHDOG=1"])
+                scheduler.add_job(self.watchdog, "interval", seconds=watchdog)
             self._install_signals()
             sd_notify("READY=1")
             log.info(
@@ -265,9 +274,28 @@ class Daemon:
             finally:
                 self._stop_server()
                 sd_notify("STOPPING=1")
+                if not self.progress.wait_idle(STOP_GRACE, SEND_WAIT):
+                    _exit_leaving_the_work_behind()
                 self.close()
         log.info("daemon.stopped")
         return 0
+
+    def watchdog(self) -> None:
+        """The systemd watchdog job: ping only while the work in flight makes progress, so a
+        wedged cycle gets the service restarted (the job itself runs only while the scheduler
+        loop does)."""
+        stuck = self.progress.stuck_for()
+        if stuck is None:
+            self._withheld = False
+            sd_notify("WATCHDOG=1")
+        elif not self._withheld:
+            self._withheld = True
+            log.error(
+                "watchdog.withheld",
+                stuck_s=round(stuck),
+                limit_s=round(self.progress.stuck_after),
+                action="systemd restarts the service once WatchdogSec has passed",
+            )
 
     def _schedule(self, scheduler: Any) -> None:
         interval = self.config.schedule.interval.total_seconds()
@@ -326,6 +354,7 @@ class Daemon:
             log.error("config.reload_failed", problem="[state] cannot change while running")
             return
         self.config = config
+        self.progress.stuck_after = _stuck_after(config)
         if self._api is not None:
             self._retired.append(self._api)  # a cycle may be using it right now
         self._api = None
@@ -384,6 +413,25 @@ def sd_notify(state: str) -> None:
             sock.sendall(state.encode())
     except OSError as exc:
         log.warning("systemd.notify_failed", error=str(exc))
+
+
+def _stuck_after(config: Config) -> float:
+    """Seconds of no progress that mean the work is wedged: twice the longest a healthy step
+    may take (one poll is cut off at partner_center.poll_timeout; a send, a page, a heartbeat
+    take less)."""
+    poll_timeout = getattr(config.partner_center, "poll_timeout", timedelta(minutes=10))
+    return 2 * float(poll_timeout.total_seconds())
+
+
+def _exit_leaving_the_work_behind() -> None:
+    """End the process now, though a poll is still in flight on a worker thread: the
+    interpreter would join that thread before exiting, waiting for the poll (40 s and more
+    against a slow Partner Center) while systemd waits for us. Its transaction was never
+    committed, so nothing of it is kept; the state lock goes with the process."""
+    log.warning("daemon.stopped", left_behind="the poll in flight (nothing of it was kept)")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _watchdog_interval() -> float | None:

@@ -8,11 +8,13 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
-from conftest import World, free_port, wait_until
+from conftest import NotifySocket, World, free_port, wait_until
 from receivers import WebhookReceiver
 
 pytestmark = pytest.mark.slow
@@ -245,3 +247,102 @@ def test_most_urgent_remaining_is_infinite_while_no_lead_waits(world: World) -> 
     daemon.cycle()
     daemon.close()
     assert urgent_metric(daemon.metrics.render()) == float("inf")  # answered: nothing waits
+
+
+def test_sigterm_during_a_slow_poll_ends_the_daemon_at_once(world: World) -> None:
+    """Issue 20.6: Partner Center hangs mid-poll (each attempt until the read timeout, then
+    retried: half a minute and more). SIGTERM must not wait for that: systemd would wait, then
+    kill. The poll is left behind, which loses nothing (it never committed)."""
+    fast(world)
+    world.add_lead(age=timedelta(hours=1), customer="Still Here")
+    world.sandbox.fail(503, hang=True, times=1000)
+    with world.daemon() as process:
+        process.wait_for_log("daemon.started")
+        wait_until(
+            lambda: any(r.path.endswith("/referrals") for r in world.sandbox.requests),
+            what="the poll to be under way",
+        )
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0  # not after the poll's half minute
+        _, err = process.communicate(timeout=5)
+    assert "daemon.stopping" in err and "left_behind" in err
+    world.sandbox.clear_faults()
+    assert world.cli("run", "--once").code == 0  # the state is whole: the lead is announced
+    assert [b["title"].rsplit(": ", 1)[-1] for b in world.team.bodies] == ["Still Here"]
+
+
+def test_the_watchdog_vouches_only_for_work_that_moves(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watchdog job pings while nothing runs and while the work makes progress (a page,
+    a send), and holds back once the work has been stuck longer than its limit."""
+    from referral_watch.config import load_config
+    from referral_watch.daemon import Daemon
+
+    notify = NotifySocket(tmp_path / "notify.sock")
+    monkeypatch.setenv("NOTIFY_SOCKET", str(notify.path))
+    daemon = Daemon(load_config(world.write_config()))
+    daemon.progress.stuck_after = 0.3
+
+    class Api:
+        def pages(self) -> Iterator[str]:
+            yield from ("page 1", "page 2")
+
+    api = daemon.progress.watched(Api())
+    try:
+        daemon.watchdog()  # idle: the scheduler loop runs this job, so all is well
+        notify.wait_for("WATCHDOG=1")
+        with daemon.progress.working():
+            daemon.watchdog()  # just started
+            assert notify.count("WATCHDOG=1") == 2
+            wait_until(lambda: daemon.progress.stuck_for() is not None, what="a stuck cycle")
+            daemon.watchdog()
+            daemon.watchdog()
+            assert notify.count("WATCHDOG=1") == 2  # held back while stuck
+            assert list(api.pages()) == ["page 1", "page 2"]  # a page arrives: progress again
+            daemon.watchdog()
+            assert notify.count("WATCHDOG=1") == 3
+    finally:
+        notify.close()
+
+
+def test_a_stop_waits_for_a_send_in_flight_but_not_for_a_poll() -> None:
+    import threading
+
+    from referral_watch.watchdog import Progress
+
+    progress = Progress(stuck_after=60)
+    release = threading.Event()
+
+    class SlowChannel:
+        def send(self, channel: str, message: str) -> str:
+            release.wait(10)
+            return f"{message} to {channel}"
+
+    sender = progress.watched(SlowChannel(), sends=True)
+    results: list[str] = []
+
+    def deliver() -> None:
+        with progress.working():
+            results.append(sender.send("team", "hello"))
+
+    worker = threading.Thread(target=deliver)
+    worker.start()
+    wait_until(lambda: progress.sending, what="the send to begin")
+    threading.Timer(0.5, release.set).start()  # the channel answers after the grace time
+    assert progress.wait_idle(grace=0.1, send_cap=10) is True  # waited for the send
+    worker.join(5)
+    assert results == ["hello to team"]
+
+    stuck = threading.Event()
+
+    def poll() -> None:
+        with progress.working():
+            stuck.wait(10)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    wait_until(lambda: progress.lock.locked(), what="the poll to begin")
+    assert progress.wait_idle(grace=0.1, send_cap=10) is False  # a poll is left behind
+    stuck.set()
+    poller.join(5)
