@@ -9,6 +9,8 @@ from typing import Any, TextIO, cast
 
 import structlog
 
+from referral_watch.text import terminal
+
 SECRET_KEYS = ("token", "password", "secret", "authorization")
 
 
@@ -40,6 +42,7 @@ def configure(
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _drop_secrets,
         _Once() if quiet else _noop,
+        _terminal_safe if fmt == "console" else _noop,  # JSON escapes controls itself
         structlog.processors.format_exc_info if fmt == "json" else _noop,
         renderer,
     ]
@@ -61,6 +64,14 @@ def configure(
 
 
 def _noop(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    return event
+
+
+def _terminal_safe(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """A value quoting Partner Center text (a customer, a reason) never drives the terminal."""
+    for key, value in event.items():
+        if isinstance(value, str):
+            event[key] = terminal(value)
     return event
 
 

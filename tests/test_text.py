@@ -468,3 +468,15 @@ def status_through_a_terminal(world: World) -> str:
     os.close(controller)
     assert process.returncode == 0
     return b"".join(chunks).decode("utf-8").replace("\r\n", "\n")
+
+
+def test_console_log_lines_show_partner_center_text_without_obeying_it() -> None:
+    import structlog
+
+    from referral_watch import logs
+
+    out = io.StringIO()
+    logs.configure("console", stream=out)
+    structlog.get_logger("t").error("referral.malformed", customer=E2E_HOSTILE, reason="a\x07b")
+    line = out.getvalue()
+    assert forbidden(line) == [] and "Evil<U+001B>[2J" in line and "a<U+0007>b" in line
