@@ -7,10 +7,8 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from conftest import World
+from conftest import World, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -35,21 +33,6 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 # `RW_SCREENSHOTS=docs .venv/bin/pytest tests/test_browser.py` refreshes the README's pictures;
 # otherwise they go to the test's temporary folder (so a test run leaves the tree clean).
 SCREENSHOTS = "RW_SCREENSHOTS"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")
