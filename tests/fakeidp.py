@@ -1,11 +1,16 @@
 """A fake Microsoft identity endpoint (Entra ID v2.0) over TLS on 127.0.0.1, for real MSAL.
 
-It implements just enough for MSAL's device-code sign-in and silent refresh:
+It implements just enough for MSAL's device-code sign-in, the authorization code flow with
+PKCE (the console's sign-in) and silent refresh:
 
 - ``GET  /{tenant}/v2.0/.well-known/openid-configuration``
 - ``POST /{tenant}/oauth2/v2.0/devicecode``
+- ``GET  /{tenant}/oauth2/v2.0/authorize`` (response_type=code with an S256 code_challenge:
+  "signs in" ``username`` at once and redirects to redirect_uri with a code and the state)
 - ``POST /{tenant}/oauth2/v2.0/token`` (device_code grant: ``authorization_pending`` first,
-  then tokens; refresh_token grant: new tokens, or ``invalid_grant`` after ``revoke()``)
+  then tokens; authorization_code grant: tokens once the code_verifier matches the challenge,
+  with the id_token carrying the request's nonce; refresh_token grant: new tokens, or
+  ``invalid_grant`` after ``revoke()``)
 
 Tokens are unique random strings; id_tokens are unsigned-but-well-formed JWTs (MSAL reads
 their claims without checking a signature). Usage:
@@ -23,6 +28,7 @@ Import it from a test module as ``from fakeidp import FakeIdP`` (pytest puts tes
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import secrets
 import ssl
@@ -35,7 +41,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import requests
 import trustme
@@ -71,7 +77,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: _IdpServer
 
     def do_GET(self) -> None:
-        self._dispatch(form={})
+        self._dispatch(form=dict(parse_qsl(urlsplit(self.path).query, keep_blank_values=True)))
 
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
@@ -82,6 +88,12 @@ class _Handler(BaseHTTPRequestHandler):
         path = urlsplit(self.path).path
         request = IdpRequest(self.command, path, form, self.headers.get("Authorization"))
         status, payload = self.server.idp._answer(request)
+        if status == 302:  # the authorize endpoint sends the browser back to the app
+            self.send_response(302)
+            self.send_header("Location", payload["location"])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         data = json.dumps(payload).encode("utf-8")
         self.send_response(status)
         self.send_header("Content-Type", "application/json; charset=utf-8")
@@ -142,6 +154,8 @@ class FakeIdP:
         self.issued_access_tokens: list[str] = []
         self.issued_refresh_tokens: list[str] = []
         self.device_codes: dict[str, int] = {}  # device code -> polls answered so far
+        self.auth_codes: dict[str, dict[str, str]] = {}  # code -> what /authorize was asked
+        self.authorize_requests: list[dict[str, str]] = []
         self._device_scopes: dict[str, str] = {}  # device code -> scope asked for
         self._valid_refresh_tokens: set[str] = set()
         self._lock = threading.Lock()
@@ -247,6 +261,8 @@ class FakeIdP:
             return 200, self._openid_configuration()
         if request.method == "POST" and rest == "oauth2/v2.0/devicecode":
             return 200, self._device_code(request)
+        if request.method == "GET" and rest == "oauth2/v2.0/authorize":
+            return self._authorize(request)
         if request.method == "POST" and rest == "oauth2/v2.0/token":
             if self.on_token_request is not None:
                 self.on_token_request(request)
@@ -292,9 +308,53 @@ class FakeIdP:
             ),
         }
 
+    def _authorize(self, request: IdpRequest) -> tuple[int, dict[str, Any]]:
+        asked = request.form
+        with self._lock:
+            self.authorize_requests.append(asked)
+        if asked.get("response_type") != "code" or not asked.get("redirect_uri"):
+            return 400, self._error("invalid_request", "AADSTS900144: response_type=code", 900144)
+        if asked.get("code_challenge_method") != "S256" or not asked.get("code_challenge"):
+            return 400, self._error("invalid_request", "AADSTS501491: PKCE required", 501491)
+        code = "fake-code-" + secrets.token_urlsafe(24)
+        with self._lock:
+            self.auth_codes[code] = {
+                "challenge": asked["code_challenge"],
+                "redirect_uri": asked["redirect_uri"],
+                "scope": asked.get("scope", ""),
+                "nonce": asked.get("nonce", ""),
+                "username": self.username,  # who "signs in": change it between sign-ins
+                "name": self.name,
+            }
+        query = urlencode({"code": code, "state": asked.get("state", ""), "session_state": "s"})
+        return 302, {"location": f"{asked['redirect_uri']}?{query}"}
+
+    def _code_grant(self, request: IdpRequest) -> tuple[int, dict[str, Any]]:
+        form = request.form
+        with self._lock:
+            asked = self.auth_codes.pop(form.get("code", ""), None)
+        if asked is None:
+            return 400, self._error("invalid_grant", "AADSTS70008: code expired or used", 70008)
+        verifier = form.get("code_verifier", "")
+        if _b64url(hashlib.sha256(verifier.encode()).digest()) != asked["challenge"]:
+            return 400, self._error("invalid_grant", "AADSTS501481: code_verifier", 501481)
+        if form.get("redirect_uri") != asked["redirect_uri"]:
+            return 400, self._error("invalid_grant", "AADSTS70001: redirect_uri", 70001)
+        if not (form.get("client_secret") or request.authorization):
+            return 401, self._error("invalid_client", "AADSTS7000218: no secret", 7000218)
+        return 200, self._tokens(
+            request,
+            asked["scope"],
+            nonce=asked["nonce"],
+            username=asked["username"],
+            name=asked["name"],
+        )
+
     def _token(self, request: IdpRequest) -> tuple[int, dict[str, Any]]:
         if request.grant_type == DEVICE_CODE_GRANT:
             return self._device_code_grant(request)
+        if request.grant_type == "authorization_code":
+            return self._code_grant(request)
         if request.grant_type == "refresh_token":
             with self._lock:
                 valid = request.form.get("refresh_token") in self._valid_refresh_tokens
@@ -329,7 +389,15 @@ class FakeIdP:
         # The device_code grant carries no scope: it is the one the device code was asked for.
         return 200, self._tokens(request, scope)
 
-    def _tokens(self, request: IdpRequest, scope: str) -> dict[str, Any]:
+    def _tokens(
+        self,
+        request: IdpRequest,
+        scope: str,
+        *,
+        nonce: str = "",
+        username: str | None = None,
+        name: str | None = None,
+    ) -> dict[str, Any]:
         now = int(time.time())
         access_token = "fake-at-" + secrets.token_urlsafe(24)
         refresh_token = "fake-rt-" + secrets.token_urlsafe(24)
@@ -344,13 +412,15 @@ class FakeIdP:
             "tid": self.tenant_guid,
             "oid": self.object_id,
             "sub": "fake-subject-" + self.object_id[:8],
-            "preferred_username": self.username,
-            "name": self.name,
+            "preferred_username": username or self.username,
+            "name": name or self.name,
             "iat": now,
             "nbf": now,
             "exp": now + 3600,
             "ver": "2.0",
         }
+        if nonce:
+            id_claims["nonce"] = nonce
         client_info = {"uid": self.object_id, "utid": self.tenant_guid}
         return {
             "token_type": "Bearer",

@@ -222,3 +222,65 @@ def test_dutch_shows_dutch_words_and_numbers(
     assert "25.000 USD" in row.inner_text()
     assert page.get_by_role("heading", name=re.compile("Wachtende leads")).count() == 1
     page.close()
+
+
+# --- with Microsoft sign-in (the fake identity endpoint over TLS) ----------------------------
+
+
+@pytest.fixture
+def idp() -> Iterator[Any]:
+    from fakeidp import FakeIdP
+
+    with FakeIdP(username="alice@contoso.example") as fake:
+        yield fake
+
+
+def entra_console(idp: Any, allowed: str = '["contoso.example"]') -> str:
+    return (
+        f'sign_in = "entra"\ntenant_id = "{idp.tenant}"\n'
+        'client_id = "22222222-0000-0000-0000-000000000001"\nclient_secret = "console-secret"\n'
+        f'authority = "{idp.url}"\nallowed = {allowed}\n'
+        f'session_secret = "{"0123456789abcdef" * 4}"\n'
+    )
+
+
+def test_with_entra_an_anonymous_visit_goes_to_authorize_and_sign_in_lands_on_the_console(
+    world: World, run_daemon: Callable[..., str], browser: Any, idp: Any
+) -> None:
+    lead = world.add_lead(age=timedelta(days=2), customer="Behind Sign-in BV")
+    base = run_daemon(console=entra_console(idp), REQUESTS_CA_BUNDLE=str(idp.ca_path))
+    context = browser.new_context(ignore_https_errors=True)  # the fake's throw-away CA
+    page = context.new_page()
+    seen: list[str] = []
+    page.on("request", lambda request: seen.append(request.url))
+    page.goto(base + "/")
+    authorize = next(url for url in seen if "/oauth2/v2.0/authorize" in url)
+    assert authorize.startswith(idp.url) and "code_challenge=" in authorize
+    assert "code_challenge_method=S256" in authorize
+    # the fake signed Alice in at once and sent the browser back: the console shows
+    assert page.url == base + "/"
+    assert page.get_by_role("link", name="Behind Sign-in BV").count() == 1
+    assert "Alice Example" in page.locator("header").inner_text()
+    # a POST without the CSRF token is refused, even with the session cookie
+    status = page.evaluate(
+        """async (id) => (await fetch('/leads/' + id + '/silence', {method: 'POST',
+             headers: {'Content-Type': 'application/x-www-form-urlencoded'},
+             body: 'duration=2d&reason=forged'})).status""",
+        lead,
+    )
+    assert status == 403
+    assert world.cli("status", "--json").json()[0]["silenced_until"] is None
+    context.close()
+
+
+def test_with_entra_a_user_outside_allowed_gets_403(
+    world: World, run_daemon: Callable[..., str], browser: Any, idp: Any
+) -> None:
+    idp.username = "mallory@fabrikam.example"
+    base = run_daemon(console=entra_console(idp), REQUESTS_CA_BUNDLE=str(idp.ca_path))
+    context = browser.new_context(ignore_https_errors=True)
+    page = context.new_page()
+    response = page.goto(base + "/")
+    assert response is not None and response.status == 403
+    assert "mallory@fabrikam.example may not use this console" in page.content()
+    context.close()

@@ -13,6 +13,7 @@ import sys
 import urllib.error
 import urllib.request
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from starlette.testclient import TestClient
@@ -21,7 +22,7 @@ from referral_watch.config import load_config
 from referral_watch.daemon import Daemon
 from referral_watch.web.app import build_app
 
-from conftest import World, free_port
+from conftest import World, free_port, wait_until
 
 
 def get(url: str, timeout: float = 5) -> tuple[int, bytes]:
@@ -160,3 +161,38 @@ def test_a_thousand_idle_connections_do_not_starve_the_daemon(world: World) -> N
             process.kill()
         _, err = process.communicate(timeout=10)
     assert "cannot open state file" not in err
+
+
+def _serving(world: World) -> Any:
+    from referral_watch.web.server import WebServer
+
+    daemon = Daemon(load_config(world.write_config()))
+    assert daemon.config.server is not None
+    server = WebServer(build_app(daemon), daemon.config.server)
+    server.start()
+    return server
+
+
+def test_the_server_in_process_caps_connections_and_closes_silent_ones(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from referral_watch.web import server as web_server
+
+    monkeypatch.setattr(web_server, "MAX_CONNECTIONS", 5)
+    monkeypatch.setattr(web_server, "REQUEST_TIMEOUT", 0.5)
+    port = free_port()
+    world.extra = f'[server]\nlisten = "127.0.0.1:{port}"\n'
+    served = _serving(world)
+    try:
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(20)]
+        status, _ = get(f"http://127.0.0.1:{port}/healthz")
+        assert status == 503  # answered (no poll yet), despite 20 idle sockets
+        wait_until(lambda: len(served.server.server_state.connections) <= 5, what="the cap to hold")
+        # a socket that never sends a request is closed after REQUEST_TIMEOUT
+        quiet = socket.create_connection(("127.0.0.1", port), timeout=5)
+        assert quiet.recv(1) == b""
+        for sock in (*idle, quiet):
+            sock.close()
+    finally:
+        served.stop()
+    assert not served._thread.is_alive()

@@ -71,7 +71,7 @@ def build_app(
             *routes,
             *_operations_routes(host),
             *console.routes(),
-            *signin.auth_routes(sessions),
+            *signin.auth_routes(),
         ],
         exception_handlers={HTTPException: _http_error},
     )

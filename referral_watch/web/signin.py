@@ -183,12 +183,18 @@ class SignInGate:
 # --- the Entra ID routes ------------------------------------------------------------------
 
 
-def auth_routes(sessions: Sessions) -> list[BaseRoute]:
+def auth_routes() -> list[BaseRoute]:
+    """The sign-in's pages; they find the Sessions at ``request.app.state.sessions``."""
     return [
-        Route("/auth/login", lambda r: login(r, sessions), methods=["GET"]),
-        Route("/auth/callback", lambda r: callback(r, sessions), methods=["GET"]),
-        Route("/auth/logout", lambda r: logout(r, sessions), methods=["POST"]),
+        Route("/auth/login", login, methods=["GET"]),
+        Route("/auth/callback", callback, methods=["GET"]),
+        Route("/auth/logout", logout, methods=["POST"]),
     ]
+
+
+def _sessions(request: Request) -> Sessions:
+    sessions: Sessions = request.app.state.sessions
+    return sessions
 
 
 def _console(request: Request) -> ConsoleConfig | None:
@@ -223,7 +229,8 @@ def _safe_next(target: str | None) -> str:
     return target
 
 
-async def login(request: Request, sessions: Sessions) -> Response:
+async def login(request: Request) -> Response:
+    sessions = _sessions(request)
     from starlette.concurrency import run_in_threadpool
 
     console = _console(request)
@@ -232,9 +239,17 @@ async def login(request: Request, sessions: Sessions) -> Response:
     config: Config = request.app.state.host.config
 
     def start() -> dict[str, Any]:
-        flow: dict[str, Any] = msal_app(console).initiate_auth_code_flow(
-            [PARTNER_CENTER_SCOPE], redirect_uri=redirect_uri(config)
-        )
+        import warnings
+
+        with warnings.catch_warnings():
+            # MSAL recommends response_mode=form_post. The answer then arrives as a cross-site
+            # POST, which carries no SameSite=Lax cookie, so the flow could not be tied to the
+            # browser that started it. The query mode with PKCE and state is the standard
+            # flow; the callback redirects at once, so the code leaves the address bar.
+            warnings.filterwarnings("ignore", message="response_mode='form_post'")
+            flow: dict[str, Any] = msal_app(console).initiate_auth_code_flow(
+                [PARTNER_CENTER_SCOPE], redirect_uri=redirect_uri(config), response_mode="query"
+            )
         return flow
 
     try:
@@ -247,7 +262,8 @@ async def login(request: Request, sessions: Sessions) -> Response:
     return RedirectResponse(flow["auth_uri"], status_code=303)
 
 
-async def callback(request: Request, sessions: Sessions) -> Response:
+async def callback(request: Request) -> Response:
+    sessions = _sessions(request)
     from msal import SerializableTokenCache
     from starlette.concurrency import run_in_threadpool
 
@@ -291,7 +307,8 @@ async def callback(request: Request, sessions: Sessions) -> Response:
     return RedirectResponse(_safe_next(request.session.pop("next", "/")), status_code=303)
 
 
-async def logout(request: Request, sessions: Sessions) -> Response:
+async def logout(request: Request) -> Response:
+    sessions = _sessions(request)
     from referral_watch.web.console import checked_form
 
     await checked_form(request)
