@@ -337,8 +337,8 @@ class Daemon:
         log.info("daemon.stopping", signal=signal.Signals(signum).name)
         self.stop.set()  # the cycle finishes the message in flight, then stops delivering
         if self._scheduler is not None:
-            # wait=False: we are in the signal handler on the main thread; the running job
-            # finishes on its worker thread, which the interpreter joins before exiting.
+            # wait=False: we are in the signal handler on the main thread; serve() then waits
+            # for a send in flight, not for a slow poll (Progress.wait_idle).
             self._scheduler.shutdown(wait=False)
 
     def _on_reload(self, _: int, __: FrameType | None) -> None:
