@@ -111,7 +111,6 @@ class Daemon:
         self._sender: Any = None
         self._scheduler: Any = None
         self.progress = Progress(_stuck_after(config))  # one cycle or one report at a time
-        self._withheld = False  # the watchdog ping is held back: the work is wedged
         self._retired: list[Any] = []  # API clients replaced by a reload, closed when idle
         self._reports_checked = False
 
@@ -286,16 +285,15 @@ class Daemon:
         loop does)."""
         stuck = self.progress.stuck_for()
         if stuck is None:
-            self._withheld = False
             sd_notify("WATCHDOG=1")
-        elif not self._withheld:
-            self._withheld = True
-            log.error(
-                "watchdog.withheld",
-                stuck_s=round(stuck),
-                limit_s=round(self.progress.stuck_after),
-                action="systemd restarts the service once WatchdogSec has passed",
-            )
+            return
+        # Each time (twice per WatchdogSec until systemd restarts us): it says how long.
+        log.error(
+            "watchdog.withheld",
+            stuck_s=round(stuck),
+            limit_s=round(self.progress.stuck_after),
+            action="systemd restarts the service once WatchdogSec has passed",
+        )
 
     def _schedule(self, scheduler: Any) -> None:
         interval = self.config.schedule.interval.total_seconds()

@@ -231,6 +231,7 @@ class World:
     tiers: str = TIERS
     channels: dict[str, str] = field(default_factory=dict)
     state: str = ""  # more [state] keys
+    partner_center: str = ""  # more [partner_center] keys
     state_url: str | None = None  # PostgreSQL instead of the SQLite file
     auth: str = f'method = "env"\ntoken_env = "{TOKEN_ENV}"'
 
@@ -262,6 +263,7 @@ class World:
 [partner_center]
 base_url = "{self.sandbox.base_url}"
 timeout = "5s"
+{self.partner_center}
 
 [auth]
 {self.auth}

@@ -965,12 +965,12 @@ def test_the_daemon_catches_up_a_missed_report_at_start(world: World) -> None:
 
 @pytest.mark.slow
 def test_the_daemon_goes_on_polling_through_the_repeated_hour(world: World) -> None:
-    """Issue 13: the real daemon under libfaketime, started at 02:15:50 CET (01:15:50 UTC, in
+    """Issue 13: the real daemon under libfaketime, started at 02:15:40 CET (01:15:40 UTC, in
     the hour repeated on 2026-10-25 in Amsterdam) after the 02:15 CEST run went out: the
-    02:15 CET run is caught up at start, the 02:16 CET run comes from the cron job ten seconds
+    02:15 CET run is caught up at start, the 02:16 CET run comes from the cron job twenty seconds
     later, each once, and polling goes on (the old arithmetic never returned, holding the lock).
     """
-    start = datetime(2026, 10, 25, 1, 15, 50, tzinfo=UTC)
+    start = datetime(2026, 10, 25, 1, 15, 40, tzinfo=UTC)
     fake_clock = faketime_env(start)
     if fake_clock is None:
         pytest.skip("needs libfaketime (Debian's faketime package)")
