@@ -241,6 +241,13 @@ def health_check(config: Config) -> int:
     if healthy(last, config.schedule.interval, now_utc()):
         click.echo(f"healthy: last successful poll {last:%Y-%m-%d %H:%M:%S} UTC")
         return EXIT_OK
+    if config.state.url is not None:
+        from referral_watch.replica import active_elsewhere
+
+        other = active_elsewhere(config.state.url, config.state.shown)
+        if other is not None:  # a standby: healthy while another host's replica is active
+            click.echo(f"healthy: standby (the active replica is {other})")
+            return EXIT_OK
     when = f"at {last:%Y-%m-%d %H:%M:%S} UTC" if last else "never"
     click.echo(f"unhealthy: last successful poll {when}", err=True)
     return EXIT_FAILED
@@ -464,6 +471,47 @@ def notify_resolved(config: Config, store: Any) -> str:
     if result.failed:
         return f"Telling on_resolved failed ({result.failures[0]}); retried at the next cycle."
     return f"Told on_resolved ({result.delivered} message(s))."
+
+
+# --- state ---------------------------------------------------------------------------------
+
+
+@cli.group()
+def state() -> None:
+    """The state's storage: move it from the SQLite file into PostgreSQL."""
+
+
+@state.command("migrate")
+@click.option("--to", "url", required=True, metavar="URL", help="postgresql://... (empty).")
+@click.option("--from", "path", metavar="PATH", help="The SQLite file (default: state.path).")
+@click.pass_obj
+def state_migrate(obj: Context, url: str, path: str | None) -> None:
+    """Copy the SQLite state into an empty PostgreSQL database, then compare counts."""
+    from pathlib import Path
+
+    from referral_watch.config import redact_url
+    from referral_watch.dialect import is_url
+    from referral_watch.migrate import migrate
+    from referral_watch.replica import OnceLock
+    from referral_watch.store import InstanceLock
+
+    if not is_url(url):
+        raise click.BadParameter("give a postgresql://user@host/database URL", param_hint="--to")
+    source = Path(path) if path else obj.config().state.path
+    shown = redact_url(url)
+    try:
+        with InstanceLock(source.with_name(source.name + ".lock")), OnceLock(url, shown):
+            copied = migrate(source, url)
+    except LockedError as exc:  # a daemon still uses the file, or a replica the database
+        fail(str(exc))
+    for table in copied:
+        mark = "" if table.same else "  (differs)"
+        click.echo(f"{table.table:<20} {table.source:>9} -> {table.target:>9}{mark}")
+    if not all(table.same for table in copied):
+        fail(f"the row counts of {source} and {shown} differ: do not switch to the database")
+    rows = sum(table.source for table in copied)
+    click.echo(f"Copied {rows} rows from {source} to {shown}.")
+    click.echo("Now set [state] url to it (and remove path), then start the replicas.")
 
 
 # --- report -------------------------------------------------------------------------------

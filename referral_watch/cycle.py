@@ -20,7 +20,7 @@ import structlog
 
 from referral_watch import ops, policy
 from referral_watch.config import Config
-from referral_watch.errors import ApiError, AuthError, ReferralWatchError
+from referral_watch.errors import ApiError, AuthError, ReferralWatchError, StateError
 from referral_watch.model import (
     Batch,
     Lead,
@@ -405,7 +405,28 @@ class Cycle:
         """Send each channel's messages in order, channels side by side (at most
         PARALLEL_CHANNELS at once). A channel's next message waits until this thread has
         recorded the previous one, so a crash repeats at most one message per channel."""
-        outcomes: queue.Queue[_Claim | tuple[Batch, Any, threading.Event] | None] = queue.Queue()
+        outcomes: _Outcomes = queue.Queue()
+        unsettled: list[tuple[Batch, Any]] = []
+        try:
+            self._run_workers(jobs, outcomes, unsettled, result)
+        except StateError:
+            # The state went away mid-burst (a paused replica wakes up to find its connection
+            # ended by the one that took over): the workers have stopped; record what they
+            # sent on a new connection, so no replica sends it again. Then fail as usual.
+            while not outcomes.empty():
+                item = outcomes.get()
+                if isinstance(item, tuple):
+                    unsettled.append(item[:2])
+            self._record_elsewhere([batch for batch, outcome in unsettled if outcome.ok])
+            raise
+
+    def _run_workers(
+        self,
+        jobs: dict[str, list[tuple[Batch, Message]]],
+        outcomes: _Outcomes,
+        unsettled: list[tuple[Batch, Any]],
+        result: CycleResult,
+    ) -> None:
         abort = threading.Event()
         workers = min(PARALLEL_CHANNELS, len(jobs))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deliver") as pool:
@@ -422,18 +443,31 @@ class Cycle:
                         self._claim(item)
                         continue
                     batch, outcome, recorded = item
+                    unsettled.append((batch, outcome))
                     try:
                         self._settle(batch, outcome, result)
+                        unsettled.pop()
                     finally:
                         recorded.set()
             except BaseException:
                 abort.set()  # workers stop after the message in flight
                 raise
 
+    def _record_elsewhere(self, batches: Sequence[Batch]) -> None:
+        if not batches or not isinstance(self.store.path, str):
+            return  # a SQLite file has no other connection to try
+        now = self.clock()
+        try:
+            with Store(self.store.path) as again:
+                for batch in batches:
+                    again.delivered(batch.row_ids, now)
+        except StateError as exc:
+            log.error("delivery.unrecorded", messages=len(batches), error=str(exc))
+
     def _claim(self, claim: _Claim) -> None:
         """Take the message's outbox rows for this process (on the thread owning the store)."""
         try:
-            claim.granted = self.store.claim(claim.batch.row_ids, self.clock(), CLAIM_LEASE)
+            claim.granted = self.store.claim(claim.batch.row_ids, self.clock(), self._lease)
             claim.at = time.monotonic()
         finally:
             claim.done.set()
@@ -441,7 +475,7 @@ class Cycle:
     def _channel_worker(
         self,
         jobs: list[tuple[Batch, Message]],
-        outcomes: queue.Queue[_Claim | tuple[Batch, Any, threading.Event] | None],
+        outcomes: _Outcomes,
         abort: threading.Event,
     ) -> None:
         try:
@@ -472,11 +506,17 @@ class Cycle:
         finally:
             outcomes.put(None)
 
+    @property
+    def _lease(self) -> timedelta:
+        """A claim's lease: long enough for one send, and never longer than an interval (so a
+        message claimed by a replica that died is sent by the next one at its next cycle)."""
+        return max(timedelta(seconds=5), min(CLAIM_LEASE, self.config.schedule.interval))
+
     def _still_ours(self, claim: _Claim) -> bool:
         """Right before a send: this replica may still send, and its claim is young enough
         that no other replica can have taken it over (a process paused between claiming and
         sending finds its claim too old when it wakes)."""
-        young = time.monotonic() - claim.at < CLAIM_LEASE.total_seconds() / 2
+        young = time.monotonic() - claim.at < self._lease.total_seconds() / 2
         return young and not self.stop.is_set() and self.may_send()
 
     def _settle(self, batch: Batch, outcome: Any, result: CycleResult) -> None:
@@ -568,6 +608,9 @@ class Cycle:
             return
         if response.is_error:
             log.warning("heartbeat.refused", ping=ping, status=response.status_code)
+
+
+_Outcomes = queue.Queue["_Claim | tuple[Batch, Any, threading.Event] | None"]
 
 
 @dataclass

@@ -11,7 +11,8 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -21,8 +22,9 @@ import structlog
 from referral_watch import schedule
 from referral_watch.config import Config
 from referral_watch.cycle import Clock, Cycle, CycleResult, system_clock
-from referral_watch.errors import ConfigError, ReferralWatchError
-from referral_watch.ops import healthy
+from referral_watch.errors import ConfigError, ReferralWatchError, StateError
+from referral_watch.ops import OpsState, healthy, ops_event
+from referral_watch.replica import Leadership, work_name
 from referral_watch.store import InstanceLock, Store, from_ts, ts
 from referral_watch.watchdog import Progress
 
@@ -74,6 +76,11 @@ class Metrics:
             "Unix time of the last successful poll",
             registry=self.registry,
         )
+        self.active = Gauge(
+            "referral_watch_active",
+            "1 while this replica does the work (always with a SQLite state), 0 on a standby",
+            registry=self.registry,
+        )
         self.most_urgent = Gauge(
             "referral_watch_most_urgent_remaining_seconds",
             "Time left on the most urgent watched lead (negative once past; +Inf while none)",
@@ -113,10 +120,91 @@ class Daemon:
         self.progress = Progress(_stuck_after(config))  # one cycle or one report at a time
         self._retired: list[Any] = []  # API clients replaced by a reload, closed when idle
         self._reports_checked = False
+        self.leadership: Leadership | None = None  # with state.url: the active lock
+        self._state_failures = 0  # cycles in a row that could not use the state
+        self._state_ops = OpsState()  # operations told about that (in memory: see above)
+
+    # --- the role: active or standby (state.url, SPEC 16) --------------------------------
+
+    @property
+    def active(self) -> bool:
+        """Whether this replica does the work (polls, webhooks, reports, deliveries): always
+        with SQLite (the lock file keeps others away), while it holds the active lock with
+        PostgreSQL. Checked again right before every send."""
+        return self.leadership is None or self.leadership.active
+
+    def _on_role(self, active: bool) -> None:
+        self.metrics.active.set(int(active))
+        log.warning("replica.role", role="active" if active else "standby")
+        if active and self._scheduler is not None:
+            self._scheduler.modify_job(CYCLE_JOB, next_run_time=datetime.now(UTC))  # take over now
+
+    def _state_trouble(self, reason: str) -> None:
+        """The state cannot be used (the database is down or unreachable): count it like a
+        failed poll, and tell operations directly: the outbox is in that state too."""
+        self._state_failures += 1
+        self._tell_ops_directly(False, reason)
+
+    def _state_fine(self) -> None:
+        if self._state_failures:
+            self._state_failures = 0
+            self._tell_ops_directly(True, "")
+
+    def _tell_ops_directly(self, ok: bool, reason: str) -> None:
+        now = self.clock()
+        event, state = ops_event(
+            ok, self._state_failures, self._state_ops, self.config.operations, now
+        )
+        since = self._state_ops.alerting_since or now
+        self._state_ops = state
+        if event is None:
+            return
+        log.warning("ops.event", ops_event=event, failures=self._state_failures, reason=reason)
+        from referral_watch import render
+
+        sender = self._current_sender()
+        for channel in self.config.operations.notify:
+            style = render.style_for(self.config, channel)
+            message = render.render_ops(
+                event, reason, now, style, failures=self._state_failures, since=since
+            )
+            outcome = sender.send(channel, message)
+            if not outcome.ok:
+                log.error("ops.unsent", channel=channel, error=outcome.error)
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Run as the only instance on a SQLite file, or as one replica on PostgreSQL."""
+        state = self.config.state
+        if state.url is None:
+            with InstanceLock(self.config.lock_path):
+                self.metrics.active.set(1)
+                yield
+            return
+        self.leadership = Leadership(state.url, state.shown, on_change=self._on_role)
+        self.metrics.active.set(0)
+        self.leadership.start()
+        try:
+            yield
+        finally:
+            self.leadership.stop()
+
+    def _store(self) -> Store:
+        """The state, for work: on PostgreSQL named so a replica taking over can fence it."""
+        owner = self.leadership.owner if self.leadership is not None else None
+        return Store(self.config.state.location, name=work_name(owner) if owner else None)
 
     # --- one cycle, as a scheduler job ---------------------------------------------------
 
     def cycle(self) -> CycleResult | None:
+        if not self.active:
+            # A standby: the active replica polls. Unless none can reach the database.
+            trouble = self.leadership.error if self.leadership is not None else None
+            if trouble is not None:
+                self._state_trouble(trouble)
+            else:
+                self._state_fine()
+            return None
         with self.progress.working():
             result = self._guarded_cycle()
         if not self._reports_checked:
@@ -127,7 +215,12 @@ class Daemon:
 
     def _guarded_cycle(self) -> CycleResult | None:
         try:
-            return self._cycle()
+            result = self._cycle()
+            self._state_fine()
+            return result
+        except StateError as exc:  # e.g. the database connection was lost: retried next time
+            log.error("cycle.error", error=str(exc))
+            self._state_trouble(str(exc))
         except ReferralWatchError as exc:
             log.error("cycle.error", error=str(exc))
         except Exception:  # a bug must not end the loop: log it and try again next time
@@ -140,8 +233,16 @@ class Daemon:
         if self._api is None:
             self._api = self.progress.watched(self.api_factory(self.config))
         sender = self._current_sender()
-        with self.metrics.poll_duration.time(), Store(self.config.state.location) as store:
-            result = Cycle(self.config, store, self._api, sender, self.clock, self.stop).run()
+        with self.metrics.poll_duration.time(), self._store() as store:
+            result = Cycle(
+                self.config,
+                store,
+                self._api,
+                sender,
+                self.clock,
+                self.stop,
+                may_send=lambda: self.active,
+            ).run()
             self._observe(store, result)
         return result
 
@@ -174,6 +275,8 @@ class Daemon:
         Idempotent per scheduled run (the last one sent is kept in the state's meta table), so
         the cron job and the catch-up at start never both send the same run.
         """
+        if not self.active:
+            return False  # a standby: the active replica sends reports
         with self.progress.working():
             try:
                 return self._run_report(name, at_start)
@@ -188,7 +291,7 @@ class Daemon:
         if report is None:  # removed by a reload since the job was scheduled
             return False
         now = self.clock()
-        with Store(self.config.state.location) as store:
+        with self._store() as store:
             last = from_ts(store.get_meta(schedule.last_key(report)))
             if last is None and at_start:
                 # Never run before: nothing was missed. Remember from when to count.
@@ -207,7 +310,15 @@ class Daemon:
     def _deliver(self, store: Store, rows: list[int]) -> None:
         """Deliver just-queued outbox rows the way every cycle delivers: a refusal stays in the
         outbox for the next cycle, a message dropped after a day of refusals tells ops."""
-        cycle = Cycle(self.config, store, self._api, self._current_sender(), self.clock, self.stop)
+        cycle = Cycle(
+            self.config,
+            store,
+            self._api,
+            self._current_sender(),
+            self.clock,
+            self.stop,
+            may_send=lambda: self.active,
+        )
         result = cycle.deliver(rows)
         for (channel, outcome), count in result.by_channel.items():
             self.metrics.deliveries.labels(channel, outcome).inc(count)
@@ -236,9 +347,18 @@ class Daemon:
     # --- health --------------------------------------------------------------------------
 
     def health(self) -> tuple[bool, dict[str, Any]]:
+        if self.leadership is not None and not self.leadership.active:
+            # A standby is healthy while it reaches the database and so can take over.
+            ok = self.leadership.error is None
+            return ok, {
+                "status": "ok" if ok else "unreachable",
+                "role": "standby",
+                "interval_seconds": int(self.config.schedule.interval.total_seconds()),
+            }
         ok = healthy(self.last_success, self.config.schedule.interval, self.clock())
         return ok, {
             "status": "ok" if ok else "stale",
+            "role": "active",
             "last_success": self.last_success.isoformat() if self.last_success else None,
             "interval_seconds": int(self.config.schedule.interval.total_seconds()),
         }
@@ -249,7 +369,7 @@ class Daemon:
         from apscheduler.schedulers.blocking import BlockingScheduler
 
         schedule.report_triggers(self.config)  # a bad schedule is a config error, before anything
-        with InstanceLock(self.config.lock_path):
+        with self._exclusive():
             with Store(self.config.state.location) as store:
                 self.last_success = store.last_success()
                 self._observe_leads(store)  # what the state file knows, until the first cycle

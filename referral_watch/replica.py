@@ -33,8 +33,8 @@ from referral_watch.errors import LockedError, StateError
 log = structlog.get_logger(__name__)
 
 CHECK_EVERY = 2.0  # seconds between lock checks
-FRESH = 6.0  # the lock counts as ours this long after the last check that reached the server
-SERVER_IDLE = "10s"  # the server ends a lock session silent for this long
+FRESH = 5.0  # the lock counts as ours this long after the last check that reached the server
+SERVER_IDLE = "8s"  # the server ends a lock session silent for this long
 APP_NAME = "referral-watch"
 
 
@@ -205,3 +205,15 @@ def state_lock(config: Config) -> Any:
     from referral_watch.store import InstanceLock
 
     return InstanceLock(config.lock_path)
+
+
+def active_elsewhere(url: str, shown: str) -> str | None:
+    """For `status --check` on a replica: the active replica's owner when it runs on another
+    host (this one is then a standby), else None (none is active, or this host's is)."""
+    try:
+        holder = active_holder(url, shown)
+    except StateError:
+        return None
+    if holder is None or holder.split(":", 1)[0] == claim_owner().split(":", 1)[0]:
+        return None
+    return holder

@@ -42,7 +42,12 @@ def test_healthz_is_503_until_a_poll_succeeds_then_200_with_the_same_json(world:
     daemon, client = in_process(world)
     stale = client.get("/healthz")
     assert stale.status_code == 503
-    assert stale.json() == {"status": "stale", "last_success": None, "interval_seconds": 900}
+    assert stale.json() == {
+        "status": "stale",
+        "role": "active",
+        "last_success": None,
+        "interval_seconds": 900,
+    }
     daemon.last_success = datetime.now(UTC) - timedelta(minutes=1)
     fresh = client.get("/healthz")
     assert fresh.status_code == 200
