@@ -12,7 +12,7 @@ from referral_watch.config import Config
 from referral_watch.i18n import money_text, time_left_text
 from referral_watch.model import AuditEntry, Lead
 from referral_watch.store import PollRecord
-from referral_watch.text import columns, iso_utc, terminal
+from referral_watch.text import clip, columns, iso_utc, terminal
 
 # CLI output stays English whatever the alert locale.
 CLI_LOCALE = "en-US"
@@ -118,7 +118,7 @@ def table(
         rows.append(
             (
                 short[lead.id],
-                _cut(ref.customer, 32),
+                clip(ref.customer, 32),
                 money_text(ref.deal_value, ref.currency, CLI_LOCALE) or "-",
                 f"{ref.created.astimezone(zone):%Y-%m-%d}",
                 f"{lead.deadline.astimezone(zone):%Y-%m-%d %H:%M}",
@@ -144,10 +144,6 @@ def _poll_line(last: PollRecord | None) -> str:
     if last.ok:
         return f"Last poll {when}: ok, {last.fetched} fetched."
     return f"Last poll {when} FAILED: {last.error}"
-
-
-def _cut(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def explain(
