@@ -82,7 +82,9 @@ def cli(
     """Make sure no Partner Center lead or co-sell opportunity expires unanswered."""
     from referral_watch import logs
 
-    logs.configure(log_format, verbose)
+    # A command's own result goes to stdout; at the default verbosity only the daemon logs
+    # at info level, one-shot commands show warnings and errors only (run --once: see run).
+    logs.configure(log_format, verbose, one_shot=ctx.invoked_subcommand != "run")
     ctx.obj = Context(config_path, log_format, verbose, env_file)
 
 
@@ -126,6 +128,10 @@ def _print_config_problems(exc: ConfigError) -> None:
 @click.pass_obj
 def run(obj: Context, once: bool) -> None:
     """Poll Partner Center and send reminders (the daemon)."""
+    if once:
+        from referral_watch import logs
+
+        logs.configure(obj.log_format, obj.verbose, one_shot=True)
     config = checked(obj.config())
     if once:
         result = run_once(config)
