@@ -309,7 +309,7 @@ def test_notify(obj: Context, channels: tuple[str, ...]) -> None:
     from referral_watch.notify import Notifier
     from referral_watch.render import render_test, style_for
 
-    config = obj.config()
+    config = checked(obj.config())  # the URL checks of check-config and run (exit 2)
     names = list(channels) or list(config.channels)
     unknown = [n for n in names if n not in config.channels]
     if unknown:

@@ -167,7 +167,7 @@ def explain(
             f"{lead.silence_reason or 'no reason given'}"
         )
     for name, channel in config.channels.items():
-        verdict = "hears this lead" if policy.channel_matches(channel, ref) else "match fails"
+        verdict = _channel_verdict(name, policy.channel_matches(channel, ref), config)
         quiet = (
             " (in quiet hours now)"
             if policy.in_quiet_hours(channel, now, config.messages.timezone)
@@ -176,6 +176,23 @@ def explain(
         lines.append(f"  channel {name}: {verdict}{quiet}")
     lines.extend(audit_lines(audit))
     return terminal("\n".join(lines))  # Partner Center text never drives the terminal
+
+
+def _channel_verdict(name: str, matches: bool, config: Config) -> str:
+    """Whether a channel hears about a lead at all: only tiers and the expired and resolved
+    notices send lead alerts; a channel named by none of them (say, operations only) never
+    hears about any lead, whatever its match."""
+    roles = [f"tier {tier.name}" for tier in config.policy.tiers if name in tier.notify]
+    roles += ["expired notice"] if name in config.policy.on_expired else []
+    roles += ["resolved notice"] if name in config.policy.on_resolved else []
+    if not roles:
+        uses = ["operations alerts"] if name in config.operations.notify else []
+        uses += ["reports"] if any(name in report.notify for report in config.reports) else []
+        also = f" (only {' and '.join(uses)})" if uses else ""
+        return f"no lead alerts: no tier, on_expired or on_resolved sends here{also}"
+    if not matches:
+        return "match fails"
+    return f"hears this lead ({', '.join(roles)})"
 
 
 def audit_lines(audit: Sequence[AuditEntry]) -> list[str]:

@@ -339,6 +339,37 @@ def test_test_notify_sends_a_marked_message_to_each_channel(world: World) -> Non
     assert "unknown channel(s) pager" in unknown.err
 
 
+def test_test_notify_checks_urls_as_check_config_and_run_do(world: World) -> None:
+    """A URL Apprise cannot use is a config problem (exit 2, naming the key) before anything
+    is sent, not a "FAILED" delivery after the other channels got their test message."""
+    world.channels = {"pager": "https://example.com/not-an-apprise-url"}
+    checked = world.cli("check-config")
+    assert checked.code == 2 and "channels.pager.url" in checked.err
+    sent = world.cli("test-notify")
+    assert sent.code == 2
+    assert "channels.pager.url" in sent.err
+    assert world.team.bodies == [] and world.managers.bodies == []
+
+
+def test_explain_says_which_channels_hear_about_leads_at_all(world: World) -> None:
+    world.channels = {"ops": world.team.json_url}
+    world.extra = '[operations]\nnotify = ["ops"]\n'
+    lead = world.add_lead(age=timedelta(days=1))
+    assert world.cli("run", "--once").code == 0
+    explained = world.cli("status", "--explain", lead[:8])
+    assert explained.code == 0, explained.err
+    lines = explained.out.splitlines()
+    assert (
+        "  channel team: hears this lead "
+        "(tier new, tier reminder, tier urgent, tier final, resolved notice)"
+    ) in lines
+    assert "  channel managers: hears this lead (tier urgent, tier final, expired notice)" in lines
+    assert (
+        "  channel ops: no lead alerts: no tier, on_expired or on_resolved sends here "
+        "(only operations alerts)"
+    ) in lines
+
+
 def test_status_table_shows_the_most_urgent_first(world: World) -> None:
     world.add_lead(age=timedelta(days=1), customer="Relaxed Inc", deal_value=1000)
     world.add_lead(age=timedelta(days=13), customer="Hurry Ltd", deal_value=99000)
