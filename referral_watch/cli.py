@@ -583,3 +583,54 @@ def demo(extra_channel: str | None, fast: bool) -> None:
         if problems:
             raise ConfigError(problems)
     sys.exit(run_demo(extra_channel=extra_channel, pause=0.0 if fast else 0.125))
+
+
+# --- sandbox ------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8765,
+    show_default=True,
+    help="Port on 127.0.0.1 (0: any free one).",
+)
+@click.option(
+    "--leads",
+    type=click.IntRange(0, 100_000),
+    default=25,
+    show_default=True,
+    help="How many waiting referrals it holds.",
+)
+def sandbox(port: int, leads: int) -> None:
+    """Run the built-in fake Partner Center on 127.0.0.1, to try a config by hand."""
+    import signal
+    import threading
+
+    from referral_watch.sandbox import Sandbox, sample_leads
+
+    token = "sandbox-token"
+    fake = Sandbox(sample_leads(leads, now=now_utc()), token=token, port=port)
+    try:
+        fake.start()
+    except OSError as exc:
+        fail(f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc} (try another --port)")
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    click.echo(
+        f"Partner Center sandbox at {fake.base_url} with {leads} waiting referrals.\n"
+        f"Its bearer token is {token}. To try a config against it, set\n"
+        f'  [partner_center] base_url = "{fake.base_url}"\n'
+        '  [auth] method = "env" (token_env = "PARTNER_CENTER_TOKEN")\n'
+        f"and export PARTNER_CENTER_TOKEN={token}; then `referral-watch run --once`.\n"
+        "Ctrl-C stops it."
+    )
+    sys.stdout.flush()
+    try:
+        while not stop.wait(0.5):  # a timed wait: the signal handler runs between the waits
+            pass
+    finally:
+        fake.stop()
+    click.echo("Sandbox stopped.")
