@@ -568,8 +568,21 @@ def report(obj: Context, since: str, fmt: str) -> None:
     metavar="URL",
     help="Also send every alert to this Apprise URL (e.g. your Teams workflow or Slack).",
 )
+@click.option(
+    "--console",
+    "with_console",
+    is_flag=True,
+    help="Afterwards keep the sandbox and the web console running (until Ctrl-C).",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    default=9464,
+    show_default=True,
+    help="The console's port on 127.0.0.1 (with --console).",
+)
 @click.option("--fast", is_flag=True, hidden=True, help="No pauses (for tests).")
-def demo(extra_channel: str | None, fast: bool) -> None:
+def demo(extra_channel: str | None, with_console: bool, port: int, fast: bool) -> None:
     """Watch two weeks of leads in a few seconds against a built-in sandbox."""
     from referral_watch import logs
     from referral_watch.demo import run_demo
@@ -582,7 +595,13 @@ def demo(extra_channel: str | None, fast: bool) -> None:
         problems = check_channels({"yours": ChannelConfig(url=extra_channel)})
         if problems:
             raise ConfigError(problems)
-    sys.exit(run_demo(extra_channel=extra_channel, pause=0.0 if fast else 0.125))
+    console = f"127.0.0.1:{port}" if with_console else None
+    if console is not None:
+        from referral_watch.config import ServerConfig
+        from referral_watch.web.server import bind
+
+        bind(ServerConfig(listen=console)).close()  # a port in use fails now, not after the story
+    sys.exit(run_demo(extra_channel=extra_channel, pause=0.0 if fast else 0.125, console=console))
 
 
 # --- sandbox ------------------------------------------------------------------------------

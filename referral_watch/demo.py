@@ -188,8 +188,13 @@ def run_demo(
     pause: float = 0.125,
     extra_channel: str | None = None,
     start: datetime | None = None,
+    console: str | None = None,
+    stop: threading.Event | None = None,
 ) -> int:
-    """Run the story from ``start`` (default: this hour); returns the exit status (0)."""
+    """Run the story from ``start`` (default: this hour); returns the exit status (0).
+
+    ``console``: a loopback ``host:port``; after the story the web console keeps serving the
+    state it left (with the sandbox still running) until Ctrl-C, or until ``stop`` is set."""
     stream = out or sys.stdout
     printer = ConsolePrinter(stream)
     register_console_target(stream, printer=printer)
@@ -200,7 +205,7 @@ def run_demo(
         tempfile.TemporaryDirectory(prefix="referral-watch-demo-") as tmp,
         Sandbox(plot.leads, token=TOKEN) as sandbox,
     ):
-        config = demo_config(sandbox.base_url, Path(tmp) / "state.db", extra_channel)
+        config = demo_config(sandbox.base_url, Path(tmp) / "state.db", extra_channel, console)
         _intro(stream, sandbox, len(plot.leads), days)
         tokens = EnvTokenProvider("DEMO_TOKEN", environ={"DEMO_TOKEN": TOKEN})
         with Store(config.state.path) as store, PartnerCenter(config.partner_center, tokens) as api:
@@ -216,13 +221,45 @@ def run_demo(
                 clock.advance(step)
                 time.sleep(pause)
             _summary(stream, store, start)
+        if console is not None:
+            _serve_console(config, stream, stop or threading.Event())
     return 0
 
 
-def demo_config(base_url: str, state: Path, extra_channel: str | None) -> Config:
+def _serve_console(config: Config, stream: TextIO, stop: threading.Event) -> None:
+    """The console over the demo's state, with the real clock, until Ctrl-C."""
+    from referral_watch.daemon import Daemon
+    from referral_watch.web.app import build_app
+    from referral_watch.web.server import WebServer
+
+    assert config.server is not None
+    host = Daemon(config)
+    with Store(config.state.path) as store:
+        host.last_success = store.last_success()
+    server = WebServer(build_app(host), config.server)
+    server.start()
+    stream.write(
+        f"\nThe console: {config.server.base_url}/ (the sandbox stays on "
+        f"{config.partner_center.base_url}); press Ctrl-C to stop.\n"
+    )
+    stream.flush()
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+def demo_config(
+    base_url: str, state: Path, extra_channel: str | None, console: str | None = None
+) -> Config:
     extra = ', "yours"' if extra_channel else ""
     channel_line = f'yours = "{extra_channel}"' if extra_channel else ""
     text = CONFIG.format(base_url=base_url, state=state, extra=extra, extra_channel=channel_line)
+    if console is not None:
+        text += f'\n[server]\nlisten = "{console}"\n\n[console]\nsign_in = "none"\n'
     return parse_config(text, env={})
 
 

@@ -85,3 +85,69 @@ def test_the_demo_tells_the_same_story_at_any_start_hour(hour_minute: tuple[int,
 
     # and the very same story (what each lead received, on which simulated day) every time
     assert summary_of(text) == summary_of(demo_output(datetime(2026, 3, 2, 9, 0, tzinfo=UTC)))
+
+
+def test_demo_console_keeps_serving_the_story_until_ctrl_c() -> None:
+    import signal
+    import urllib.request
+
+    from conftest import free_port
+
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "referral_watch",
+            "demo",
+            "--fast",
+            "--console",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        line = next(x for x in process.stdout if x.startswith("The console: "))
+        url = f"http://127.0.0.1:{port}/"
+        assert url in line and "Ctrl-C" in line
+        with urllib.request.urlopen(url, timeout=10) as page:
+            html = page.read().decode()
+        assert "Adatum Corporation" in html  # answered in the story: under "recently answered"
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        _, err = process.communicate(timeout=10)
+    assert "Traceback" not in err
+
+
+def test_demo_console_on_a_port_in_use_says_so_before_the_story() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "referral_watch",
+                "demo",
+                "--fast",
+                "--console",
+                "--port",
+                str(port),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert "referral-watch demo" not in done.stdout  # refused before the story started

@@ -542,10 +542,29 @@ def test_the_secret_example_matches_the_env_example() -> None:
     assert {name: env[name] for name in secret_env()} == secret_env()
 
 
+def test_compose_publishes_the_web_port_on_the_hosts_loopback_only() -> None:
+    assert compose_service()["ports"] == ["127.0.0.1:9464:9464"]
+
+
+def test_the_service_and_the_example_ingress_reach_the_pods_web_port() -> None:
+    service = k8s("service.yaml")
+    pod = k8s("deployment.yaml")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod.items()
+    [port] = service["spec"]["ports"]
+    assert port["targetPort"] in {p["name"] for p in container()["ports"]}
+    ingress = k8s("ingress.example.yaml")
+    [rule] = ingress["spec"]["rules"]
+    [path] = rule["http"]["paths"]
+    backend = path["backend"]["service"]
+    assert backend == {"name": service["metadata"]["name"], "port": {"name": port["name"]}}
+    assert ingress["spec"]["tls"][0]["hosts"] == [rule["host"]]
+
+
 def test_the_kustomization_applies_everything_but_the_example_secret() -> None:
     listed = k8s("kustomization.yaml")["resources"]
     manifests = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-    assert set(listed) == manifests - {"secret.example.yaml"}
+    assert set(listed) == manifests - {"secret.example.yaml", "ingress.example.yaml"}
+    assert "service.yaml" in listed
 
 
 def test_kustomize_renders_the_manifests() -> None:
@@ -561,6 +580,7 @@ def test_kustomize_renders_the_manifests() -> None:
         "ConfigMap",
         "Deployment",
         "PersistentVolumeClaim",
+        "Service",
     ]
     [deployment] = [r for r in rendered if r["kind"] == "Deployment"]
     image = deployment["spec"]["template"]["spec"]["containers"][0]["image"]
