@@ -350,18 +350,27 @@ def _linear(rows: list[Figures]) -> list[tuple[bool, str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import console_bench
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    parser.add_argument("--console-only", action="store_true", help="Only the console's rows.")
     args = parser.parse_args(argv)
     _instrument()
     rows: list[Figures] = []
-    for size in sorted(args.sizes):
+    checks: list[tuple[bool, str]] = []
+    for size in sorted(args.sizes) if not args.console_only else []:
         print(f"... {size:,} leads", file=sys.stderr, flush=True)
         rows.extend(measure(size))
-    print(table(rows))
+    if rows:
+        print(table(rows))
+        print()
+        checks = verdicts(rows)
+    pages = console_bench.run(CONFIG, TOKEN_ENV, TOKEN, leads)
+    print(console_bench.table(pages))
     print()
-    checks = verdicts(rows)
-    if TARGET_SIZE not in args.sizes:
+    checks += console_bench.verdicts(pages)
+    if TARGET_SIZE not in args.sizes and not args.console_only:
         print(f"(the targets are judged at {TARGET_SIZE:,} leads)")
     for ok, text in checks:
         print(f"{'met   ' if ok else 'MISSED'} {text}")
