@@ -229,3 +229,40 @@ def test_check_config_refuses_no_sign_in_off_loopback(world: World, listen: str,
     assert outcome.code == (0 if ok else 2), outcome.err
     if not ok:
         assert "console.sign_in" in outcome.err and "0.0.0.0:9464" in outcome.err
+
+
+def test_records_set_aside_are_listed_so_nobody_thinks_they_were_handled(world: World) -> None:
+    polled(world, **{"Fine Co": timedelta(days=1)})
+    with Store(world.state_path) as store:
+        store.quarantine(
+            "bad-record-1", "parse", "createdDateTime 'soon' is not a time", datetime.now(UTC)
+        )
+    page = console(world).get("/")
+    table = page.text[page.text.index('id="set-aside"') :]
+    assert "bad-record-1" in table and "createdDateTime" in table and "parse" in table
+    assert "Fine Co" in page.text  # the other leads are still shown
+
+
+HOSTILE = [
+    ("<!channel> <@U123> <http://evil.example|click>", "&lt;!channel&gt;"),
+    (
+        "[click](http://evil.example) ![x](http://evil.example/p.png)",
+        "[click](http://evil.example)",
+    ),
+    ('"><img src=x onerror=alert(1)>', "&#34;&gt;&lt;img src=x onerror=alert(1)&gt;"),
+    ('=HYPERLINK("http://evil.example")', "=HYPERLINK(&#34;http://evil.example&#34;)"),
+    ("Müller & Söhne 🚀 شركة", "Müller &amp; Söhne 🚀 شركة"),
+]
+
+
+@pytest.mark.parametrize(("customer", "shown"), HOSTILE)
+def test_hostile_customer_text_is_shown_as_text_on_both_pages(
+    world: World, customer: str, shown: str
+) -> None:
+    ids = polled(world, **{customer: timedelta(days=1)})
+    client = console(world)
+    for path in ("/", f"/leads/{ids[customer]}"):
+        html = client.get(path).text
+        assert shown in html, path
+        assert "<img" not in html and "<!channel>" not in html
+        assert 'href="http://evil.example' not in html

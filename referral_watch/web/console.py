@@ -140,12 +140,14 @@ def index(request: Request) -> Response:
             now, query, offset=(number - 1) * PAGE_SIZE, limit=PAGE_SIZE
         )
         closed = [] if number > 1 else store.recently_closed(now, now - RECENT, RECENT_LIMIT)
+        quarantined = [] if number > 1 else store.quarantined()[:RECENT_LIMIT]
     pages = max(1, -(-total // PAGE_SIZE))
     return page(
         request,
         "index.html",
         rows=[views.row(lead, config, now, _) for lead in leads],
         closed=[views.row(lead, config, now, _) for lead in closed],
+        set_aside=views.set_aside(quarantined, config),
         total=total,
         query=query,
         number=number,

@@ -165,6 +165,7 @@ def message_lines(rows: Sequence[dict[str, Any]], config: Config, _: Gettext) ->
         "skipped": _("skipped (a more urgent tier was due)"),
         "superseded": _("replaced by a later message"),
         "dropped": _("dropped after a day of failures"),
+        "quarantined": _("set aside: the message could not be made"),
     }
     kinds = {
         "tier": _("reminder"),
@@ -224,3 +225,29 @@ def detail(lead: Lead, config: Config, now: datetime, _: Gettext) -> Detail:
         link=link,
         silenced=bool(base.silence),
     )
+
+
+@dataclass(frozen=True)
+class SetAside:
+    """A record quarantined on its way (issue 20): shown so nobody thinks it was handled."""
+
+    key: str
+    lead_id: str
+    stage: str
+    reason: str
+    first_seen: str
+    last_seen: str
+
+
+def set_aside(records: Sequence[Any], config: Config) -> list[SetAside]:
+    return [
+        SetAside(
+            key=r.key,
+            lead_id=r.lead_id or "",
+            stage=r.stage,
+            reason=r.reason,
+            first_seen=when(r.first_seen, config),
+            last_seen=when(r.last_seen, config),
+        )
+        for r in records
+    ]
