@@ -20,6 +20,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 
 __all__ = [
     "NAME_MAX",
@@ -54,6 +55,7 @@ _HIDDEN = re.compile("[\u200b\u2060\ufeff\u180e]")
 # Joiners are part of emoji sequences and of Arabic, Persian and Indic writing: kept there,
 # dropped next to ASCII (where they only split a word such as 'Micro\u200dsoft') or at an edge.
 _JOINER_SPOOF = re.compile("(?<![^\x00-\x7f])[\u200c\u200d]|[\u200c\u200d](?![^\x00-\x7f])")
+_NOTE_TROUBLE = re.compile("[^\t\n\x20-\x7e]")
 _LINE_BREAKS = re.compile("\r\n|[\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
 
 
@@ -75,14 +77,27 @@ def visible(text: str) -> str:
 def clean_line(value: str, limit: int = NAME_MAX) -> str:
     """A one-line field from outside: whitespace (line breaks, tabs) collapsed to single
     spaces, then made ``visible``, then clipped to ``limit`` characters."""
+    if len(value) <= limit:
+        return _clean_short(value, limit)  # statuses, countries, names repeat across records
     head = value[: limit * 4 + 64]  # bounded work for a 1 MB "name"
     return clip(visible(" ".join(head.split())), limit)
+
+
+@lru_cache(maxsize=4096)
+def _clean_short(value: str, limit: int) -> str:
+    if value.isascii() and value.isprintable() and "  " not in value and value == value.strip():
+        return value
+    return clip(visible(" ".join(value.split())), limit)
 
 
 def clean_notes(value: str, limit: int = NOTES_MAX) -> str:
     """Free text from outside: line breaks and tabs kept (as \\n and \\t), everything else
     made ``visible``, clipped to ``limit`` characters."""
-    head = _LINE_BREAKS.sub("\n", value[: limit * 4 + 64])
+    head = value[: limit * 4 + 64]
+    if not _NOTE_TROUBLE.search(head):  # printable ASCII, tabs and newlines: nothing to do
+        kept = head.strip()
+        return kept if len(kept) <= limit else kept[: limit - 1].rstrip() + "…"
+    head = _LINE_BREAKS.sub("\n", head)
     lines = (visible(part) for part in head.split("\n"))
     kept = "\n".join(_keep_tabs(line) for line in lines).strip()
     return kept if len(kept) <= limit else kept[: limit - 1].rstrip() + "…"
@@ -102,10 +117,15 @@ _CURRENCY = re.compile("[A-Z]{3}")
 
 def currency_code(value: str) -> str:
     """An ISO 4217 code ('usd' -> 'USD'), or '' when the text is none (it is then not shown)."""
+    code = value.strip().upper()
+    return code if _CURRENCY.fullmatch(code) and _is_currency(code) else ""
+
+
+@lru_cache(maxsize=512)
+def _is_currency(code: str) -> bool:
     from babel.numbers import is_currency  # Babel's list of ISO 4217 codes
 
-    code = value.strip().upper()
-    return code if _CURRENCY.fullmatch(code) and is_currency(code) else ""
+    return bool(is_currency(code))
 
 
 # --- escaping per output ----------------------------------------------------------------------
