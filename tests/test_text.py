@@ -480,3 +480,19 @@ def test_console_log_lines_show_partner_center_text_without_obeying_it() -> None
     structlog.get_logger("t").error("referral.malformed", customer=E2E_HOSTILE, reason="a\x07b")
     line = out.getvalue()
     assert forbidden(line) == [] and "Evil<U+001B>[2J" in line and "a<U+0007>b" in line
+
+
+def test_the_md_filter_in_a_template_escapes_for_the_channel() -> None:
+    tier = TierConfig(
+        name="new",
+        remaining="14d",  # type: ignore[arg-type]
+        notify=["team"],
+        body="{{ customer | md }} / {{ md(notes_excerpt) }}",
+    )
+    lead = lead_of(customer="<!channel> *Fab*", notes="[x](http://evil.example)")
+    slack = render_alert(lead, TIER, tier, NOW, SLACK).body
+    teams = render_alert(lead, TIER, tier, NOW, TEAMS).body
+    assert slack == "\\<!channel\\> *Fab* / \\[x\\](http://evil.example)"
+    assert live_slack(slack_mrkdwn(slack)) == [] and "\\*" not in slack_mrkdwn(slack)
+    assert teams == "\\<!channel\\> \\*Fab\\* / \\[x\\](http://evil.example)"
+    assert not planted_link(teams)
