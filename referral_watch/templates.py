@@ -129,13 +129,8 @@ class _Sandbox(SandboxedEnvironment):
     intercepted_binops = frozenset({"*", "**", "+", "%", "<<"})
 
     def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
-        if operator == "**" and isinstance(right, int) and abs(right) > _MAX_EXPONENT:
-            raise SecurityError("exponent too large")
-        if operator in ("**", "<<") and isinstance(left, int) and isinstance(right, int):
-            factor = abs(right) if operator == "**" else 1
-            growth = abs(right) if operator == "<<" else 0
-            if abs(left).bit_length() * factor + growth > MAX_BITS:
-                raise SecurityError("the template computes too large a number")
+        if operator in ("**", "<<"):
+            _check_power(operator, left, right)
         if operator == "*" and _repeat_size(left, right) > MAX_SIZE:
             raise SecurityError("repetition too large")
         if operator == "%":
@@ -164,6 +159,17 @@ class _Sandbox(SandboxedEnvironment):
                 for node in concat.nodes
             ]
         return tree
+
+
+def _check_power(operator: str, left: Any, right: Any) -> None:
+    """Refuse 9 ** 9999999 and 1 << 10**9 before Python starts on them."""
+    if not (isinstance(left, int) and isinstance(right, int)):
+        return
+    if operator == "**" and abs(right) > _MAX_EXPONENT:
+        raise SecurityError("exponent too large")
+    factor, growth = (abs(right), 0) if operator == "**" else (1, abs(right))
+    if abs(left).bit_length() * factor + growth > MAX_BITS:
+        raise SecurityError("the template computes too large a number")
 
 
 def _repeat_size(left: Any, right: Any) -> int:
