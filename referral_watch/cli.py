@@ -241,11 +241,15 @@ def health_check(config: Config) -> int:
     try:
         with Store(config.state.location, create=False) as store:
             last = store.last_success()
+            event = store.last_webhook_event() if config.webhooks is not None else None
     except StateError as exc:
         click.echo(f"unhealthy: {exc}", err=True)
         return EXIT_FAILED
+    webhooks = ""
+    if config.webhooks is not None:
+        webhooks = f"; last webhook event {f'{event:%Y-%m-%d %H:%M:%S} UTC' if event else 'never'}"
     if healthy(last, config.schedule.interval, now_utc()):
-        click.echo(f"healthy: last successful poll {last:%Y-%m-%d %H:%M:%S} UTC")
+        click.echo(f"healthy: last successful poll {last:%Y-%m-%d %H:%M:%S} UTC{webhooks}")
         return EXIT_OK
     if config.state.url is not None:
         from referral_watch.replica import active_elsewhere
@@ -255,7 +259,7 @@ def health_check(config: Config) -> int:
             click.echo(f"healthy: standby (the active replica is {other})")
             return EXIT_OK
     when = f"at {last:%Y-%m-%d %H:%M:%S} UTC" if last else "never"
-    click.echo(f"unhealthy: last successful poll {when}", err=True)
+    click.echo(f"unhealthy: last successful poll {when}{webhooks}", err=True)
     return EXIT_FAILED
 
 

@@ -359,7 +359,7 @@ class OperationsConfig(Section):
 
 class ServerConfig(Section):
     listen: str = "127.0.0.1:9464"
-    public_url: str | None = None  # how browsers reach the server (usually a TLS proxy)
+    public_url: str | None = None  # how browsers and Partner Center reach the server (a TLS proxy)
 
     @field_validator("listen")
     @classmethod
@@ -433,6 +433,48 @@ class ConsoleConfig(Section):
         return self
 
 
+class WebhooksConfig(Section):
+    """Partner Center webhook events (SPEC 15): where they arrive and how they are verified."""
+
+    path: str = "/webhooks/partner-center"
+    certificate_hosts: StrList = ["3psostorageacct.blob.core.windows.net"]
+    trust_roots: Path | None = None  # "" in the file: the system's trust store
+    registration_url: str = "https://api.partnercenter.microsoft.com/webhooks/v1/registration"
+    # The registration API wants a token for another audience than the Referrals API: with
+    # auth.method "env" or "command" it comes from this variable or program instead.
+    registration_token_env: str = "PARTNER_CENTER_REGISTRATION_TOKEN"
+    registration_command: list[str] | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _absolute_path(cls, value: str) -> str:
+        if not re.fullmatch(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*", value) or "//" in value:
+            raise ValueError(f'{value!r} is not a URL path such as "/webhooks/partner-center"')
+        return value
+
+    @field_validator("certificate_hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("name at least one host that serves Microsoft's signing certificate")
+        for host in value:
+            if not re.fullmatch(r"[A-Za-z0-9.-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?", host):
+                raise ValueError(f"{host!r} is not a host name (no scheme, no path)")
+        return [host.lower() for host in value]
+
+    @field_validator("trust_roots", mode="before")
+    @classmethod
+    def _empty_is_system(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("registration_url")
+    @classmethod
+    def _registration_http_url(cls, value: str) -> str:
+        if not re.match(r"https?://[^/\s]+", value):
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        return value.rstrip("/")
+
+
 class HeartbeatConfig(Section):
     url: str = Field(min_length=1)
     fail_url: str | None = Field(None, min_length=1)  # pinged when a poll fails
@@ -452,7 +494,14 @@ class Config(Section):
     server: ServerConfig | None = None
     heartbeat: HeartbeatConfig | None = None
     console: ConsoleConfig | None = None
+    webhooks: WebhooksConfig | None = None
     source: Path | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _webhooks_need_a_server(self) -> Config:
+        if self.webhooks is not None and self.server is None:
+            raise ValueError("[webhooks] needs [server]: the events arrive at its listen address")
+        return self
 
     @property
     def cache_path(self) -> Path:
@@ -582,7 +631,12 @@ def _items(value: Any) -> list[Any]:
 
 def _resolve_paths(data: dict[str, Any], base: Path) -> None:
     """Relative paths in the file are relative to the file, not to the working directory."""
-    for section, key in (("state", "path"), ("auth", "cache_path"), ("auth", "client_certificate")):
+    for section, key in (
+        ("state", "path"),
+        ("auth", "cache_path"),
+        ("auth", "client_certificate"),
+        ("webhooks", "trust_roots"),
+    ):
         table = data.get(section)
         if isinstance(table, dict) and isinstance(table.get(key), str) and table[key]:
             path = Path(table[key]).expanduser()

@@ -51,6 +51,9 @@ WINDOW_META = "policy.response_window"
 
 # Substatuses that still wait for the partner's answer.
 WAITING = frozenset({"pending", "received"})
+# What a webhook's lead is checked against when partner_center.filter is beyond the subset
+# the evaluator understands (referral_watch.odata).
+DEFAULT_FILTER = "direction eq 'Incoming' and substatus eq 'Pending'"
 
 
 def system_clock() -> datetime:
@@ -109,6 +112,7 @@ class Cycle:
         self.stop = stop or threading.Event()
         # Asked right before each send: a replica that lost the active lock sends nothing more.
         self.may_send = may_send or (lambda: True)
+        self._filter: Callable[[dict[str, Any]], bool] | None = None  # for webhook leads
 
     # --- the cycle ----------------------------------------------------------------------
 
@@ -327,6 +331,106 @@ class Cycle:
             self.store.resolve(lead_id, substatus, now, referral.raw)
             result.resolved += 1
             log.info("lead.resolved", lead=lead_id, resolution=substatus)
+
+    # --- leads named by webhook events ------------------------------------------------
+
+    def handle_leads(self, lead_ids: Sequence[str]) -> CycleResult:
+        """Webhook events named these leads: fetch each by id and handle it like a poll result
+        for that one lead (store, decide, deliver), without polling the rest.
+
+        Not a poll: it records no poll and concludes nothing about other leads. A lead that
+        cannot be fetched now is left to the next poll (the safety net)."""
+        began = time.monotonic()
+        result = CycleResult(poll_ok=True)
+        now = self.clock()
+        records = self._fetch_each(lead_ids, result)
+        with self.store.transaction():
+            handled = [lead_id for lead_id, _ in records]
+            for lead_id, record in records:
+                self._handle_one(lead_id, record, now, result)
+            self.store.mark_expired(now)
+            result.queued += self._decide_for(handled, now)
+            self.store.webhook_events_handled(handled, now)
+            failed = [lead_id for lead_id in lead_ids if lead_id not in set(handled)]
+            self.store.webhook_events_handled(failed, now, error=result.error or "not fetched")
+        self._deliver(result)
+        log.info(
+            "webhook.handled",
+            leads=len(lead_ids),
+            fetched=result.fetched,
+            new=result.new,
+            resolved=result.resolved,
+            alerts=result.queued,
+            delivered=result.delivered,
+            failed=result.failed + result.lookup_failures,
+            duration_s=round(time.monotonic() - began, 3),
+        )
+        return result
+
+    def _fetch_each(
+        self, lead_ids: Sequence[str], result: CycleResult
+    ) -> list[tuple[str, dict[str, Any] | None]]:
+        """(id, the record or None for 404) of each lead Partner Center answered for."""
+        records: list[tuple[str, dict[str, Any] | None]] = []
+        for lead_id in lead_ids:
+            try:
+                records.append((lead_id, self.api.get(lead_id)))
+            except (ApiError, AuthError) as exc:
+                result.lookup_failures += 1
+                result.error = str(exc)
+                result.failures.append(f"lookup of {lead_id}: {exc}")
+                log.error("webhook.lookup_failed", lead=lead_id, error=str(exc))
+        result.fetched = sum(record is not None for _, record in records)
+        return records
+
+    def _handle_one(
+        self, lead_id: str, record: dict[str, Any] | None, now: datetime, result: CycleResult
+    ) -> None:
+        known = self.store.known(lead_id)
+        if record is None:
+            if known:
+                self.store.resolve(lead_id, "gone", now)
+                result.resolved += 1
+                log.info("lead.resolved", lead=lead_id, resolution="gone")
+            return
+        referral = self._parse(record, None, result)
+        if referral is None:
+            return
+        if self._watched(record):
+            flags = self.store.upsert_each([referral], self._deadline, now)
+            result.new += sum(flags)
+            return
+        if not known:
+            return  # a referral the poll's filter leaves out (outgoing, ...): not ours to watch
+        substatus = referral.substatus.lower()
+        if referral.is_pending or substatus in WAITING or not substatus:
+            self.store.refresh(referral, self._deadline(referral))  # as a by-id lookup does
+            return
+        self.store.resolve(lead_id, substatus, now, referral.raw)
+        result.resolved += 1
+        log.info("lead.resolved", lead=lead_id, resolution=substatus)
+
+    def _watched(self, record: dict[str, Any]) -> bool:
+        """Whether the poll's filter (partner_center.filter) would return this record."""
+        if self._filter is None:
+            from referral_watch.odata import FilterError, compile_filter
+
+            try:
+                self._filter = compile_filter(self.config.partner_center.filter)
+            except FilterError:
+                log.warning("webhook.filter_unsupported", fallback=DEFAULT_FILTER)
+                self._filter = compile_filter(DEFAULT_FILTER)
+        return self._filter(record)
+
+    def _decide_for(self, lead_ids: Sequence[str], now: datetime) -> int:
+        """Decide for these leads only and write the decisions to the outbox."""
+        queued = 0
+        for start in range(0, len(lead_ids), POLICY_CHUNK):
+            chunk = list(lead_ids[start : start + POLICY_CHUNK])
+            leads = self.store.leads(for_policy=True, ids=chunk)
+            alerts = policy.due_alerts(leads, self.store.history(chunk), self.config, now)
+            queued += self.store.record(alerts, now)
+        return queued
 
     # --- operations alerts --------------------------------------------------------------
 

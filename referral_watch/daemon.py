@@ -11,7 +11,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from types import FrameType
@@ -88,6 +88,17 @@ class Metrics:
         )
         # Until a cycle says otherwise no lead waits: 0 would fire "< 6 * 3600" alert rules.
         self.most_urgent.set(float("inf"))
+        self.webhook_events = Counter(
+            "referral_watch_webhook_events",
+            "Partner Center webhook events by event and result",
+            ["event", "result"],
+            registry=self.registry,
+        )
+        self.webhook_last_event = Gauge(
+            "referral_watch_webhook_last_event_timestamp_seconds",
+            "Unix time of the last verified webhook event",
+            registry=self.registry,
+        )
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest
@@ -123,6 +134,8 @@ class Daemon:
         self.leadership: Leadership | None = None  # with state.url: the active lock
         self._state_failures = 0  # cycles in a row that could not use the state
         self._state_ops = OpsState()  # operations told about that (in memory: see above)
+        self.receiver: Any = None  # the webhook endpoint (webhook_receiver.Receiver)
+        self.webhook_worker: Any = None
 
     # --- the role: active or standby (state.url, SPEC 16) --------------------------------
 
@@ -262,6 +275,65 @@ class Daemon:
         left = float("inf") if soonest is None else (soonest - self.clock()).total_seconds()
         self.metrics.most_urgent.set(left)
 
+    # --- webhook events ------------------------------------------------------------------
+
+    def _start_webhooks(self) -> None:
+        """The endpoint and its worker, when [webhooks] is configured."""
+        if self.config.webhooks is None:
+            return
+        from referral_watch.webhook_receiver import Receiver
+        from referral_watch.webhook_worker import WebhookWorker
+
+        worker = WebhookWorker(
+            self.handle_webhook_leads,
+            self._pending_webhook_leads,
+            digest_over=self.config.policy.digest_over,
+            stop=self.stop,
+        )
+        self.receiver = Receiver(
+            self.config, wake=worker.wake, count=self._count_webhook_event, clock=self.clock
+        )
+        with Store(self.config.state.path) as store:
+            self.receiver.last_event = store.last_webhook_event()
+        self.webhook_worker = worker
+        worker.start()
+
+    def _count_webhook_event(self, event: str, result: str) -> None:
+        self.metrics.webhook_events.labels(event, result).inc()
+        if event != "unverified":
+            self.metrics.webhook_last_event.set(self.clock().timestamp())
+
+    def _pending_webhook_leads(self) -> list[str]:
+        with Store(self.config.state.path) as store:
+            return store.pending_webhook_leads()
+
+    def handle_webhook_leads(self, lead_ids: Sequence[str]) -> CycleResult | None:
+        """The worker's batch: these leads only, fetched by id, stored, decided, delivered;
+        one at a time with poll cycles and reports (the daemon's work lock)."""
+        with self.progress.working():
+            try:
+                return self._webhook_batch(lead_ids)
+            except ReferralWatchError as exc:
+                log.error("webhook.batch_failed", error=str(exc), leads=len(lead_ids))
+            except Exception:  # a bug must not end the worker: the next poll covers the leads
+                log.exception("webhook.batch_crashed", leads=len(lead_ids))
+        return None
+
+    def _webhook_batch(self, lead_ids: Sequence[str]) -> CycleResult:
+        if self._api is None:
+            self._api = self.progress.watched(self.api_factory(self.config))
+        sender = self._current_sender()
+        with Store(self.config.state.path) as store:
+            cycle = Cycle(self.config, store, self._api, sender, self.clock, self.stop)
+            result = cycle.handle_leads(lead_ids)
+        for (channel, outcome), count in result.by_channel.items():
+            self.metrics.deliveries.labels(channel, outcome).inc(count)
+        return result
+
+    def webhook_routes(self) -> list[Any]:
+        """The webhook endpoint's route for the web app (none without [webhooks])."""
+        return [self.receiver.route()] if self.receiver is not None else []
+
     # --- scheduled reports -----------------------------------------------------------------
 
     def catch_up_reports(self) -> None:
@@ -356,12 +428,16 @@ class Daemon:
                 "interval_seconds": int(self.config.schedule.interval.total_seconds()),
             }
         ok = healthy(self.last_success, self.config.schedule.interval, self.clock())
-        return ok, {
+        body: dict[str, Any] = {
             "status": "ok" if ok else "stale",
             "role": "active",
             "last_success": self.last_success.isoformat() if self.last_success else None,
             "interval_seconds": int(self.config.schedule.interval.total_seconds()),
         }
+        if self.config.webhooks is not None:
+            last = self.receiver.last_event if self.receiver is not None else None
+            body["last_webhook_event"] = last.isoformat() if last else None
+        return ok, body
 
     # --- the loop ------------------------------------------------------------------------
 
@@ -373,6 +449,7 @@ class Daemon:
             with Store(self.config.state.location) as store:
                 self.last_success = store.last_success()
                 self._observe_leads(store)  # what the state file knows, until the first cycle
+            self._start_webhooks()
             self._start_server()
             scheduler = BlockingScheduler(timezone=UTC)
             self._scheduler = scheduler
@@ -393,6 +470,8 @@ class Daemon:
             finally:
                 self._stop_server()
                 sd_notify("STOPPING=1")
+                if self.webhook_worker is not None:
+                    self.webhook_worker.stop()
                 if not self.progress.wait_idle(STOP_GRACE, SEND_WAIT):
                     _exit_leaving_the_work_behind()
                 self.close()

@@ -29,6 +29,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from referral_watch import sandbox_answers
 from referral_watch.odata import FilterError, Predicate, compile_filter
+from referral_watch.sandbox_webhooks import REGISTRATION_PATH, SandboxWebhooks
 
 API_PREFIX = "/v1.0"
 LIST_PATHS = (f"{API_PREFIX}/engagements/referrals", f"{API_PREFIX}/referrals")
@@ -231,8 +232,10 @@ class Sandbox:
         port: int = 0,
         page_delay: float = 0.0,
         max_page_size: int | None = None,
+        registration_token: str | None = "sandbox-registration-token",
     ) -> None:
         self.token = token
+        self.registration_token = registration_token
         self.host = host
         self.port = port
         self.page_delay = page_delay
@@ -257,6 +260,7 @@ class Sandbox:
         self._stopping = threading.Event()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._webhooks: SandboxWebhooks | None = None
         self.add(*referrals)
 
     # -- lifecycle
@@ -279,6 +283,9 @@ class Sandbox:
 
     def stop(self) -> None:
         self._stopping.set()  # releases hanging and delayed handlers
+        if self._webhooks is not None:
+            self._webhooks.stop()
+            self._webhooks = None
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -296,15 +303,21 @@ class Sandbox:
     # -- data
 
     def add(self, *referrals: dict[str, Any]) -> None:
+        events: dict[str, list[str]] = {"referral-created": [], "referral-updated": []}
         with self._lock:
             for record in referrals:
                 # Malformed records (no id) are served too: the client must survive them.
                 ref_id = str(record.get("id") or f"_no-id-{len(self._records)}-{uuid.uuid4()}")
                 if isinstance(record, dict) and "eTag" not in record:
                     record = {**record, "eTag": sandbox_answers.new_etag()}
+                known = ref_id in self._records
+                events["referral-updated" if known else "referral-created"].append(ref_id)
                 self._records[ref_id] = record
                 self._serialized[ref_id] = json.dumps(record, separators=(",", ":")).encode()
             self._version += 1
+        if self._webhooks is not None:
+            for event, ids in events.items():
+                self._webhooks.changed(event, ids)
 
     def update(self, referral_id: str, **fields: Any) -> None:
         """Replace top-level keys of one record, e.g. ``update(id, substatus="Accepted")``."""
@@ -317,6 +330,27 @@ class Sandbox:
             self._records[referral_id] = record
             self._serialized[referral_id] = json.dumps(record, separators=(",", ":")).encode()
             self._version += 1
+        if self._webhooks is not None:
+            self._webhooks.changed("referral-updated", [referral_id])
+
+    @property
+    def webhooks(self) -> SandboxWebhooks:
+        """The webhook side (registration API, signed deliveries, faults), started on first
+        use; see referral_watch.sandbox_webhooks."""
+        with self._lock:
+            if self._webhooks is None:
+                self._webhooks = SandboxWebhooks(self, registration_token=self.registration_token)
+            return self._webhooks
+
+    def burst(self, count: int, *, now: datetime | None = None) -> list[str]:
+        """A trade show import: ``count`` new pending leads at once (one event each)."""
+        moment = now or datetime.now(UTC)
+        records = [
+            make_referral(customer=f"Trade show lead #{n + 1}", created=moment)
+            for n in range(count)
+        ]
+        self.add(*records)
+        return [record["id"] for record in records]
 
     def remove(self, referral_id: str) -> None:
         with self._lock:
@@ -552,6 +586,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._list(query, headers)
             elif path.startswith(ITEM_PREFIX) and "/" not in path[len(ITEM_PREFIX) :]:
                 self._item(unquote(path[len(ITEM_PREFIX) :]), headers)
+            elif path.startswith(REGISTRATION_PATH):
+                self._webhook_api("GET", split.path, headers)
             else:
                 self._send(404, _error_body("resourceNotFound", f"No route for {split.path}."))
         except _BadRequest as exc:
@@ -580,6 +616,43 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, json.dumps(updated).encode(), etag)
         else:
             self._send(204, b"", etag)
+
+    def do_POST(self) -> None:
+        self._other_method("POST")
+
+    def do_PUT(self) -> None:
+        self._other_method("PUT")
+
+    def do_DELETE(self) -> None:
+        self._other_method("DELETE")
+
+    def _other_method(self, method: str) -> None:
+        """Only the webhook registration API takes POST, PUT and DELETE."""
+        split = urlsplit(self.path)
+        headers = Headers((k.lower(), v) for k, v in self.headers.items())
+        body = self._read_body(headers)
+        self.sandbox._record(RecordedRequest(method, split.path, {}, headers, body))
+        try:
+            if split.path.rstrip("/").startswith(REGISTRATION_PATH):
+                self._webhook_api(method, split.path, headers, body)
+            else:
+                self._send(405, _error_body("methodNotAllowed", f"{method} {split.path}."))
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def _read_body(self, headers: Headers) -> bytes:
+        length = headers.get("content-length", "0")
+        return self.rfile.read(int(length)) if length.isdigit() else b""
+
+    def _webhook_api(self, method: str, path: str, headers: Headers, body: bytes = b"") -> None:
+        status, answer = self.sandbox.webhooks.handle(method, path.rstrip("/"), headers, body)
+        if answer is None:
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.send_header("Request-ID", str(uuid.uuid4()))
+            self.end_headers()
+            return
+        self._send(status, json.dumps(answer).encode())
 
     def _list(self, query: dict[str, str], headers: Headers) -> None:
         parsed = self.sandbox._parse_query(query)

@@ -1,0 +1,495 @@
+"""The sandbox's webhook side: Partner Center's registration API and signed event deliveries.
+
+On every referral the sandbox creates or updates while a registration exists, it POSTs the
+documented event body to the registered URL, signed (RSA-SHA256) by a certificate it serves
+over https itself. The certificates come from local CAs (trustme): a "Microsoft Corporation"
+CA that the tests trust, another organization's CA that they also trust (for the wrong-issuer
+fault) and a rogue "Microsoft Corporation" CA that nobody trusts. Faults (:meth:`fault`): a bad
+signature, a certificate on a foreign host, a wrong issuer, an untrusted chain, an expired
+certificate, a replay, a slow certificate download and an oversized body.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import queue
+import ssl
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import trustme
+
+    from referral_watch.sandbox import Sandbox
+
+REGISTRATION_PATH = "/webhooks/v1/registration"
+RESOURCE_BASE = "https://api.partnercenter.microsoft.com/engagements/v1/referrals/"
+EVENTS = (
+    "referral-created",
+    "referral-updated",
+    "related-referral-created",
+    "related-referral-updated",
+    "test-created",
+)
+FAULTS = (
+    "bad_signature",  # the body is changed after signing
+    "foreign_host",  # the certificate URL names a host that is not on the allow-list
+    "wrong_issuer",  # a trusted chain, but the issuer is not Microsoft Corporation
+    "untrusted_chain",  # a "Microsoft Corporation" CA nobody trusts
+    "expired",  # the right CA, but the certificate's dates are over
+    "replay",  # the same signed event is delivered twice
+    "slow",  # the certificate download takes longer than any sane timeout
+    "oversize",  # a body over 64 KiB
+)
+# Which certificate each fault signs with (the others use the good one).
+_CERTIFICATE_OF = {
+    "wrong_issuer": "wrong-issuer",
+    "untrusted_chain": "untrusted",
+    "expired": "expired",
+    "slow": "slow",
+}
+GOOD = "pcnotifications-dispatch.microsoft.com"
+SLOW_SECONDS = 30.0
+DELIVERY_TIMEOUT = 10.0
+DELIVERY_ATTEMPTS = 3  # Partner Center tries 10 times; the sandbox only retries 5xx / no answer
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One POST the sandbox made to the registered URL."""
+
+    event: str
+    lead_id: str | None
+    fault: str | None
+    status: int | None  # None: no answer (connection failed or timed out)
+    seconds: float
+    body: bytes = field(repr=False)
+
+
+class _Certificates:
+    """The local CAs and the signing certificates, served over https on loopback."""
+
+    def __init__(self, host: str) -> None:
+        import trustme
+
+        self.host = host
+        self.microsoft = trustme.CA(organization_name="Microsoft Corporation")
+        self.other = trustme.CA(organization_name="Fabrikam Certificate Services")
+        self.rogue = trustme.CA(organization_name="Microsoft Corporation")
+        self._leaves: dict[str, trustme.LeafCert] = {}
+        self._lock = threading.Lock()
+        self.fetched: list[str] = []  # paths asked for, in order
+        self.delay: dict[str, float] = {"slow": SLOW_SECONDS}
+        self._stopping = threading.Event()
+        self._server: ThreadingHTTPServer | None = None
+        self.port = 0
+
+    # -- what a receiver must trust
+
+    @property
+    def trust_roots_pem(self) -> bytes:
+        """The signing roots to trust (webhooks.trust_roots): Microsoft's and another org's."""
+        return self.microsoft.cert_pem.bytes() + self.other.cert_pem.bytes()
+
+    @property
+    def tls_roots_pem(self) -> bytes:
+        """The CA of the certificate server's TLS certificate (for SSL_CERT_FILE)."""
+        return self.microsoft.cert_pem.bytes()
+
+    def url(self, name: str, host: str | None = None) -> str:
+        return f"https://{host or self.host}:{self.port}/cert/{name}.cer"
+
+    # -- signing
+
+    def leaf(self, name: str) -> trustme.LeafCert:
+        import trustme
+
+        with self._lock:
+            found = self._leaves.get(name)
+            if found is None:
+                ca = {"wrong-issuer": self.other, "untrusted": self.rogue}.get(name, self.microsoft)
+                now = datetime.now(UTC)
+                dates: dict[str, Any] = {}
+                if name == "expired":
+                    dates = {
+                        "not_before": now - timedelta(days=400),
+                        "not_after": now - timedelta(days=1),
+                    }
+                found = ca.issue_cert(GOOD, key_type=trustme.KeyType.RSA, **dates)
+                self._leaves[name] = found
+            return found
+
+    def sign(self, body: bytes, name: str) -> str:
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+        key = serialization.load_pem_private_key(self.leaf(name).private_key_pem.bytes(), None)
+        assert isinstance(key, rsa.RSAPrivateKey)
+        signature = key.sign(body, padding.PKCS1v15(), hashes.SHA256())
+        return base64.b64encode(signature).decode()
+
+    def der(self, name: str) -> bytes:
+        from cryptography import x509
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        pem = self.leaf(name).cert_chain_pems[0].bytes()
+        return x509.load_pem_x509_certificate(pem).public_bytes(Encoding.DER)
+
+    # -- the https server
+
+    def start(self) -> None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.microsoft.issue_cert(self.host, "localhost").configure_cert(context)
+        server = ThreadingHTTPServer((self.host, 0), _certificate_handler(self))
+        server.daemon_threads = True
+        server.block_on_close = False
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        self._server = server
+        self.port = server.server_address[1]
+        threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+def _certificate_handler(certificates: _Certificates) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            with certificates._lock:
+                certificates.fetched.append(self.path)
+            name = self.path.removeprefix("/cert/").removesuffix(".cer")
+            if not self.path.startswith("/cert/") or "/" in name or not name:
+                self._send(404, b"not found")
+                return
+            certificates._stopping.wait(certificates.delay.get(name, 0.0))
+            self._send(200, certificates.der(name), "application/pkix-cert")
+
+        def _send(self, status: int, body: bytes, kind: str = "text/plain") -> None:
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+                pass  # the receiver gave up (its timeout)
+
+    return Handler
+
+
+class SandboxWebhooks:
+    """Registration state, faults and the delivery thread of one Sandbox."""
+
+    def __init__(self, sandbox: Sandbox, *, registration_token: str | None) -> None:
+        self.sandbox = sandbox
+        self.registration_token = registration_token
+        self.certificates = _Certificates(sandbox.host)
+        self.certificates.start()
+        self.registration: dict[str, Any] | None = None
+        self.deliveries: list[Delivery] = []
+        self.validations: dict[str, dict[str, Any]] = {}
+        self._faults: list[list[Any]] = []  # [kind, times left]
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[tuple[str, str | None, str | None] | None] = queue.Queue()
+        self._idle = threading.Condition(self._lock)
+        self._busy = 0
+        self._thread = threading.Thread(
+            target=self._deliver_all, name="sandbox-webhooks", daemon=True
+        )
+        self._thread.start()
+
+    # -- for tests and the demo
+
+    def register(
+        self, url: str, events: list[str] | None = None, *, ms_header: bool = False
+    ) -> None:
+        """Register ``url`` as the API's POST would (without a token)."""
+        with self._lock:
+            self.registration = _registration(
+                {"WebhookUrl": url, "WebhookEvents": events or list(EVENTS[:2])}, ms_header
+            )
+
+    def fault(self, kind: str, *, times: int = 1) -> None:
+        """Apply ``kind`` (one of FAULTS) to the next ``times`` deliveries."""
+        if kind not in FAULTS:
+            raise ValueError(f"unknown webhook fault {kind!r}; known: {', '.join(FAULTS)}")
+        with self._lock:
+            self._faults.append([kind, times])
+
+    def wait_idle(self, timeout: float = 30.0) -> bool:
+        """Wait until every queued event has been delivered (or given up on)."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._busy or not self._queue.empty():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(left)
+        return True
+
+    @property
+    def trust_roots_pem(self) -> bytes:
+        return self.certificates.trust_roots_pem
+
+    @property
+    def tls_roots_pem(self) -> bytes:
+        return self.certificates.tls_roots_pem
+
+    @property
+    def certificate_host(self) -> str:
+        return self.certificates.host
+
+    # -- called by the Sandbox
+
+    def changed(self, event: str, lead_ids: list[str]) -> None:
+        """Referrals were created or updated: queue one event each, if registered for it."""
+        with self._lock:
+            registration = self.registration
+            if registration is None or event not in registration["WebhookEvents"]:
+                return
+            self._busy += len(lead_ids)
+        for lead_id in lead_ids:
+            self._queue.put((event, lead_id, None))
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self.certificates.stop()
+        self._thread.join(timeout=5)
+
+    # -- delivery
+
+    def _deliver_all(self) -> None:
+        import httpx
+
+        with httpx.Client(timeout=DELIVERY_TIMEOUT, trust_env=False) as client:
+            while True:
+                item = self._queue.get()
+                if item is None:
+                    return
+                try:
+                    self._deliver(client, *item)
+                finally:
+                    with self._idle:
+                        self._busy -= 1
+                        self._idle.notify_all()
+
+    def _deliver(
+        self, client: Any, event: str, lead_id: str | None, correlation: str | None
+    ) -> None:
+        with self._lock:
+            registration = self.registration
+        if registration is None:
+            return
+        fault = self._take_fault()
+        body = _event_body(event, lead_id, correlation, oversize=fault == "oversize")
+        name = _CERTIFICATE_OF.get(fault or "", GOOD)
+        signature = self.certificates.sign(body, name)
+        if fault == "bad_signature":
+            body = body.replace(b'"ResourceName":"', b'"ResourceName":"x')  # after signing
+        host = "localhost" if fault == "foreign_host" else None
+        headers = {
+            "Content-Type": "application/json; charset=utf-8",
+            "X-MS-Certificate-Url": self.certificates.url(name, host),
+            "X-MS-Signature-Algorithm": "rsa-sha256",
+        }
+        if registration.get("SignatureTokenToMsSignatureHeader"):
+            headers["x-ms-signature"] = signature
+        else:
+            headers["Authorization"] = f"Signature {signature}"
+        for _ in range(2 if fault == "replay" else 1):
+            status = self._post(
+                client, registration["WebhookUrl"], body, headers, event, lead_id, fault
+            )
+            if correlation is not None:
+                self._note_validation(correlation, status)
+
+    def _post(
+        self,
+        client: Any,
+        url: str,
+        body: bytes,
+        headers: dict[str, str],
+        event: str,
+        lead_id: str | None,
+        fault: str | None,
+    ) -> int | None:
+        import httpx
+
+        status: int | None = None
+        for attempt in range(DELIVERY_ATTEMPTS):
+            began = time.monotonic()
+            try:
+                status = client.post(url, content=body, headers=headers).status_code
+            except httpx.HTTPError:
+                status = None
+            with self._lock:
+                self.deliveries.append(
+                    Delivery(event, lead_id, fault, status, time.monotonic() - began, body)
+                )
+            if status is not None and status < 500:
+                return status
+            if self.sandbox._stopping.wait(0.2 * (attempt + 1)):
+                break
+        return status
+
+    def _take_fault(self) -> str | None:
+        with self._lock:
+            for entry in self._faults:
+                entry[1] -= 1
+                if entry[1] <= 0:
+                    self._faults.remove(entry)
+                return str(entry[0])
+        return None
+
+    def _note_validation(self, correlation: str, status: int | None) -> None:
+        with self._lock:
+            record = self.validations.get(correlation)
+            if record is None:
+                return
+            record["status"] = "completed" if status == 200 else "failed"
+            record["totalAttempts"] = int(record.get("totalAttempts", 0)) + 1
+            record["events"].append(
+                {
+                    "correlationId": correlation,
+                    "eventName": "test-created",
+                    "status": record["status"],
+                    "statusCode": "OK" if status == 200 else str(status or "NoResponse"),
+                    "dateTimeUtc": _stamp(datetime.now(UTC)),
+                }
+            )
+
+    # -- the registration API (called by the sandbox's request handler)
+
+    def handle(self, method: str, path: str, headers: Any, body: bytes) -> tuple[int, Any]:
+        """(status, JSON answer or None) for one request under /webhooks/v1/registration."""
+        if self.registration_token is not None and headers.get("authorization") != (
+            f"Bearer {self.registration_token}"
+        ):
+            return 401, _error(
+                "unauthenticated", "The token is missing, invalid or for another audience."
+            )
+        rest = path[len(REGISTRATION_PATH) :].strip("/")
+        if rest == "events" and method == "GET":
+            return 200, list(EVENTS)
+        if rest == "validationEvents" and method == "POST":
+            return self._validation()
+        if rest.startswith("validationEvents/") and method == "GET":
+            with self._lock:
+                record = self.validations.get(rest.partition("/")[2])
+            return (200, record) if record else (404, _error("notFound", "No such correlationId."))
+        if rest:
+            return 404, _error("resourceNotFound", f"No route for {path}.")
+        return self._registration(method, body)
+
+    def _registration(self, method: str, body: bytes) -> tuple[int, Any]:
+        with self._lock:
+            current = self.registration
+        if method == "GET":
+            return (200, current) if current else (404, _error("notFound", "No registration."))
+        if method == "DELETE":
+            with self._lock:
+                self.registration = None
+            return (204, None) if current else (404, _error("notFound", "No registration."))
+        if method not in ("POST", "PUT"):
+            return 405, _error("methodNotAllowed", f"{method} is not supported here.")
+        if method == "POST" and current is not None:
+            return 409, _error("conflict", "A registration exists: use PUT to change it.")
+        if method == "PUT" and current is None:
+            return 404, _error("notFound", "No registration to update: use POST.")
+        try:
+            asked = json.loads(body)
+            registration = _registration(
+                asked, bool(asked.get("SignatureTokenToMsSignatureHeader"))
+            )
+        except (ValueError, AttributeError, KeyError, TypeError) as exc:
+            return 400, _error("invalidRequest", f"Invalid registration: {exc}")
+        if current is not None:
+            registration["SubscriberId"] = current["SubscriberId"]
+        with self._lock:
+            self.registration = registration
+        return 200, registration
+
+    def _validation(self) -> tuple[int, Any]:
+        with self._lock:
+            if self.registration is None or "test-created" not in self._registered_events():
+                return 400, _error("invalidRequest", "No registration for test-created events.")
+            correlation = str(uuid.uuid4())
+            self.validations[correlation] = {
+                "correlationId": correlation,
+                "partnerId": "7d23e5ca-19dc-4eaa-aac8-5e6b559f0d1d",
+                "status": "queued",
+                "totalAttempts": 0,
+                "events": [],
+            }
+            self._busy += 1
+        self._queue.put(("test-created", None, correlation))
+        return 200, {"correlationId": correlation}
+
+    def _registered_events(self) -> list[str]:
+        # Any registration may ask for a test event (Partner Center sends test-created to the
+        # registered URL whatever the events listed).
+        assert self.registration is not None
+        return [*self.registration["WebhookEvents"], "test-created"]
+
+
+def _registration(asked: dict[str, Any], ms_header: bool) -> dict[str, Any]:
+    url = asked["WebhookUrl"]
+    events = asked["WebhookEvents"]
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise ValueError("WebhookUrl must be an http(s) URL")
+    if not isinstance(events, list) or not events or any(e not in EVENTS for e in events):
+        raise ValueError(f"WebhookEvents must be a list of {', '.join(EVENTS)}")
+    answer: dict[str, Any] = {
+        "SubscriberId": str(uuid.uuid4()),
+        "WebhookUrl": url,
+        "WebhookEvents": list(events),
+    }
+    if ms_header:
+        answer["SignatureTokenToMsSignatureHeader"] = True
+    return answer
+
+
+def _event_body(
+    event: str, lead_id: str | None, correlation: str | None, *, oversize: bool = False
+) -> bytes:
+    if event == "test-created":
+        uri = f"https://api.partnercenter.microsoft.com{REGISTRATION_PATH}/validationEvents/{correlation}"
+        name = "test"
+    else:
+        uri, name = f"{RESOURCE_BASE}{lead_id}", "referral"
+    data: dict[str, Any] = {
+        "EventName": event,
+        "ResourceUri": uri,
+        "ResourceName": name,
+        "AuditUri": None,
+        "ResourceChangeUtcDate": _stamp(datetime.now(UTC)),
+    }
+    if oversize:
+        data["Padding"] = "x" * (70 * 1024)
+    return json.dumps(data, separators=(",", ":")).encode()
+
+
+def _stamp(moment: datetime) -> str:
+    """The documented form: 7 fractional digits and +00:00."""
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond * 10:07d}+00:00"
+
+
+def _error(code: str, message: str) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message}}

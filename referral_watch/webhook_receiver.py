@@ -1,0 +1,145 @@
+"""``POST {webhooks.path}``: Partner Center's events arrive here (SPEC 15).
+
+Each event is verified (referral_watch.webhooks) before anything acts on it, remembered in the
+state file (so a redelivery acts once and an answered event survives a restart) and answered
+at once; the daemon's worker then fetches the referral and handles it. Nothing here calls
+Partner Center: a forged event costs a signature check, never an API request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from referral_watch.config import Config
+from referral_watch.errors import ReferralWatchError
+from referral_watch.store import Store
+from referral_watch.webhooks import (
+    DUPLICATE,
+    IGNORED,
+    MAX_BODY,
+    OK,
+    TEST_EVENT,
+    Event,
+    Rejected,
+    Verifier,
+    lower_headers,
+    parse_event,
+)
+
+log = structlog.get_logger(__name__)
+
+# Event names counted by name; anything else is counted as "other" (labels stay few).
+KNOWN_EVENTS = frozenset(
+    {
+        "referral-created",
+        "referral-updated",
+        "related-referral-created",
+        "related-referral-updated",
+        TEST_EVENT,
+    }
+)
+UNVERIFIED = "unverified"  # the event label of a rejected event: its body is not believed
+
+
+class Receiver:
+    """The endpoint: verify, remember, answer, and wake the worker.
+
+    ``count(event, result)`` feeds referral_watch_webhook_events_total; ``wake()`` tells the
+    daemon's worker that events wait in the state file.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        verifier: Verifier | None = None,
+        wake: Callable[[], None] = lambda: None,
+        count: Callable[[str, str], None] = lambda _event, _result: None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        assert config.webhooks is not None
+        self.config = config
+        self.path = config.webhooks.path
+        self.verifier = verifier or Verifier(config.webhooks, clock=clock)
+        self.wake = wake
+        self.count = count
+        self.clock = clock
+        self.last_event: datetime | None = None
+
+    def route(self) -> Route:
+        return Route(self.path, self, methods=["POST"])
+
+    async def __call__(self, request: Request) -> Response:
+        body = await _body_within_limit(request)
+        if body is None:
+            log.warning("webhook.rejected", status=413, reason=f"body over {MAX_BODY} bytes")
+            self.count(UNVERIFIED, IGNORED)
+            return _answer(413, "body too large")
+        headers = lower_headers(request.headers)
+        try:
+            await run_in_threadpool(self.verifier.verify, headers, body)
+        except Rejected as exc:
+            # The reason names headers, hosts and certificates, never the body's content.
+            log.warning("webhook.rejected", status=401, result=exc.result, reason=exc.reason)
+            self.count(UNVERIFIED, exc.result)
+            return _answer(401, "not verified")
+        except ReferralWatchError as exc:  # e.g. the trust roots cannot be read
+            log.error("webhook.unverifiable", error=str(exc))
+            self.count(UNVERIFIED, "untrusted_certificate")
+            return _answer(401, "not verified")
+        try:
+            event = parse_event(body)
+        except Rejected as exc:
+            log.warning("webhook.unreadable", reason=exc.reason)
+            self.count(UNVERIFIED, IGNORED)
+            return _answer(400, "unreadable event")
+        return await run_in_threadpool(self._accept, event)
+
+    def _accept(self, event: Event) -> Response:
+        label = event.name if event.name in KNOWN_EVENTS else "other"
+        now = self.clock()
+        with Store(self.config.state.path) as store:
+            new = store.add_webhook_event(event.stored(), now)
+        self.last_event = now
+        if not new:
+            log.info("webhook.duplicate", webhook_event=event.name, lead=event.lead_id)
+            self.count(label, DUPLICATE)
+            return _answer(200, "already received")
+        if event.name == TEST_EVENT:
+            log.info("webhook.test_event", resource=event.resource_uri)
+            self.count(label, OK)
+            return _answer(200, "test event received")
+        if not event.actionable:
+            log.info("webhook.ignored", webhook_event=event.name)
+            self.count(label, IGNORED)
+            return _answer(200, "ignored")
+        log.info("webhook.received", webhook_event=event.name, lead=event.lead_id)
+        self.count(label, OK)
+        self.wake()
+        return _answer(200, "accepted")
+
+
+async def _body_within_limit(request: Request) -> bytes | None:
+    """The raw body, or None when it is (or claims to be) longer than MAX_BODY."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            return None
+    return bytes(body)
+
+
+def _answer(status: int, text: str) -> Response:
+    body: dict[str, Any] = {"status": text}
+    return JSONResponse(body, status_code=status)
