@@ -75,9 +75,9 @@ class Receiver:
         self.last_event: datetime | None = None
 
     def route(self) -> Route:
-        return Route(self.path, self, methods=["POST"])
+        return Route(self.path, self.endpoint, methods=["POST"], name="webhooks")
 
-    async def __call__(self, request: Request) -> Response:
+    async def endpoint(self, request: Request) -> Response:
         body = await _body_within_limit(request)
         if body is None:
             log.warning("webhook.rejected", status=413, reason=f"body over {MAX_BODY} bytes")
