@@ -330,10 +330,6 @@ class Daemon:
             self.metrics.deliveries.labels(channel, outcome).inc(count)
         return result
 
-    def webhook_routes(self) -> list[Any]:
-        """The webhook endpoint's route for the web app (none without [webhooks])."""
-        return [self.receiver.route()] if self.receiver is not None else []
-
     # --- scheduled reports -----------------------------------------------------------------
 
     def catch_up_reports(self) -> None:
@@ -563,8 +559,9 @@ class Daemon:
     # --- the web server: /healthz, /metrics, the console -------------------------------
 
     def web_routes(self) -> list[Any]:
-        """Routes other parts add to the web app (see referral_watch.web.app.build_app)."""
-        return []
+        """Routes other parts add to the web app (see referral_watch.web.app.build_app):
+        the webhook endpoint, when [webhooks] is configured."""
+        return [self.receiver.route()] if self.receiver is not None else []
 
     def _start_server(self) -> None:
         if self.config.server is None:

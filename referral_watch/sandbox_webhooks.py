@@ -57,6 +57,7 @@ _CERTIFICATE_OF = {
 GOOD = "pcnotifications-dispatch.microsoft.com"
 SLOW_SECONDS = 30.0
 DELIVERY_TIMEOUT = 10.0
+DELIVERY_THREADS = 4  # events are delivered side by side, as Partner Center does
 DELIVERY_ATTEMPTS = 3  # Partner Center tries 10 times; the sandbox only retries 5xx / no answer
 
 
@@ -83,6 +84,7 @@ class _Certificates:
         self.other = trustme.CA(organization_name="Fabrikam Certificate Services")
         self.rogue = trustme.CA(organization_name="Microsoft Corporation")
         self._leaves: dict[str, trustme.LeafCert] = {}
+        self._keys: dict[str, Any] = {}
         self._lock = threading.Lock()
         self.fetched: list[str] = []  # paths asked for, in order
         self.delay: dict[str, float] = {"slow": SLOW_SECONDS}
@@ -126,13 +128,25 @@ class _Certificates:
             return found
 
     def sign(self, body: bytes, name: str) -> str:
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import padding, rsa
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding
 
-        key = serialization.load_pem_private_key(self.leaf(name).private_key_pem.bytes(), None)
-        assert isinstance(key, rsa.RSAPrivateKey)
-        signature = key.sign(body, padding.PKCS1v15(), hashes.SHA256())
+        signature = self._key(name).sign(body, padding.PKCS1v15(), hashes.SHA256())
         return base64.b64encode(signature).decode()
+
+    def _key(self, name: str) -> Any:
+        """The signing key, loaded once (loading checks an RSA key: slow)."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        with self._lock:
+            key = self._keys.get(name)
+        if key is None:
+            key = serialization.load_pem_private_key(self.leaf(name).private_key_pem.bytes(), None)
+            assert isinstance(key, rsa.RSAPrivateKey)
+            with self._lock:
+                self._keys[name] = key
+        return key
 
     def der(self, name: str) -> bytes:
         from cryptography import x509
@@ -210,10 +224,12 @@ class SandboxWebhooks:
         self._queue: queue.Queue[tuple[str, str | None, str | None] | None] = queue.Queue()
         self._idle = threading.Condition(self._lock)
         self._busy = 0
-        self._thread = threading.Thread(
-            target=self._deliver_all, name="sandbox-webhooks", daemon=True
-        )
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._deliver_all, name="sandbox-webhooks", daemon=True)
+            for _ in range(DELIVERY_THREADS)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     # -- for tests and the demo
 
@@ -269,9 +285,11 @@ class SandboxWebhooks:
             self._queue.put((event, lead_id, None))
 
     def stop(self) -> None:
-        self._queue.put(None)
+        for _ in self._threads:
+            self._queue.put(None)
         self.certificates.stop()
-        self._thread.join(timeout=5)
+        for thread in self._threads:
+            thread.join(timeout=5)
 
     # -- delivery
 
