@@ -16,6 +16,9 @@ Figures, per cycle:
   rss      the subprocess's peak resident set size (its VmHWM: a child's ru_maxrss starts
            from the parent's size at fork, and this parent holds the sandbox's data)
   msgs     messages that reached the channels (team + managers)
+
+Then the webhook row (bench/webhook_latency.py): event-to-delivered latency p50/p95 over 100
+events with 20,000 leads in state, and the daemon's CPU time per event.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from receiver import Sink
+from webhook_latency import WebhookFigures, measure_webhooks
 
 from referral_watch import sandbox as sandbox_module
 from referral_watch.sandbox import Sandbox, make_referral
@@ -370,6 +374,14 @@ def main(argv: list[str] | None = None) -> int:
     print(console_bench.table(pages))
     print()
     checks += console_bench.verdicts(pages)
+    if not args.console_only:
+        print(f"... webhooks, {TARGET_SIZE:,} leads in state", file=sys.stderr, flush=True)
+        state = list(leads(TARGET_SIZE, datetime.now(UTC)))
+        hooks = measure_webhooks(CONFIG, TOKEN_ENV, TOKEN, state)
+        print(WebhookFigures.head())
+        print(hooks.row())
+        print()
+        checks.append(hooks.verdict())
     if TARGET_SIZE not in args.sizes and not args.console_only:
         print(f"(the targets are judged at {TARGET_SIZE:,} leads)")
     for ok, text in checks:

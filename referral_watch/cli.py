@@ -562,6 +562,104 @@ def report(obj: Context, since: str, fmt: str) -> None:
     click.echo(render_report(summary, fmt, config.messages.timezone), nl=False)
 
 
+# --- webhooks -------------------------------------------------------------------------------
+
+
+@cli.group()
+def webhooks() -> None:
+    """Manage the Partner Center webhook registration (instant alerts, see README)."""
+
+
+def _registration(obj: Context) -> tuple[Config, Any]:
+    from referral_watch.webhook_registration import Registration, registration_tokens
+
+    config = obj.config()
+    return config, Registration(config, registration_tokens(config))
+
+
+@webhooks.command("register")
+@click.pass_obj
+def webhooks_register(obj: Context) -> None:
+    """Register {server.public_url}{webhooks.path} for referral-created and -updated."""
+    from referral_watch.webhook_registration import webhook_url
+
+    config, api = _registration(obj)
+    target = webhook_url(config)
+    with api:
+        registered, new = api.register(target)
+    verb = "Registered" if new else "Updated the registration to"
+    click.echo(
+        f"{verb} {registered.get('WebhookUrl', target)} for "
+        f"{', '.join(registered.get('WebhookEvents', []))} "
+        f"(subscriber {registered.get('SubscriberId', '?')})."
+    )
+
+
+@webhooks.command("show")
+@click.pass_obj
+def webhooks_show(obj: Context) -> None:
+    """Show Partner Center's webhook registration and whether it points here."""
+    from referral_watch.webhook_registration import webhook_url
+
+    config, api = _registration(obj)
+    with api:
+        registered = api.show()
+    if registered is None:
+        click.echo("No webhook registration: run `referral-watch webhooks register`.")
+        return
+    url = str(registered.get("WebhookUrl", "?"))
+    click.echo(f"URL:        {url}")
+    click.echo(f"Events:     {', '.join(registered.get('WebhookEvents', []))}")
+    click.echo(f"Subscriber: {registered.get('SubscriberId', '?')}")
+    try:
+        ours = webhook_url(config)
+    except ReferralWatchError:
+        return
+    if url != ours:
+        click.echo(f"Note: this config would register {ours} (run `webhooks register`).")
+
+
+@webhooks.command("unregister")
+@click.pass_obj
+def webhooks_unregister(obj: Context) -> None:
+    """Delete the webhook registration (polling carries on alone)."""
+    _, api = _registration(obj)
+    with api:
+        removed = api.unregister()
+    click.echo("Unregistered." if removed else "There was no webhook registration.")
+
+
+@webhooks.command("test")
+@click.pass_obj
+def webhooks_test(obj: Context) -> None:
+    """Ask Partner Center for a test event and wait (up to a minute) until it arrives here
+    and verifies; needs the daemon running on this state file."""
+    from referral_watch.webhook_registration import TEST_WAIT, wait_for_test_event
+
+    config, api = _registration(obj)
+    with api:
+        registered = api.show()
+        if registered is None:
+            fail("no webhook registration: run `referral-watch webhooks register` first")
+        click.echo(f"1. Registered: {registered.get('WebhookUrl', '?')}")
+        since = now_utc()
+        correlation = api.request_test()
+        click.echo(f"2. Asked Partner Center for a test event (correlation id {correlation}).")
+        click.echo(f"3. Waiting up to {TEST_WAIT:.0f}s for it to arrive and verify ...")
+        outcome = wait_for_test_event(
+            api, correlation, config.state.path, since, report=lambda line: click.echo(f"   {line}")
+        )
+    if outcome.ok and outcome.arrived is not None:
+        click.echo(f"4. Arrived and verified at {outcome.arrived:%H:%M:%S} UTC: webhooks work.")
+        return
+    click.echo(
+        "4. FAILED: the test event did not arrive verified. Is `referral-watch run` up with "
+        "this state file, is server.public_url reachable from the internet, and do the "
+        "daemon's logs show webhook.rejected?"
+    )
+    sys.exit(EXIT_FAILED)
+
+
 # --- demo ---------------------------------------------------------------------------------
 
 

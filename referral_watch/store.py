@@ -917,6 +917,14 @@ class Store:
                 (state, ts(now), error, *chunk),
             )
 
+    def webhook_event_since(self, event: str, moment: datetime) -> datetime | None:
+        """When the first ``event`` (e.g. test-created) received at or after ``moment`` was."""
+        row = self.db.execute(
+            "SELECT min(received) FROM webhook_events WHERE event = ? AND received >= ?",
+            (event, ts(moment)),
+        ).fetchone()
+        return from_ts(row[0])
+
     def last_webhook_event(self) -> datetime | None:
         row = self.db.execute("SELECT max(received) FROM webhook_events").fetchone()
         return from_ts(row[0])

@@ -1,0 +1,156 @@
+"""`referral-watch webhooks register|show|test|unregister` against the sandbox's registration API,
+with the exact bodies Partner Center documents and the registration audience's own token."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from referral_watch.sandbox_webhooks import REGISTRATION_PATH
+
+from conftest import World
+
+REGISTRATION_TOKEN = "sandbox-registration-token"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture
+def port(world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> int:
+    port = free_port()
+    side = world.sandbox.webhooks
+    tls = tmp_path / "tls-roots.pem"
+    tls.write_bytes(side.tls_roots_pem)
+    roots = tmp_path / "signing-roots.pem"
+    roots.write_bytes(side.trust_roots_pem)
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls))
+    monkeypatch.setenv("RW_REGISTRATION_TOKEN", REGISTRATION_TOKEN)
+    base = world.sandbox.base_url.removesuffix("/v1.0")
+    world.extra = f"""
+[schedule]
+interval = "1h"
+jitter = "0s"
+
+[server]
+listen = "127.0.0.1:{port}"
+public_url = "http://127.0.0.1:{port}"
+
+[webhooks]
+certificate_hosts = ["{side.certificate_host}"]
+trust_roots = "{roots}"
+registration_url = "{base}{REGISTRATION_PATH}"
+registration_token_env = "RW_REGISTRATION_TOKEN"
+"""
+    return port
+
+
+def registration_requests(world: World) -> list[tuple[str, str, object]]:
+    return [
+        (r.method, r.path, json.loads(r.body) if r.body else None)
+        for r in world.sandbox.requests
+        if r.path.startswith(REGISTRATION_PATH)
+    ]
+
+
+def test_register_show_and_unregister_with_the_documented_bodies(world: World, port: int) -> None:
+    url = f"http://127.0.0.1:{port}/webhooks/partner-center"
+    body = {"WebhookUrl": url, "WebhookEvents": ["referral-created", "referral-updated"]}
+
+    first = world.cli("webhooks", "register")
+    assert first.code == 0, first.err
+    assert f"Registered {url} for referral-created, referral-updated" in first.out
+    again = world.cli("webhooks", "register")
+    assert again.code == 0
+    assert f"Updated the registration to {url}" in again.out
+    assert registration_requests(world) == [
+        ("GET", REGISTRATION_PATH, None),
+        ("POST", REGISTRATION_PATH, body),
+        ("GET", REGISTRATION_PATH, None),
+        ("PUT", REGISTRATION_PATH, body),
+    ]
+    tokens = {r.headers.get("authorization") for r in world.sandbox.requests}
+    assert tokens == {f"Bearer {REGISTRATION_TOKEN}"}  # the other audience's token only
+
+    shown = world.cli("webhooks", "show")
+    assert shown.code == 0
+    assert f"URL:        {url}" in shown.out
+    assert "Events:     referral-created, referral-updated" in shown.out
+    assert "Note:" not in shown.out
+
+    gone = world.cli("webhooks", "unregister")
+    assert (gone.code, gone.out.strip()) == (0, "Unregistered.")
+    assert registration_requests(world)[-1] == ("DELETE", REGISTRATION_PATH, None)
+    assert "No webhook registration" in world.cli("webhooks", "show").out
+    assert "There was no webhook registration." in world.cli("webhooks", "unregister").out
+
+
+def test_a_token_for_the_referrals_audience_is_refused_clearly(
+    world: World, port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RW_REGISTRATION_TOKEN", "sandbox-token")  # the Referrals API's token
+    outcome = world.cli("webhooks", "show")
+    assert outcome.code == 1
+    assert "rejected the token (401)" in outcome.err
+    assert "https://api.partnercenter.microsoft.com" in outcome.err
+    assert "Traceback" not in outcome.err
+
+
+def test_register_needs_a_public_url(world: World, port: int) -> None:
+    world.extra = world.extra.replace(f'public_url = "http://127.0.0.1:{port}"\n', "")
+    outcome = world.cli("webhooks", "register")
+    assert outcome.code == 1
+    assert "server.public_url is not set" in outcome.err
+
+
+def test_webhooks_test_reports_each_step_and_sees_the_event_verified(
+    world: World, port: int
+) -> None:
+    assert world.cli("webhooks", "register").code == 0
+    with world.daemon():
+        wait_for_health(port)
+        outcome = world.cli("webhooks", "test")
+    assert outcome.code == 0, outcome.out + outcome.err
+    lines = outcome.out.splitlines()
+    assert lines[0] == f"1. Registered: http://127.0.0.1:{port}/webhooks/partner-center"
+    assert lines[1].startswith("2. Asked Partner Center for a test event (correlation id ")
+    assert lines[2] == "3. Waiting up to 60s for it to arrive and verify ..."
+    assert lines[-1].startswith("4. Arrived and verified at ")
+    asked = [r for r in registration_requests(world) if r[0] == "POST"]
+    assert asked[-1][1] == f"{REGISTRATION_PATH}/validationEvents"
+
+
+def test_webhooks_test_fails_when_nothing_listens(world: World, port: int) -> None:
+    assert world.cli("webhooks", "register").code == 0
+    outcome = world.cli("webhooks", "test")
+    assert outcome.code == 1
+    assert "Partner Center: failed" in outcome.out
+    assert "4. FAILED" in outcome.out
+
+
+def test_webhooks_commands_need_the_section(world: World) -> None:
+    outcome = world.cli("webhooks", "show")
+    assert outcome.code == 1
+    assert "[webhooks] is not configured" in outcome.err
+
+
+def wait_for_health(port: int) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError("the daemon did not come up")
