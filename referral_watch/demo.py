@@ -167,6 +167,13 @@ def story(start: datetime) -> Story:
                 accept=adatum["id"],
             ),
             Event(
+                timedelta(days=2, hours=1),
+                "a new lead, Contoso Webhooks Ltd: Partner Center posts a signed webhook event",
+                lambda sb: sb.add(
+                    lead("Contoso Webhooks Ltd", -timedelta(days=2), deal_value=40000)
+                ),
+            ),
+            Event(
                 timedelta(days=3, hours=3),
                 "7 leads arrive at once after a trade show",
                 lambda sb: sb.add(*burst),
@@ -210,6 +217,7 @@ def run_demo(
         tokens = EnvTokenProvider("DEMO_TOKEN", environ={"DEMO_TOKEN": TOKEN})
         with Store(config.state.path) as store, PartnerCenter(config.partner_center, tokens) as api:
             cycle = Cycle(config, store, api, Notifier(config.channels), clock)
+            hooks = DemoWebhooks(sandbox)
 
             def accept(lead_id: str) -> None:
                 answer_lead(store, api, lead_id, "accept", "", ANN, clock.now)
@@ -217,6 +225,7 @@ def run_demo(
             while clock.now <= start + timedelta(days=days):
                 printer.header = _cycle_header(stream, clock.now, start)
                 _happen(plot, clock.now - start, sandbox, printer, accept)
+                hooks.handle(cycle, printer, clock)  # at once, before the poll
                 cycle.run()
                 clock.advance(step)
                 time.sleep(pause)
@@ -327,6 +336,58 @@ def _summary(stream: TextIO, store: Store, start: datetime) -> None:
         "\nThe malformed record was skipped and logged; everything else was answered or "
         "announced.\nNext: `referral-watch check-config`, `referral-watch login`, and the README.\n"
     )
+
+
+class DemoWebhooks:
+    """Webhooks in the demo: the sandbox signs each new lead's event and hands it to this
+    in-process receiver, which verifies it for real (its certificate fetched over https from
+    the sandbox, chained to the sandbox's "Microsoft Corporation" CA); the demo then handles
+    the lead at once, as the daemon's worker would, ahead of the next poll."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        import ssl
+
+        from referral_watch.config import WebhooksConfig
+        from referral_watch.webhooks import Verifier, download_certificate
+
+        side = sandbox.webhooks
+        self.side = side
+        self.roots = Path(tempfile.mkdtemp(prefix="referral-watch-demo-roots-")) / "roots.pem"
+        self.roots.write_bytes(side.trust_roots_pem)
+        tls = ssl.create_default_context(cadata=side.tls_roots_pem.decode())
+        self.verifier = Verifier(
+            WebhooksConfig(certificate_hosts=[side.certificate_host], trust_roots=self.roots),
+            download=lambda url: download_certificate(url, tls),
+        )
+        self.waiting: list[str] = []
+        side.local_target = self._receive
+        side.register("local:demo")
+
+    def _receive(self, headers: dict[str, str], body: bytes) -> int:
+        from referral_watch.webhooks import Rejected, parse_event
+
+        try:
+            self.verifier.verify(headers, body)
+        except Rejected:
+            return 401
+        event = parse_event(body)
+        if event.lead_id:
+            self.waiting.append(event.lead_id)
+        return 200
+
+    def handle(self, cycle: Cycle, printer: ConsolePrinter, clock: SteppedClock) -> None:
+        self.side.wait_idle()
+        if not self.waiting:
+            return
+        ids, self.waiting = self.waiting, []
+        events = f"{len(ids)} event{'s' if len(ids) > 1 else ''}"
+        printer.line(
+            _style(printer.stream, "1;35")(
+                f"» webhook ({events}) verified: handled at once, no wait for the next poll"
+            )
+        )
+        cycle.handle_leads(ids)
+        clock.advance(timedelta(minutes=1))  # the poll comes later, as in real life
 
 
 class ConsolePrinter:

@@ -18,6 +18,7 @@ import ssl
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -217,6 +218,8 @@ class SandboxWebhooks:
         self.certificates = _Certificates(sandbox.host)
         self.certificates.start()
         self.registration: dict[str, Any] | None = None
+        # An in-process receiver instead of a URL (the demo): (headers, body) -> HTTP status.
+        self.local_target: Callable[[dict[str, str], bytes], int] | None = None
         self.deliveries: list[Delivery] = []
         self.validations: dict[str, dict[str, Any]] = {}
         self._faults: list[list[Any]] = []  # [kind, times left]
@@ -354,7 +357,10 @@ class SandboxWebhooks:
         for attempt in range(DELIVERY_ATTEMPTS):
             began = time.monotonic()
             try:
-                status = client.post(url, content=body, headers=headers).status_code
+                if self.local_target is not None and url.startswith("local:"):
+                    status = self.local_target({k.lower(): v for k, v in headers.items()}, body)
+                else:
+                    status = client.post(url, content=body, headers=headers).status_code
             except httpx.HTTPError:
                 status = None
             with self._lock:
@@ -470,7 +476,7 @@ class SandboxWebhooks:
 def _registration(asked: dict[str, Any], ms_header: bool) -> dict[str, Any]:
     url = asked["WebhookUrl"]
     events = asked["WebhookEvents"]
-    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+    if not isinstance(url, str) or not url.startswith(("http://", "https://", "local:")):
         raise ValueError("WebhookUrl must be an http(s) URL")
     if not isinstance(events, list) or not events or any(e not in EVENTS for e in events):
         raise ValueError(f"WebhookEvents must be a list of {', '.join(EVENTS)}")

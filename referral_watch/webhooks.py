@@ -294,12 +294,14 @@ def _parse_chain(data: bytes, url: str) -> _Chain:
     return _Chain(certificates[0], certificates[1:])
 
 
-def download_certificate(url: str) -> bytes:
+def download_certificate(url: str, context: ssl.SSLContext | None = None) -> bytes:
     """GET ``url`` over TLS checked against the system's trust store (``SSL_CERT_FILE``
-    honoured), within CERTIFICATE_TIMEOUT and CERTIFICATE_MAX_BYTES, no redirects."""
+    honoured; or ``context``), within CERTIFICATE_TIMEOUT and CERTIFICATE_MAX_BYTES, no
+    redirects."""
     import httpx
 
-    context = ssl.create_default_context()  # OpenSSL's default paths: SSL_CERT_FILE, SSL_CERT_DIR
+    if context is None:  # OpenSSL's default paths: SSL_CERT_FILE, SSL_CERT_DIR
+        context = ssl.create_default_context()
     deadline = time.monotonic() + CERTIFICATE_TIMEOUT
     try:
         with (
