@@ -647,7 +647,11 @@ def webhooks_test(obj: Context) -> None:
         click.echo(f"2. Asked Partner Center for a test event (correlation id {correlation}).")
         click.echo(f"3. Waiting up to {TEST_WAIT:.0f}s for it to arrive and verify ...")
         outcome = wait_for_test_event(
-            api, correlation, config.state.path, since, report=lambda line: click.echo(f"   {line}")
+            api,
+            correlation,
+            config.state.location,
+            since,
+            report=lambda line: click.echo(f"   {line}"),
         )
     if outcome.ok and outcome.arrived is not None:
         click.echo(f"4. Arrived and verified at {outcome.arrived:%H:%M:%S} UTC: webhooks work.")

@@ -293,7 +293,7 @@ class Daemon:
         self.receiver = Receiver(
             self.config, wake=worker.wake, count=self._count_webhook_event, clock=self.clock
         )
-        with Store(self.config.state.path) as store:
+        with Store(self.config.state.location) as store:
             self.receiver.last_event = store.last_webhook_event()
         self.webhook_worker = worker
         worker.start()
@@ -304,7 +304,15 @@ class Daemon:
             self.metrics.webhook_last_event.set(self.clock().timestamp())
 
     def _pending_webhook_leads(self) -> list[str]:
-        with Store(self.config.state.path) as store:
+        with Store(self.config.state.location) as store:
+            if self.receiver is not None and self.receiver.parked:
+                try:
+                    self.receiver.flush(store)
+                except StateError as exc:  # still busy: try again in a moment
+                    log.warning("webhook.flush_failed", error=str(exc), left=self.receiver.parked)
+                    retry = threading.Timer(1.0, self.webhook_worker.wake)
+                    retry.daemon = True
+                    retry.start()
             return store.pending_webhook_leads()
 
     def handle_webhook_leads(self, lead_ids: Sequence[str]) -> CycleResult | None:
@@ -323,7 +331,7 @@ class Daemon:
         if self._api is None:
             self._api = self.progress.watched(self.api_factory(self.config))
         sender = self._current_sender()
-        with Store(self.config.state.path) as store:
+        with Store(self.config.state.location) as store:
             cycle = Cycle(self.config, store, self._api, sender, self.clock, self.stop)
             result = cycle.handle_leads(lead_ids)
         for (channel, outcome), count in result.by_channel.items():

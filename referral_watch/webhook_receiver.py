@@ -20,7 +20,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from referral_watch.config import Config
-from referral_watch.errors import ReferralWatchError
+from referral_watch.dialect import Sqlite
+from referral_watch.errors import ReferralWatchError, StateError
 from referral_watch.store import Store
 from referral_watch.webhooks import (
     DUPLICATE,
@@ -47,6 +48,9 @@ KNOWN_EVENTS = frozenset(
         TEST_EVENT,
     }
 )
+# Seconds an event waits for the state file's write lock before it is answered anyway and left
+# to the worker to store: Partner Center should never wait for a poll.
+LOCK_WAIT = 0.25
 UNVERIFIED = "unverified"  # the event label of a rejected event: its body is not believed
 
 
@@ -75,14 +79,37 @@ class Receiver:
         self.clock = clock
         self.last_event: datetime | None = None
         self._local = threading.local()
+        self._parked: list[tuple[Event, datetime]] = []  # answered, not stored yet
+        self._parked_lock = threading.Lock()
 
     def _store(self) -> Store:
         """This worker thread's own state file connection, kept open: opening and closing
-        the file for every event would also checkpoint its journal every time (~20 ms)."""
+        the file for every event would also checkpoint its journal every time (~20 ms). It
+        waits at most LOCK_WAIT for the file's write lock (a poll holds it while it runs)."""
         store: Store | None = getattr(self._local, "store", None)
         if store is None:
-            store = self._local.store = Store(self.config.state.path)
+            store = self._local.store = Store(self.config.state.location)
+            if isinstance(store.dialect, Sqlite):
+                store.db.execute(f"PRAGMA busy_timeout = {int(LOCK_WAIT * 1000)}")
         return store
+
+    def flush(self, store: Store) -> None:
+        """Store the events answered while the state was busy (on the worker's thread)."""
+        with self._parked_lock:
+            parked, self._parked = self._parked, []
+        try:
+            while parked:
+                event, received = parked[0]
+                self._counted(event, store.add_webhook_event(event.stored(), received))
+                parked.pop(0)
+        finally:
+            with self._parked_lock:
+                self._parked[:0] = parked  # what could not be stored yet, first again
+
+    @property
+    def parked(self) -> int:
+        with self._parked_lock:
+            return len(self._parked)
 
     def route(self) -> Route:
         return Route(self.path, self.endpoint, methods=["POST"], name="webhooks")
@@ -114,26 +141,39 @@ class Receiver:
         return await run_in_threadpool(self._accept, event)
 
     def _accept(self, event: Event) -> Response:
-        label = event.name if event.name in KNOWN_EVENTS else "other"
         now = self.clock()
-        new = self._store().add_webhook_event(event.stored(), now)
         self.last_event = now
+        try:
+            new = self._store().add_webhook_event(event.stored(), now)
+        except StateError as exc:
+            # Busy (a long poll holds the write lock): answer now, the worker stores it.
+            log.info("webhook.parked", webhook_event=event.name, reason=str(exc)[:120])
+            with self._parked_lock:
+                self._parked.append((event, now))
+            self.wake()
+            return _answer(200, "accepted")
+        return _answer(200, self._counted(event, new))
+
+    def _counted(self, event: Event, new: bool) -> str:
+        """Count and log a stored event (``new``: not received before); wake the worker for
+        one that names a lead. Returns what the answer says."""
+        label = event.name if event.name in KNOWN_EVENTS else "other"
         if not new:
             log.info("webhook.duplicate", webhook_event=event.name, lead=event.lead_id)
             self.count(label, DUPLICATE)
-            return _answer(200, "already received")
+            return "already received"
         if event.name == TEST_EVENT:
             log.info("webhook.test_event", resource=event.resource_uri)
             self.count(label, OK)
-            return _answer(200, "test event received")
+            return "test event received"
         if not event.actionable:
             log.info("webhook.ignored", webhook_event=event.name)
             self.count(label, IGNORED)
-            return _answer(200, "ignored")
+            return "ignored"
         log.info("webhook.received", webhook_event=event.name, lead=event.lead_id)
         self.count(label, OK)
         self.wake()
-        return _answer(200, "accepted")
+        return "accepted"
 
 
 async def _body_within_limit(request: Request) -> bytes | None:

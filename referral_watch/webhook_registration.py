@@ -217,7 +217,7 @@ class TestOutcome:
 def wait_for_test_event(
     registration: Registration,
     correlation: str,
-    state_path: Path,
+    state: Path | str,
     since: datetime,
     *,
     timeout: float = TEST_WAIT,
@@ -232,7 +232,7 @@ def wait_for_test_event(
     deadline = time.monotonic() + timeout
     said = ""
     while True:
-        with Store(state_path) as store:
+        with Store(state) as store:
             arrived = store.webhook_event_since(TEST_EVENT, since)
         status = registration.test_status(correlation) or {}
         delivery = _delivery_text(status)

@@ -3,6 +3,7 @@ https), and the endpoint's answers (Starlette's TestClient on a real state file)
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -266,6 +267,7 @@ class Endpoint:
     woken: list[bool]
     state: Path
     signing: Signing
+    receiver: Receiver
 
 
 @pytest.fixture
@@ -285,7 +287,7 @@ def endpoint(signing: Signing, tmp_path: Path) -> Iterator[Endpoint]:
     )
     app = Starlette(routes=[receiver.route()])
     with TestClient(app) as client:
-        yield Endpoint(client, counted, woken, tmp_path / "state.db", signing)
+        yield Endpoint(client, counted, woken, tmp_path / "state.db", signing, receiver)
 
 
 def post(endpoint: Endpoint, body: bytes, headers: dict[str, str] | None = None) -> Any:
@@ -309,6 +311,27 @@ def test_the_same_event_twice_is_answered_but_acted_on_once(endpoint: Endpoint) 
     assert post(endpoint, body).status_code == 200
     assert endpoint.counted == [("referral-created", "ok"), ("referral-created", "duplicate")]
     assert endpoint.woken == [True]
+
+
+def test_while_a_poll_holds_the_state_file_events_are_answered_and_stored_later(
+    endpoint: Endpoint,
+) -> None:
+    body = event()
+    assert post(endpoint, event("warm-up")).status_code == 200  # the state file exists
+    poll = sqlite3.connect(endpoint.state, isolation_level=None)
+    poll.execute("BEGIN IMMEDIATE")  # what a running poll holds
+    try:
+        assert post(endpoint, body).status_code == 200
+        assert post(endpoint, body).status_code == 200  # a redelivery meanwhile
+        assert endpoint.receiver.parked == 2
+    finally:
+        poll.execute("ROLLBACK")
+        poll.close()
+    with Store(endpoint.state) as store:
+        endpoint.receiver.flush(store)
+        assert "4f0e1c9a-0000-4000-8000-000000000001" in store.pending_webhook_leads()
+    assert endpoint.receiver.parked == 0
+    assert endpoint.counted[1:] == [("referral-created", "ok"), ("referral-created", "duplicate")]
 
 
 def test_a_forged_event_gets_401_and_is_not_stored(
