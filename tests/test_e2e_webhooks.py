@@ -4,11 +4,9 @@ receives the sandbox's signed events over real HTTP and alerts within seconds.""
 from __future__ import annotations
 
 import json
-import socket
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -17,26 +15,11 @@ import pytest
 
 from referral_watch.sandbox import ITEM_PREFIX, make_referral
 
-from conftest import World
+from conftest import World, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
 PATH = "/webhooks/partner-center"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 15.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def get(url: str) -> tuple[int, bytes]:

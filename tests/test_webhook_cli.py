@@ -4,8 +4,6 @@ with the exact bodies Partner Center documents and the registration audience's o
 from __future__ import annotations
 
 import json
-import socket
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -14,15 +12,9 @@ import pytest
 
 from referral_watch.sandbox_webhooks import REGISTRATION_PATH
 
-from conftest import World
+from conftest import World, free_port, wait_until
 
 REGISTRATION_TOKEN = "sandbox-registration-token"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture
@@ -144,13 +136,11 @@ def test_webhooks_commands_need_the_section(world: World) -> None:
 
 
 def wait_for_health(port: int) -> None:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
+    def healthy() -> bool:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as answer:
-                if answer.status == 200:
-                    return
+                return bool(answer.status == 200)
         except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.05)
-    raise AssertionError("the daemon did not come up")
+            return False
+
+    wait_until(healthy, what="the daemon's first poll")

@@ -20,17 +20,7 @@ from referral_watch.store import Store, WebhookEvent
 from referral_watch.web.app import build_app
 from referral_watch.webhook_worker import WebhookWorker
 
-from conftest import World
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
+from conftest import World, wait_until
 
 # --- the worker's batching ----------------------------------------------------------------
 
@@ -84,8 +74,10 @@ def test_leads_trickling_in_are_sent_one_by_one_only_up_to_digest_over() -> None
     try:
         for n in range(6):
             queue.arrive(worker, f"lead-{n}")
-            wait_until(lambda n=n: len(queue.batches) > n or len(queue.batches) >= 2, what="x")
-            time.sleep(0.3)
+            if n < 2:  # the first two go out one by one, each as soon as it came
+                wait_until(lambda: not queue.pending(), what=f"lead-{n} handled alone")
+            else:
+                time.sleep(0.3)  # the next one comes a little later (longer than QUIET)
         wait_until(lambda: not queue.pending(), timeout=20, what="every lead handled")
         assert queue.batches[:2] == [["lead-0"], ["lead-1"]]
         assert sum(len(batch) for batch in queue.batches) == 6
