@@ -151,6 +151,8 @@ class Daemon:
         log.warning("replica.role", role="active" if active else "standby")
         if active and self._scheduler is not None:
             self._scheduler.modify_job(CYCLE_JOB, next_run_time=datetime.now(UTC))  # take over now
+        if active and self.webhook_worker is not None:
+            self.webhook_worker.wake()  # events the standby stored wait for us
 
     def _state_trouble(self, reason: str) -> None:
         """The state cannot be used (the database is down or unreachable): count it like a
@@ -317,7 +319,10 @@ class Daemon:
 
     def handle_webhook_leads(self, lead_ids: Sequence[str]) -> CycleResult | None:
         """The worker's batch: these leads only, fetched by id, stored, decided, delivered;
-        one at a time with poll cycles and reports (the daemon's work lock)."""
+        one at a time with poll cycles and reports (the daemon's work lock). A standby
+        replica leaves them to the active one (the events wait in the shared state)."""
+        if not self.active:
+            return None
         with self.progress.working():
             try:
                 return self._webhook_batch(lead_ids)
@@ -331,8 +336,16 @@ class Daemon:
         if self._api is None:
             self._api = self.progress.watched(self.api_factory(self.config))
         sender = self._current_sender()
-        with Store(self.config.state.location) as store:
-            cycle = Cycle(self.config, store, self._api, sender, self.clock, self.stop)
+        with self._store() as store:
+            cycle = Cycle(
+                self.config,
+                store,
+                self._api,
+                sender,
+                self.clock,
+                self.stop,
+                may_send=lambda: self.active,
+            )
             result = cycle.handle_leads(lead_ids)
         for (channel, outcome), count in result.by_channel.items():
             self.metrics.deliveries.labels(channel, outcome).inc(count)
