@@ -243,7 +243,7 @@ def health_check(config: Config) -> int:
             last = store.last_success()
             event = store.last_webhook_event() if config.webhooks is not None else None
     except StateError as exc:
-        click.echo(f"unhealthy: {exc}", err=True)
+        click.echo(terminal(f"unhealthy: {exc}"), err=True)
         return EXIT_FAILED
     webhooks = ""
     if config.webhooks is not None:
@@ -328,7 +328,7 @@ def test_notify(obj: Context, channels: tuple[str, ...]) -> None:
             click.echo(f"{name}: delivered")
         else:
             failed += 1
-            click.echo(f"{name}: FAILED: {outcome.error}")
+            click.echo(terminal(f"{name}: FAILED: {outcome.error}"))
     sys.exit(EXIT_FAILED if failed else EXIT_OK)
 
 
@@ -404,10 +404,8 @@ def silence(obj: Context, lead_id: str, duration: str, reason: str, through_dead
         )
         lead = store.lead(full_id)
     until = now + length
-    click.echo(
-        f"Silenced {full_id} ({lead.referral.customer if lead else '?'}) until "
-        f"{until:%Y-%m-%d %H:%M} UTC."
-    )
+    customer = lead.referral.customer if lead else "?"
+    click.echo(terminal(f"Silenced {full_id} ({customer}) until {until:%Y-%m-%d %H:%M} UTC."))
     if lead and until >= lead.deadline and not through_deadline:
         click.echo(
             "Note: the silence outlasts the deadline; the final reminder will still be sent "
@@ -426,9 +424,9 @@ def unsilence(obj: Context, lead_id: str) -> None:
     with Store(config.state.location, create=False) as store:
         full_id = resolve_id(store, lead_id)
         if store.unsilence(full_id):
-            click.echo(f"Reminders for {full_id} are back on.")
+            click.echo(terminal(f"Reminders for {full_id} are back on."))
         else:
-            click.echo(f"{full_id} was not silenced.")
+            click.echo(terminal(f"{full_id} was not silenced."))
 
 
 # --- answer -------------------------------------------------------------------------------
@@ -457,10 +455,10 @@ def answer(obj: Context, lead_id: str, action: str, reason: str) -> None:
         with PartnerCenter(config.partner_center, token_provider(config)) as api:
             outcome = answer_lead(store, api, full_id, action, reason, person, now_utc())
         if outcome.ok:
-            click.echo(f"{outcome.message}.")
-            click.echo(notify_resolved(config, store))
+            click.echo(terminal(f"{outcome.message}."))
+            click.echo(terminal(notify_resolved(config, store)))
             return
-    click.echo(outcome.message)
+    click.echo(terminal(outcome.message))
     sys.exit(EXIT_OK if outcome.settled else EXIT_FAILED)
 
 

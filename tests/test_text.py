@@ -496,3 +496,13 @@ def test_the_md_filter_in_a_template_escapes_for_the_channel() -> None:
     assert live_slack(slack_mrkdwn(slack)) == [] and "\\*" not in slack_mrkdwn(slack)
     assert teams == "\\<!channel\\> \\*Fab\\* / \\[x\\](http://evil.example)"
     assert not planted_link(teams)
+
+
+def test_silence_and_errors_print_partner_center_text_made_visible(world: World) -> None:
+    lead = world.add_lead(age=timedelta(hours=1), customer=E2E_HOSTILE)
+    assert world.cli("run", "--once").code == 0
+    silenced = world.cli("silence", lead, "--for", "1d")
+    assert silenced.code == 0, silenced.err
+    assert forbidden(silenced.out) == [] and "Evil<U+001B>[2J" in silenced.out
+    explained = world.cli("status", "--explain", lead)
+    assert forbidden(explained.out) == [] and "<U+202E>Co" in explained.out
