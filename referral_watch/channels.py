@@ -102,6 +102,7 @@ def style_for(config: Config, channel: str) -> Style:
         link_template=config.partner_center.link_template,
         markup=markup_of(kind),
         team_domains=_our_domains(config, settings),
+        answer_base=answer_base(config),
     )
 
 
@@ -110,3 +111,12 @@ def _our_domains(config: Config, settings: ChannelConfig | None) -> tuple[str, .
     if settings is not None and settings.assignee_domains:
         return tuple(settings.assignee_domains)
     return tuple(sorted({d for c in config.channels.values() for d in c.assignee_domains}))
+
+
+def answer_base(config: Config) -> str:
+    """Where Accept/Decline links point (SPEC 14): ``server.public_url`` when the console
+    answers (``console.answer``), else '' (no links)."""
+    server, console = config.server, config.console
+    if server is None or not server.public_url or console is None or not console.answer:
+        return ""
+    return server.public_url

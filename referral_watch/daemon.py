@@ -21,7 +21,7 @@ import structlog
 
 from referral_watch import schedule
 from referral_watch.config import Config
-from referral_watch.cycle import Clock, Cycle, CycleResult, system_clock
+from referral_watch.cycle import Clock, Cycle, CycleResult, NoPolls, system_clock
 from referral_watch.errors import ConfigError, ReferralWatchError, StateError
 from referral_watch.ops import OpsState, healthy, ops_event
 from referral_watch.replica import Leadership, work_name
@@ -260,6 +260,22 @@ class Daemon:
             ).run()
             self._observe(store, result)
         return result
+
+    def notify_now(self) -> None:
+        """After an answer from the console: decide and deliver at once (on_resolved hears it
+        now, not at the next poll), one delivery at a time like every other job. A standby
+        leaves it to the active replica's next cycle."""
+        if not self.active:
+            return
+        with self.progress.working():
+            try:
+                sender = self._current_sender()
+                with Store(self.config.state.location) as store:
+                    Cycle(self.config, store, NoPolls(), sender, self.clock, self.stop).notify_now()
+            except ReferralWatchError as exc:
+                log.error("notify_now.error", error=str(exc))
+            except Exception:  # a bug must not cost the console its thread
+                log.exception("notify_now.crashed")
 
     def _observe(self, store: Store, result: CycleResult) -> None:
         self.metrics.polls.labels("ok" if result.poll_ok else "failed").inc()

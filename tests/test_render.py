@@ -1046,7 +1046,7 @@ def test_sandbox_escape_fails_safely_at_send_time() -> None:
 # --- the catalogs ----------------------------------------------------------------------------
 
 _PLACEHOLDER = re.compile(r"\{(\w*)\}")
-WORDING_MODULES = ("render.py", "i18n.py", "web/views.py")  # where msgids live
+WORDING_MODULES = ("render.py", "i18n.py", "web/views.py", "web/answer.py")  # where msgids live
 WORDING_TEMPLATES = "web/templates/*.html"  # the console's pages (Babel's jinja2 extractor)
 
 

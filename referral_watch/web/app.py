@@ -63,13 +63,14 @@ def build_app(
     """
     from starlette.middleware.sessions import SessionMiddleware
 
-    from referral_watch.web import console, signin
+    from referral_watch.web import answer, console, signin
 
     sessions = signin.Sessions()
     app = Starlette(
         routes=[
             *routes,
             *_operations_routes(host),
+            *answer.routes(),  # the answer page (SPEC 14) is part of the console
             *console.routes(),
             *signin.auth_routes(),
         ],

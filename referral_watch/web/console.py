@@ -170,12 +170,16 @@ def lead_page(request: Request) -> Response:
         if lead is None:
             raise HTTPException(404)
         messages = store.messages_for(lead_id)
+        audit = store.audit(lead_id)
+    answering = config.console is not None and config.console.answer and config.server is not None
     return page(
         request,
         "lead.html",
         lead=views.detail(lead, config, now, _),
         messages=views.message_lines(messages, config, _),
         error=request.query_params.get("error", "") == "duration",
+        answers=views.audit_lines(audit, config, _),
+        can_answer=answering and lead.resolution is None and lead.remaining(now) > timedelta(0),
     )
 
 

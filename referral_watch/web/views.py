@@ -16,7 +16,7 @@ from babel.dates import format_datetime
 from referral_watch import policy
 from referral_watch.config import Config
 from referral_watch.i18n import babel_locale, money_text, time_left_text, zone
-from referral_watch.model import Lead
+from referral_watch.model import AuditEntry, Lead
 from referral_watch.store import PollRecord
 
 Gettext = Callable[[str], str]
@@ -250,4 +250,43 @@ def set_aside(records: Sequence[Any], config: Config) -> list[SetAside]:
             last_seen=when(r.last_seen, config),
         )
         for r in records
+    ]
+
+
+@dataclass(frozen=True)
+class AnswerLine:
+    """One answer given or tried through referral-watch (SPEC 14), for the lead's page."""
+
+    at: str
+    who: str
+    via: str
+    action: str
+    reason: str
+    result: str
+    request_id: str
+
+
+def audit_lines(entries: Sequence[AuditEntry], config: Config, _: Gettext) -> list[AnswerLine]:
+    actions = {"accept": _("accept"), "decline": _("decline")}
+    results = {
+        "accepted": _("accepted"),
+        "declined": _("declined"),
+        "changed": _("changed meanwhile, nothing answered"),
+        "refused": _("refused: the Referral Admin or Referral User role is missing"),
+        "gone": _("gone from Partner Center"),
+        "already": _("already answered"),
+        "failed": _("failed"),
+    }
+    vias = {"console": _("console"), "command": _("command line")}
+    return [
+        AnswerLine(
+            at=when(entry.at, config),
+            who=entry.who if entry.name in ("", entry.who) else f"{entry.name} <{entry.who}>",
+            via=vias.get(entry.via, entry.via),
+            action=actions.get(entry.action, entry.action),
+            reason=entry.reason,
+            result=results.get(entry.result, entry.result),
+            request_id=entry.request_id or "",
+        )
+        for entry in entries
     ]
