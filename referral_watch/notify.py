@@ -23,7 +23,6 @@ import structlog
 from referral_watch.channels import (
     EMAIL_SCHEMES,
     OFFICE_CONNECTOR,
-    SLACK_HOOK_HOST,
     WEBHOOK_SCHEMES,
     channel_kind,
     url_scheme,
@@ -104,7 +103,7 @@ def _redact(url: str) -> tuple[str, list[str]]:
     parts = urlsplit(url.strip())
     red = _Redaction([])
     token_path = scheme in _TOKEN_PATH_SCHEMES
-    slack_hook = bool(SLACK_HOOK_HOST.match(parts.hostname or ""))
+    slack_hook = scheme in ("http", "https") and channel_kind(url) == "slack"
 
     userinfo, at, hostport = parts.netloc.rpartition("@")
     user, colon, password = userinfo.partition(":")

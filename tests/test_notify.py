@@ -498,3 +498,14 @@ def test_the_apprise_internals_notify_relies_on_are_there() -> None:
     assert "console" in registry
     assert Notifier({"c": ChannelConfig(url="console://")}).send("c", MESSAGE).ok
     register_console_target(None)
+
+
+@pytest.mark.parametrize("host", ["hooks.slack.com", "hooks.slack-gov.com"])
+def test_apprise_reasons_never_carry_a_slack_hook_token(host: str) -> None:
+    from referral_watch.notify import _apprise_reason
+
+    url = f"https://{host}/services/{SLACK_A}/{SLACK_B}/{SLACK_C}"
+    reason = _apprise_reason(f"Failed to send to {url}: HTTP 404 for {SLACK_C}", url)
+    for secret in (SLACK_A, SLACK_B, SLACK_C):
+        assert secret not in reason
+    assert "404" in reason
