@@ -230,17 +230,6 @@ class PolicyConfig(Section):
         return next((t for t in self.tiers if t.name == tier_name), None)
 
 
-MATCH_KEYS = (
-    "country",
-    "direction",
-    "type",
-    "qualification",
-    "solution",
-    "product",
-    "team_email",
-)
-
-
 class MatchConfig(Section):
     country: StrList | None = None
     direction: StrList | None = None
@@ -253,7 +242,6 @@ class MatchConfig(Section):
     max_deal_value: float | None = None
 
 
-_WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _QUIET = re.compile(r"([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)")
 
 

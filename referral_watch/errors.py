@@ -45,10 +45,6 @@ class ApiError(ReferralWatchError):
         super().__init__(message)
 
 
-class DeliveryError(ReferralWatchError):
-    """A channel did not accept a message."""
-
-
 class StateError(ReferralWatchError):
     """The state file cannot be used (corrupt, read-only, newer schema...)."""
 
