@@ -686,3 +686,72 @@ def test_the_daemon_behaves_as_the_unit_and_probes_expect(
     broken = subprocess.run(["referral-watch", "run"], env=env, capture_output=True, timeout=60)
     assert broken.returncode == 2
     assert b"auth.method" in broken.stderr
+
+
+# --- high availability: two replicas on PostgreSQL (deploy/kubernetes-ha, compose.ha.yaml) ---
+
+K8S_HA = ROOT / "deploy" / "kubernetes-ha"
+COMPOSE_HA = ROOT / "deploy" / "compose.ha.yaml"
+
+
+def ha_rendered() -> list[dict[str, Any]]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed on this machine")
+    result = subprocess.run(
+        [kubectl, "kustomize", str(K8S_HA)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return list(yaml.safe_load_all(result.stdout))
+
+
+def test_the_ha_overlay_runs_two_replicas_that_a_drain_cannot_both_stop() -> None:
+    rendered = {r["kind"]: r for r in ha_rendered()}
+    assert sorted(rendered) == [
+        "ConfigMap",
+        "Deployment",
+        "PersistentVolumeClaim",
+        "PodDisruptionBudget",
+    ]
+    spec = rendered["Deployment"]["spec"]
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    budget = rendered["PodDisruptionBudget"]["spec"]
+    assert budget["minAvailable"] == 1
+    assert budget["selector"]["matchLabels"] == spec["selector"]["matchLabels"]
+    assert rendered["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteMany"]
+    [pod] = spec["template"]["spec"]["containers"]
+    # /healthz is 200 on a healthy standby: readiness never takes the standby out
+    assert pod["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    assert pod["livenessProbe"]["exec"]["command"] == HEALTH_CHECK
+    config = parse_config(
+        rendered["ConfigMap"]["data"]["config.toml"],
+        env={**secret_env(), "STATE_DB_PASSWORD": "pw"},
+    )
+    assert config.state.url is not None and config.state.url.startswith("postgresql://")
+    assert config.state.shown.startswith("postgresql://referral_watch:***@")
+    assert config.cache_path == Path("/data/msal-cache.json")
+
+
+def test_the_ha_overlay_takes_its_database_password_from_the_env_example() -> None:
+    text = load_yaml(K8S_HA / "configmap.yaml")["data"]["config.toml"]
+    used = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", text))
+    assert used == set(secret_env()) | {"STATE_DB_PASSWORD"}
+    assert "STATE_DB_PASSWORD" in read_env_file(ENV_EXAMPLE)
+
+
+def test_compose_ha_runs_two_replicas_after_a_healthy_postgresql() -> None:
+    services = load_yaml(COMPOSE_HA)["services"]
+    assert sorted(services) == ["postgres", "referral-watch-a", "referral-watch-b"]
+    assert services["postgres"]["healthcheck"]["test"][:2] == ["CMD", "pg_isready"]
+    replicas = [services["referral-watch-a"], services["referral-watch-b"]]
+    assert replicas[0]["hostname"] != replicas[1]["hostname"]  # status --check tells them apart
+    for replica in replicas:
+        assert replica["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+        assert replica["healthcheck"]["test"] == ["CMD", *HEALTH_CHECK]
+        assert replica["restart"] == "unless-stopped"
+        [env_file] = replica["env_file"]
+        assert (COMPOSE_HA.parent / env_file).resolve() == ENV_EXAMPLE.parent / ".env"

@@ -3,6 +3,7 @@ a real PostgreSQL server started by the test suite (pgserver.py)."""
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 
 import pytest
@@ -111,3 +112,35 @@ def test_state_url_and_path_are_one_or_the_other() -> None:
     )
     assert config.state.location == "postgresql://rw:pa55@db/rw"
     assert config.state.shown == "postgresql://rw:***@db/rw"
+
+
+def test_a_standby_serves_the_console_read_only(pg_world: World, pg_url: str) -> None:
+    from starlette.testclient import TestClient
+
+    from referral_watch.config import load_config
+    from referral_watch.daemon import Daemon
+    from referral_watch.web.app import build_app
+
+    lead = pg_world.add_lead(age=timedelta(days=1), customer="Seen From A Standby")
+    assert pg_world.cli("run", "--once").code == 0
+    pg_world.extra = '[server]\nlisten = "127.0.0.1:9464"\n[console]\nsign_in = "none"\n'
+    daemon = Daemon(load_config(pg_world.write_config()))
+    active = Leadership(pg_url, "the active replica")
+    assert active.check()
+    daemon.leadership = Leadership(pg_url, "this standby")
+    try:
+        assert not daemon.leadership.check()  # the other one holds the lock
+        client = TestClient(build_app(daemon))
+        page = client.get(f"/leads/{lead}")
+        assert page.status_code == 200 and "Seen From A Standby" in page.text
+        assert client.get("/healthz").json()["role"] == "standby"
+        token = re.search(r'name="csrf" value="([^"]+)"', page.text)
+        assert token is not None
+        refused = client.post(
+            f"/leads/{lead}/silence", data={"duration": "2d", "csrf": token.group(1)}
+        )
+        assert refused.status_code == 409 and "standby" in refused.text
+        assert pg_world.cli("status", "--json").json()[0]["silenced_until"] is None
+    finally:
+        daemon.leadership.stop()
+        active.stop()

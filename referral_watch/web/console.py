@@ -183,7 +183,16 @@ def lead_page(request: Request) -> Response:
     )
 
 
+def refuse_on_standby(request: Request) -> None:
+    """A standby replica (state.url, SPEC 16) serves the console read-only."""
+    if not getattr(request.app.state.host, "active", True):
+        raise HTTPException(
+            409, "this replica is a standby: the console is read-only here (use the active one)"
+        )
+
+
 async def silence(request: Request) -> Response:
+    refuse_on_standby(request)
     form = await checked_form(request)
     lead_id = request.path_params["lead_id"]
     try:
@@ -208,6 +217,7 @@ async def silence(request: Request) -> Response:
 
 
 async def unsilence(request: Request) -> Response:
+    refuse_on_standby(request)
     await checked_form(request)
     lead_id = request.path_params["lead_id"]
 
