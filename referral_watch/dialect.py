@@ -94,6 +94,10 @@ class Sqlite:
     def explain(self, exc: BaseException) -> str:
         return explain_sqlite(self.path, exc)
 
+    def first_of_each(self, db: Any, sql: str, rows: Sequence[Sequence[Any]]) -> list[Any]:
+        """Run `sql` once per row of parameters; the first column of each one's first row."""
+        return [db.execute(sql, row).fetchone()[0] for row in rows]
+
 
 class Postgres:
     name = "postgresql"
@@ -142,6 +146,9 @@ class Postgres:
 
     def explain(self, exc: BaseException) -> str:
         return explain_pg(self.shown, exc)
+
+    def first_of_each(self, db: Any, sql: str, rows: Sequence[Sequence[Any]]) -> list[Any]:
+        return list(db.first_of_each(sql, rows))
 
 
 def open_dialect(where: Path | str, *, create: bool) -> Sqlite | Postgres:
@@ -245,6 +252,22 @@ class _PgDb:
         status = self.conn.info.transaction_status
         return bool(status in (TransactionStatus.INTRANS, TransactionStatus.INERROR))
 
+    def first_of_each(self, sql: str, rows: Sequence[Sequence[Any]]) -> list[Any]:
+        """executemany, keeping the first column of each statement's first row."""
+        import psycopg
+
+        if not rows:
+            return []
+        try:
+            cursor = self.conn.cursor()
+            cursor.executemany(pg_sql(sql), [tuple(row) for row in rows], returning=True)
+            found = [cursor.fetchone()[0]]
+            while cursor.nextset():
+                found.append(cursor.fetchone()[0])
+            return found
+        except psycopg.Error as exc:
+            raise StateError(explain_pg(self.shown, exc)) from None
+
     @property
     def broken(self) -> bool:
         return bool(self.conn.broken or self.conn.closed)
@@ -253,7 +276,10 @@ class _PgDb:
         self.conn.close()
 
 
-_PLUS_COLUMN = re.compile(r"(?<=[\s(])\+(?=[a-z_])")  # SQLite's "+state": skip this index
+# SQLite's "+state" (do not use an index on state here): an expression does the same in
+# PostgreSQL, whose planner would otherwise pick the partial index of pending rows and scan
+# them all for each lead.
+_PLUS_COLUMN = re.compile(r"(?<=[\s(])\+([a-z_][a-z0-9_.]*)")
 _GROUP_CONCAT = re.compile(r"group_concat\(((?:DISTINCT )?[\w.]+)\)")
 _OR_IGNORE = re.compile(r"INSERT OR IGNORE INTO", re.IGNORECASE)
 
@@ -262,7 +288,7 @@ _OR_IGNORE = re.compile(r"INSERT OR IGNORE INTO", re.IGNORECASE)
 def pg_sql(sql: str) -> str:
     """The store's SQLite-spelled statement text in PostgreSQL's spelling (cached per text)."""
     text = sql.replace("%", "%%").replace("?", "%s")
-    text = _PLUS_COLUMN.sub("", text)
+    text = _PLUS_COLUMN.sub(r"(\1 || '')", text)
     text = _GROUP_CONCAT.sub(r"string_agg(\1, ',')", text)
     text = re.sub(r"\bIFNULL\(", "COALESCE(", text)
     if _OR_IGNORE.search(text):

@@ -320,10 +320,22 @@ class Store:
         """Store a page of the poll; for each referral, whether it was new (first seen now).
         Call inside transaction()."""
         seen = ts(now)
-        new: list[bool] = []
-        for ref in referrals:
-            cursor = self.db.execute(
-                """INSERT INTO leads (id, raw, customer, created, deadline, substatus,
+        rows = [
+            (
+                ref.id,
+                ref.raw,
+                ref.customer,
+                ts(ref.created),
+                ts(deadline(ref)),
+                ref.substatus,
+                seen,
+                seen,
+            )
+            for ref in referrals
+        ]
+        firsts = self.dialect.first_of_each(
+            self.db,
+            """INSERT INTO leads (id, raw, customer, created, deadline, substatus,
                                       first_seen, last_seen)
                    VALUES (?, ?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT (id) DO UPDATE SET
@@ -332,19 +344,9 @@ class Store:
                        substatus = excluded.substatus, last_seen = excluded.last_seen,
                        resolution = NULL, resolved_at = NULL, resolution_notified = 0
                    RETURNING first_seen""",
-                (
-                    ref.id,
-                    ref.raw,
-                    ref.customer,
-                    ts(ref.created),
-                    ts(deadline(ref)),
-                    ref.substatus,
-                    seen,
-                    seen,
-                ),
-            )
-            new.append(cursor.fetchone()[0] == seen)
-        return new
+            rows,
+        )
+        return [first == seen for first in firsts]
 
     def absent_since(self, moment: datetime, *, seen: Collection[str] = ()) -> list[str]:
         """Watched leads that the poll which started at `moment` did not return: not stored by
@@ -656,41 +658,44 @@ class Store:
         Call inside transaction(). Returns the number of rows to deliver.
         """
         created = ts(now)
-        queued = 0
-        for alert in alerts:
-            state = "skipped" if alert.skipped else "pending"
-            if alert.kind == TIER and not alert.skipped:
-                self.db.execute(
-                    # `+state`: look rows up by lead and channel; the partial index on
-                    # state would scan every pending row (20,000 in a first cycle) per alert.
-                    """UPDATE outbox SET state = 'superseded'
-                       WHERE lead_id = ? AND channel = ? AND kind = 'tier'
-                         AND +state = 'pending' AND severity < ?""",
-                    (alert.lead_id, alert.channel, alert.severity),
-                )
-            self.db.execute(
-                """INSERT INTO outbox (lead_id, kind, channel, tier, severity, state, created)
-                   VALUES (?, ?, ?, ?, ?, ?, ?)""",
-                (
-                    alert.lead_id,
-                    alert.kind,
-                    alert.channel,
-                    alert.tier,
-                    alert.severity,
-                    state,
-                    created,
-                ),
+        # One batch of each statement (a first cycle writes tens of thousands of rows). The
+        # policy decides at most one pending tier per lead and channel at a time, so the
+        # replacing can come before all the inserts.
+        self.db.executemany(
+            # `+state`: look rows up by lead and channel; the partial index on
+            # state would scan every pending row (20,000 in a first cycle) per alert.
+            """UPDATE outbox SET state = 'superseded'
+               WHERE lead_id = ? AND channel = ? AND kind = 'tier'
+                 AND +state = 'pending' AND severity < ?""",
+            [
+                (alert.lead_id, alert.channel, alert.severity)
+                for alert in alerts
+                if alert.kind == TIER and not alert.skipped
+            ],
+        )
+        rows = [
+            (
+                alert.lead_id,
+                alert.kind,
+                alert.channel,
+                alert.tier,
+                alert.severity,
+                "skipped" if alert.skipped else "pending",
+                created,
             )
-            queued += state == "pending"
-            if alert.kind == EXPIRED:
-                self.db.execute(
-                    "UPDATE leads SET expired_notified = 1 WHERE id = ?", (alert.lead_id,)
-                )
-            elif alert.kind == RESOLVED:
-                self.db.execute(
-                    "UPDATE leads SET resolution_notified = 1 WHERE id = ?", (alert.lead_id,)
-                )
-        return queued
+            for alert in alerts
+        ]
+        self.db.executemany(
+            """INSERT INTO outbox (lead_id, kind, channel, tier, severity, state, created)
+               VALUES (?, ?, ?, ?, ?, ?, ?)""",
+            rows,
+        )
+        for kind, column in ((EXPIRED, "expired_notified"), (RESOLVED, "resolution_notified")):
+            self.db.executemany(
+                f"UPDATE leads SET {column} = 1 WHERE id = ?",
+                [(alert.lead_id,) for alert in alerts if alert.kind == kind],
+            )
+        return sum(not alert.skipped for alert in alerts)
 
     def enqueue_message(self, kind: str, channel: str, title: str, body: str, now: datetime) -> int:
         """A message about no single lead (ops, test, report), with its text fixed now."""
