@@ -94,10 +94,6 @@ class Sqlite:
     def explain(self, exc: BaseException) -> str:
         return explain_sqlite(self.path, exc)
 
-    def first_of_each(self, db: Any, sql: str, rows: Sequence[Sequence[Any]]) -> list[Any]:
-        """Run `sql` once per row of parameters; the first column of each one's first row."""
-        return [db.execute(sql, row).fetchone()[0] for row in rows]
-
 
 class Postgres:
     name = "postgresql"
@@ -146,9 +142,6 @@ class Postgres:
 
     def explain(self, exc: BaseException) -> str:
         return explain_pg(self.shown, exc)
-
-    def first_of_each(self, db: Any, sql: str, rows: Sequence[Sequence[Any]]) -> list[Any]:
-        return list(db.first_of_each(sql, rows))
 
 
 def open_dialect(where: Path | str, *, create: bool) -> Sqlite | Postgres:
@@ -251,22 +244,6 @@ class _PgDb:
 
         status = self.conn.info.transaction_status
         return bool(status in (TransactionStatus.INTRANS, TransactionStatus.INERROR))
-
-    def first_of_each(self, sql: str, rows: Sequence[Sequence[Any]]) -> list[Any]:
-        """executemany, keeping the first column of each statement's first row."""
-        import psycopg
-
-        if not rows:
-            return []
-        try:
-            cursor = self.conn.cursor()
-            cursor.executemany(pg_sql(sql), [tuple(row) for row in rows], returning=True)
-            found = [cursor.fetchone()[0]]
-            while cursor.nextset():
-                found.append(cursor.fetchone()[0])
-            return found
-        except psycopg.Error as exc:
-            raise StateError(explain_pg(self.shown, exc)) from None
 
     @property
     def broken(self) -> bool:

@@ -320,8 +320,11 @@ class Store:
         """Store a page of the poll; for each referral, whether it was new (first seen now).
         Call inside transaction()."""
         seen = ts(now)
-        rows = [
-            (
+        given = list(referrals)
+        # One statement per slice of the page; a lead twice in it is stored once, the last
+        # copy winning (as one statement per record would leave it).
+        rows = {
+            ref.id: (
                 ref.id,
                 ref.raw,
                 ref.customer,
@@ -331,22 +334,25 @@ class Store:
                 seen,
                 seen,
             )
-            for ref in referrals
-        ]
-        firsts = self.dialect.first_of_each(
-            self.db,
-            """INSERT INTO leads (id, raw, customer, created, deadline, substatus,
-                                      first_seen, last_seen)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-                   ON CONFLICT (id) DO UPDATE SET
-                       raw = excluded.raw, customer = excluded.customer,
-                       created = excluded.created, deadline = excluded.deadline,
-                       substatus = excluded.substatus, last_seen = excluded.last_seen,
-                       resolution = NULL, resolved_at = NULL, resolution_notified = 0
-                   RETURNING first_seen""",
-            rows,
-        )
-        return [first == seen for first in firsts]
+            for ref in given
+        }
+        first_seen: dict[str, str] = {}
+        for chunk in _chunks(list(rows.values()), 200):
+            marks = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
+            stored = self.db.execute(
+                f"""INSERT INTO leads (id, raw, customer, created, deadline, substatus,
+                                       first_seen, last_seen)
+                    VALUES {marks}
+                    ON CONFLICT (id) DO UPDATE SET
+                        raw = excluded.raw, customer = excluded.customer,
+                        created = excluded.created, deadline = excluded.deadline,
+                        substatus = excluded.substatus, last_seen = excluded.last_seen,
+                        resolution = NULL, resolved_at = NULL, resolution_notified = 0
+                    RETURNING id, first_seen""",
+                [value for row in chunk for value in row],
+            )
+            first_seen.update((str(row[0]), str(row[1])) for row in stored)
+        return [first_seen[ref.id] == seen for ref in given]
 
     def absent_since(self, moment: datetime, *, seen: Collection[str] = ()) -> list[str]:
         """Watched leads that the poll which started at `moment` did not return: not stored by
@@ -657,22 +663,23 @@ class Store:
 
         Call inside transaction(). Returns the number of rows to deliver.
         """
-        created = ts(now)
-        # One batch of each statement (a first cycle writes tens of thousands of rows). The
-        # policy decides at most one pending tier per lead and channel at a time, so the
-        # replacing can come before all the inserts.
+        # A few statements per batch of alerts, not a few per alert: a first cycle writes
+        # tens of thousands of rows. The policy decides at most one pending tier per lead and
+        # channel at a time, so all the replacing can come before the inserts.
+        replacing = [
+            (alert.lead_id, alert.channel, alert.severity)
+            for alert in alerts
+            if alert.kind == TIER and not alert.skipped
+        ]
         self.db.executemany(
             # `+state`: look rows up by lead and channel; the partial index on
             # state would scan every pending row (20,000 in a first cycle) per alert.
             """UPDATE outbox SET state = 'superseded'
                WHERE lead_id = ? AND channel = ? AND kind = 'tier'
                  AND +state = 'pending' AND severity < ?""",
-            [
-                (alert.lead_id, alert.channel, alert.severity)
-                for alert in alerts
-                if alert.kind == TIER and not alert.skipped
-            ],
+            replacing,
         )
+        created = ts(now)
         rows = [
             (
                 alert.lead_id,
@@ -685,16 +692,18 @@ class Store:
             )
             for alert in alerts
         ]
-        self.db.executemany(
-            """INSERT INTO outbox (lead_id, kind, channel, tier, severity, state, created)
-               VALUES (?, ?, ?, ?, ?, ?, ?)""",
-            rows,
-        )
-        for kind, column in ((EXPIRED, "expired_notified"), (RESOLVED, "resolution_notified")):
-            self.db.executemany(
-                f"UPDATE leads SET {column} = 1 WHERE id = ?",
-                [(alert.lead_id,) for alert in alerts if alert.kind == kind],
+        for part in _chunks(rows, 300):
+            marks = ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(part))
+            self.db.execute(
+                "INSERT INTO outbox (lead_id, kind, channel, tier, severity, state, created) "
+                f"VALUES {marks}",
+                [value for row in part for value in row],
             )
+        for kind, column in ((EXPIRED, "expired_notified"), (RESOLVED, "resolution_notified")):
+            told = [alert.lead_id for alert in alerts if alert.kind == kind]
+            for ids in _chunks(told):
+                marks = ",".join("?" * len(ids))
+                self.db.execute(f"UPDATE leads SET {column} = 1 WHERE id IN ({marks})", ids)
         return sum(not alert.skipped for alert in alerts)
 
     def enqueue_message(self, kind: str, channel: str, title: str, body: str, now: datetime) -> int:
