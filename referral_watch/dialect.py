@@ -231,9 +231,11 @@ class _PgDb:
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> Any:
         import psycopg
 
+        batch = [tuple(row) for row in rows]
         try:
             cursor = self.conn.cursor()
-            cursor.executemany(pg_sql(sql), [tuple(row) for row in rows])
+            if batch:  # an empty batch would still cost a round trip
+                cursor.executemany(pg_sql(sql), batch)
             return cursor
         except psycopg.Error as exc:
             raise StateError(explain_pg(self.shown, exc)) from None
