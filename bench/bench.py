@@ -414,23 +414,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pg-sizes", type=int, nargs="*", default=[TARGET_SIZE], help="[] skips PostgreSQL"
     )
+    parser.add_argument("--webhooks-only", action="store_true", help="Only the webhook row.")
     args = parser.parse_args(argv)
     _instrument()
     rows: list[Figures] = []
     checks: list[tuple[bool, str]] = []
-    for size in sorted(args.sizes) if not args.console_only else []:
+    for size in sorted(args.sizes) if not (args.console_only or args.webhooks_only) else []:
         print(f"... {size:,} leads", file=sys.stderr, flush=True)
         rows.extend(measure(size))
-    if args.pg_sizes and not args.console_only:
+    if args.pg_sizes and not (args.console_only or args.webhooks_only):
         rows.extend(measure_postgresql(sorted(args.pg_sizes)))
     if rows:
         print(table(rows))
         print()
         checks = verdicts(rows)
-    pages = console_bench.run(CONFIG, TOKEN_ENV, TOKEN, leads)
-    print(console_bench.table(pages))
-    print()
-    checks += console_bench.verdicts(pages)
+    if not args.webhooks_only:
+        pages = console_bench.run(CONFIG, TOKEN_ENV, TOKEN, leads)
+        print(console_bench.table(pages))
+        print()
+        checks += console_bench.verdicts(pages)
     if not args.console_only:
         print(f"... webhooks, {TARGET_SIZE:,} leads in state", file=sys.stderr, flush=True)
         state = list(leads(TARGET_SIZE, datetime.now(UTC)))
@@ -439,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         print(hooks.row())
         print()
         checks.append(hooks.verdict())
-    if TARGET_SIZE not in args.sizes and not args.console_only:
+    if TARGET_SIZE not in args.sizes and not (args.console_only or args.webhooks_only):
         print(f"(the targets are judged at {TARGET_SIZE:,} leads)")
     for ok, text in checks:
         print(f"{'met   ' if ok else 'MISSED'} {text}")

@@ -155,7 +155,7 @@ def checked(config: Config) -> Config:
     if any(channel.url.startswith("console://") for channel in config.channels.values()):
         register_console_target()
     problems = check_channels(config.channels) + check_templates(config)
-    problems += console_problems(config)
+    problems += console_problems(config) + webhook_problems(config)
     if config.reports:
         from referral_watch.schedule import report_triggers
 
@@ -166,6 +166,19 @@ def checked(config: Config) -> Config:
     if problems:
         raise ConfigError(problems, str(config.source) if config.source else None)
     return config
+
+
+def webhook_problems(config: Config) -> list[str]:
+    """The webhook trust roots must be readable PEM now, not at the first event."""
+    if config.webhooks is None or config.webhooks.trust_roots is None:
+        return []
+    from referral_watch.webhooks import load_trust_roots
+
+    try:
+        load_trust_roots(config.webhooks.trust_roots)
+    except ReferralWatchError as exc:
+        return [f"webhooks.trust_roots: {exc}"]
+    return []
 
 
 def run_once(config: Config) -> Any:

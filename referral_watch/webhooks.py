@@ -50,6 +50,7 @@ CERTIFICATE_MAX_BYTES = 64 * 1024  # a certificate, or a short PEM chain
 CERTIFICATE_TIMEOUT = 5.0  # seconds for the whole download
 CERTIFICATES_CACHED = 32  # distinct certificate URLs kept (Microsoft uses one)
 FAILED_DOWNLOAD_RETRY = 60.0  # seconds before a URL whose download failed is tried again
+FAILURES_KEPT = 256  # failed URLs remembered (a forger may name many paths on an allowed host)
 ISSUER_ORGANIZATION = "Microsoft Corporation"
 
 ACTIONABLE = frozenset({"referral-created", "referral-updated"})
@@ -214,6 +215,9 @@ class Verifier:
             except Rejected as exc:
                 with self._lock:
                     self._failures[url] = (time.monotonic(), exc)
+                    while len(self._failures) > FAILURES_KEPT:
+                        del self._failures[next(iter(self._failures))]  # the oldest
+                    self._url_locks.pop(url, None)
                 raise
             with self._lock:
                 self._failures.pop(url, None)
@@ -262,7 +266,10 @@ class Verifier:
     def _trust_store(self) -> Store:
         with self._lock:
             if self._store is None:
-                self._store = Store(load_trust_roots(self._trust_roots))
+                try:
+                    self._store = Store(load_trust_roots(self._trust_roots))
+                except ReferralWatchError as exc:
+                    raise ReferralWatchError(f"webhooks.trust_roots: {exc}") from None
             return self._store
 
 
@@ -342,9 +349,7 @@ def load_trust_roots(path: Path | None) -> list[x509.Certificate]:
             roots.extend(x509.load_pem_x509_certificates(file.read_bytes()))
         except (OSError, ValueError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) else "no PEM certificates in it"
-            raise ReferralWatchError(
-                f"cannot read webhook trust roots {file} (webhooks.trust_roots): {reason}"
-            ) from None
+            raise ReferralWatchError(f"cannot read the trust roots {file}: {reason}") from None
     if not roots:
         raise ReferralWatchError(
             "no trust roots for webhook certificates: set webhooks.trust_roots to a PEM bundle"

@@ -4,6 +4,9 @@ with the exact bodies Partner Center documents and the registration audience's o
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -13,6 +16,7 @@ import pytest
 from referral_watch.sandbox_webhooks import REGISTRATION_PATH
 
 from conftest import World, free_port, wait_until
+from fakeidp import FakeIdP
 
 REGISTRATION_TOKEN = "sandbox-registration-token"
 
@@ -144,3 +148,43 @@ def wait_for_health(port: int) -> None:
             return False
 
     wait_until(healthy, what="the daemon's first poll")
+
+
+def test_check_config_names_unreadable_trust_roots(world: World, port: int, tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-roots.pem"
+    world.extra = world.extra.replace(str(tmp_path / "signing-roots.pem"), str(missing))
+    outcome = world.cli("check-config")
+    assert outcome.code == 2
+    assert f"webhooks.trust_roots: cannot read the trust roots {missing}" in outcome.err
+
+
+def test_with_msal_the_registration_token_is_asked_for_its_own_audience(
+    world: World, port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with FakeIdP() as idp:
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(idp.ca_path))
+        world.auth = (
+            'method = "msal"\n'
+            f'tenant_id = "{idp.tenant}"\n'
+            'client_id = "00000000-0000-0000-0000-0000000000aa"\n'
+            f'authority = "{idp.url}"\n'
+        )
+        world.sandbox.webhooks.registration_token = None  # any token; we check which one came
+        world.write_config()
+        login = subprocess.run(
+            [sys.executable, "-m", "referral_watch", "--config", str(world.config_path), "login"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ},
+        )
+        assert login.returncode == 0, login.stderr
+        outcome = world.cli("webhooks", "show")
+        assert outcome.code == 0, outcome.err
+        scopes = [r.form.get("scope", "") for r in idp.token_requests("refresh_token")]
+        assert any("https://api.partnercenter.microsoft.com/.default" in s for s in scopes)
+        sent = {r.headers.get("authorization") for r in world.sandbox.requests}
+        assert len(sent) == 1
+        token = sent.pop().removeprefix("Bearer ")
+        assert token in idp.issued_access_tokens
+        assert token != idp.issued_access_tokens[0]  # not the Referrals API's token from login

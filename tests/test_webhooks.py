@@ -403,3 +403,21 @@ def test_trust_roots_are_relative_to_the_config_file(tmp_path: Path) -> None:
     config = parse_config(text, source=tmp_path / "referral-watch.toml")
     assert config.webhooks is not None
     assert config.webhooks.trust_roots == tmp_path / "roots.pem"
+
+
+def test_failed_downloads_are_remembered_only_up_to_a_bound(
+    signing: Signing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A forger naming endless paths on an allowed host cannot grow the memory of failures:
+    beyond the bound the oldest is forgotten (and would be tried again)."""
+    monkeypatch.setattr(webhooks, "FAILURES_KEPT", 1)
+    body = event()
+
+    def on_path(path: str) -> dict[str, str]:
+        headers = signing.headers(body)
+        headers["x-ms-certificate-url"] = headers["x-ms-certificate-url"].replace("/cert/", path)
+        return headers
+
+    for path in ("/a/", "/b/", "/a/"):
+        assert "answered 404" in rejected(signing, on_path(path), body).reason
+    assert [p.split("/")[1] for p in signing.fetched] == ["a", "b", "a"]
