@@ -284,3 +284,65 @@ def test_with_entra_a_user_outside_allowed_gets_403(
     assert response is not None and response.status == 403
     assert "mallory@fabrikam.example may not use this console" in page.content()
     context.close()
+
+
+# --- answering from an alert's link (SPEC 14) -------------------------------------------------
+
+
+def test_accept_from_the_alert_link_answers_with_the_persons_own_token(
+    world: World, browser: Any, idp: Any
+) -> None:
+    lead = world.add_lead(age=timedelta(days=10), customer="Answer Me BV")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    world.extra = (
+        f'[schedule]\ninterval = "1h"\njitter = "0s"\n'
+        f'[server]\nlisten = "127.0.0.1:{port}"\npublic_url = "{base}"\n'
+        f"[console]\n{entra_console(idp)}"
+    )
+    world.write_config()
+    since = datetime.now(UTC)
+    daemon = Daemon(world, {"REQUESTS_CA_BUNDLE": str(idp.ca_path)})
+    try:
+        wait_until(lambda: _polled_since(base, since), what="the daemon's first poll")
+        wait_until(lambda: len(world.team.bodies) >= 1, what="the reminder")
+        # the link as the team's JSON webhook received it
+        found = re.search(r"\[Accept\]\(([^)]+)\)", str(world.team.bodies[0]["message"]))
+        assert found is not None
+        link = found.group(1)
+        assert link == f"{base}/leads/{lead}/answer?action=accept"  # plain: no secret in it
+
+        context = browser.new_context(ignore_https_errors=True)  # the fake's throw-away CA
+        page = context.new_page()
+        page.goto(link)  # signs in at the fake identity endpoint, lands back on the answer page
+        assert page.url == link
+        assert page.locator("#answer-customer").inner_text() == "Answer Me BV"
+        assert world.sandbox.requests[-1].method == "GET"  # opening the link answered nothing
+        world.sandbox.more_tokens.update(idp.issued_access_tokens)  # Alice's token is valid
+        page.click("#confirm")
+        page.wait_for_url(f"{base}/leads/{lead}")
+        assert "alice@contoso.example" in page.locator("#answers").inner_text()
+        assert "accepted" in page.locator("h1").inner_text()
+
+        [patch] = [r for r in world.sandbox.requests if r.method == "PATCH"]
+        token = patch.headers["Authorization"].removeprefix("Bearer ")
+        assert token in idp.issued_access_tokens  # the person's own delegated token...
+        assert token != "sandbox-token"  # ...not the daemon's
+        assert patch.json()[1] == {"op": "replace", "path": "/substatus", "value": "Accepted"}
+
+        def told() -> bool:
+            return any(
+                "Accepted by Alice Example via referral-watch" in str(body["message"])
+                for body in world.team.bodies
+            )
+
+        wait_until(told, what="on_resolved hearing who accepted")
+        [entry] = world.cli("status", "--json", "--all").json()
+        assert entry["resolution"] == "accepted"
+        assert entry["answered_by"]["who"] == "alice@contoso.example"
+        context.close()
+    finally:
+        log = daemon.stop()
+    # the answer is logged with the person's email, never with a token
+    assert '"event": "answer.done"' in log and "alice@contoso.example" in log
+    assert all(issued not in log for issued in idp.issued_access_tokens)

@@ -228,3 +228,20 @@ def test_tier_alerts_link_to_the_answer_page(world: World, action: str) -> None:
     [body] = world.team.bodies
     link = f"https://leads.contoso.example/leads/{lead}/answer?action={action}"
     assert link in str(body["message"])
+
+
+def test_someone_no_longer_in_allowed_cannot_answer(world: World, idp: FakeIdP) -> None:
+    from referral_watch.config import load_config
+
+    client, lead = signed_in(world, idp)
+    page = client.get(f"/leads/{lead}/answer?action=accept")
+    csrf = csrf_of(page.text)
+    host = client.app.state.host  # type: ignore[attr-defined]
+    world.write_config()
+    text = world.config_path.read_text().replace('["contoso.example"]', '["fabrikam.example"]')
+    world.config_path.write_text(text)
+    host.config = load_config(world.config_path)  # as a reload (SIGHUP) would
+    refused = client.post(f"/leads/{lead}/answer", data={"csrf": csrf, "action": "accept"})
+    assert refused.status_code == 403
+    assert "may not answer leads here" in refused.text
+    assert patches(world) == []
