@@ -4,14 +4,14 @@ No I/O and no clock: ``now`` is always an argument, so every rule can be tested 
 
 - ``due_alerts``: tiers (catch-up, repeat), expiry and resolution notices, silences, matches.
 - ``delivery_batches``: which pending outbox rows go out now, held by quiet hours, and digests.
-- ``in_quiet_hours`` / ``quiet_ends``: a channel's quiet hours in its local wall-clock time.
+- ``in_quiet_hours``: a channel's quiet hours in its local wall-clock time.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from datetime import UTC, date, datetime, time, timedelta
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime, time, timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
@@ -34,7 +34,7 @@ from referral_watch.model import (
 PENDING_ROW = "pending"
 SKIPPED_ROW = "skipped"
 
-# quiet_ends' answer for a channel that is quiet on every day of the week: it never ends.
+# The deadline of a row whose lead is unknown: it sorts after every real one.
 NEVER = datetime.max.replace(tzinfo=UTC)
 
 _WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
@@ -253,23 +253,6 @@ def in_quiet_hours(channel: ChannelConfig, now: datetime, default_zone: str = "U
     return _quiet_at(channel, _aware(now), _zone(channel, default_zone))
 
 
-def quiet_ends(channel: ChannelConfig, now: datetime, default_zone: str = "UTC") -> datetime | None:
-    """The first instant (UTC) after ``now`` that is not quiet; None when ``now`` is not quiet.
-
-    A channel quiet on all seven days never stops being quiet: that gives ``NEVER``.
-    """
-    now = _aware(now)
-    zone = _zone(channel, default_zone)
-    if not _quiet_at(channel, now, zone):
-        return None
-    # Quietness is constant between change points, so the answer is the first change point
-    # that is not quiet. A quiet stretch lasts at most 6 quiet days plus one night.
-    for point in _change_points(channel, zone, now, days=9):
-        if not _quiet_at(channel, point, zone):
-            return point
-    return NEVER
-
-
 def _zone(channel: ChannelConfig, default_zone: str) -> ZoneInfo:
     return ZoneInfo(channel.timezone or default_zone)
 
@@ -295,59 +278,6 @@ def _quiet_at(channel: ChannelConfig, instant: datetime, zone: ZoneInfo) -> bool
     if start > end:  # crosses midnight: "20:00-08:00" is 20:00 up to 08:00 the next morning
         return wall >= start or wall < end
     return False  # "08:00-08:00" is an empty range
-
-
-def _change_points(
-    channel: ChannelConfig, zone: ZoneInfo, now: datetime, days: int
-) -> list[datetime]:
-    """Every instant after ``now`` (within ``days``) where quietness may change: local midnight
-    and the window's ends on each day (both instants of a repeated wall time), and the zone's
-    offset changes (a wall time skipped by a DST gap is crossed by the jump itself)."""
-    walls = {time(0)}
-    window = _window(channel)
-    if window is not None:
-        walls.update(window)
-    first = now.astimezone(zone).date() - timedelta(days=1)
-    points = set(_offset_changes(zone, now, now + timedelta(days=days)))
-    for offset in range(days + 2):
-        points.update(_wall_instants(first + timedelta(days=offset), walls, zone))
-    return sorted(point for point in points if point > now)
-
-
-def _wall_instants(day: date, walls: Iterable[time], zone: ZoneInfo) -> Iterator[datetime]:
-    for wall in walls:
-        for fold in (0, 1):
-            local = datetime.combine(day, wall, tzinfo=zone).replace(fold=fold)
-            yield local.astimezone(UTC)
-
-
-def _offset_changes(zone: ZoneInfo, start: datetime, end: datetime) -> list[datetime]:
-    """UTC instants in [start, end] where the zone's UTC offset changes (DST and the like)."""
-    step = 6 * 3600  # no zone changes its offset twice within six hours
-    low = int(start.timestamp()) // 3600 * 3600
-    changes = []
-    while low < end.timestamp():
-        high = low + step
-        if _offset(zone, low) != _offset(zone, high):
-            changes.append(datetime.fromtimestamp(_first_with_offset_of(zone, low, high), UTC))
-        low = high
-    return changes
-
-
-def _first_with_offset_of(zone: ZoneInfo, low: int, high: int) -> int:
-    """Bisect (in whole seconds) for the first second with ``high``'s offset."""
-    before = _offset(zone, low)
-    while high - low > 1:
-        middle = (low + high) // 2
-        if _offset(zone, middle) == before:
-            low = middle
-        else:
-            high = middle
-    return high
-
-
-def _offset(zone: ZoneInfo, timestamp: int) -> timedelta | None:
-    return datetime.fromtimestamp(timestamp, UTC).astimezone(zone).utcoffset()
 
 
 # --- delivery_batches --------------------------------------------------------------------

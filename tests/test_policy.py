@@ -23,13 +23,11 @@ from referral_watch.model import (
     parse_referral,
 )
 from referral_watch.policy import (
-    NEVER,
     channel_matches,
     current_tier,
     delivery_batches,
     due_alerts,
     in_quiet_hours,
-    quiet_ends,
 )
 
 CONFIG_TOML = """
@@ -544,6 +542,8 @@ def utc(text: str) -> datetime:
         (AMS, "2026-05-05T06:00:00", False),  # 08:00: the end is not quiet
         (AMS, "2026-01-05T19:00:00", True),  # 20:00 CET in winter
         (AMS, "2026-01-05T18:59:00", False),
+        (AMS, "2026-03-29T05:59:59", True),  # 07:59:59 CEST, the morning after springing forward
+        (AMS, "2026-03-29T06:00:00", False),  # 08:00 CEST
         (DAYTIME, "2026-05-04T08:59:00", False),
         (DAYTIME, "2026-05-04T09:00:00", True),
         (DAYTIME, "2026-05-04T16:59:59", True),
@@ -568,35 +568,6 @@ def test_default_zone_applies_when_the_channel_names_none() -> None:
     at = utc("2026-05-04T07:30:00")  # 09:30 in Amsterdam, 07:30 in UTC
     assert in_quiet_hours(DAYTIME, at) is False
     assert in_quiet_hours(DAYTIME, at, "Europe/Amsterdam") is True
-    assert quiet_ends(DAYTIME, at, "Europe/Amsterdam") == utc("2026-05-04T15:00:00")
-
-
-@pytest.mark.parametrize(
-    ("ch", "instant", "ends"),
-    [
-        (AMS, "2026-05-04T17:00:00", None),
-        (AMS, "2026-05-04T18:00:00", "2026-05-05T06:00:00"),
-        (AMS, "2026-05-05T05:59:59", "2026-05-05T06:00:00"),
-        # Europe/Amsterdam springs forward 2026-03-29 02:00 -> 03:00 (01:00 UTC)
-        (AMS, "2026-03-27T23:00:00", "2026-03-28T07:00:00"),  # 08:00 CET
-        (AMS, "2026-03-28T23:00:00", "2026-03-29T06:00:00"),  # 08:00 CEST, one hour earlier
-        # and falls back 2026-10-25 03:00 -> 02:00 (01:00 UTC)
-        (AMS, "2026-10-24T23:00:00", "2026-10-25T07:00:00"),  # 08:00 CET
-        (AMS, "2026-10-24T05:00:00", "2026-10-24T06:00:00"),  # 08:00 CEST the day before
-        # America/Los_Angeles springs forward 2026-03-08 02:00 -> 03:00 (10:00 UTC)
-        (LA, "2026-03-08T08:00:00", "2026-03-08T14:00:00"),  # 07:00 PDT
-        (LA, "2026-03-07T08:00:00", "2026-03-07T15:00:00"),  # 07:00 PST
-        # and falls back 2026-11-01 02:00 -> 01:00 (09:00 UTC)
-        (LA, "2026-11-01T08:00:00", "2026-11-01T15:00:00"),  # 07:00 PST
-        (LA, "2026-10-31T08:00:00", "2026-10-31T14:00:00"),  # 07:00 PDT
-        (WEEKEND, "2026-05-09T12:00:00", "2026-05-11T06:00:00"),  # Monday 08:00 CEST
-        (WEEKEND, "2026-05-08T20:00:00", "2026-05-11T06:00:00"),  # from Friday night
-        (channel(quiet_days=["Sat", "Sun"], timezone="Europe/Amsterdam"), "2026-05-09T12:00:00",
-         "2026-05-10T22:00:00"),  # Monday 00:00 local
-    ],
-)  # fmt: skip
-def test_quiet_ends(ch: ChannelConfig, instant: str, ends: str | None) -> None:
-    assert quiet_ends(ch, utc(instant)) == (utc(ends) if ends else None)
 
 
 def test_quiet_hours_starting_in_the_spring_gap() -> None:
@@ -605,7 +576,6 @@ def test_quiet_hours_starting_in_the_spring_gap() -> None:
     assert in_quiet_hours(gap, utc("2026-03-29T00:30:00")) is True  # 01:30 CET
     assert in_quiet_hours(gap, utc("2026-03-29T00:59:59")) is True
     assert in_quiet_hours(gap, utc("2026-03-29T01:00:00")) is False  # 03:00 CEST
-    assert quiet_ends(gap, utc("2026-03-29T00:45:00")) == utc("2026-03-29T01:00:00")
 
 
 def test_quiet_hours_in_the_autumn_fold_are_quiet_twice() -> None:
@@ -614,20 +584,6 @@ def test_quiet_hours_in_the_autumn_fold_are_quiet_twice() -> None:
     assert in_quiet_hours(fold, utc("2026-11-01T08:15:00")) is True  # 01:15 PDT
     assert in_quiet_hours(fold, utc("2026-11-01T08:45:00")) is False  # 01:45 PDT
     assert in_quiet_hours(fold, utc("2026-11-01T09:15:00")) is True  # 01:15 PST
-    assert quiet_ends(fold, utc("2026-11-01T08:15:00")) == utc("2026-11-01T08:30:00")
-    assert quiet_ends(fold, utc("2026-11-01T09:00:00")) == utc("2026-11-01T09:30:00")
-
-
-def test_quiet_every_day_never_ends() -> None:
-    always = channel(quiet_days=["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"])
-    assert quiet_ends(always, NOW) == NEVER
-
-
-def test_quiet_all_week_but_one_evening_ends_that_evening() -> None:
-    almost = channel(
-        quiet_days=["Mon", "Tue", "Wed", "Thu", "Fri", "Sat"], quiet_hours="00:00-20:00"
-    )
-    assert quiet_ends(almost, NOW) == utc("2026-05-10T20:00:00")  # Sunday 20:00 UTC
 
 
 # --- delivery batches ----------------------------------------------------------------------
@@ -799,5 +755,4 @@ def test_rows_for_a_channel_removed_from_the_config_are_not_held_forever() -> No
 def test_naive_instants_are_taken_as_utc() -> None:
     naive = NIGHT.replace(tzinfo=None)
     assert in_quiet_hours(AMS, naive) is True
-    assert quiet_ends(AMS, naive) == utc("2026-05-05T06:00:00")
     assert tier_sent(due_alerts([lead(left=H)], {}, CONFIG, NOW.replace(tzinfo=None)), "team")
