@@ -174,14 +174,15 @@ class Cycle:
                 self.store.mark_expired(now)
                 result.queued += self._decide(now)
                 result.poll_ok = True
-                self.store.insert_poll(self._poll_record(now, result))
+                self.store.record_poll(self._poll_record(now, result))
         except (ApiError, AuthError) as exc:
             result.poll_ok = False
             result.queued = 0  # rolled back with the rest of the poll
             result.error = str(exc)
             result.needs_login = isinstance(exc, AuthError) and exc.needs_login
             log.error("poll.failed", error=str(exc), needs_login=result.needs_login)
-            self.store.record_poll(self._poll_record(now, result))
+            with self.store.transaction():
+                self.store.record_poll(self._poll_record(now, result))
 
     def _stored_deadlines_current(self) -> bool:
         """Whether stored deadlines were computed with today's response window, so a record

@@ -880,10 +880,6 @@ class Store:
         row = self.db.execute("SELECT min(created) FROM outbox WHERE state = 'pending'").fetchone()
         return from_ts(row[0])
 
-    def row_summary(self, row_id: int) -> dict[str, Any]:
-        row = self.db.execute("SELECT * FROM outbox WHERE id = ?", (row_id,)).fetchone()
-        return dict(row) if row else {}
-
     def watched_summary(self) -> tuple[int, datetime | None]:
         """How many leads are watched, and the earliest deadline among them (for metrics)."""
         count, soonest = self.db.execute(
@@ -997,10 +993,8 @@ class Store:
     # --- poll log and metadata ----------------------------------------------------------
 
     def record_poll(self, poll: PollRecord) -> None:
-        with self.transaction():
-            self._insert_poll(poll)
-
-    def _insert_poll(self, poll: PollRecord) -> None:
+        """Record a poll; call inside transaction() (a poll's record commits with its results)
+        or alone."""
         self.db.execute(
             """INSERT INTO polls (started, finished, ok, fetched, new, skipped, error, needs_login)
                VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
@@ -1015,10 +1009,6 @@ class Store:
                 int(poll.needs_login),
             ),
         )
-
-    def insert_poll(self, poll: PollRecord) -> None:
-        """Record a poll inside an open transaction (with the poll's own results)."""
-        self._insert_poll(poll)
 
     def last_success(self) -> datetime | None:
         row = self.db.execute("SELECT max(finished) FROM polls WHERE ok = 1").fetchone()
