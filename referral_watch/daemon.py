@@ -558,20 +558,46 @@ class Daemon:
                 job.remove()  # dropped from the config by a reload
 
     def _install_signals(self) -> None:
-        signal.signal(signal.SIGTERM, self._on_stop)
-        signal.signal(signal.SIGINT, self._on_stop)
-        if hasattr(signal, "SIGHUP"):
-            signal.signal(signal.SIGHUP, self._on_reload)
+        """The handlers only note a signal; a thread of its own does the work (stop, reload).
 
-    def _on_stop(self, signum: int, _: FrameType | None) -> None:
+        Work run inside a handler, on the main thread, deadlocked when the signal came while
+        the main thread held a lock that work needs (the scheduler submitting a job, as it does
+        right after a reload); and a signal the kernel gave another thread waited for the main
+        thread's next wake-up. The wakeup fd is written by whichever thread gets the signal."""
+        reader, writer = socket.socketpair()
+        writer.setblocking(False)
+        for name in ("SIGTERM", "SIGINT", "SIGHUP"):
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), _noted)
+        signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        threading.Thread(
+            target=self._on_signals, args=(reader, writer), name="signals", daemon=True
+        ).start()
+
+    def _on_signals(self, reader: socket.socket, writer: socket.socket) -> None:
+        with reader, writer:
+            while True:
+                for signum in reader.recv(64):  # one byte per signal, in the order they came
+                    try:
+                        self._on_signal(signum)
+                    except Exception:  # a bug must not leave the daemon deaf to SIGTERM
+                        log.exception("daemon.signal_failed", signal=signum)
+
+    def _on_signal(self, signum: int) -> None:
+        if signum == getattr(signal, "SIGHUP", None):
+            self._on_reload()
+        elif signum in (signal.SIGTERM, signal.SIGINT):
+            self._on_stop(signum)
+
+    def _on_stop(self, signum: int) -> None:
         log.info("daemon.stopping", signal=signal.Signals(signum).name)
         self.stop.set()  # the cycle finishes the message in flight, then stops delivering
-        if self._scheduler is not None:
-            # wait=False: we are in the signal handler on the main thread; serve() then waits
-            # for a send in flight, not for a slow poll (Progress.wait_idle).
+        if self._scheduler is not None and self._scheduler.running:  # not twice
+            # wait=False: serve() then waits for a send in flight, not for a slow poll
+            # (Progress.wait_idle).
             self._scheduler.shutdown(wait=False)
 
-    def _on_reload(self, _: int, __: FrameType | None) -> None:
+    def _on_reload(self) -> None:
         if self.reload_config is None:
             return
         try:
@@ -614,6 +640,10 @@ class Daemon:
         if self.server is not None:
             self.server.stop()
             self.server = None
+
+
+def _noted(_: int, __: FrameType | None) -> None:
+    """A signal's Python handler: the wakeup fd already told the signals thread."""
 
 
 def _default_api(config: Config) -> Any:

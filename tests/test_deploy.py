@@ -650,11 +650,13 @@ def test_the_daemon_behaves_as_the_unit_and_probes_expect(
 
     assert health_check() == 1  # nothing polled yet: unhealthy, not a crash
     notify = NotifySocket(tmp_path / "notify.sock")
+    log = tmp_path / "daemon.log"
+    stderr = log.open("wb")
     daemon = subprocess.Popen(
         ["referral-watch", "run"],
         env={**env, "NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "2000000"},
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=stderr,
     )
     try:
         notify.wait_for("READY=1")  # Type=notify
@@ -668,8 +670,9 @@ def test_the_daemon_behaves_as_the_unit_and_probes_expect(
 
         # ExecReload= sends SIGHUP: the daemon re-reads its config and keeps running
         daemon.send_signal(signal.SIGHUP)
-        wait_until(lambda: healthz(port) == 200, what="/healthz after SIGHUP")
+        wait_until(lambda: b"config.reloaded" in log.read_bytes(), what="the reload's log line")
         assert daemon.poll() is None
+        assert healthz(port) == 200
 
         # systemctl stop sends SIGTERM: a clean exit 0, so Restart=on-failure does not restart
         daemon.send_signal(signal.SIGTERM)
@@ -680,12 +683,55 @@ def test_the_daemon_behaves_as_the_unit_and_probes_expect(
             daemon.kill()
             daemon.wait()
         notify.close()
+        stderr.close()
 
     # RestartPreventExitStatus=2: a broken config exits 2 at once
     config.write_text(config.read_text().replace('method = "env"', 'method = "telepathy"'))
     broken = subprocess.run(["referral-watch", "run"], env=env, capture_output=True, timeout=60)
     assert broken.returncode == 2
     assert b"auth.method" in broken.stderr
+
+
+# The daemon, with a thread that sends SIGTERM to itself once the test creates the file argv[1].
+STOPPED_FROM_ANOTHER_THREAD = """
+import signal, sys, threading, time
+from pathlib import Path
+from referral_watch.cli import main
+
+def stop_from_this_thread(trigger):
+    while not trigger.exists():
+        time.sleep(0.05)
+    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+
+threading.Thread(target=stop_from_this_thread, args=(Path(sys.argv[1]),), daemon=True).start()
+main(["run"])
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_daemon_whichever_of_its_threads_the_kernel_hands_it_to(
+    deployed: tuple[Path, dict[str, str], int], tmp_path: Path
+) -> None:
+    # The kernel gives a process's signal to any thread, e.g. when the main one already has a
+    # signal pending (a SIGHUP just before): the stop must not wait for the main thread to wake
+    # up on its own (the next poll, 15 minutes later).
+    _, env, port = deployed
+    trigger = tmp_path / "stop-now"
+    daemon = subprocess.Popen(
+        [sys.executable, "-c", STOPPED_FROM_ANOTHER_THREAD, str(trigger)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_until(lambda: healthz(port) == 200, what="/healthz to answer 200 (polled once)")
+        trigger.touch()
+        assert daemon.wait(timeout=30) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        _, err = daemon.communicate()
+    assert b"daemon.stopped" in err
 
 
 # --- high availability: two replicas on PostgreSQL (deploy/kubernetes-ha, compose.ha.yaml) ---
