@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -71,8 +72,15 @@ class NotifySocket:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
-        self.sock.settimeout(0.05)
+        self.sock.setblocking(False)
         self.received: list[tuple[float, str]] = []
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        # Read all the time, as systemd does: the socket queues only a few datagrams
+        # (net.unix.max_dgram_qlen, often 10); on a full queue the daemon's notification times
+        # out and is dropped (STOPPING=1 was, while a slow step of a test ran).
+        self._reader = threading.Thread(target=self._read_all_the_time, daemon=True)
+        self._reader.start()
 
     @property
     def seen(self) -> list[str]:
@@ -91,15 +99,23 @@ class NotifySocket:
     def wait_for(self, message: str, timeout: float = 20) -> None:
         wait_until(lambda: message in self.seen, timeout, f"{message} (got {self.received})")
 
+    def _read_all_the_time(self) -> None:
+        while not self._closed.is_set():
+            select.select([self.sock], [], [], 0.05)
+            self._drain()
+
     def _drain(self) -> None:
-        while True:
-            try:
-                data = self.sock.recv(4096)
-            except (TimeoutError, BlockingIOError):
-                return
-            self.received.extend((time.monotonic(), m) for m in data.decode().splitlines())
+        with self._lock:  # what was sent before a check is seen by that check
+            while True:
+                try:
+                    data = self.sock.recv(4096)
+                except BlockingIOError:
+                    return
+                self.received.extend((time.monotonic(), m) for m in data.decode().splitlines())
 
     def close(self) -> None:
+        self._closed.set()
+        self._reader.join()
         self.sock.close()
 
 

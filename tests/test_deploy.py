@@ -661,7 +661,9 @@ def test_the_daemon_behaves_as_the_unit_and_probes_expect(
     try:
         notify.wait_for("READY=1")  # Type=notify
         notify.wait_for("WATCHDOG=1")  # WatchdogSec=
-        wait_until(lambda: healthz(port) == 200, what="/healthz to answer 200 (readiness probe)")
+        # the first poll (its imports too) takes long on a loaded 2-core machine
+        ready = "/healthz to answer 200 (readiness probe)"
+        wait_until(lambda: healthz(port) == 200, timeout=60, what=ready)
         assert health_check() == 0  # HEALTHCHECK, liveness and startup probes
 
         # RestartPreventExitStatus=3: a second instance on the same state gives up with 3
@@ -724,7 +726,7 @@ def test_sigterm_stops_the_daemon_whichever_of_its_threads_the_kernel_hands_it_t
         stderr=subprocess.PIPE,
     )
     try:
-        wait_until(lambda: healthz(port) == 200, what="/healthz to answer 200 (polled once)")
+        wait_until(lambda: healthz(port) == 200, timeout=60, what="/healthz to answer 200")
         trigger.touch()
         assert daemon.wait(timeout=30) == 0
     finally:
