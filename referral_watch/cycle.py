@@ -268,7 +268,7 @@ class Cycle:
         ]
         result.new += len(new)
         new.sort(key=lambda lead: lead.deadline)  # most urgent first, as _decide orders them
-        return self.store.record(policy.due_alerts(new, {}, self.config, now), now)
+        return self.store.record(policy.due_alerts(new, {}, self.config, now), now, new_leads=True)
 
     def _decide(self, now: datetime) -> int:
         """Decide for the leads that may need an alert and write the decisions to the outbox.

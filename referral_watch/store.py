@@ -658,8 +658,10 @@ class Store:
                 )
         return out
 
-    def record(self, alerts: Sequence[Alert], now: datetime) -> int:
-        """Write decisions to the outbox; a more severe tier replaces held, less severe ones.
+    def record(self, alerts: Sequence[Alert], now: datetime, *, new_leads: bool = False) -> int:
+        """Write decisions to the outbox; a more severe tier replaces held, less severe ones
+        (``new_leads``: the alerts are about leads first stored in this transaction, which
+        have no outbox rows to replace).
 
         Call inside transaction(). Returns the number of rows to deliver.
         """
@@ -669,7 +671,7 @@ class Store:
         replacing = [
             (alert.lead_id, alert.channel, alert.severity)
             for alert in alerts
-            if alert.kind == TIER and not alert.skipped
+            if alert.kind == TIER and not alert.skipped and not new_leads
         ]
         self.db.executemany(
             # `+state`: look rows up by lead and channel; the partial index on
@@ -771,11 +773,14 @@ class Store:
 
     def delivered(self, row_ids: Sequence[int], now: datetime) -> None:
         with self.transaction():
-            self.db.executemany(
-                "UPDATE outbox SET state = 'delivered', delivered_at = ?, last_error = NULL, "
-                "claim_owner = NULL, claim_until = NULL WHERE id = ? AND state = 'pending'",
-                [(ts(now), row_id) for row_id in row_ids],
-            )
+            for chunk in _chunks(list(row_ids)):  # a first cycle's digest covers thousands
+                marks = ",".join("?" * len(chunk))
+                self.db.execute(
+                    "UPDATE outbox SET state = 'delivered', delivered_at = ?, last_error = NULL, "
+                    "claim_owner = NULL, claim_until = NULL "
+                    f"WHERE id IN ({marks}) AND state = 'pending'",
+                    (ts(now), *chunk),
+                )
 
     def failed(
         self, row_ids: Sequence[int], error: str, now: datetime, give_up_after: timedelta
