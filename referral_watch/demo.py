@@ -231,18 +231,22 @@ def run_demo(
                 time.sleep(pause)
             _summary(stream, store, start)
         if console is not None:
-            _serve_console(config, stream, stop or threading.Event())
+            _serve_console(config, clock, stream, stop or threading.Event())
     return 0
 
 
-def _serve_console(config: Config, stream: TextIO, stop: threading.Event) -> None:
-    """The console over the demo's state, with the real clock, until Ctrl-C."""
+def _serve_console(
+    config: Config, clock: SteppedClock, stream: TextIO, stop: threading.Event
+) -> None:
+    """The console over the demo's state, at the story's time, until Ctrl-C."""
     from referral_watch.daemon import Daemon
     from referral_watch.web.app import build_app
     from referral_watch.web.server import WebServer
 
     assert config.server is not None
-    host = Daemon(config)
+    # The story's simulated time goes on at the real pace, so the countdowns match the state.
+    story_end, real_end = clock.now, time.monotonic()
+    host = Daemon(config, clock=lambda: story_end + timedelta(seconds=time.monotonic() - real_end))
     with Store(config.state.path) as store:
         host.last_success = store.last_success()
     server = WebServer(build_app(host), config.server)

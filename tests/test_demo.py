@@ -116,7 +116,15 @@ def test_demo_console_keeps_serving_the_story_until_ctrl_c() -> None:
         assert url in line and "Ctrl-C" in line
         with urllib.request.urlopen(url, timeout=10) as page:
             html = page.read().decode()
-        assert "Adatum Corporation" in html  # answered in the story: under "recently answered"
+        assert "Alpine Ski House" in html  # arrived on day 3: still waiting at the story's end
+        # the page counts from the story's end (two weeks on), not from today
+        import re
+        from datetime import timedelta
+
+        shown_now = re.search(r'data-now="([^"]+)"', html)
+        assert shown_now
+        moment = datetime.fromisoformat(shown_now.group(1).replace("Z", "+00:00"))
+        assert moment > datetime.now(UTC) + timedelta(days=13)
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=20) == 0
     finally:

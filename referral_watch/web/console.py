@@ -120,6 +120,7 @@ def page(request: Request, template: str, status: int = 200, **context: Any) -> 
             timezone=config.messages.timezone,
             viewer=viewer,
             csrf=csrf_token(request),
+            now=views.iso(now_of(request)),  # the countdowns count from the server's clock
             **context,
         )
     )

@@ -2,6 +2,9 @@
 (function () {
   "use strict";
   var expired = document.body.getAttribute("data-expired") || "expired";
+  // Count from the server's clock, not this device's (which may be off by minutes).
+  var serverNow = Date.parse(document.body.getAttribute("data-now") || "");
+  var offset = isNaN(serverNow) ? 0 : serverNow - Date.now();
 
   function pad(n) { return n < 10 ? "0" + n : String(n); }
 
@@ -17,7 +20,7 @@
 
   var clocks = Array.prototype.slice.call(document.querySelectorAll("[data-deadline]"));
   function tick() {
-    var now = Date.now();
+    var now = Date.now() + offset;
     clocks.forEach(function (el) {
       var left = Date.parse(el.getAttribute("data-deadline")) - now;
       el.textContent = format(left);
