@@ -11,6 +11,7 @@ only starts after a first response).
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import threading
 import time
@@ -35,6 +36,11 @@ STARTUP_TIMEOUT = 10.0
 # Behind a reverse proxy on the same host, X-Forwarded-For/-Proto are believed; from anyone
 # else they are ignored (a client could claim to be anything).
 TRUSTED_PROXIES = "127.0.0.1,::1"
+HANDLED_SIGNALS = {
+    signal.SIGINT,
+    signal.SIGTERM,
+    *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else []),
+}
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -111,7 +117,7 @@ class WebServer:
         """Bind (a clear error naming the address if that fails), then serve on a thread."""
         sock = bind(self.settings)
         self._thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [sock]}, name="http", daemon=True
+            target=self._run, kwargs={"sock": sock}, name="http", daemon=True
         )
         self._thread.start()
         deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -124,6 +130,14 @@ class WebServer:
                 f"the web server on {self.settings.listen} ([server] listen) did not start"
             )
         log.info("server.listening", listen=self.settings.listen)
+
+    def _run(self, sock: socket.socket) -> None:
+        # The daemon's signals are for its main thread (Python runs handlers only there): if
+        # the kernel handed SIGTERM to this thread, or to the worker threads it starts, the
+        # main thread would sleep on until its next scheduled job and not stop.
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        self.server.run(sockets=[sock])
 
     def stop(self) -> None:
         self.server.should_exit = True
