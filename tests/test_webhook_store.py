@@ -56,3 +56,12 @@ def test_handled_events_leave_the_queue_and_are_pruned_after_a_week(
         # a redelivery of the pruned event is new again; the pending one is still known
         assert store.add_webhook_event(event("a"), NOW + WEBHOOK_KEYS_KEPT) is True
         assert store.add_webhook_event(event("b", "lead-2"), NOW + WEBHOOK_KEYS_KEPT) is False
+
+
+def test_the_first_test_event_since_a_moment_is_found(state_location: Path | str) -> None:
+    with Store(state_location) as store:
+        test = WebhookEvent("t1", "test-created", None, None)
+        assert store.add_webhook_event(test, NOW)
+        assert store.webhook_event_since("test-created", NOW + timedelta(seconds=1)) is None
+        assert store.webhook_event_since("test-created", NOW) == NOW
+        assert store.pending_webhook_leads() == []  # a test event needs no work
