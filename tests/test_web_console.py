@@ -266,3 +266,16 @@ def test_hostile_customer_text_is_shown_as_text_on_both_pages(
         assert shown in html, path
         assert "<img" not in html and "<!channel>" not in html
         assert 'href="http://evil.example' not in html
+
+
+def test_the_banner_follows_the_health_verdict_and_its_reason(world: World) -> None:
+    """Whatever the verdict weighs (polls, stuck deliveries, a standby), the banner says it."""
+    polled(world, **{"Any Co": timedelta(days=1)})
+    client = console(world)
+    host = client.app.state.host  # type: ignore[attr-defined]
+    host.health = lambda: (False, {"status": "stuck", "reason": "deliveries stuck for 2h"})
+    page = client.get("/").text
+    assert 'class="banner bad"' in page and "deliveries stuck for 2h" in page
+    host.health = lambda: (False, {"status": "unreachable", "role": "standby"})
+    page = client.get("/").text
+    assert "Health check: unreachable" in page and "standby" in page

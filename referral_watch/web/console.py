@@ -104,7 +104,7 @@ def gettext_for(config: Config) -> Callable[[str], str]:
 def page(request: Request, template: str, status: int = 200, **context: Any) -> HTMLResponse:
     config = config_of(request)
     _ = gettext_for(config)
-    healthy, _body = host_of(request).health()
+    health = host_of(request).health()
     with open_store(config) as store:
         last = store.last_poll()
         last_success = store.last_success()
@@ -116,7 +116,7 @@ def page(request: Request, template: str, status: int = 200, **context: Any) -> 
             _=_,
             lang=babel_locale(config.messages.locale).language,
             version=__version__,
-            banner=views.banner(healthy, last_success, last, config, _),
+            banner=views.banner(health, last_success, last, config, _),
             timezone=config.messages.timezone,
             viewer=viewer,
             csrf=csrf_token(request),

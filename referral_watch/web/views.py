@@ -124,19 +124,27 @@ class Banner:
     ok: bool
     last_success: str
     problem: str
+    standby: bool = False
 
 
 def banner(
-    healthy: bool,
+    health: tuple[bool, dict[str, Any]],
     last_success: datetime | None,
     last: PollRecord | None,
     config: Config,
     _: Gettext,
 ) -> Banner:
-    """The health verdict with, when unhealthy, the reason from the last failed poll."""
+    """The health verdict (/healthz's, whatever it weighs) with, when unhealthy, its reason:
+    the verdict's own, else the one from the last failed poll."""
+    healthy, body = health
     problem = ""
+    status = str(body.get("status", ""))
     if not healthy:
-        if last is None:
+        if body.get("reason"):
+            problem = str(body["reason"])
+        elif status not in ("", "stale"):
+            problem = _("Health check: {status}").format(status=status)
+        elif last is None:
             problem = _("No poll has run yet.")
         elif last.needs_login:
             problem = _("Partner Center sign-in expired: run referral-watch login.")
@@ -144,7 +152,8 @@ def banner(
             problem = _("The last poll failed: {error}").format(error=last.error)
         else:
             problem = _("No successful poll for a while.")
-    return Banner(healthy, when(last_success, config), problem)
+    standby = body.get("role") == "standby"
+    return Banner(healthy, when(last_success, config), problem, standby)
 
 
 @dataclass(frozen=True)
