@@ -19,6 +19,10 @@ Figures, per cycle:
 
 Then the webhook row (bench/webhook_latency.py): event-to-delivered latency p50/p95 over 100
 events with 20,000 leads in state, and the daemon's CPU time per event.
+
+Then the hostile rows (issue 20): a steady poll of HOSTILE_SIZE leads, after which the
+sandbox's fault injection serves a 200 MB page and then a gzip bomb; each cycle must fail its
+poll with the size limit's reason, with peak RSS under the same target.
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ FIRST_RATIO = 2.0
 STEADY_CPU_US = 50.0
 RSS_MIB = 150.0
 MAX_DIGESTS = 10  # "a handful of messages" per channel in the first cycle
+HOSTILE_SIZE = 1_000
+HOSTILE_FAULTS = ("huge", "gzip_bomb")  # sandbox.Sandbox.fail(kind=...)
 
 CONFIG = """
 [partner_center]
@@ -198,6 +204,7 @@ class Figures:
     messages: dict[str, int]
     fetched: int
     ok: bool
+    error: str | None = None
 
     @property
     def ratio(self) -> float:
@@ -243,6 +250,7 @@ def run_cycle(size: int, name: str, config: Path, work: Path, sinks: dict[str, S
         messages={ch: sink.count() - before_msgs[ch] for ch, sink in sinks.items()},
         fetched=int(report["fetched"]),
         ok=bool(report["ok"]),
+        error=report.get("error"),
     )
 
 
@@ -297,6 +305,49 @@ def measure_postgresql(sizes: list[int]) -> list[Figures]:
         server.stop()
 
 
+def measure_hostile() -> list[Figures]:
+    """A poll, then each hostile answer in turn: the poll fails, memory stays bounded."""
+    now = datetime.now(UTC)
+    with (
+        tempfile.TemporaryDirectory(prefix="rw-bench-") as tmp,
+        Sandbox(leads(HOSTILE_SIZE, now), token=TOKEN) as api,
+        Sink() as team,
+        Sink() as managers,
+    ):
+        work = Path(tmp)
+        config = work / "referral-watch.toml"
+        config.write_text(
+            CONFIG.format(
+                base_url=api.base_url,
+                token_env=TOKEN_ENV,
+                state=work / "state.db",
+                team=team.url,
+                managers=managers.url,
+            )
+        )
+        sinks = {"team": team, "managers": managers}
+        rows = [run_cycle(HOSTILE_SIZE, "first", config, work, sinks)]
+        for kind in HOSTILE_FAULTS:
+            api.fail(0, kind=kind, size=200 * 1024 * 1024, times=10)
+            rows.append(run_cycle(HOSTILE_SIZE, kind, config, work, sinks))
+            api.clear_faults()
+        return rows
+
+
+def hostile_verdicts(rows: list[Figures]) -> list[tuple[bool, str]]:
+    checks = []
+    for r in rows:
+        if r.cycle not in HOSTILE_FAULTS:
+            continue
+        what = "a 200 MB page" if r.cycle == "huge" else "a gzip bomb"
+        refused = not r.ok and "over 16 MiB" in (r.error or "")
+        checks.append((refused, f"{what} fails the poll: {r.error}"))
+        checks.append(
+            (r.rss_mib <= RSS_MIB, f"{what}: peak RSS {r.rss_mib:.1f} MiB <= {RSS_MIB:.0f}")
+        )
+    return checks
+
+
 def _churn(api: Sandbox, size: int, now: datetime) -> None:
     """What a 15-minute interval brings: 1% of the leads edited, 0.1% new ones."""
     for n in range(0, size, 100):
@@ -313,7 +364,7 @@ def _churn(api: Sandbox, size: int, now: datetime) -> None:
 
 def table(rows: list[Figures]) -> str:
     head = (
-        f"| {'state':<10} | {'leads':>6} | {'cycle':<6} | {'wall s':>6} | {'start s':>7} "
+        f"| {'state':<10} | {'leads':>6} | {'cycle':<9} | {'wall s':>6} | {'start s':>7} "
         f"| {'server s':>8} "
         f"| {'ratio':>5} | {'cpu s':>5} | {'cpu us/lead':>11} | {'peak RSS MiB':>12} "
         f"| {'msgs (team+mgrs)':>16} |"
@@ -323,7 +374,7 @@ def table(rows: list[Figures]) -> str:
     for r in rows:
         msgs = f"{r.messages.get('team', 0)}+{r.messages.get('managers', 0)}"
         lines.append(
-            f"| {r.backend:<10} | {r.size:>6} | {r.cycle:<6} | {r.wall:>6.2f} | {r.start:>7.2f} "
+            f"| {r.backend:<10} | {r.size:>6} | {r.cycle:<9} | {r.wall:>6.2f} | {r.start:>7.2f} "
             f"| {r.server:>8.2f} "
             f"| {r.ratio:>5.2f} | {r.cpu:>5.2f} | {r.cpu_us_per_lead:>11.1f} "
             f"| {r.rss_mib:>12.1f} | {msgs:>16} |"
@@ -441,6 +492,12 @@ def main(argv: list[str] | None = None) -> int:
         print(hooks.row())
         print()
         checks.append(hooks.verdict())
+    if not (args.console_only or args.webhooks_only):
+        print("... hostile answers", file=sys.stderr, flush=True)
+        hostile = measure_hostile()
+        print(table(hostile))
+        print()
+        checks += hostile_verdicts(hostile)
     if TARGET_SIZE not in args.sizes and not (args.console_only or args.webhooks_only):
         print(f"(the targets are judged at {TARGET_SIZE:,} leads)")
     for ok, text in checks:

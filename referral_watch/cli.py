@@ -219,8 +219,11 @@ def summary_line(result: Any) -> str:
 @click.option("--all", "show_all", is_flag=True, help="Include resolved leads.")
 @click.option("--check", is_flag=True, help="Health probe: exit 0 if the last poll is recent.")
 @click.option("--explain", metavar="ID", help="Show which channels a lead routes to and why.")
+@click.option("--quarantined", "set_aside", is_flag=True, help="The records set aside, and why.")
 @click.pass_obj
-def status(obj: Context, as_json: bool, show_all: bool, check: bool, explain: str | None) -> None:
+def status(
+    obj: Context, as_json: bool, show_all: bool, check: bool, explain: str | None, set_aside: bool
+) -> None:
     """The watched leads, most urgent first."""
     config = obj.config()
     if check:
@@ -231,7 +234,7 @@ def status(obj: Context, as_json: bool, show_all: bool, check: bool, explain: st
     now = now_utc()
     if config.state.url is None and not config.state.path.exists() and not explain:
         # Nothing polled yet: an empty list, not an error (the table says what to run).
-        leads, last, all_ids = [], None, []
+        leads, last, all_ids, quarantined = [], None, [], []
     else:
         with Store(config.state.location, create=False) as store:
             if explain:
@@ -240,20 +243,31 @@ def status(obj: Context, as_json: bool, show_all: bool, check: bool, explain: st
             leads = store.leads(include_resolved=show_all)
             last = store.last_poll()
             all_ids = store.ids_starting("")  # short ids must be unique among all of them
+            quarantined = store.quarantined()
 
-    if as_json:
-        click.echo(json.dumps([status_view.as_json(lead, now) for lead in leads], indent=2))
+    if set_aside:
+        if as_json:
+            click.echo(json.dumps([status_view.quarantined_json(q) for q in quarantined], indent=2))
+        else:
+            click.echo("\n".join(status_view.quarantine_lines(quarantined, limit=10**9)) or
+                       "No record is set aside.")  # fmt: skip
         return
-    click.echo(status_view.table(leads, config, now, last, all_ids))
+    if as_json:
+        held = {q.lead_id: q for q in quarantined if q.lead_id}
+        shown = [status_view.as_json(lead, now, held.get(lead.id)) for lead in leads]
+        click.echo(json.dumps(shown, indent=2))
+        return
+    click.echo(status_view.table(leads, config, now, last, all_ids, quarantined))
 
 
 def health_check(config: Config) -> int:
-    from referral_watch.ops import healthy
+    from referral_watch.ops import health
     from referral_watch.store import Store
 
     try:
         with Store(config.state.location, create=False) as store:
             last = store.last_success()
+            stuck = store.deliveries_stuck_since()
             event = store.last_webhook_event() if config.webhooks is not None else None
     except StateError as exc:
         click.echo(terminal(f"unhealthy: {exc}"), err=True)
@@ -261,8 +275,9 @@ def health_check(config: Config) -> int:
     webhooks = ""
     if config.webhooks is not None:
         webhooks = f"; last webhook event {f'{event:%Y-%m-%d %H:%M:%S} UTC' if event else 'never'}"
-    if healthy(last, config.schedule.interval, now_utc()):
-        click.echo(f"healthy: last successful poll {last:%Y-%m-%d %H:%M:%S} UTC{webhooks}")
+    ok, reason = health(last, config.schedule.interval, now_utc(), stuck)
+    if ok:
+        click.echo(f"healthy: {reason}{webhooks}")
         return EXIT_OK
     if config.state.url is not None:
         from referral_watch.replica import active_elsewhere
@@ -271,8 +286,7 @@ def health_check(config: Config) -> int:
         if other is not None:  # a standby: healthy while another host's replica is active
             click.echo(f"healthy: standby (the active replica is {other})")
             return EXIT_OK
-    when = f"at {last:%Y-%m-%d %H:%M:%S} UTC" if last else "never"
-    click.echo(f"unhealthy: last successful poll {when}{webhooks}", err=True)
+    click.echo(f"unhealthy: {reason}{webhooks}", err=True)
     return EXIT_FAILED
 
 

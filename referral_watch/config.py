@@ -37,15 +37,22 @@ _DURATION_WHOLE = re.compile(r"(?:\d+[smhdw])+")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
+# The longest duration anywhere (silences, report periods, intervals, windows): ten years.
+# Longer ones are typos, and overflow date arithmetic near year 9999.
+DURATION_LIMIT = timedelta(days=3650)
+
+
 def parse_duration(text: str) -> timedelta:
     """``"1d12h"`` -> timedelta(days=1, hours=12). Raises ValueError with a hint."""
     compact = text.strip()
-    if not _DURATION_WHOLE.fullmatch(compact):
+    if len(compact) > 64 or not _DURATION_WHOLE.fullmatch(compact):
         raise ValueError(
-            f"{text!r} is not a duration: use <number><unit> parts with units s m h d w, "
+            f"{text[:40]!r} is not a duration: use <number><unit> parts with units s m h d w, "
             'for example "90s", "15m" or "1d12h"'
         )
     seconds = sum(int(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(compact))
+    if seconds > DURATION_LIMIT.total_seconds():
+        raise ValueError(f"{compact!r} is longer than ten years (3650d), the most allowed")
     return timedelta(seconds=seconds)
 
 
@@ -87,8 +94,9 @@ class Section(BaseModel):
 class PartnerCenterConfig(Section):
     base_url: str = "https://api.partner.microsoft.com/v1.0"
     filter: str = "direction eq 'Incoming' and substatus eq 'Pending'"
-    page_size: int = Field(100, ge=1, le=1000)
-    timeout: Duration = timedelta(seconds=30)
+    page_size: int = Field(100, ge=1, le=100)  # $top: the API documents 100 as its maximum
+    timeout: Duration = timedelta(seconds=30)  # connect, and each read of an answer
+    poll_timeout: Duration = timedelta(minutes=10)  # a whole poll: every page, every retry
     link_template: str = "https://partner.microsoft.com/dashboard/referrals/v2/leads"
 
     @field_validator("base_url")
@@ -538,12 +546,7 @@ def _interpolate(text: str, where: str, env: Mapping[str, str], problems: list[s
             return "$"
         name = match.group(1).strip()
         if name.startswith("file:"):
-            file_path = Path(name[5:])
-            try:
-                return file_path.read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                problems.append(f"{where}: cannot read secret file {file_path}: {exc.strerror}")
-                return ""
+            return _secret_file(Path(name[5:]), where, problems)
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
             problems.append(f"{where}: ${{{name}}} is not a variable name or ${{file:/path}}")
             return ""
@@ -556,6 +559,27 @@ def _interpolate(text: str, where: str, env: Mapping[str, str], problems: list[s
         return env[name]
 
     return _REFERENCE.sub(replace, text)
+
+
+# A secret file larger than this is not a secret (`${file:/dev/zero}` would read for ever).
+SECRET_FILE_LIMIT = 64 * 1024
+
+
+def _secret_file(file_path: Path, where: str, problems: list[str]) -> str:
+    try:
+        with file_path.open("rb") as stream:
+            data = stream.read(SECRET_FILE_LIMIT + 1)
+    except OSError as exc:
+        problems.append(f"{where}: cannot read secret file {file_path}: {exc.strerror}")
+        return ""
+    if len(data) > SECRET_FILE_LIMIT:
+        problems.append(f"{where}: secret file {file_path} is larger than 64 KiB: not a secret")
+        return ""
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        problems.append(f"{where}: secret file {file_path} is not UTF-8 text")
+        return ""
 
 
 def _walk(

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import queue
 import threading
@@ -12,15 +13,15 @@ import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import structlog
 
-from referral_watch import ops, policy
+from referral_watch import jsontext, ops, policy
 from referral_watch.config import Config
-from referral_watch.errors import ApiError, AuthError, ReferralWatchError, StateError
+from referral_watch.errors import ApiError, AuthError, ReferralWatchError, StateError, scrub
 from referral_watch.model import (
     Batch,
     Lead,
@@ -30,8 +31,29 @@ from referral_watch.model import (
     Referral,
     deadline_of,
     parse_referral,
+    usable_id,
 )
-from referral_watch.store import CLAIM_LEASE, PollRecord, Store, from_ts, ts
+from referral_watch.store import (
+    CLAIM_LEASE,
+    STUCK_META,
+    PollRecord,
+    Store,
+    from_ts,
+    printable,
+    ts,
+)
+
+# What a stage does, for "internal error while ..." messages.
+STAGE_WORDS = {
+    "poll": "polling",
+    "deliver": "delivering",
+    "ops": "telling operations",
+    "prune": "pruning old leads",
+}
+# A record's JSON text longer than this is set aside, not stored (characters).
+RECORD_LIMIT = 256 * 1024
+# Operations hear of at most this many newly quarantined records by name in one message.
+QUARANTINE_NAMED = 20
 
 log = structlog.get_logger(__name__)
 
@@ -82,15 +104,25 @@ class CycleResult:
     delivered: int = 0
     failed: int = 0
     held: int = 0
+    quarantined: int = 0  # records set aside in this cycle (see Store.quarantine)
+    crashed: str | None = None  # the stage that raised an unexpected exception
     error: str | None = None
     needs_login: bool = False
     failures: list[str] = field(default_factory=list)
     by_channel: Counter[tuple[str, str]] = field(default_factory=Counter)
+    failed_rows: list[int] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         """Exit 0 for `run --once`: the poll and every delivery succeeded."""
-        return self.poll_ok and self.failed == 0 and self.lookup_failures == 0
+        return (
+            self.poll_ok and self.failed == 0 and self.lookup_failures == 0 and self.crashed is None
+        )
+
+    @property
+    def cycle_ok(self) -> bool:
+        """For operations: the poll succeeded and no stage threw."""
+        return self.poll_ok and self.crashed is None
 
 
 class Cycle:
@@ -113,6 +145,7 @@ class Cycle:
         # Asked right before each send: a replica that lost the active lock sends nothing more.
         self.may_send = may_send or (lambda: True)
         self._filter: Callable[[dict[str, Any]], bool] | None = None  # for webhook leads
+        self._held_back: set[str] = set()  # quarantined keys at the start of this poll
 
     # --- the cycle ----------------------------------------------------------------------
 
@@ -121,13 +154,14 @@ class Cycle:
         result = CycleResult()
         now = self.clock()
         self._poll(now, result)
-        self._tell_operations(result, now)
-        self._deliver(result)
-        self._heartbeat(result.poll_ok)
+        self._guarded("deliver", result, lambda: self._deliver(result))
+        told: list[int] = []
+        self._guarded("ops", result, lambda: told.extend(self._tell_operations(result, now)))
+        if told:  # the news about this cycle goes out in this cycle
+            self._guarded("deliver", result, lambda: self._deliver(result, only=told))
+        self._heartbeat(result.cycle_ok)  # a cycle that threw pings fail_url, like a failed poll
         if result.poll_ok:
-            pruned = self.store.prune(now, self.config.state.keep_resolved)
-            if pruned:
-                log.info("state.pruned", leads=pruned)
+            self._guarded("prune", result, lambda: self._prune(now))
         log.info(
             "cycle.done",
             ok=result.ok,
@@ -139,6 +173,7 @@ class Cycle:
             delivered=result.delivered,
             failed=result.failed,
             held=result.held,
+            quarantined=result.quarantined,
             error=result.error,
             duration_s=round(time.monotonic() - began, 3),
         )
@@ -150,9 +185,42 @@ class Cycle:
         result = CycleResult(poll_ok=True)
         now = self.clock()
         with self.store.transaction():
-            result.queued = self._decide(now)
+            result.queued = self._decide(now, result)
         self._deliver(result)
         return result
+
+    def _prune(self, now: datetime) -> None:
+        pruned = self.store.prune(now, self.config.state.keep_resolved)
+        if pruned:
+            log.info("state.pruned", leads=pruned)
+
+    def _guarded(self, stage: str, result: CycleResult, work: Callable[[], None]) -> None:
+        """Run one stage; an unexpected exception in it fails the cycle (operations hear of
+        it after `after_failures` such cycles) instead of ending it: the stages after it
+        still run. A state file that cannot be used ends the cycle as before."""
+        try:
+            work()
+        except StateError:
+            raise
+        except Exception as exc:
+            error = self._crash_text(stage, exc)
+            log.exception("cycle.stage_failed", stage=stage, error=error)
+            result.crashed = result.crashed or stage
+            result.error = result.error or error
+            result.failures.append(error)
+            with self.store.transaction():
+                self.store.fail_last_poll(error)
+                if stage == "deliver" and self.store.get_meta(STUCK_META) is None:
+                    oldest = self.store.oldest_pending()
+                    self.store.set_meta(STUCK_META, ts(oldest) if oldest else None)
+
+    @staticmethod
+    def _crash_text(stage: str, exc: BaseException) -> str:
+        detail = scrub(str(exc))[:200]
+        what = STAGE_WORDS.get(stage, stage)
+        return f"internal error while {what}: {type(exc).__name__}" + (
+            f": {detail}" if detail else ""
+        )
 
     def _deadline(self, referral: Referral) -> datetime:
         return deadline_of(referral, self.config.policy.response_window)
@@ -162,6 +230,7 @@ class Cycle:
         try:
             with self.store.transaction(), _Prefetch(self.api.pages) as pages:
                 # Fetching has begun: reading the stored texts overlaps the first request.
+                self._held_back = self.store.quarantined_keys()
                 stored = self.store.fingerprints()
                 if not self._stored_deadlines_current():
                     stored = {}  # re-read every record: the deadlines need computing again
@@ -169,20 +238,31 @@ class Cycle:
                 for page in pages:
                     fresh, again = self._changed(page, result, now, stored, seen)
                     result.queued += self._store_fresh(fresh, now, result)
-                    self.store.upsert(again, self._deadline, now)
+                    self._upsert(again, now, result)
                 self._conclude_absent(now, result, seen.ids)
                 self.store.mark_expired(now)
-                result.queued += self._decide(now)
+                result.queued += self._decide(now, result)
                 result.poll_ok = True
                 self.store.record_poll(self._poll_record(now, result))
         except (ApiError, AuthError) as exc:
-            result.poll_ok = False
-            result.queued = 0  # rolled back with the rest of the poll
-            result.error = str(exc)
             result.needs_login = isinstance(exc, AuthError) and exc.needs_login
-            log.error("poll.failed", error=str(exc), needs_login=result.needs_login)
-            with self.store.transaction():
-                self.store.record_poll(self._poll_record(now, result))
+            self._poll_failed(now, result, scrub(str(exc)))
+        except StateError:
+            raise
+        except Exception as exc:  # a bug on the way: rolled back, and the cycle has failed
+            error = self._crash_text("poll", exc)
+            log.exception("cycle.stage_failed", stage="poll", error=error)
+            result.crashed = "poll"
+            self._poll_failed(now, result, error)
+
+    def _poll_failed(self, now: datetime, result: CycleResult, error: str) -> None:
+        result.poll_ok = False
+        result.queued = 0  # rolled back with the rest of the poll
+        result.quarantined = 0  # the same
+        result.error = error
+        log.error("poll.failed", error=error, needs_login=result.needs_login)
+        with self.store.transaction():
+            self.store.record_poll(self._poll_record(now, result))
 
     def _stored_deadlines_current(self) -> bool:
         """Whether stored deadlines were computed with today's response window, so a record
@@ -205,6 +285,7 @@ class Cycle:
 
         A watched lead whose record has the same text as the stored one is only marked seen:
         no decoding, no parsing, no rewriting. That is nearly every lead in a steady cycle.
+        A record that cannot be watched is set aside (quarantined) and the others go on.
         """
         texts: list[str] | None = getattr(page, "texts", None)
         count = len(texts) if texts is not None else len(page.records)
@@ -214,7 +295,8 @@ class Cycle:
         for index in range(count):
             record, raw = _record_and_text(page, texts, index)
             if raw is None:
-                self._skip(record, result)
+                reason = "unreadable record (cannot be serialized)"
+                self._set_aside(_record_key(repr(record)[:10_000]), "parse", reason, now, result)
                 continue
             fingerprint = hash(raw)  # 64 bits: a false "unchanged" is not a practical risk
             if fingerprint in seen.texts:
@@ -226,41 +308,102 @@ class Cycle:
                 continue
             # (A stored text met after another copy of the lead rewrote it is stored again:
             # the last copy in the poll wins, whatever it is.)
+            problem = ""
             if record is _UNDECODED:
-                record = _decode(page, index)
-            lead_id = _lead_id(record)
+                record, problem = _decode(page, index)
+            lead_id = _lead_id(record) if record is not None else _id_in_text(raw)
             if lead_id is None:
-                self._skip(record, result)
+                reason = problem or _unparsable(record, raw)
+                self._set_aside(_record_key(raw), "parse", reason, now, result, raw=raw)
                 continue
             repeated = lead_id in seen.ids
-            seen.note(fingerprint, lead_id)
-            referral = self._parse(record, raw, result)
+            seen.note(fingerprint, lead_id)  # seen, even when set aside: not "gone"
+            referral = self._admit(record, raw, lead_id, problem, now, result)
             if referral is not None:
                 (again if repeated else fresh).append(referral)
         return fresh, again
 
     def _parse(self, record: Any, raw: str | None, result: CycleResult) -> Referral | None:
-        try:
-            return parse_referral(record, raw)
-        except MalformedReferral as exc:
-            error = str(exc)
-        except (ValueError, TypeError, RecursionError) as exc:  # odd JSON the parser missed
-            error = f"unreadable record ({type(exc).__name__})"
-        result.malformed += 1
-        log.error("referral.malformed", error=error)
+        """One record from elsewhere than a poll's page (a webhook's lead): the referral, or
+        None when it is set aside like a poll's record would be."""
+        now = self.clock()
+        if raw is None:
+            try:
+                raw = json.dumps(record, separators=(",", ":"), sort_keys=True)
+            except (ValueError, TypeError, RecursionError):
+                reason = "unreadable record (cannot be serialized)"
+                self._set_aside(_record_key(repr(record)[:10_000]), "parse", reason, now, result)
+                return None
+        lead_id = _lead_id(record)
+        if lead_id is None:
+            reason = _unparsable(record, raw)
+            self._set_aside(_record_key(raw), "parse", reason, now, result, raw=raw)
+            return None
+        return self._admit(record, raw, lead_id, "", now, result)
+
+    def _admit(
+        self, record: Any, raw: str, lead_id: str, problem: str, now: datetime, result: CycleResult
+    ) -> Referral | None:
+        """The referral, when the record can be watched; else it is set aside (with why)."""
+        stage = "parse"
+        if not usable_id(lead_id):
+            problem = f"record has an id that is not usable text: {lead_id[:40]!r}"
+        elif len(raw) > RECORD_LIMIT:
+            problem = f"record is {len(raw) // 1024} KiB, over the {RECORD_LIMIT // 1024} KiB limit"
+        if not problem:
+            try:
+                referral = parse_referral(record, raw)
+            except MalformedReferral as exc:
+                problem = str(exc)
+            except Exception as exc:  # odd JSON the parser missed: the class, not the sample
+                problem = f"unreadable record ({type(exc).__name__})"
+            else:
+                try:
+                    self._deadline(referral)
+                    return referral
+                except (OverflowError, ValueError) as exc:
+                    stage, problem = "deadline", f"no deadline can be computed ({exc})"
+        self._set_aside(lead_id, stage, problem, now, result, lead_id=lead_id, raw=raw)
         return None
 
-    def _skip(self, record: Any, result: CycleResult) -> None:
-        """A record without a usable id, or one that cannot be serialized: log why, skip it."""
-        if self._parse(record, None, result) is not None:  # it has an id: JSON was the problem
-            result.malformed += 1
-            log.error("referral.malformed", error="unreadable record (cannot be serialized)")
+    def _set_aside(
+        self,
+        key: str,
+        stage: str,
+        reason: str,
+        now: datetime,
+        result: CycleResult,
+        *,
+        lead_id: str | None = None,
+        raw: str | None = None,
+    ) -> None:
+        """Quarantine one record: it is shown by `status`, operations hear of it once, and
+        the rest of the cycle goes on."""
+        key, reason = printable(key), printable(scrub(reason))
+        result.quarantined += 1
+        if stage in ("parse", "deadline", "store"):
+            result.malformed += 1  # skipped by the poll
+        log.error("referral.quarantined", lead=key, stage=stage, error=reason)
+        self.store.quarantine(key, stage, reason, now, lead_id=lead_id, raw=raw)
+
+    def _upsert(self, referrals: list[Referral], now: datetime, result: CycleResult) -> list[bool]:
+        """Store referrals; one the state file cannot hold is set aside, not the whole poll."""
+
+        def rejected(referral: Referral, exc: BaseException) -> None:
+            reason = f"cannot be stored ({type(exc).__name__}: {str(exc)[:120]})"
+            self._set_aside(referral.id, "store", reason, now, result, lead_id=referral.id)
+
+        flags = self.store.upsert_each(referrals, self._deadline, now, rejected=rejected)
+        back = [r.id for r in referrals if r.id in self._held_back]
+        if back and self.store.release(back):  # changed, and now it goes through
+            log.info("referral.released", leads=len(back))
+        return flags
 
     def _store_fresh(self, referrals: list[Referral], now: datetime, result: CycleResult) -> int:
         """Store a page's new and changed leads, and decide at once for the new ones: a lead
         first seen now has no history, silence or notice yet, so the referral in hand is all
         the policy needs (no reading it back). Returns the number of rows to deliver."""
-        flags = self.store.upsert_each(referrals, self._deadline, now)
+        flags = self._upsert(referrals, now, result)
         new = [
             Lead(ref, self._deadline(ref), first_seen=now, last_seen=now)
             for ref, is_new in zip(referrals, flags, strict=True)
@@ -268,9 +411,27 @@ class Cycle:
         ]
         result.new += len(new)
         new.sort(key=lambda lead: lead.deadline)  # most urgent first, as _decide orders them
-        return self.store.record(policy.due_alerts(new, {}, self.config, now), now, new_leads=True)
+        return self.store.record(self._due(new, {}, now, result), now, new_leads=True)
 
-    def _decide(self, now: datetime) -> int:
+    def _due(
+        self, leads: list[Lead], history: Mapping[str, Any], now: datetime, result: CycleResult
+    ) -> list[Any]:
+        """policy.due_alerts, lead by lead when the batch fails: a lead the policy cannot
+        decide for is set aside, and the others are decided as usual."""
+        try:
+            return policy.due_alerts(leads, dict(history), self.config, now)
+        except Exception as exc:
+            if len(leads) == 1:
+                reason = f"no decision can be made ({type(exc).__name__}: {str(exc)[:120]})"
+                lead_id = leads[0].id
+                self._set_aside(lead_id, "decide", reason, now, result, lead_id=lead_id)
+                return []
+        alerts: list[Any] = []
+        for lead in leads:
+            alerts += self._due([lead], {lead.id: history.get(lead.id, [])}, now, result)
+        return alerts
+
+    def _decide(self, now: datetime, result: CycleResult) -> int:
         """Decide for the leads that may need an alert and write the decisions to the outbox.
         Returns the number of rows to deliver. Call inside the poll's transaction."""
         policy_config = self.config.policy
@@ -284,7 +445,7 @@ class Cycle:
         for start in range(0, len(candidates), POLICY_CHUNK):
             chunk = candidates[start : start + POLICY_CHUNK]
             leads = self.store.leads(for_policy=True, ids=chunk)
-            alerts = policy.due_alerts(leads, self.store.history(chunk), self.config, now)
+            alerts = self._due(leads, self.store.history(chunk), now, result)
             queued += self.store.record(alerts, now)
         return queued
 
@@ -308,9 +469,12 @@ class Cycle:
             try:
                 record = self.api.get(lead_id)
             except ApiError as exc:
+                if exc.code == "unreadableRecord":  # it answers, but with nothing usable
+                    self._set_aside(lead_id, "parse", str(exc), now, result, lead_id=lead_id)
+                    continue
                 result.lookup_failures += 1
-                result.failures.append(f"lookup of {lead_id}: {exc}")
-                log.error("lead.lookup_failed", lead=lead_id, error=str(exc))
+                result.failures.append(scrub(f"lookup of {lead_id}: {exc}"))
+                log.error("lead.lookup_failed", lead=lead_id, error=scrub(str(exc)))
                 continue
             if record is None:
                 self.store.resolve(lead_id, "gone", now)
@@ -319,19 +483,25 @@ class Cycle:
                 continue
             try:
                 referral = parse_referral(record)
-            except MalformedReferral as exc:
-                result.lookup_failures += 1
-                log.error("lead.lookup_malformed", lead=lead_id, error=str(exc))
+            except Exception as exc:  # MalformedReferral, or odd JSON the parser missed
+                reason = str(exc) if isinstance(exc, MalformedReferral) else type(exc).__name__
+                self._set_aside(lead_id, "parse", reason, now, result, lead_id=lead_id)
                 continue
-            substatus = referral.substatus.lower()
-            # Still new (Pending, or Received: opened but not answered): the 14 days still run.
-            if referral.is_pending or substatus in WAITING or not substatus:
-                self.store.refresh(referral, self._deadline(referral))
-                continue
-            # accepted, declined, won, lost or expired (any other substatus is kept as given)
-            self.store.resolve(lead_id, substatus, now, referral.raw)
-            result.resolved += 1
-            log.info("lead.resolved", lead=lead_id, resolution=substatus)
+            self._looked_up(referral, now, result)
+
+    def _looked_up(self, referral: Referral, now: datetime, result: CycleResult) -> None:
+        substatus = referral.substatus.lower()
+        # Still new (Pending, or Received: opened but not answered): the 14 days still run.
+        # "None" (or nothing) is no answer either: keep watching, and say so.
+        if referral.is_pending or substatus in WAITING or substatus in ("", "none"):
+            if substatus in ("", "none"):
+                log.warning("lead.lookup_no_substatus", lead=referral.id, substatus=substatus)
+            self.store.refresh(referral, self._deadline(referral))
+            return
+        # accepted, declined, won, lost or expired (any other substatus is kept as given)
+        self.store.resolve(referral.id, substatus, now, referral.raw)
+        result.resolved += 1
+        log.info("lead.resolved", lead=referral.id, resolution=substatus)
 
     # --- leads named by webhook events ------------------------------------------------
 
@@ -435,20 +605,24 @@ class Cycle:
 
     # --- operations alerts --------------------------------------------------------------
 
-    def _tell_operations(self, result: CycleResult, now: datetime) -> None:
+    def _tell_operations(self, result: CycleResult, now: datetime) -> list[int]:
+        """Queue what operations should hear after this cycle; returns the outbox row ids."""
         state = ops.OpsState(
             alerting_since=from_ts(self.store.get_meta("ops.alerting_since")),
             last_alert=from_ts(self.store.get_meta("ops.last_alert")),
         )
         failures = self.store.failures_in_a_row()
         event, new_state = ops.ops_event(
-            result.poll_ok, failures, state, self.config.operations, now
+            result.cycle_ok, failures, state, self.config.operations, now
         )
+        told = self._tell_quarantined(now)
         if event is None:
-            return
+            return told
         reason = result.error or ""
         log.warning("ops.event", ops_event=event, failures=failures, reason=reason)
-        self._enqueue_ops(event, reason, now, failures=failures, since=state.alerting_since or now)
+        told += self._enqueue_ops(
+            event, reason, now, failures=failures, since=state.alerting_since or now
+        )
         with self.store.transaction():
             self.store.set_meta(
                 "ops.alerting_since",
@@ -457,6 +631,22 @@ class Cycle:
             self.store.set_meta(
                 "ops.last_alert", ts(new_state.last_alert) if new_state.last_alert else None
             )
+        return told
+
+    def _tell_quarantined(self, now: datetime) -> list[int]:
+        """One message naming the records set aside since operations last heard: each
+        record is told once, however many cycles it stays bad."""
+        items = self.store.quarantined(unnotified=True)
+        if not items:
+            return []
+        lines = [f"{q.key} ({q.stage}): {q.reason}" for q in items[:QUARANTINE_NAMED]]
+        if len(items) > QUARANTINE_NAMED:
+            lines.append(f"... and {len(items) - QUARANTINE_NAMED} more (see `status`)")
+        log.warning("ops.event", ops_event=ops.QUARANTINED, records=len(items))
+        told = self._enqueue_ops(ops.QUARANTINED, "\n".join(lines), now, failures=len(items))
+        with self.store.transaction():
+            self.store.mark_quarantine_notified(q.key for q in items)
+        return told
 
     # --- delivery -----------------------------------------------------------------------
 
@@ -468,27 +658,92 @@ class Cycle:
         return result
 
     def _deliver(self, result: CycleResult, only: Collection[int] | None = None) -> None:
+        """Send what is due from the outbox (only the rows `only` names, when given)."""
         now = self.clock()
         rows = self.store.pending()
         if only is not None:
             rows = [row for row in rows if row.id in only]
         if not rows:
+            if only is None:
+                self._note_stuck(None)
             return
-        batches = policy.delivery_batches(rows, self._delivery_leads(rows), self.config, now)
-        result.held = len(rows) - sum(len(b.row_ids) for b in batches)
+        if only is None:
+            batches = policy.delivery_batches(rows, self._delivery_leads(rows), self.config, now)
+            result.held = len(rows) - sum(len(b.row_ids) for b in batches)
+        else:  # news for operations: never held nor batched, and independent of lead logic
+            batches = [Batch(r.channel, r.kind, r.tier, (r.id,), ()) for r in rows]
         if self.stop.is_set():
             log.info("delivery.stopped", left=len(batches))
             return
+        by_id = {row.id: row for row in rows}
         jobs: dict[str, list[tuple[Batch, Message]]] = {}
         for batch in batches:
-            try:
-                message = self._message(batch, now)
-            except ReferralWatchError as exc:
-                self._settle(batch, _Failure(str(exc)), result)
-                continue
-            jobs.setdefault(batch.channel, []).append((batch, message))
+            made = self._made(batch, by_id, now, result)
+            if made is not None:
+                jobs.setdefault(made[0].channel, []).append(made)
         if jobs:
             self._send_all(jobs, result)
+        if only is None and not self.stop.is_set():
+            stuck = [by_id[i].created for i in result.failed_rows if i in by_id]
+            self._note_stuck(min(stuck) if stuck else None)
+
+    def _note_stuck(self, since: datetime | None) -> None:
+        """Remember since when a due delivery has been failing (for the health verdict)."""
+        value = ts(since) if since else None
+        if self.store.get_meta(STUCK_META) != value:
+            with self.store.transaction():
+                self.store.set_meta(STUCK_META, value)
+
+    def _made(
+        self, batch: Batch, rows: Mapping[int, PendingRow], now: datetime, result: CycleResult
+    ) -> tuple[Batch, Message] | None:
+        """The batch and its message; a lead whose message cannot be made is set aside and
+        a digest goes out without it."""
+        try:
+            return batch, self._message(batch, now)
+        except ReferralWatchError as exc:
+            self._settle(batch, _Failure(str(exc)), result)
+            return None
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {str(exc)[:120]}"
+        bad = [lead_id for lead_id in batch.lead_ids if not self._renders(batch, lead_id, now)]
+        if not batch.digest or not bad:
+            bad = list(batch.lead_ids)
+        bad_rows = [i for i in batch.row_ids if rows[i].lead_id in bad] if batch.digest else []
+        self._set_aside_rows(batch, bad, bad_rows or list(batch.row_ids), error, now, result)
+        rest = [i for i in batch.row_ids if i not in bad_rows]
+        if not bad_rows or not rest:
+            return None
+        lead_ids = tuple(i for i in batch.lead_ids if i not in bad)
+        return self._made(replace(batch, row_ids=tuple(rest), lead_ids=lead_ids), rows, now, result)
+
+    def _renders(self, batch: Batch, lead_id: str, now: datetime) -> bool:
+        alone = replace(batch, lead_ids=(lead_id,), digest=False, more=0)
+        try:
+            self._message(alone, now)
+        except ReferralWatchError:
+            return True  # not this lead's text
+        except Exception:
+            return False
+        return True
+
+    def _set_aside_rows(
+        self,
+        batch: Batch,
+        lead_ids: Sequence[str],
+        row_ids: Sequence[int],
+        error: str,
+        now: datetime,
+        result: CycleResult,
+        stage: str = "render",
+    ) -> None:
+        reason = f"its {batch.kind} message for {batch.channel} cannot be made ({error})"
+        if stage == "send":
+            reason = f"sending its {batch.kind} message to {batch.channel} failed ({error})"
+        with self.store.transaction():
+            for lead_id in lead_ids:
+                self._set_aside(lead_id, stage, reason, now, result, lead_id=lead_id)
+            self.store.set_aside(row_ids, scrub(reason))
 
     def _delivery_leads(self, rows: Sequence[PendingRow]) -> Mapping[str, Lead]:
         """What delivery_batches needs to order and address the rows: outlines (no JSON read),
@@ -602,7 +857,8 @@ class Cycle:
                 try:
                     outcome = self.sender.send(batch.channel, message, recipients=batch.recipients)
                 except Exception as exc:  # a sender bug must not lose the others' results
-                    outcome = _Failure(f"unexpected {type(exc).__name__}")
+                    error = f"unexpected {type(exc).__name__}: {str(exc)[:120]}"
+                    outcome = _Failure(error, crashed=True)
                 recorded = threading.Event()
                 outcomes.put((batch, outcome, recorded))
                 while not recorded.wait(0.05):
@@ -640,8 +896,17 @@ class Cycle:
             )
             return
         now = self.clock()
-        error = outcome.error or "delivery failed"
+        error = scrub(outcome.error or "delivery failed")
+        if getattr(outcome, "crashed", False) and batch.lead_ids:
+            # Not the channel: this message broke the sender. Set its leads aside rather than
+            # retry the same crash every cycle for a day.
+            log.error("delivery.crashed", channel=batch.channel, kind=batch.kind, error=error)
+            self._set_aside_rows(
+                batch, batch.lead_ids, batch.row_ids, error, now, result, stage="send"
+            )
+            return
         result.failed += 1
+        result.failed_rows.extend(batch.row_ids)
         result.by_channel[(batch.channel, "failed")] += 1
         result.failures.append(f"channel {batch.channel}: {error}")
         log.error("delivery.failed", channel=batch.channel, kind=batch.kind, error=error)
@@ -665,17 +930,20 @@ class Cycle:
         skip: str | None = None,
         failures: int = 0,
         since: datetime | None = None,
-    ) -> None:
+    ) -> list[int]:
         """Put a message about referral-watch itself in the outbox for each operations
-        channel (but `skip`, the channel that just failed)."""
+        channel (but `skip`, the channel that just failed); returns the row ids."""
         from referral_watch import render  # Jinja2 and Babel: only when there is news
 
+        reason = scrub(reason)
+        ids = []
         for channel in self.config.operations.notify:
             if channel == skip:
                 continue
             style = render.style_for(self.config, channel)
             message = render.render_ops(event, reason, now, style, failures=failures, since=since)
-            self.store.enqueue_message("ops", channel, message.title, message.body, now)
+            ids.append(self.store.enqueue_message("ops", channel, message.title, message.body, now))
+        return ids
 
     def _message(self, batch: Batch, now: datetime) -> Message:
         from referral_watch import render  # Jinja2 and Babel: only when there is news
@@ -744,6 +1012,7 @@ class _Failure:
 
     error: str
     ok: bool = False
+    crashed: bool = False  # the sender raised: the message, not the channel, is the problem
 
 
 @dataclass
@@ -774,15 +1043,44 @@ def _record_and_text(page: Any, texts: list[str] | None, index: int) -> tuple[An
         return record, None
 
 
-def _decode(page: Any, index: int) -> Any:
+def _decode(page: Any, index: int) -> tuple[Any, str]:
+    """(the record, "") or (None, why it cannot be decoded)."""
     try:
-        return page.record(index)
-    except (ValueError, RecursionError):
-        return None  # reported as malformed
+        return page.record(index), ""
+    except RecursionError:
+        return None, "unreadable record (JSON nested too deeply)"
+    except ValueError as exc:
+        return None, f"unreadable record (not JSON: {str(exc)[:80]})"
+
+
+def _record_key(raw: str) -> str:
+    """The quarantine key of a record without a usable id: the same record, the same key."""
+    return "record:" + hashlib.sha256(raw.encode("utf-8", "replace")).hexdigest()[:16]
+
+
+def _unparsable(record: Any, raw: str) -> str:
+    try:
+        parse_referral(record, raw)
+    except MalformedReferral as exc:
+        return str(exc)
+    except Exception as exc:
+        return f"unreadable record ({type(exc).__name__})"
+    return "record has no id"
 
 
 def _lead_id(record: Any) -> str | None:
-    lead_id = record.get("id") if isinstance(record, dict) else None
+    if isinstance(record, dict):
+        lead_id = record.get("id")
+        if lead_id is None:  # any case: "ID", "Id"
+            lead_id = next((v for k, v in record.items() if str(k).lower() == "id"), None)
+    else:
+        lead_id = None
+    return lead_id.strip() if isinstance(lead_id, str) and lead_id.strip() else None
+
+
+def _id_in_text(raw: str) -> str | None:
+    """The id of a record too deep (or too odd) to decode, read from its text."""
+    lead_id = jsontext.member(raw, "id")
     return lead_id.strip() if isinstance(lead_id, str) and lead_id.strip() else None
 
 

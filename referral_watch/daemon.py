@@ -23,7 +23,7 @@ from referral_watch import schedule
 from referral_watch.config import Config
 from referral_watch.cycle import Clock, Cycle, CycleResult, NoPolls, system_clock
 from referral_watch.errors import ConfigError, ReferralWatchError, StateError
-from referral_watch.ops import OpsState, healthy, ops_event
+from referral_watch.ops import OpsState, health, ops_event
 from referral_watch.replica import Leadership, work_name
 from referral_watch.store import InstanceLock, Store, from_ts, ts
 from referral_watch.watchdog import Progress
@@ -125,6 +125,7 @@ class Daemon:
         self.metrics = Metrics()
         self.last_success: datetime | None = None
         self.server: WebServer | None = None
+        self.stuck_since: datetime | None = None  # a due delivery failing since then
         self._api: Any = None
         self._sender: Any = None
         self._scheduler: Any = None
@@ -282,6 +283,7 @@ class Daemon:
         for (channel, outcome), count in result.by_channel.items():
             self.metrics.deliveries.labels(channel, outcome).inc(count)
         self.last_success = store.last_success()
+        self.stuck_since = store.deliveries_stuck_since()
         if self.last_success:
             self.metrics.last_success.set(self.last_success.timestamp())
         self.metrics.backlog.set(store.backlog())
@@ -460,11 +462,16 @@ class Daemon:
                 "role": "standby",
                 "interval_seconds": int(self.config.schedule.interval.total_seconds()),
             }
-        ok = healthy(self.last_success, self.config.schedule.interval, self.clock())
+        ok, reason = health(
+            self.last_success, self.config.schedule.interval, self.clock(), self.stuck_since
+        )
+        stuck = not ok and reason.startswith("deliveries")
         body: dict[str, Any] = {
-            "status": "ok" if ok else "stale",
+            "status": "ok" if ok else "stuck" if stuck else "stale",
             "role": "active",
+            "reason": reason,
             "last_success": self.last_success.isoformat() if self.last_success else None,
+            "deliveries_stuck_since": self.stuck_since.isoformat() if self.stuck_since else None,
             "interval_seconds": int(self.config.schedule.interval.total_seconds()),
         }
         if self.config.webhooks is not None:
@@ -481,6 +488,7 @@ class Daemon:
         with self._exclusive():
             with Store(self.config.state.location) as store:
                 self.last_success = store.last_success()
+                self.stuck_since = store.deliveries_stuck_since()
                 self._observe_leads(store)  # what the state file knows, until the first cycle
             self._start_webhooks()
             self._start_server()

@@ -48,6 +48,18 @@ def claim_owner() -> str:
 class Sqlite:
     name = "sqlite"
     errors: tuple[type[BaseException], ...] = (sqlite3.DatabaseError,)
+    # What one record can make it raise (not the file's own trouble: full, locked, read-only):
+    # that record is set aside, the poll goes on.
+    record_errors: tuple[type[BaseException], ...] = (
+        UnicodeError,
+        ValueError,
+        OverflowError,
+        TypeError,
+        sqlite3.InterfaceError,
+        sqlite3.ProgrammingError,
+        sqlite3.DataError,
+        sqlite3.IntegrityError,
+    )
     # One process per file (the lock file, SPEC 11): a crashed run's claims are its own.
     owner = "sqlite"
     for_update = ""  # BEGIN IMMEDIATE already holds the whole file
@@ -98,6 +110,14 @@ class Sqlite:
 class Postgres:
     name = "postgresql"
     errors: tuple[type[BaseException], ...] = ()  # _PgDb raises StateError itself
+    # Raised before a statement reaches the server; a server error aborts the transaction,
+    # so it stays a StateError (the poll fails, changing nothing).
+    record_errors: tuple[type[BaseException], ...] = (
+        UnicodeError,
+        ValueError,
+        OverflowError,
+        TypeError,
+    )
     for_update = "FOR UPDATE SKIP LOCKED"  # rows another writer is claiming are not free
 
     def __init__(self, url: str, *, create: bool) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -85,12 +86,49 @@ def deadline_of(referral: Referral, response_window: timedelta) -> datetime:
     return referral.expiration or referral.created + response_window
 
 
+# Timestamps outside these bounds are not real: a year-9999 date plus 14 days overflows, a
+# year-1 date shown west of UTC underflows. Leaves room for durations of up to ten years.
+EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
+LATEST = datetime(9000, 1, 1, tzinfo=UTC)
+# Deal values at or beyond this are not real either (Babel cannot format 1e28 and up).
+DEAL_VALUE_LIMIT = Decimal("1e18")
+
+# The documented enum values, so that any spelling ("ACCEPTED", "accepted") reads as one.
+_ENUMS = {
+    name.lower(): name
+    for name in [
+        "None",
+        "New",
+        "Active",
+        "Closed",
+        "Pending",
+        "Received",
+        "Accepted",
+        "Won",
+        "Lost",
+        "Declined",
+        "Expired",
+        "Direct",
+        "MarketingQualified",
+        "SalesQualified",
+        "Independent",
+        "Shared",
+        "Incoming",
+        "Outgoing",
+    ]
+}
+_SURROGATES = re.compile("[\ud800-\udfff]")
+_MISSING = object()
+
+
 def parse_time(value: Any) -> datetime | None:
-    """Partner Center's UTC timestamps (7 fractional digits, 'Z'); None when absent."""
+    """Partner Center's UTC timestamps (7 fractional digits, 'Z'); None when absent.
+
+    Raises ValueError for text that is not a timestamp or one outside EARLIEST..LATEST."""
     if value in (None, ""):
         return None
     if not isinstance(value, str):
-        raise ValueError(f"not a timestamp: {value!r}")
+        raise ValueError(f"not a timestamp: {str(value)[:40]!r}")
     text = value.strip()
     # fromisoformat takes at most 6 fractional digits before 3.11's relaxed parser; trim to be safe
     head, dot, rest = text.partition(".")
@@ -98,14 +136,35 @@ def parse_time(value: Any) -> datetime | None:
         digits = "".join(ch for ch in rest if ch.isdigit())
         suffix = rest[len(digits) :]
         text = f"{head}.{digits[:6]}{suffix}"
-    parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        parsed = parsed.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+05:00
+        parsed = EARLIEST - timedelta(days=1)
+    if not EARLIEST <= parsed <= LATEST:
+        raise ValueError(
+            f"{value[:40]!r} is outside {EARLIEST.year}-{LATEST.year}, not a real timestamp"
+        )
+    return parsed
 
 
 def _obj(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
+
+
+def _get(fields: dict[str, Any], key: str) -> Any:
+    """fields[key], else the value of a key spelt in another case (Microsoft's own 2018
+    sample writes "Substatus"); None when there is neither."""
+    value = fields.get(key, _MISSING)
+    if value is not _MISSING:
+        return value
+    lower = key.lower()
+    for name, other in fields.items():
+        if isinstance(name, str) and name.lower() == lower:
+            return other
+    return None
 
 
 def _list(value: Any) -> list[Any]:
@@ -113,9 +172,26 @@ def _list(value: Any) -> list[Any]:
 
 
 def _raw_text(value: Any) -> str:
+    """Text for a field, whatever JSON value it holds; a lone UTF-16 surrogate ("\\ud800"),
+    which no database or channel can encode, becomes U+FFFD."""
     if value is None:
         return ""
-    return value if isinstance(value, str) else str(value)
+    if not isinstance(value, str):
+        try:
+            value = str(value)
+        except ValueError:  # an integer too long to print
+            return ""
+    return _SURROGATES.sub("\ufffd", value) if _SURROGATES.search(value) else value
+
+
+def usable_id(ref_id: str) -> bool:
+    """Whether an id can be stored and looked up: no lone surrogate, at most 200 characters."""
+    return len(ref_id) <= 200 and not _SURROGATES.search(ref_id)
+
+
+def _enum(value: Any) -> str:
+    text = _text(value)
+    return _ENUMS.get(text.lower(), text)
 
 
 def _text(value: Any) -> str:
@@ -128,23 +204,30 @@ def as_decimal(value: Any) -> Decimal | None:
     if value is None or value == "" or isinstance(value, bool):
         return None
     try:
-        amount = Decimal(str(value).replace(",", "").strip())
+        amount = Decimal(_raw_text(value).replace(",", "").strip())
     except InvalidOperation:
         return None
     return amount if amount.is_finite() else None
 
 
+def _deal_value(value: Any) -> Decimal | None:
+    amount = as_decimal(value)
+    return amount if amount is not None and abs(amount) < DEAL_VALUE_LIMIT else None
+
+
 def _ids(items: Any, key: str = "id") -> tuple[str, ...]:
-    return tuple(_text(_obj(item).get(key)) for item in _list(items) if _obj(item).get(key))
+    return tuple(_text(_get(_obj(item), key)) for item in _list(items) if _get(_obj(item), key))
 
 
 def _member(item: Any) -> TeamMember | None:
     member = _obj(item)
-    email = _text(member.get("email")).strip()
+    email = _text(_get(member, "email")).strip()
     if not email:
         return None
-    name = " ".join(p for p in (_text(member.get("firstName")), _text(member.get("lastName"))) if p)
-    disabled = _obj(member.get("contactPreference")).get("disableNotifications") is True
+    name = " ".join(
+        p for p in (_text(_get(member, "firstName")), _text(_get(member, "lastName"))) if p
+    )
+    disabled = _get(_obj(_get(member, "contactPreference")), "disableNotifications") is True
     return TeamMember(email=email, name=name, notifications=not disabled)
 
 
@@ -155,53 +238,54 @@ def _optional_time(value: Any) -> datetime | None:
         return None  # an unreadable optional timestamp is treated as absent
 
 
+def _solutions(items: Any) -> tuple[str, ...]:
+    names = (_text(_get(_obj(s), "name")) or _text(_get(_obj(s), "id")) for s in _list(items))
+    return tuple(name for name in names if name)
+
+
 def parse_referral(data: Any, raw: str | None = None) -> Referral:
-    """Build a Referral from one API record, tolerating missing and odd fields.
+    """Build a Referral from one API record, tolerating missing and odd fields; keys and
+    enum values are read in any case.
 
     Raises MalformedReferral only when the record cannot be watched at all.
     """
     if not isinstance(data, dict):
         raise MalformedReferral(f"record is a {type(data).__name__}, not an object")
-    ref_id = data.get("id")
+    ref_id = _get(data, "id")
     if not isinstance(ref_id, str) or not ref_id.strip():
         raise MalformedReferral("record has no id")
     try:
-        created = parse_time(data.get("createdDateTime"))
-    except ValueError:
-        created = None
+        created = parse_time(_get(data, "createdDateTime"))
+    except ValueError as exc:
+        raise MalformedReferral(f"referral {ref_id} has no valid createdDateTime: {exc}") from None
     if created is None:
         raise MalformedReferral(f"referral {ref_id} has no valid createdDateTime")
-    profile = _obj(data.get("customerProfile"))
-    details = _obj(data.get("details"))
-    requirements = _obj(details.get("requirements"))
-    members = tuple(m for m in (_member(i) for i in _list(data.get("team"))) if m is not None)
+    profile = _obj(_get(data, "customerProfile"))
+    details = _obj(_get(data, "details"))
+    requirements = _obj(_get(details, "requirements"))
+    members = tuple(m for m in (_member(i) for i in _list(_get(data, "team"))) if m is not None)
+    invited_by = _obj(_get(_obj(_get(data, "inviteContext")), "invitedBy"))
     return Referral(
         id=ref_id.strip(),
-        name=_text(data.get("name")),
-        customer=_text(profile.get("name")) or _text(data.get("name")) or "(unnamed customer)",
+        name=_text(_get(data, "name")),
+        customer=_text(_get(profile, "name")) or _text(_get(data, "name")) or "(unnamed customer)",
         created=created,
-        expiration=_optional_time(data.get("expirationDateTime")),
-        updated=_optional_time(data.get("updatedDateTime")),
-        status=_text(data.get("status")),
-        substatus=_text(data.get("substatus")),
-        qualification=_text(data.get("qualification")),
-        type=_text(data.get("type")),
-        direction=_text(data.get("direction")),
-        country=_text(_obj(profile.get("address")).get("country")).upper(),
-        deal_value=as_decimal(details.get("dealValue")),
-        currency=currency_code(_text(details.get("currency"))),
-        notes=clean_notes(_raw_text(details.get("notes"))),
-        products=_ids(requirements.get("products")),
-        solutions=tuple(
-            _text(_obj(s).get("name")) or _text(_obj(s).get("id"))
-            for s in _list(requirements.get("solutions"))
-            if _obj(s).get("name") or _obj(s).get("id")
-        ),
-        solution_ids=_ids(requirements.get("solutions")),
+        expiration=_optional_time(_get(data, "expirationDateTime")),
+        updated=_optional_time(_get(data, "updatedDateTime")),
+        status=_enum(_get(data, "status")),
+        substatus=_enum(_get(data, "substatus")),
+        qualification=_enum(_get(data, "qualification")),
+        type=_enum(_get(data, "type")),
+        direction=_enum(_get(data, "direction")),
+        country=_text(_get(_obj(_get(profile, "address")), "country")).upper(),
+        deal_value=_deal_value(_get(details, "dealValue")),
+        currency=currency_code(_text(_get(details, "currency"))),
+        notes=clean_notes(_raw_text(_get(details, "notes"))),
+        products=_ids(_get(requirements, "products")),
+        solutions=_solutions(_get(requirements, "solutions")),
+        solution_ids=_ids(_get(requirements, "solutions")),
         team=members,
-        invited_by=_text(
-            _obj(_obj(data.get("inviteContext")).get("invitedBy")).get("organizationId")
-        ),
+        invited_by=_text(_get(invited_by, "organizationId")),
         raw=raw if raw is not None else json.dumps(data, separators=(",", ":"), sort_keys=True),
     )
 

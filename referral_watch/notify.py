@@ -42,6 +42,9 @@ MSTEAMS_ADVICE = (
 )
 
 MAX_SEND_GAP_S = 1.0  # seconds between two messages through the same channel
+# One send's whole time: Apprise's read timeout restarts with every byte, so a channel that
+# answers a byte now and then would hold the cycle (and a stop signal) for minutes.
+SEND_TIME_CAP = 60.0
 
 APP_ID = "referral-watch"
 APP_DESC = "Partner Center lead alerts"
@@ -369,7 +372,7 @@ class Notifier:
         url = config.url
         addresses = _valid_recipients(recipients) if config.to_assignees else []
         try:
-            result = self._deliver(channel, config, message, addresses)
+            result = self._within_time(channel, config, message, addresses)
         except Exception as exc:  # one channel's surprise must not stop the others
             reason = _scrub(f"unexpected {type(exc).__name__}: {exc}", url)
             log.error("notify.error", channel=channel, reason=reason)
@@ -379,6 +382,36 @@ class Notifier:
         else:
             log.warning("notify.failed", channel=channel, reason=result.error)
         return result
+
+    def _within_time(
+        self, channel: str, config: ChannelConfig, message: Message, addresses: list[str]
+    ) -> Delivery:
+        """_deliver, given up (as a failure, retried next cycle) after SEND_TIME_CAP. The
+        send itself cannot be interrupted: its thread ends when the channel lets go."""
+        outcome: list[Delivery] = []
+        failure: list[BaseException] = []
+
+        def send() -> None:
+            try:
+                outcome.append(self._deliver(channel, config, message, addresses))
+            except BaseException as exc:  # re-raised in the caller's thread
+                failure.append(exc)
+
+        context = contextvars.copy_context()  # log context and the like, as in the caller
+        worker = threading.Thread(
+            target=context.run, args=(send,), name=f"send-{channel}", daemon=True
+        )
+        worker.start()
+        worker.join(SEND_TIME_CAP)
+        if worker.is_alive():
+            return Delivery(
+                False,
+                f"the channel did not finish answering within {SEND_TIME_CAP:.0f} s "
+                "(it answers too slowly); retried at the next cycle",
+            )
+        if failure:
+            raise failure[0]
+        return outcome[0]
 
     def _deliver(
         self, channel: str, config: ChannelConfig, message: Message, addresses: list[str]

@@ -11,6 +11,7 @@ FAILING = "failing"
 STILL_FAILING = "still_failing"
 RECOVERED = "recovered"
 DROPPED = "dropped"
+QUARANTINED = "quarantined"
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,29 @@ def ops_event(
     return None, state
 
 
-def healthy(last_success: datetime | None, interval: timedelta, now: datetime) -> bool:
-    """The health verdict shared by `status --check` and /healthz."""
-    return last_success is not None and now - last_success < 3 * interval
+def health(
+    last_success: datetime | None,
+    interval: timedelta,
+    now: datetime,
+    stuck_since: datetime | None = None,
+) -> tuple[bool, str]:
+    """The health verdict shared by `status --check` and /healthz, with the reason: healthy
+    while the last successful poll is younger than 3 x interval and no due delivery has been
+    failing (or blocked by an error) for 2 x interval or longer."""
+    if last_success is None:
+        return False, "last successful poll never"
+    if now - last_success >= 3 * interval:
+        return False, f"last successful poll {last_success:%Y-%m-%d %H:%M:%S} UTC"
+    if stuck_since is not None and now - stuck_since >= 2 * interval:
+        return False, f"deliveries stuck since {stuck_since:%Y-%m-%d %H:%M:%S} UTC"
+    return True, f"last successful poll {last_success:%Y-%m-%d %H:%M:%S} UTC"
+
+
+def healthy(
+    last_success: datetime | None,
+    interval: timedelta,
+    now: datetime,
+    stuck_since: datetime | None = None,
+) -> bool:
+    """Just the verdict of health()."""
+    return health(last_success, interval, now, stuck_since)[0]

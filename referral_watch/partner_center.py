@@ -8,10 +8,10 @@ The bearer token is only ever sent to the configured base URL's host and port (S
 from __future__ import annotations
 
 import json
-import random
 import time
 import uuid
-from collections.abc import Callable, Iterator
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -22,12 +22,13 @@ from urllib.parse import quote
 
 import httpx
 import msgspec
+import stamina
 import structlog
 
-from referral_watch import __version__
+from referral_watch import __version__, jsontext
 from referral_watch.auth import TokenProvider
-from referral_watch.config import PartnerCenterConfig
-from referral_watch.errors import ApiError, AuthError
+from referral_watch.config import PartnerCenterConfig, format_duration
+from referral_watch.errors import ApiError, AuthError, scrub
 
 log = structlog.get_logger(__name__)
 
@@ -35,6 +36,18 @@ RETRY_STATUSES = frozenset({429, 502, 503, 504})
 BACKOFF_START = 1.0
 BACKOFF_CAP = 30.0
 RETRY_AFTER_CAP = 120.0
+# One request's whole time, retries and their waits included (SPEC 0 alone would allow
+# 4 x 120 s of Retry-After): then the poll fails, and the next cycle tries again.
+REQUEST_TIME_CAP = 180.0
+# Connection refused or no such host: retried while the attempts so far took less than this,
+# so a wrong base_url fails in a few seconds, naming it.
+CONNECT_RETRY_TIME = 3.0
+# A poll reading more pages than this is following a chain without end.
+MAX_PAGES = 5000
+# A page (decoded: a gzip bomb counts what it inflates to) larger than this fails the poll.
+PAGE_LIMIT = 16 * 1024 * 1024
+# Inflate a compressed body at most this much per step (no 1,000:1 burst in memory).
+_INFLATE_STEP = 1024 * 1024
 ORDER_BY = "createdDateTime desc"
 _DETAIL_LIMIT = 300  # characters of a server's error message worth repeating
 
@@ -86,22 +99,25 @@ class PartnerCenter:
         tokens: TokenProvider,
         *,
         transport: httpx.BaseTransport | None = None,
-        sleep: Callable[[float], None] = time.sleep,
         max_retries: int = 4,
+        max_pages: int | None = None,
     ) -> None:
         self._config = config
         self._tokens = tokens
-        self._sleep = sleep
         self._max_retries = max_retries
+        self._max_pages = MAX_PAGES if max_pages is None else max_pages
         self._base = httpx.URL(config.base_url.rstrip("/"))
-        self._random = random.Random()
         self._token: str | None = None  # fetched per poll; providers cache and refresh it
+        self._deadline = float("inf")  # monotonic time the current poll must end by
         self._client = httpx.Client(
             transport=transport,
+            # connect, each read, each write: a silent server fails after `timeout`; one that
+            # dribbles is stopped by the poll's deadline (poll_timeout)
             timeout=config.timeout.total_seconds(),
             follow_redirects=False,  # a redirect could carry the token elsewhere
             headers={
                 "Accept": "application/json",
+                "Accept-Encoding": "gzip, deflate",  # what _inflated() can bound
                 "User-Agent": f"referral-watch/{__version__}",
             },
         )
@@ -109,8 +125,10 @@ class PartnerCenter:
     # -- public
 
     def pages(self) -> Iterator[Page]:
-        """One poll: every page of the configured filter's result, in order."""
+        """One poll: every page of the configured filter's result, in order, within
+        partner_center.poll_timeout and MAX_PAGES pages."""
         correlation = str(uuid.uuid4())
+        self._deadline = time.monotonic() + self._config.poll_timeout.total_seconds()
         self._token = self._tokens.get_token()
         url = httpx.URL(f"{self._base}/engagements/referrals")
         params: dict[str, str] | None = {
@@ -136,9 +154,16 @@ class PartnerCenter:
                 )
             params = None  # the nextLink carries its own query
             number += 1
+            if number >= self._max_pages:
+                raise ApiError(
+                    f"Partner Center sent more than {self._max_pages} pages in one poll (a "
+                    "next-page chain without end?); the poll is incomplete",
+                    code="tooManyPages",
+                )
 
     def get(self, referral_id: str) -> dict[str, Any] | None:
         """One referral by id (any status), or None when Partner Center does not know it."""
+        self._deadline = time.monotonic() + self._config.poll_timeout.total_seconds()
         self._token = self._tokens.get_token()
         url = httpx.URL(f"{self._base}/engagements/referrals/{quote(referral_id, safe='')}")
         response = self._request(url, None, str(uuid.uuid4()))
@@ -147,12 +172,12 @@ class PartnerCenter:
         self._checked(response, page=None)
         try:
             record = response.json()
-        except ValueError:
+        except (ValueError, RecursionError):
             record = None
         if not isinstance(record, dict):
             raise ApiError(
                 f"Partner Center sent an unreadable answer for referral {referral_id} "
-                "(not a JSON object)",
+                "(not a JSON object, or nested too deeply)",
                 status=response.status_code,
                 retryable=True,
                 code="unreadableRecord",
@@ -291,42 +316,118 @@ class PartnerCenter:
     def _request(
         self, url: httpx.URL, params: dict[str, str] | None, correlation: str
     ) -> httpx.Response:
-        """Send a GET, refreshing the token once on 401 and retrying transient failures."""
-        refreshed = False
-        attempt = 0
-        while True:
-            status: int | None = None
-            try:
-                response = self._client.get(url, params=params, headers=self._headers(correlation))
-            except httpx.TransportError as exc:
-                failure, wait = self._scrub(_describe(exc)), self._backoff(attempt)
-            else:
-                log.debug(
-                    "api.response",
-                    status=response.status_code,
-                    path=response.request.url.path,
-                    request_id=response.headers.get("Request-ID"),
-                )
-                if response.status_code == 401 and not refreshed:
-                    # The token may have been revoked before its expiry: one fresh token, one retry.
-                    refreshed = True
-                    self._token = self._tokens.get_token(force_refresh=True)
-                    continue
-                if response.status_code not in RETRY_STATUSES:
-                    return response
-                status = response.status_code
-                failure = f"{status} {_error_code(response) or response.reason_phrase}"
-                retry_after = _retry_after(response)
-                wait = self._backoff(attempt) if retry_after is None else retry_after
-            if attempt >= self._max_retries:
+        """Send a GET, retrying transient failures; on 401 one fresh token and one more try
+        (outside the retries: a revoked token is not a transient failure)."""
+        response = self._retried(url, params, correlation)
+        if response.status_code == 401:
+            self._token = self._tokens.get_token(force_refresh=True)
+            response = self._retried(url, params, correlation)
+        return response
+
+    def _retried(
+        self, url: httpx.URL, params: dict[str, str] | None, correlation: str
+    ) -> httpx.Response:
+        """SPEC 0 with stamina: up to max_retries more attempts, exponential backoff from 1 s
+        capped at 30 s with jitter, Retry-After honoured (up to 120 s), and the whole at most
+        REQUEST_TIME_CAP (and never past the poll's deadline)."""
+        started = time.monotonic()
+        budget = min(REQUEST_TIME_CAP, self._deadline - started)
+        if budget <= 0:
+            raise self._out_of_time()
+        attempts = 0
+        hook = _RetryHook(started, budget)
+        try:
+            for attempt in stamina.retry_context(
+                on=hook,
+                attempts=self._max_retries + 1,
+                timeout=budget,
+                wait_initial=BACKOFF_START,
+                wait_max=BACKOFF_CAP,
+                wait_jitter=BACKOFF_START,
+            ):
+                with attempt:
+                    attempts += 1
+                    return self._attempt(url, params, correlation)
+        except _Transient as exc:
+            where = f"{url.scheme}://{url.netloc.decode('ascii', 'replace')}{url.path}"
+            tries = f"{attempts} attempt" + ("s" if attempts != 1 else "")
+            raise ApiError(
+                f"Partner Center at {where} did not answer after {tries}: {exc}",
+                status=exc.status,
+                retryable=True,
+            ) from None
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    def _attempt(
+        self, url: httpx.URL, params: dict[str, str] | None, correlation: str
+    ) -> httpx.Response:
+        """One GET, its body read within the poll's deadline and PAGE_LIMIT; a transient
+        failure raises _Transient (retried), a limit ApiError (not)."""
+        request = self._client.build_request(
+            "GET", url, params=params, headers=self._headers(correlation)
+        )
+        try:
+            response = self._client.send(request, stream=True)
+        except httpx.TransportError as exc:
+            raise _Transient(self._scrub(_describe(exc)), refused=_refused(exc)) from None
+        try:
+            log.debug(
+                "api.response",
+                status=response.status_code,
+                path=request.url.path,
+                request_id=response.headers.get("Request-ID"),
+            )
+            body = self._body(response)
+        except httpx.TransportError as exc:  # cut off, or a read timed out, mid-body
+            raise _Transient(self._scrub(_describe(exc))) from None
+        finally:
+            response.close()
+        if response.status_code in RETRY_STATUSES:
+            code = _error_code(body)
+            raise _Transient(
+                f"{response.status_code} {code or response.reason_phrase}",
+                status=response.status_code,
+                retry_after=_retry_after(response),
+            )
+        return body
+
+    def _body(self, response: httpx.Response) -> httpx.Response:
+        """The response with its whole body read: inflated step by step, counted as it
+        arrives, within the poll's deadline (a server sending a byte now and then cannot
+        hold a poll for ever) and PAGE_LIMIT."""
+        chunks: list[bytes] = []
+        size = 0
+        for chunk in _inflated(response):
+            size += len(chunk)
+            if size > PAGE_LIMIT:
                 raise ApiError(
-                    f"Partner Center did not answer after {attempt + 1} attempts: {failure}",
-                    status=status,
-                    retryable=True,
+                    f"Partner Center sent an answer over {PAGE_LIMIT // (1024 * 1024)} MiB "
+                    f"({response.request.url.path}); the poll is incomplete",
+                    status=response.status_code,
+                    code="answerTooLarge",
                 )
-            log.warning("api.retry", attempt=attempt + 1, failure=failure, wait_s=round(wait, 2))
-            self._sleep(wait)
-            attempt += 1
+            if time.monotonic() > self._deadline:
+                raise self._out_of_time()
+            chunks.append(chunk)
+        headers = [
+            (name, value)
+            for name, value in response.headers.multi_items()
+            if name.lower() not in ("content-encoding", "content-length", "transfer-encoding")
+        ]
+        return httpx.Response(
+            response.status_code,
+            headers=headers,
+            content=b"".join(chunks),
+            request=response.request,
+        )
+
+    def _out_of_time(self) -> ApiError:
+        limit = format_duration(self._config.poll_timeout)
+        return ApiError(
+            f"the poll took longer than partner_center.poll_timeout ({limit}): Partner Center "
+            "answers too slowly (or without end); the poll is incomplete",
+            code="pollTimeout",
+        )
 
     def _renew_hint(self) -> str:
         """What renews the credentials: each provider knows (login, a variable, a program)."""
@@ -338,11 +439,6 @@ class PartnerCenter:
             "MS-CorrelationId": correlation,
             "MS-RequestId": str(uuid.uuid4()),
         }
-
-    def _backoff(self, attempt: int) -> float:
-        """1 s, 2 s, 4 s ... capped at 30 s, plus up to 25% jitter (still within the cap)."""
-        delay: float = min(BACKOFF_CAP, BACKOFF_START * 2.0**attempt)
-        return min(BACKOFF_CAP, delay * (1 + 0.25 * self._random.random()))
 
     # -- answers
 
@@ -367,8 +463,14 @@ class PartnerCenter:
             reason = f"unexpected redirect to {response.headers.get('Location', '?')}"
         else:
             reason = ": ".join(p for p in (code, detail) if p) or response.reason_phrase
+        if status == 404 and page is not None:
+            reason += (
+                f"; {response.request.url.copy_with(query=None)} does not exist: check "
+                "partner_center.base_url (Partner Center's is https://api.partner.microsoft.com"
+                "/v1.0, with the /v1.0)"
+            )
         raise ApiError(
-            f"Partner Center answered {status}{where}: {reason}",
+            self._scrub(f"Partner Center answered {status}{where}: {reason}"),
             status=status,
             code=code,
             retryable=status >= 500,
@@ -408,7 +510,7 @@ class PartnerCenter:
 
     def _scrub(self, text: str) -> str:
         """Never repeat the token, whatever a server or library put in a message."""
-        return text.replace(self._token, "***") if self._token else text
+        return scrub(text, [self._token] if self._token else [])
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -417,16 +519,36 @@ class PartnerCenter:
 def _read_page(response: httpx.Response, number: int) -> tuple[list[str], Any]:
     """(the `value` items' JSON texts, the @odata.nextLink or None) of one page.
 
-    msgspec finds the items' texts without decoding them (a tenth of the CPU time of
-    json.loads), so the cycle can recognise unchanged records by their text alone.
+    msgspec finds the items' texts without decoding them, so the cycle can recognise
+    unchanged records by their text alone (see bench/bench.py for what that saves). A page
+    nested too deeply for msgspec anywhere is split by jsontext instead: only the deep record
+    then fails, on its own.
     """
     try:
         shape = _RAW_PAGE.decode(response.content)
+    except RecursionError:
+        return _split_deep_page(response, number)
     except (msgspec.DecodeError, msgspec.ValidationError):
         body = _page_body(response, number)  # explains what is wrong, or copes with it
         texts = [json.dumps(item, separators=(",", ":")) for item in body["value"]]
         return texts, body.get("@odata.nextLink")
     return [bytes(item).decode("utf-8") for item in shape.value], shape.next_link
+
+
+def _split_deep_page(response: httpx.Response, number: int) -> tuple[list[str], Any]:
+    try:
+        members = jsontext.top_level(response.content.decode("utf-8"))
+        texts = list(jsontext.array_items(members.get("value", "")))
+        link = json.loads(members["@odata.nextLink"]) if "@odata.nextLink" in members else None
+    except (ValueError, RecursionError) as exc:
+        raise ApiError(
+            f"Partner Center sent an unreadable page (page {number + 1}): not JSON "
+            f"({type(exc).__name__}); the poll is incomplete",
+            status=response.status_code,
+            retryable=True,
+            code="unreadablePage",
+        ) from None
+    return texts, link
 
 
 def _page_body(response: httpx.Response, number: int) -> dict[str, Any]:
@@ -460,7 +582,7 @@ _RAW_PAGE = msgspec.json.Decoder(_RawPage)
 def _error_body(response: httpx.Response) -> dict[str, Any]:
     try:
         body = response.json()
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     error = body.get("error") if isinstance(body, dict) else None
     return error if isinstance(error, dict) else {}
@@ -519,6 +641,68 @@ def _port_of(url: httpx.URL) -> int:
     if url.port is not None:
         return url.port
     return 443 if url.scheme == "https" else 80
+
+
+class _Transient(Exception):
+    """A failure worth another attempt (SPEC 0)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        refused: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+        self.refused = refused
+
+
+class _RetryHook:
+    """stamina's `on=`: whether (and after how long) to try again."""
+
+    def __init__(self, started: float, budget: float) -> None:
+        self.started = started
+        self.budget = budget
+
+    def __call__(self, exc: Exception) -> bool | float:
+        if not isinstance(exc, _Transient):
+            return False
+        spent = time.monotonic() - self.started
+        if exc.refused and spent >= CONNECT_RETRY_TIME:
+            return False  # nothing listens there: say so soon
+        if exc.retry_after is not None:
+            # Waiting past the request's budget would only end in failure after the wait.
+            return exc.retry_after if spent + exc.retry_after < self.budget else False
+        return True
+
+
+def _refused(exc: httpx.TransportError) -> bool:
+    return isinstance(exc, httpx.ConnectError)
+
+
+def _inflated(response: httpx.Response) -> Iterator[bytes]:
+    """The body as it arrives, gzip or deflate inflated at most _INFLATE_STEP at a time."""
+    if response.is_stream_consumed:  # read already (a transport that answers in memory)
+        yield response.content
+        return
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding in ("", "identity"):
+        yield from response.iter_raw()
+        return
+    if encoding not in ("gzip", "deflate"):
+        raise ApiError(f"Partner Center sent an answer in an unknown encoding {encoding!r}")
+    inflater = zlib.decompressobj(zlib.MAX_WBITS | 32)  # gzip or zlib, by the header
+    try:
+        for raw in response.iter_raw():
+            data = raw
+            while data:
+                yield inflater.decompress(data, _INFLATE_STEP)
+                data = inflater.unconsumed_tail
+    except zlib.error as exc:
+        raise _Transient(f"a corrupt {encoding} body ({exc})") from None
 
 
 def _describe(exc: httpx.TransportError) -> str:

@@ -565,6 +565,18 @@ def render_ops(
         if reason:
             lines.append(w._("Details: {reason}").format(reason=w.esc(reason)))
         return _plain(w._("referral-watch: a message was dropped"), lines, style)
+    if event == "quarantined":  # failures = how many records; reason = one line each
+        lines = [
+            w.ngettext(
+                "{count} record was set aside: it failed on its way, and the other leads go on.",
+                "{count} records were set aside: they failed on their way, and the other leads "
+                "go on.",
+                failures,
+            ).format(count=failures)
+        ]
+        lines += [f"- {md(line)}" for line in reason.splitlines() if line]
+        lines.append(w._("`referral-watch status` lists them until they are fixed."))
+        return _plain(w._("referral-watch: records set aside"), lines, style)
     raise ValueError(f"unknown operations event {event!r}")
 
 

@@ -9,16 +9,17 @@ from zoneinfo import ZoneInfo
 
 from referral_watch import policy
 from referral_watch.config import Config
+from referral_watch.errors import scrub
 from referral_watch.i18n import money_text, time_left_text
 from referral_watch.model import AuditEntry, Lead
-from referral_watch.store import PollRecord
+from referral_watch.store import PollRecord, Quarantined
 from referral_watch.text import clip, columns, iso_utc, terminal
 
 # CLI output stays English whatever the alert locale.
 CLI_LOCALE = "en-US"
 
 
-def as_json(lead: Lead, now: datetime) -> dict[str, Any]:
+def as_json(lead: Lead, now: datetime, quarantined: Quarantined | None = None) -> dict[str, Any]:
     ref = lead.referral
     return {
         "id": lead.id,
@@ -41,7 +42,39 @@ def as_json(lead: Lead, now: datetime) -> dict[str, Any]:
         "first_seen": _iso(lead.first_seen),
         "resolved_at": _iso(lead.resolved_at) if lead.resolved_at else None,
         "answered_by": _answered_by(lead.answered),
+        "quarantined": _set_aside(quarantined),
     }
+
+
+def _set_aside(item: Quarantined | None) -> dict[str, Any] | None:
+    """Why a watched lead's record is set aside (its message cannot be made...), or None."""
+    if item is None:
+        return None
+    return {"stage": item.stage, "reason": item.reason, "since": _iso(item.first_seen)}
+
+
+def quarantined_json(item: Quarantined) -> dict[str, Any]:
+    """One record set aside, for `status --json --quarantined`."""
+    return {
+        "id": item.key,
+        "lead_id": item.lead_id,
+        "stage": item.stage,
+        "reason": item.reason,
+        "first_seen": _iso(item.first_seen),
+        "last_seen": _iso(item.last_seen),
+        "operations_told": item.notified,
+    }
+
+
+def quarantine_lines(items: Sequence[Quarantined], limit: int = 10) -> list[str]:
+    """The records set aside, for people: id, where it failed, why."""
+    if not items:
+        return []
+    lines = [f"{len(items)} record(s) set aside (quarantined), not watched until fixed:"]
+    lines += [f"  {clip(q.key, 40)}  {q.stage}: {clip(q.reason, 100)}" for q in items[:limit]]
+    if len(items) > limit:
+        lines.append(f"  ... and {len(items) - limit} more: `referral-watch status --quarantined`")
+    return lines
 
 
 def _answered_by(entry: AuditEntry | None) -> dict[str, Any] | None:
@@ -93,8 +126,10 @@ def table(
     now: datetime,
     last: PollRecord | None,
     all_ids: Iterable[str] = (),
+    quarantined: Sequence[Quarantined] = (),
 ) -> str:
-    """``all_ids``: every id in the state, so each short id shown is unique among them."""
+    """``all_ids``: every id in the state, so each short id shown is unique among them;
+    ``quarantined``: the records set aside, listed below the table."""
     zone = ZoneInfo(config.messages.timezone)
     short = short_ids([*all_ids, *(lead.id for lead in leads)])
     header = (
@@ -134,6 +169,7 @@ def table(
     if leads:
         lines.append("Any command taking an ID accepts the short one shown.")
     lines.append(_poll_line(last))
+    lines += quarantine_lines(quarantined)
     return terminal("\n".join(lines))  # Partner Center text never drives the terminal
 
 
@@ -143,7 +179,7 @@ def _poll_line(last: PollRecord | None) -> str:
     when = f"{last.finished:%Y-%m-%d %H:%M:%S} UTC"
     if last.ok:
         return f"Last poll {when}: ok, {last.fetched} fetched."
-    return f"Last poll {when} FAILED: {last.error}"
+    return f"Last poll {when} FAILED: {scrub(last.error or '')}"
 
 
 def explain(

@@ -149,6 +149,8 @@ MIGRATIONS: dict[int, str] = {
 
 # The stages a record can fail in, in the order it goes through them.
 STAGES = ("parse", "deadline", "store", "render", "send")
+# Meta key: when the oldest due delivery still undelivered was queued (unset: none stuck).
+STUCK_META = "delivery.stuck_since"
 # Characters of a quarantined record's JSON kept for a support case.
 QUARANTINE_RAW_LIMIT = 4096
 # The audit columns, in AuditEntry's order after lead_id.
@@ -315,44 +317,72 @@ class Store:
         return sum(self.upsert_each(referrals, deadline, now))
 
     def upsert_each(
-        self, referrals: Iterable[Referral], deadline: Callable[[Referral], datetime], now: datetime
+        self,
+        referrals: Iterable[Referral],
+        deadline: Callable[[Referral], datetime],
+        now: datetime,
+        *,
+        rejected: Callable[[Referral, BaseException], None] | None = None,
     ) -> list[bool]:
         """Store a page of the poll; for each referral, whether it was new (first seen now).
-        Call inside transaction()."""
+        A referral this store cannot hold (text it cannot encode, ...) is handed to `rejected`
+        (counted as not new) instead of failing the page. Call inside transaction()."""
         seen = ts(now)
         given = list(referrals)
         # One statement per slice of the page; a lead twice in it is stored once, the last
         # copy winning (as one statement per record would leave it).
-        rows = {
-            ref.id: (
-                ref.id,
-                ref.raw,
-                ref.customer,
-                ts(ref.created),
-                ts(deadline(ref)),
-                ref.substatus,
-                seen,
-                seen,
-            )
-            for ref in given
-        }
+        rows: dict[str, tuple[Any, ...]] = {}
+        refused: set[str] = set()
+        for ref in given:
+            try:
+                rows[ref.id] = (
+                    ref.id,
+                    ref.raw,
+                    ref.customer,
+                    ts(ref.created),
+                    ts(deadline(ref)),
+                    ref.substatus,
+                    seen,
+                    seen,
+                )
+            except (OverflowError, ValueError) as exc:  # no deadline can be computed
+                if rejected is None:
+                    raise
+                rejected(ref, exc)
+                refused.add(ref.id)
+        by_id = {ref.id: ref for ref in given}
         first_seen: dict[str, str] = {}
         for chunk in _chunks(list(rows.values()), 200):
-            marks = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
-            stored = self.db.execute(
-                f"""INSERT INTO leads (id, raw, customer, created, deadline, substatus,
-                                       first_seen, last_seen)
-                    VALUES {marks}
-                    ON CONFLICT (id) DO UPDATE SET
-                        raw = excluded.raw, customer = excluded.customer,
-                        created = excluded.created, deadline = excluded.deadline,
-                        substatus = excluded.substatus, last_seen = excluded.last_seen,
-                        resolution = NULL, resolved_at = NULL, resolution_notified = 0
-                    RETURNING id, first_seen""",
-                [value for row in chunk for value in row],
-            )
-            first_seen.update((str(row[0]), str(row[1])) for row in stored)
-        return [first_seen[ref.id] == seen for ref in given]
+            try:
+                first_seen.update(self._upsert_rows(chunk))
+            except self.dialect.record_errors:
+                if rejected is None:
+                    raise
+                # Nothing of the statement was stored (its values could not be bound): one
+                # by one, to set aside only the records this store cannot hold.
+                for row in chunk:
+                    try:
+                        first_seen.update(self._upsert_rows([row]))
+                    except self.dialect.record_errors as exc:
+                        rejected(by_id[row[0]], exc)
+                        refused.add(row[0])
+        return [ref.id not in refused and first_seen.get(ref.id) == seen for ref in given]
+
+    def _upsert_rows(self, chunk: Sequence[tuple[Any, ...]]) -> list[tuple[str, str]]:
+        marks = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
+        stored = self.db.execute(
+            f"""INSERT INTO leads (id, raw, customer, created, deadline, substatus,
+                                   first_seen, last_seen)
+                VALUES {marks}
+                ON CONFLICT (id) DO UPDATE SET
+                    raw = excluded.raw, customer = excluded.customer,
+                    created = excluded.created, deadline = excluded.deadline,
+                    substatus = excluded.substatus, last_seen = excluded.last_seen,
+                    resolution = NULL, resolved_at = NULL, resolution_notified = 0
+                RETURNING id, first_seen""",
+            [value for row in chunk for value in row],
+        )
+        return [(str(row[0]), str(row[1])) for row in stored]
 
     def absent_since(self, moment: datetime, *, seen: Collection[str] = ()) -> list[str]:
         """Watched leads that the poll which started at `moment` did not return: not stored by
@@ -825,6 +855,8 @@ class Store:
         """Set a record aside (or note that it is still bad); True when it is new here, so
         operations hear about it once. Works inside a transaction or alone."""
         seen = ts(now)
+        key, reason = printable(key)[:200], printable(reason)
+        lead_id = lead_id and printable(lead_id)[:200]
         row = self.db.execute(
             """INSERT INTO quarantine (key, lead_id, stage, reason, raw, first_seen, last_seen)
                VALUES (?, ?, ?, ?, ?, ?, ?)
@@ -832,7 +864,15 @@ class Store:
                    reason = excluded.reason, raw = COALESCE(excluded.raw, quarantine.raw),
                    last_seen = excluded.last_seen
                RETURNING first_seen""",
-            (key, lead_id, stage, reason[:500], _clip_raw(raw), seen, seen),
+            (
+                key,
+                lead_id,
+                stage,
+                reason[:500],
+                raw and printable(_clip_raw(raw) or ""),
+                seen,
+                seen,
+            ),
         ).fetchone()
         return bool(row[0] == seen)
 
@@ -880,6 +920,10 @@ class Store:
             "WHERE id = ? AND state = 'pending'",
             [(reason[:500], row_id) for row_id in row_ids],
         )
+
+    def deliveries_stuck_since(self) -> datetime | None:
+        """Since when a due delivery has been failing or blocked (None: none is)."""
+        return from_ts(self.get_meta(STUCK_META))
 
     def oldest_pending(self) -> datetime | None:
         row = self.db.execute("SELECT min(created) FROM outbox WHERE state = 'pending'").fetchone()
@@ -1015,6 +1059,14 @@ class Store:
             ),
         )
 
+    def fail_last_poll(self, error: str) -> None:
+        """A later stage of the cycle threw: the cycle counts as failed (for
+        `operations.after_failures` and the health verdict) though its poll went through."""
+        self.db.execute(
+            "UPDATE polls SET ok = 0, error = ? WHERE id = (SELECT max(id) FROM polls) AND ok = 1",
+            (error[:500],),
+        )
+
     def last_success(self) -> datetime | None:
         row = self.db.execute("SELECT max(finished) FROM polls WHERE ok = 1").fetchone()
         return from_ts(row[0])
@@ -1086,6 +1138,15 @@ class LeadOutlines(Mapping[str, Lead]):
         return len(self.rows)
 
 
+def printable(text: str) -> str:
+    """Text SQLite (and a terminal) can take: a lone surrogate becomes its escape, \\ud800."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 def _clip_raw(raw: str | None) -> str | None:
     return raw if raw is None or len(raw) <= QUARANTINE_RAW_LIMIT else raw[:QUARANTINE_RAW_LIMIT]
 
@@ -1102,7 +1163,7 @@ def _statements(script: str) -> list[str]:
 def _lead(row: Any) -> Lead | None:
     try:
         referral = parse_referral_text(row["raw"])
-    except MalformedReferral:
+    except (MalformedReferral, RecursionError, TypeError):  # stored by an older version
         return None
     tiers = tuple(sorted(set((row["tiers_sent"] or "").split(",")) - {""}))
     return Lead(

@@ -139,9 +139,7 @@ def _cycle(world: World, config: Config, api: PartnerCenter, clock: Any = None) 
 def _short_timeout_client(world: World, config: Config) -> PartnerCenter:
     fast = config.partner_center.model_copy(update={"timeout": timedelta(seconds=0.5)})
     # No sleeping between attempts: the backoff is tested in test_partner_center.
-    return PartnerCenter(
-        fast, EnvTokenProvider(TOKEN_ENV), sleep=lambda _seconds: None, max_retries=1
-    )
+    return PartnerCenter(fast, EnvTokenProvider(TOKEN_ENV), max_retries=1)
 
 
 def test_a_page_that_never_ends_times_out_and_concludes_nothing(world: World) -> None:

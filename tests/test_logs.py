@@ -49,7 +49,7 @@ def test_one_shot_commands_show_warnings_and_errors_only(world: World) -> None:
     world.sandbox.add(broken)
     warned = world.cli("run", "--once")
     events = [line["event"] for line in json_lines(warned.err)]
-    assert "referral.malformed" in events and "cycle.done" not in events
+    assert "referral.quarantined" in events and "cycle.done" not in events
 
 
 def test_library_records_are_json_in_json_mode(capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,6 +12,7 @@ from referral_watch.ops import (
     RECOVERED,
     STILL_FAILING,
     OpsState,
+    health,
     healthy,
     ops_event,
 )
@@ -84,3 +85,33 @@ def test_recovery_is_told_once() -> None:
 def test_health_verdict_is_three_intervals(age: timedelta | None, expected: bool) -> None:
     last = None if age is None else T0 - age
     assert healthy(last, minutes(15), T0) is expected
+
+
+@pytest.mark.parametrize(
+    ("stuck_for", "expected", "reason"),
+    [
+        (None, True, "last successful poll"),
+        (minutes(29), True, "last successful poll"),
+        (minutes(30), False, "deliveries stuck since 2026-11-24 07:30:00 UTC"),
+        (timedelta(days=1), False, "deliveries stuck since"),
+    ],
+)
+def test_deliveries_stuck_for_two_intervals_are_unhealthy(
+    stuck_for: timedelta | None, expected: bool, reason: str
+) -> None:
+    stuck_since = None if stuck_for is None else T0 - stuck_for
+    ok, why = health(T0 - minutes(1), minutes(15), T0, stuck_since)
+    assert ok is expected
+    assert why.startswith(reason)
+    assert healthy(T0 - minutes(1), minutes(15), T0, stuck_since) is expected
+
+
+def test_a_stale_poll_is_named_before_stuck_deliveries() -> None:
+    assert health(None, minutes(15), T0, T0 - timedelta(days=1)) == (
+        False,
+        "last successful poll never",
+    )
+    assert health(T0 - minutes(50), minutes(15), T0) == (
+        False,
+        "last successful poll 2026-11-24 07:10:00 UTC",
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -11,11 +12,12 @@ from typing import Any
 
 import httpx
 import pytest
+import stamina
 
 from referral_watch import __version__
 from referral_watch.config import PartnerCenterConfig
 from referral_watch.errors import ApiError, AuthError
-from referral_watch.partner_center import Page, PartnerCenter
+from referral_watch.partner_center import REQUEST_TIME_CAP, Page, PartnerCenter, _RetryHook
 from referral_watch.sandbox import Sandbox, make_referral
 
 NOW = datetime(2024, 5, 6, 12, 0, tzinfo=UTC)
@@ -49,21 +51,30 @@ def sandbox() -> Iterator[Sandbox]:
 Connect = Callable[..., PartnerCenter]
 
 
-@pytest.fixture
-def sleeps() -> list[float]:
-    return []
+@pytest.fixture(autouse=True)
+def no_waiting() -> Iterator[None]:
+    """stamina's test mode: every retry happens, none waits (our attempts still count)."""
+    with stamina.set_testing(True, attempts=100, cap=True):
+        yield
 
 
 @pytest.fixture
-def connect(sandbox: Sandbox, sleeps: list[float]) -> Iterator[Connect]:
-    """connect(tokens=..., **config) -> a PartnerCenter on the sandbox with an instant sleep."""
+def retries() -> Iterator[list[Any]]:
+    """The failures each retry was scheduled for (stamina's instrumentation), in order."""
+    seen: list[Any] = []
+    stamina.instrumentation.set_on_retry_hooks([lambda details: seen.append(details.caused_by)])
+    yield seen
+    stamina.instrumentation.set_on_retry_hooks(None)
+
+
+@pytest.fixture
+def connect(sandbox: Sandbox) -> Iterator[Connect]:
+    """connect(tokens=..., **config) -> a PartnerCenter on the sandbox."""
     clients: list[PartnerCenter] = []
 
     def make(tokens: Tokens | None = None, max_retries: int = 4, **config: Any) -> PartnerCenter:
         settings = PartnerCenterConfig(**{"base_url": sandbox.base_url, **config})
-        client = PartnerCenter(
-            settings, tokens or Tokens(), sleep=sleeps.append, max_retries=max_retries
-        )
+        client = PartnerCenter(settings, tokens or Tokens(), max_retries=max_retries)
         clients.append(client)
         return client
 
@@ -191,35 +202,57 @@ def test_get_retries_and_reports_errors_like_the_list(sandbox: Sandbox, connect:
 # --- retries -------------------------------------------------------------------------------------
 
 
-def test_retry_after_is_honoured(sandbox: Sandbox, connect: Connect, sleeps: list[float]) -> None:
+def test_retry_after_is_honoured(sandbox: Sandbox, connect: Connect, retries: list[Any]) -> None:
     sandbox.add(lead(1))
     sandbox.fail(429, retry_after=7)
     assert ids(poll(connect())) == ["lead-001"]
-    assert sleeps == [7]
+    assert [failure.retry_after for failure in retries] == [7]
+    assert _RetryHook(time.monotonic(), 180)(retries[0]) == 7  # the wait stamina is given
 
 
 def test_retry_after_is_capped_at_two_minutes(
-    sandbox: Sandbox, connect: Connect, sleeps: list[float]
+    sandbox: Sandbox, connect: Connect, retries: list[Any]
 ) -> None:
     sandbox.fail(503, retry_after=3600)
     poll(connect())
-    assert sleeps == [120]
+    assert [failure.retry_after for failure in retries] == [120]
+
+
+def test_a_retry_after_beyond_the_request_time_cap_fails_at_once(
+    sandbox: Sandbox, connect: Connect, retries: list[Any]
+) -> None:
+    sandbox.fail(503, retry_after=100, times=2)
+    hook = _RetryHook(time.monotonic() - 90, REQUEST_TIME_CAP)  # 90 s already spent
+    with pytest.raises(ApiError, match="did not answer after 1 attempt: 503"):
+        for _ in _retry_after_hook(connect(), hook):
+            pass
+    assert retries == []
+
+
+def _retry_after_hook(client: PartnerCenter, hook: _RetryHook) -> Iterator[Page]:
+    import referral_watch.partner_center as module
+
+    real = module._RetryHook
+    module._RetryHook = lambda started, budget: hook  # type: ignore[assignment, misc]
+    try:
+        yield from client.pages()
+    finally:
+        module._RetryHook = real  # type: ignore[misc]
 
 
 @pytest.mark.parametrize("status", [502, 503, 504])
 def test_a_transient_5xx_is_retried_then_the_poll_goes_on(
-    sandbox: Sandbox, connect: Connect, sleeps: list[float], status: int
+    sandbox: Sandbox, connect: Connect, retries: list[Any], status: int
 ) -> None:
     sandbox.add(*(lead(n) for n in range(3)))
     sandbox.fail(status, times=2, page=1)
     pages = poll(connect(page_size=1))
     assert ids(pages) == ["lead-000", "lead-001", "lead-002"]
-    assert len(sleeps) == 2
-    assert 1 <= sleeps[0] <= 1.25 and 2 <= sleeps[1] <= 2.5  # exponential, with jitter
+    assert [failure.status for failure in retries] == [status, status]
 
 
 def test_a_5xx_on_every_attempt_fails_the_poll_as_retryable(
-    sandbox: Sandbox, connect: Connect, sleeps: list[float]
+    sandbox: Sandbox, connect: Connect, retries: list[Any]
 ) -> None:
     sandbox.fail(503, times=100)
     with pytest.raises(ApiError) as caught:
@@ -227,46 +260,68 @@ def test_a_5xx_on_every_attempt_fails_the_poll_as_retryable(
     error = caught.value
     assert error.retryable and error.status == 503
     assert "did not answer after 5 attempts: 503" in str(error)
+    assert f"{sandbox.base_url}/engagements/referrals" in str(error)  # names where
     assert len(list_requests(sandbox)) == 5
-    assert len(sleeps) == 4
-    assert all(2**i <= wait <= min(30, 1.25 * 2**i) for i, wait in enumerate(sleeps))
+    assert len(retries) == 4
 
 
-def test_backoff_is_capped_at_30_seconds(
-    sandbox: Sandbox, connect: Connect, sleeps: list[float]
-) -> None:
-    sandbox.fail(502, times=100)
-    with pytest.raises(ApiError, match="after 8 attempts"):
-        poll(connect(max_retries=7))
-    assert sleeps[5:] == [30, 30]
+def test_the_first_backoff_waits_a_second_or_two(sandbox: Sandbox, connect: Connect) -> None:
+    """Outside stamina's test mode: the real wait before the first retry (SPEC 0: from 1 s,
+    with jitter)."""
+    waits: list[float] = []
+    stamina.instrumentation.set_on_retry_hooks([lambda details: waits.append(details.wait_for)])
+    sandbox.add(lead(1))
+    sandbox.fail(502)
+    try:
+        with stamina.set_testing(False):
+            assert ids(poll(connect())) == ["lead-001"]
+    finally:
+        stamina.instrumentation.set_on_retry_hooks(None)
+    (wait,) = waits
+    assert 1 <= wait <= 2
 
 
 def test_a_truncated_answer_is_retried(
-    sandbox: Sandbox, connect: Connect, sleeps: list[float]
+    sandbox: Sandbox, connect: Connect, retries: list[Any]
 ) -> None:
     sandbox.add(lead(1))
     sandbox.fail(200, truncate=True, body=b'{"value": []}')
     assert ids(poll(connect())) == ["lead-001"]
-    assert len(sleeps) == 1
+    assert len(retries) == 1
 
 
 def test_a_timeout_is_retried_and_then_reported(sandbox: Sandbox, connect: Connect) -> None:
     sandbox.fail(503, hang=True)
-    with pytest.raises(ApiError, match="after 1 attempts: timed out") as caught:
+    with pytest.raises(ApiError, match="after 1 attempt: timed out") as caught:
         poll(connect(timeout="1s", max_retries=0))
     assert caught.value.retryable
 
 
-def test_an_unreachable_api_fails_retryable(sleeps: list[float]) -> None:
+def _unused_port() -> int:
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    config = PartnerCenterConfig(base_url=f"http://127.0.0.1:{port}/v1.0")
-    client = PartnerCenter(config, Tokens(), sleep=sleeps.append, max_retries=2)
+        return int(probe.getsockname()[1])
+
+
+def test_an_unreachable_api_fails_retryable_naming_the_url(retries: list[Any]) -> None:
+    base = f"http://127.0.0.1:{_unused_port()}/v1.0"
+    client = PartnerCenter(PartnerCenterConfig(base_url=base), Tokens(), max_retries=2)
     with client, pytest.raises(ApiError, match="after 3 attempts: connection failed") as caught:
         poll(client)
     assert caught.value.retryable
-    assert len(sleeps) == 2
+    assert f"Partner Center at {base}/engagements/referrals did not answer" in str(caught.value)
+    assert len(retries) == 2
+
+
+def test_connection_refused_gives_up_after_a_few_seconds(retries: list[Any]) -> None:
+    """Real waits: SPEC 0's retries for a connection error, stopped once they took
+    CONNECT_RETRY_TIME (3 s), not the four retries (15 s and more) of a server error."""
+    base = f"http://127.0.0.1:{_unused_port()}/v1.0"
+    client = PartnerCenter(PartnerCenterConfig(base_url=base), Tokens())
+    with client, stamina.set_testing(False), pytest.raises(ApiError) as caught:
+        poll(client)
+    assert 1 <= len(retries) <= 2  # not 4
+    assert base in str(caught.value)
 
 
 # --- auth ----------------------------------------------------------------------------------------
@@ -343,12 +398,12 @@ def test_a_bad_filter_reports_the_servers_code_and_message(connect: Connect) -> 
     [b'{"value": [{"id": ', b"<html>gateway</html>", b'{"items": []}', b'{"value": {}}', b"[]"],
 )
 def test_an_unreadable_page_fails_the_poll(
-    sandbox: Sandbox, connect: Connect, sleeps: list[float], body: bytes
+    sandbox: Sandbox, connect: Connect, retries: list[Any], body: bytes
 ) -> None:
     sandbox.fail(0, body=body)
     with pytest.raises(ApiError, match=r"unreadable page \(page 1\)"):
         poll(connect())
-    assert sleeps == []
+    assert retries == []
 
 
 def test_a_failure_on_a_later_page_ends_the_poll_after_the_pages_before(
@@ -406,7 +461,7 @@ class FakeApi:
 
 def mock_client(api: FakeApi, base_url: str = "https://api.example.test/v1.0") -> PartnerCenter:
     config = PartnerCenterConfig(base_url=base_url)
-    return PartnerCenter(config, Tokens(), transport=httpx.MockTransport(api), sleep=lambda s: None)
+    return PartnerCenter(config, Tokens(), transport=httpx.MockTransport(api))
 
 
 def test_an_http_next_link_on_the_api_host_is_followed_over_https() -> None:
@@ -445,7 +500,7 @@ def test_a_next_link_loop_is_refused() -> None:
     assert len(api.requests) == 2  # the first page, and the link once
 
 
-def test_a_retry_after_date_is_turned_into_seconds() -> None:
+def test_a_retry_after_date_is_turned_into_seconds(retries: list[Any]) -> None:
     later = format_datetime(datetime.now(UTC) + timedelta(hours=1), usegmt=True)
     answers = iter(
         [
@@ -454,10 +509,8 @@ def test_a_retry_after_date_is_turned_into_seconds() -> None:
             httpx.Response(200, json={"value": []}),
         ]
     )
-    sleeps: list[float] = []
     config = PartnerCenterConfig(base_url="https://api.example.test/v1.0")
     transport = httpx.MockTransport(lambda request: next(answers))
-    with PartnerCenter(config, Tokens(), transport=transport, sleep=sleeps.append) as client:
+    with PartnerCenter(config, Tokens(), transport=transport) as client:
         poll(client)
-    assert sleeps[0] == 120  # an hour away, capped
-    assert 2 <= sleeps[1] <= 2.5
+    assert [failure.retry_after for failure in retries] == [120, None]  # an hour: capped

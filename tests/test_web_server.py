@@ -45,7 +45,9 @@ def test_healthz_is_503_until_a_poll_succeeds_then_200_with_the_same_json(world:
     assert stale.json() == {
         "status": "stale",
         "role": "active",
+        "reason": "last successful poll never",
         "last_success": None,
+        "deliveries_stuck_since": None,
         "interval_seconds": 900,
     }
     daemon.last_success = datetime.now(UTC) - timedelta(minutes=1)
@@ -53,6 +55,11 @@ def test_healthz_is_503_until_a_poll_succeeds_then_200_with_the_same_json(world:
     assert fresh.status_code == 200
     assert fresh.json()["status"] == "ok"
     assert fresh.json()["last_success"] == daemon.last_success.isoformat()
+    daemon.stuck_since = datetime.now(UTC) - timedelta(minutes=31)  # 2 x 15m: stuck
+    stuck = client.get("/healthz")
+    assert stuck.status_code == 503
+    assert stuck.json()["status"] == "stuck"
+    assert stuck.json()["reason"].startswith("deliveries stuck since")
 
 
 def test_metrics_are_served_by_prometheus_client(world: World) -> None:

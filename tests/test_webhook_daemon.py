@@ -167,7 +167,7 @@ def _without_retry_waits(factory: Callable[..., object]) -> Callable[..., object
         return PartnerCenter(
             config.partner_center,  # type: ignore[attr-defined]
             token_provider(config),  # type: ignore[arg-type]
-            sleep=lambda _s: None,
+            max_retries=0,  # retries are stamina's, tested in test_partner_center
         )
 
     return build
