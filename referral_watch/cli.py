@@ -327,7 +327,8 @@ def check_config(obj: Context) -> None:
         f"{path}: valid ({len(config.policy.tiers)} tiers, {len(config.channels)} channels, "
         f"auth method {config.auth.method})"
     )
-    problem = state_folder_problem(config.state.path.parent)
+    # (With state.url there is no state folder: the state lives in PostgreSQL.)
+    problem = state_folder_problem(config.state.path.parent) if config.state.url is None else None
     if problem:  # the file is fine; this user just cannot run it here yet
         click.echo(f"warning: state.path: {problem}", err=True)
 
