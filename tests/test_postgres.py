@@ -144,4 +144,3 @@ def test_a_standby_serves_the_console_read_only(pg_world: World, pg_url: str) ->
     finally:
         daemon.leadership.stop()
         active.stop()
-
