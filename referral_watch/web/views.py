@@ -140,7 +140,7 @@ def banner(
     problem = ""
     status = str(body.get("status", ""))
     if not healthy:
-        if body.get("reason"):
+        if body.get("reason") and status != "stale":  # stale: the failed poll says why
             problem = str(body["reason"])
         elif status not in ("", "stale"):
             problem = _("Health check: {status}").format(status=status)
