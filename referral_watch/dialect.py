@@ -125,6 +125,9 @@ class Postgres:
         self.shown = redact_url(url)
         self.create = create
         self.owner = claim_owner()
+        # How long a writer waits for another one ("60s", "250ms"; a constant of ours or a
+        # caller's, never data): then the state counts as busy.
+        self.write_wait = WRITE_WAIT
 
     def connect(self, name: str | None = None) -> Any:
         options = {"application_name": name[:63]} if name else {}
@@ -154,7 +157,8 @@ class Postgres:
 
     def begin(self, db: Any) -> None:
         db.execute("BEGIN")
-        db.execute(f"SET LOCAL lock_timeout = '{WRITE_WAIT}'")
+        wait = self.write_wait if re.fullmatch(r"\d+(ms|s)", self.write_wait) else WRITE_WAIT
+        db.execute(f"SET LOCAL lock_timeout = '{wait}'")
         db.execute("SELECT pg_advisory_xact_lock(?)", (WRITE_LOCK,))
 
     def in_transaction(self, db: Any) -> bool:
@@ -354,6 +358,8 @@ def explain_pg(shown: str, exc: BaseException) -> str:
     import psycopg
 
     text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, psycopg.errors.LockNotAvailable):  # before OperationalError: a subclass
+        return f"state database {shown} is busy (another writer holds it): {text}"
     if isinstance(exc, psycopg.OperationalError):
         if "password" in text or "authentication" in text:
             return (
@@ -364,8 +370,6 @@ def explain_pg(shown: str, exc: BaseException) -> str:
             f"state database {shown} is unreachable: {text} "
             "(nothing was changed; the next cycle tries again)"
         )
-    if isinstance(exc, psycopg.errors.LockNotAvailable):
-        return f"state database {shown} is busy (another writer held it for {WRITE_WAIT}): {text}"
     if isinstance(exc, psycopg.errors.InsufficientPrivilege):
         return f"state database {shown}: {text} (grant the user the rights it needs)"
     return f"state database {shown}: {text}"

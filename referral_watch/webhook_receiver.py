@@ -91,6 +91,8 @@ class Receiver:
             store = self._local.store = Store(self.config.state.location)
             if isinstance(store.dialect, Sqlite):
                 store.db.execute(f"PRAGMA busy_timeout = {int(LOCK_WAIT * 1000)}")
+            else:  # PostgreSQL: the same short wait for the write lock
+                store.dialect.write_wait = f"{int(LOCK_WAIT * 1000)}ms"
         return store
 
     def flush(self, store: Store) -> None:

@@ -438,3 +438,16 @@ def test_a_failed_attempt_frees_the_claim_for_the_next_try(state_location: Path 
         assert mine.claim([first], NOW)
         mine.failed([first], "HTTP 502", NOW, timedelta(days=1))
         assert theirs.claim([first], NOW + timedelta(seconds=1))
+
+
+def test_a_writer_waiting_for_another_gives_up_as_busy(state_location: Path | str) -> None:
+    with Store(state_location) as holder, Store(state_location) as waiter:
+        if isinstance(state_location, Path):
+            waiter.db.execute("PRAGMA busy_timeout = 250")
+        else:
+            waiter.dialect.write_wait = "250ms"  # type: ignore[union-attr]
+        with holder.transaction():
+            holder.set_meta("k", "held")
+            with pytest.raises(StateError, match="busy"), waiter.transaction():
+                waiter.set_meta("k", "waited")
+        assert holder.get_meta("k") == "held"
