@@ -13,7 +13,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -688,8 +688,7 @@ def _stuck_after(config: Config) -> float:
     """Seconds of no progress that mean the work is wedged: twice the longest a healthy step
     may take (one poll is cut off at partner_center.poll_timeout; a send, a page, a heartbeat
     take less)."""
-    poll_timeout = getattr(config.partner_center, "poll_timeout", timedelta(minutes=10))
-    return 2 * float(poll_timeout.total_seconds())
+    return 2 * config.partner_center.poll_timeout.total_seconds()
 
 
 def _exit_leaving_the_work_behind() -> None:

@@ -346,3 +346,33 @@ def test_a_stop_waits_for_a_send_in_flight_but_not_for_a_poll() -> None:
     assert progress.wait_idle(grace=0.1, send_cap=10) is False  # a poll is left behind
     stuck.set()
     poller.join(5)
+
+
+def test_a_wedged_cycle_stops_the_watchdog_pings_until_it_moves_again(
+    world: World, tmp_path: Path
+) -> None:
+    """Issue 20.6, the real daemon under a stand-in for systemd: the cycle hangs on a step no
+    poll deadline covers (the dead-man's switch answers only after 12 s). Past twice
+    poll_timeout without progress the WATCHDOG=1 pings stop (systemd would restart the
+    service); they resume when the cycle moves again."""
+    fast(world)
+    world.partner_center = 'poll_timeout = "2s"'  # wedged after 4 s without progress
+    notify = NotifySocket(tmp_path / "notify.sock")
+    env = {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "1000000"}  # a ping every 0.5 s
+    with WebhookReceiver(path="/ping", delay=12) as pings:
+        world.extra += f'[heartbeat]\nurl = "{pings.url}"\ntimeout = "1m"\n'
+        try:
+            with world.daemon(env=env) as process:
+                notify.wait_for("READY=1")
+                process.wait_for_log("watchdog.withheld")
+                before = notify.count("WATCHDOG=1")
+                assert before >= 1  # it pinged while the work moved
+                process.wait_for_log("watchdog.withheld", 3)  # the job ran twice more...
+                assert notify.count("WATCHDOG=1") == before  # ...and did not ping
+                assert pings.requests == []  # and the cycle is still stuck
+                pings.wait_for(1, timeout=20)  # the switch answers: the cycle ends
+                wait_until(lambda: notify.count("WATCHDOG=1") > before, what="pings again")
+                process.send_signal(signal.SIGTERM)
+                assert process.wait(timeout=10) == 0
+        finally:
+            notify.close()
