@@ -21,7 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -32,7 +32,7 @@ import pytest
 
 from referral_watch.replica import Leadership
 
-from conftest import World
+from conftest import World, wait_until
 from pgserver import PostgresServer, free_port
 from receivers import WebhookReceiver
 
@@ -41,15 +41,6 @@ pytestmark = pytest.mark.slow
 INTERVAL = 2  # seconds: schedule.interval of the replicas
 TAKEOVER = INTERVAL + 10  # SPEC 16 / the issue: within one interval plus 10 seconds
 KILLS = int(os.environ.get("RW_FAILOVER_KILLS", "3"))
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def get(url: str) -> tuple[int, bytes]:
