@@ -6,6 +6,7 @@ Every problem is collected and reported at once, each with its key path
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import tomllib
@@ -710,19 +711,10 @@ def read_env_file(path: Path) -> dict[str, str]:
     Docker's env_file and systemd's EnvironmentFile read the same file without any)."""
     from dotenv import dotenv_values
 
-    try:
-        with path.open(encoding="utf-8") as stream:
-            values = dotenv_values(stream=stream, interpolate=False)
-    except FileNotFoundError:
-        raise ConfigError(
-            [
-                f"environment file {path} does not exist: pass --env-file PATH or set "
-                f"{ENV_FILE_ENV} (an example is config/.env.example)"
-            ]
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise ConfigError([f"cannot read environment file {path}: {reason}"]) from None
+    text = _read_text(
+        path, "environment file", f"--env-file PATH or set {ENV_FILE_ENV}", "config/.env.example"
+    )
+    values = dotenv_values(stream=io.StringIO(text), interpolate=False)
     return {name: value for name, value in values.items() if value is not None}
 
 
@@ -733,17 +725,24 @@ def environment(env_file: Path | None, env: Mapping[str, str] | None = None) -> 
     return {**from_file, **environ}
 
 
-def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
+def _read_text(path: Path, what: str, how: str, example: str) -> str:
+    """A file's UTF-8 text; a missing or unreadable one is a ConfigError saying what to do."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(
-            [
-                f"config file {path} does not exist: pass --config PATH or set "
-                f"{CONFIG_ENV} (an example is config/referral-watch.example.toml)"
-            ]
+            [f"{what} {path} does not exist: pass {how} (an example is {example})"]
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise ConfigError([f"cannot read config file {path}: {reason}"]) from None
+        raise ConfigError([f"cannot read {what} {path}: {reason}"]) from None
+
+
+def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
+    text = _read_text(
+        path,
+        "config file",
+        f"--config PATH or set {CONFIG_ENV}",
+        "config/referral-watch.example.toml",
+    )
     return parse_config(text, env=env, source=path)
