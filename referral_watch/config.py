@@ -509,20 +509,38 @@ class Config(Section):
         return self.state.path.with_name(self.state.path.name + ".lock")
 
 
+# Authorities that sign in people of any organization (or personal accounts): never the
+# console's tenant, whose ID tokens must all carry that one tenant's id.
+SHARED_TENANTS = frozenset({"common", "organizations", "consumers"})
+
+
 def console_problems(config: Config) -> list[str]:
-    """The console's rules across sections: it is served by [server], and without a sign-in
-    only to this machine."""
+    """The console's rules across sections: it is served by [server], without a sign-in only
+    to this machine, and with one only to one organization's people."""
     console = config.console
     if console is None:
         return []
-    if config.server is None:
+    server = config.server
+    if server is None:
         return ["console: the console is served by the web server: add [server] listen"]
-    if console.sign_in == "none" and not config.server.loopback:
-        return [
-            f'console.sign_in: "none" lets anyone who reaches {config.server.listen} in; use '
+    problems = []
+    if console.sign_in == "none" and not server.loopback:
+        problems.append(
+            f'console.sign_in: "none" lets anyone who reaches {server.listen} in; use '
             '"entra", or listen on a loopback address such as "127.0.0.1:9464"'
-        ]
-    return []
+        )
+    if console.sign_in == "none" and (server.public_url or "").startswith("https://"):
+        problems.append(
+            f'console.sign_in: "none" with server.public_url = "{server.public_url}" would '
+            'publish the console unauthenticated through that proxy; use "entra", or remove '
+            "server.public_url"
+        )
+    if console.sign_in == "entra" and (console.tenant_id or "").lower() in SHARED_TENANTS:
+        problems.append(
+            f'console.tenant_id: "{console.tenant_id}" lets people of any organization sign '
+            'in; use your own tenant (its id, or a domain such as "contoso.onmicrosoft.com")'
+        )
+    return problems
 
 
 # --- loading -----------------------------------------------------------------------------

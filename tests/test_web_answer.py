@@ -125,7 +125,7 @@ def test_a_double_click_answers_once(world: World, idp: FakeIdP) -> None:
 def test_a_decline_needs_a_reason_and_sends_it(world: World, idp: FakeIdP) -> None:
     client, lead = signed_in(world, idp)
     refused = confirm(client, lead, "decline")
-    assert refused.status_code == 200
+    assert refused.status_code == 400
     assert "Choose or write a reason" in refused.text
     assert patches(world) == []
     page = client.get(f"/leads/{lead}/answer?action=decline")
@@ -220,13 +220,13 @@ def test_answering_is_off_without_public_url_answer_or_a_sign_in(world: World) -
 @pytest.mark.parametrize("action", ["accept", "decline"])
 def test_tier_alerts_link_to_the_answer_page(world: World, action: str) -> None:
     world.extra = (
-        '[server]\nlisten = "127.0.0.1:9464"\npublic_url = "https://leads.contoso.example"\n'
+        '[server]\nlisten = "127.0.0.1:9464"\npublic_url = "http://localhost:9464"\n'
         '[console]\nsign_in = "none"\n'
     )
     lead = world.add_lead(age=timedelta(hours=1))
     assert world.cli("run", "--once").code == 0
     [body] = world.team.bodies
-    link = f"https://leads.contoso.example/leads/{lead}/answer?action={action}"
+    link = f"http://localhost:9464/leads/{lead}/answer?action={action}"
     assert link in str(body["message"])
 
 
@@ -245,3 +245,53 @@ def test_someone_no_longer_in_allowed_cannot_answer(world: World, idp: FakeIdP) 
     assert refused.status_code == 403
     assert "may not answer leads here" in refused.text
     assert patches(world) == []
+
+
+@pytest.mark.parametrize("action", ["Decline", "ACCEPT", "delete", "", None, "accept "])
+def test_a_tampered_action_is_refused_and_sends_nothing(
+    world: World, idp: FakeIdP, action: str | None
+) -> None:
+    """An answer cannot be undone: only the exact words answer, nothing falls back to accept."""
+    client, lead = signed_in(world, idp)
+    page = client.get(f"/leads/{lead}/answer?action=accept")
+    form = {"csrf": csrf_of(page.text), "reason": "other", "other": "tampered"}
+    if action is not None:
+        form["action"] = action
+    refused = client.post(f"/leads/{lead}/answer", data=form, follow_redirects=False)
+    assert refused.status_code == 400
+    assert patches(world) == []
+    assert world.sandbox.get_record(lead)["substatus"] == "Pending"  # type: ignore[index]
+
+
+def test_a_link_in_capitals_shows_what_it_says_and_an_unknown_one_is_refused(
+    world: World, idp: FakeIdP
+) -> None:
+    client, lead = signed_in(world, idp)
+    page = client.get(f"/leads/{lead}/answer?action=DECLINE")
+    assert page.status_code == 200
+    assert "Decline this lead?" in page.text
+    assert 'name="action" value="decline"' in page.text  # no hidden accept behind it
+    assert 'value="accept"' not in page.text
+    assert client.get(f"/leads/{lead}/answer?action=delete").status_code == 400
+    assert client.get(f"/leads/{lead}/answer").status_code == 400
+    assert patches(world) == []
+
+
+def test_a_standby_replica_answers_nothing(world: World, idp: FakeIdP) -> None:
+    """The active replica holds the shared state's lock; a standby sends no PATCH (SPEC 16)."""
+    from types import SimpleNamespace
+
+    client, lead = signed_in(world, idp)
+    page = client.get(f"/leads/{lead}/answer?action=accept")
+    host = client.app.state.host  # type: ignore[attr-defined]
+    host.leadership = SimpleNamespace(active=False, error=None)  # another replica is active
+    refused = client.post(
+        f"/leads/{lead}/answer",
+        data={"csrf": csrf_of(page.text), "action": "accept"},
+        follow_redirects=False,
+    )
+    assert refused.status_code == 409 and "standby" in refused.text
+    assert patches(world) == []
+    with Store(world.state_path) as store:
+        assert store.lead(lead).resolution is None  # type: ignore[union-attr]
+        assert store.audit(lead) == []

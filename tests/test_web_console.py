@@ -88,7 +88,9 @@ def test_customer_markup_is_shown_as_text(world: World) -> None:
 def test_the_api_returns_what_status_json_prints(world: World) -> None:
     polled(world, **{"Api One": timedelta(days=2), "Api Two": timedelta(days=3)})
     expected = world.cli("status", "--json").json()
-    api = console(world).get("/api/leads").json()
+    response = console(world).get("/api/leads")
+    assert response.headers["cache-control"] == "no-store"  # lead data: no copy kept anywhere
+    api = response.json()
     for row in (*expected, *api):
         row.pop("remaining_seconds")  # a second may pass between the two
     assert api == expected
@@ -229,6 +231,37 @@ def test_check_config_refuses_no_sign_in_off_loopback(world: World, listen: str,
     assert outcome.code == (0 if ok else 2), outcome.err
     if not ok:
         assert "console.sign_in" in outcome.err and "0.0.0.0:9464" in outcome.err
+
+
+def test_check_config_refuses_no_sign_in_behind_an_https_proxy(world: World) -> None:
+    world.extra = (
+        '[server]\nlisten = "127.0.0.1:9464"\npublic_url = "https://leads.contoso.example"\n'
+        '[console]\nsign_in = "none"\n'
+    )
+    outcome = world.cli("check-config")
+    assert outcome.code == 2
+    assert "console.sign_in" in outcome.err and "server.public_url" in outcome.err
+    assert "Traceback" not in outcome.err
+
+
+@pytest.mark.parametrize("tenant", ["common", "organizations", "Consumers"])
+def test_check_config_refuses_a_tenant_that_lets_any_organization_in(
+    world: World, tenant: str
+) -> None:
+    world.extra = f"""
+[server]
+listen = "127.0.0.1:9464"
+public_url = "https://leads.contoso.example"
+[console]
+tenant_id = "{tenant}"
+client_id = "22222222-0000-0000-0000-000000000001"
+client_secret = "console-secret"
+allowed = ["contoso.example"]
+session_secret = "{"0123456789abcdef" * 4}"
+"""
+    outcome = world.cli("check-config")
+    assert outcome.code == 2
+    assert "console.tenant_id" in outcome.err and tenant in outcome.err
 
 
 def test_records_set_aside_are_listed_so_nobody_thinks_they_were_handled(world: World) -> None:

@@ -25,7 +25,6 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from referral_watch.answering import (
-    ACCEPT,
     ACTIONS,
     DECLINE,
     AnswerRefused,
@@ -47,6 +46,7 @@ from referral_watch.web.console import (
     now_of,
     open_store,
     page,
+    refuse_on_standby,
 )
 
 log = structlog.get_logger(__name__)
@@ -89,8 +89,14 @@ def _person(request: Request, console: ConsoleConfig) -> Person | None:
     return Person(viewer.email, viewer.name or viewer.email, "console")
 
 
-def _action(value: str | None) -> str:
-    return value if value in ACTIONS else ACCEPT
+def _action(value: str | None, *, exact: bool = True) -> str:
+    """``accept`` or ``decline``, else 400: an answer cannot be undone, so nothing is ever
+    assumed. A link's ``?action=DECLINE`` means decline (``exact=False``); a form posts the
+    exact word."""
+    wanted = value if exact or value is None else value.strip().lower()
+    if wanted not in ACTIONS:
+        raise HTTPException(400, "Unknown action: open the answer page from an alert's link.")
+    return wanted
 
 
 @dataclass(frozen=True)
@@ -145,7 +151,7 @@ def _show(
 def answer_page(request: Request) -> Response:
     _answering(request)
     lead_id = request.path_params["lead_id"]
-    action = _action(request.query_params.get("action"))
+    action = _action(request.query_params.get("action"), exact=False)
     with open_store(config_of(request)) as store:
         lead = store.lead(lead_id)
         if lead is None:
@@ -156,6 +162,7 @@ def answer_page(request: Request) -> Response:
 
 async def confirm(request: Request) -> Response:
     console = _answering(request)
+    refuse_on_standby(request)  # the active replica answers (it holds the state's lock)
     form = await checked_form(request)
     lead_id = request.path_params["lead_id"]
     action = _action(form.get("action"))
@@ -173,7 +180,8 @@ async def confirm(request: Request) -> Response:
     if lead is None:
         raise HTTPException(404)
     if action == DECLINE and not reason:
-        return _show(request, lead, action, problem=_("Choose or write a reason to decline."))
+        problem = _("Choose or write a reason to decline.")
+        return _show(request, lead, action, problem=problem, status=400)
     token = await run_in_threadpool(_person_token, request, console)
     if token is None:
         here = f"/leads/{quote(lead_id, safe='')}/answer?action={action}"

@@ -32,6 +32,9 @@ SECURITY_HEADERS = (
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"same-origin"),
     (b"x-frame-options", b"DENY"),
+    # Pages and /api/leads carry lead data: no browser or proxy keeps a copy. A response that
+    # says otherwise (the static files) keeps its own.
+    (b"cache-control", b"no-store"),
 )
 
 
@@ -130,7 +133,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 class SecurityHeaders:
-    """Adds the CSP and friends to every response, whichever route (or error) made it."""
+    """Adds the CSP and friends (and ``Cache-Control: no-store`` unless the response set its
+    own) to every response, whichever route (or error) made it."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
