@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
@@ -125,14 +126,23 @@ def _print_config_problems(exc: ConfigError) -> None:
 
 @cli.command()
 @click.option("--once", is_flag=True, help="One cycle (poll, decide, deliver), then exit.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="One cycle that prints each message with its channel and recipients instead of "
+    "sending it, and records nothing (implies --once).",
+)
 @click.pass_obj
-def run(obj: Context, once: bool) -> None:
+def run(obj: Context, once: bool, dry_run: bool) -> None:
     """Poll Partner Center and send reminders (the daemon)."""
+    once = once or dry_run  # nothing is recorded, so a second dry cycle would repeat the first
     if once:
         from referral_watch import logs
 
         logs.configure(obj.log_format, obj.verbose, one_shot=True)
     config = checked(obj.config())
+    if dry_run:
+        sys.exit(run_dry(config))
     if once:
         result = run_once(config)
         click.echo(summary_line(result))
@@ -195,6 +205,41 @@ def run_once(config: Config) -> Any:
         PartnerCenter(config.partner_center, token_provider(config)) as api,
     ):
         return Cycle(config, store, api, Notifier(config.channels)).run()
+
+
+def run_dry(config: Config) -> int:
+    """`run --dry-run`: the messages one cycle would send, printed; nothing sent or kept."""
+    from referral_watch.auth import token_provider
+    from referral_watch.dry_run import dry_run
+    from referral_watch.partner_center import PartnerCenter
+
+    with PartnerCenter(config.partner_center, token_provider(config)) as api:
+        result, previews = dry_run(config, api)
+    click.echo("Dry run: these messages are shown, not sent; the state is left as it was.")
+    for number, preview in enumerate(previews, 1):
+        click.echo("")
+        heading = f"[{number}] {preview.channel} -> {preview.to} ({preview.notify_type})"
+        click.echo(terminal(heading))
+        click.echo(terminal(f"    {preview.title}"))
+        for line in preview.body.strip().splitlines():
+            click.echo(terminal(f"    {line}".rstrip()))
+    click.echo("")
+    if not result.poll_ok:
+        click.echo(f"Poll failed: {terminal(result.error or '')}")
+        return EXIT_FAILED
+    channels = Counter(preview.channel for preview in previews)
+    per_channel = ", ".join(f"{name} {count}" for name, count in sorted(channels.items()))
+    text = (
+        f"Polled {result.fetched} leads ({result.new} new, {result.resolved} resolved); "
+        f"a real run would send {len(previews)} message(s)"
+        + (f" ({per_channel})" if per_channel else "")
+    )
+    if result.held:
+        text += f" and hold {result.held} for quiet hours"
+    if result.malformed:
+        text += f"; {result.malformed} malformed records skipped (see log)"
+    click.echo(text + ". Nothing was sent or recorded.")
+    return EXIT_OK if result.ok else EXIT_FAILED
 
 
 def summary_line(result: Any) -> str:

@@ -330,7 +330,7 @@ def check_channels(channels: Mapping[str, ChannelConfig]) -> list[str]:
 # --- sending ----------------------------------------------------------------------------
 
 
-def _valid_recipients(recipients: Sequence[str]) -> list[str]:
+def valid_recipients(recipients: Sequence[str]) -> list[str]:
     seen: list[str] = []
     for address in recipients:
         text = address.strip()
@@ -370,7 +370,7 @@ class Notifier:
         if config is None:
             return Delivery(False, "unknown channel")
         url = config.url
-        addresses = _valid_recipients(recipients) if config.to_assignees else []
+        addresses = valid_recipients(recipients) if config.to_assignees else []
         try:
             result = self._within_time(channel, config, message, addresses)
         except Exception as exc:  # one channel's surprise must not stop the others
