@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench clean
+.PHONY: demo test lint typecheck unit docs bench clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "referral-watch needs Python 3.11 or newer")'
@@ -31,10 +31,19 @@ unit: $(STAMP)
 	$(BIN)/pytest -q --cov --cov-report=term:skip-covered --cov-fail-under=85
 	$(BIN)/coverage report --include='$(PURE_CORE)' --fail-under=95
 
-test: lint typecheck unit
+# The reference site (docs/, mkdocs.yml) into site/; --strict: a broken link or anchor fails.
+DOCS_STAMP := $(VENV)/.docs-installed
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet 'mkdocs-material>=9.5,<10'
+	@touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+test: lint typecheck unit docs
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage
+	rm -rf $(VENV) site .pytest_cache .mypy_cache .ruff_cache .coverage

@@ -638,7 +638,7 @@ def report(obj: Context, since: str, fmt: str) -> None:
 
 @cli.group()
 def webhooks() -> None:
-    """Manage the Partner Center webhook registration (instant alerts, see README)."""
+    """Manage the Partner Center webhook registration (instant alerts, see docs/webhooks.md)."""
 
 
 def _registration(obj: Context) -> tuple[Config, Any]:

@@ -260,7 +260,7 @@ def _delivery_text(status: dict[str, Any]) -> str:
 def _webhooks(config: Config) -> WebhooksConfig:
     if config.webhooks is None:
         raise ReferralWatchError(
-            "[webhooks] is not configured: add it (and [server] with public_url), see README, "
-            "Webhooks"
+            "[webhooks] is not configured: add it (and [server] with public_url), see "
+            "docs/webhooks.md"
         )
     return config.webhooks

@@ -1125,7 +1125,7 @@ def test_the_template_for_translators_matches_the_code() -> None:
     pot = load_catalog(POT, locale=None)
     ids = {m.id if isinstance(m.id, str) else tuple(m.id) for m in pot if m.id}
     assert ids == source_messages(), (
-        "run the pybabel extract command in README.md (Adding or changing a language)"
+        "run the pybabel extract command in docs/messages.md (Adding or changing a language)"
     )
 
 
