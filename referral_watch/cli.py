@@ -778,7 +778,7 @@ def demo(extra_channel: str | None, with_console: bool, port: int, fast: bool) -
         from referral_watch.web.server import bind
 
         bind(ServerConfig(listen=console)).close()  # a port in use fails now, not after the story
-    sys.exit(run_demo(extra_channel=extra_channel, pause=0.0 if fast else 0.125, console=console))
+    sys.exit(run_demo(extra_channel=extra_channel, pause=0.0 if fast else None, console=console))
 
 
 # --- sandbox ------------------------------------------------------------------------------

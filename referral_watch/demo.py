@@ -20,6 +20,7 @@ from referral_watch.answering import Person, answer_lead
 from referral_watch.auth import EnvTokenProvider
 from referral_watch.config import Config, parse_config
 from referral_watch.cycle import Cycle
+from referral_watch.i18n import time_left_text
 from referral_watch.notify import Notifier, register_console_target
 from referral_watch.partner_center import PartnerCenter
 from referral_watch.sandbox import Sandbox, make_referral
@@ -125,7 +126,8 @@ def story(start: datetime) -> Story:
         expiration=start + timedelta(days=6),
         notes="Customer wants to move 40 SQL servers to Azure before fiscal year end.",
     )
-    tailspin = lead("Tailspin Toys", timedelta(days=13, hours=16), deal_value=8000)
+    # Seven hours left at the start: the final tier at 7h and, 4h later, at 3h; then expired.
+    tailspin = lead("Tailspin Toys", timedelta(days=13, hours=17), deal_value=8000)
     adatum = lead(
         "Adatum Corporation",
         timedelta(days=12, hours=12),
@@ -141,7 +143,7 @@ def story(start: datetime) -> Story:
         country="JP",
     )
     malformed = lead("Broken Record Ltd", timedelta(days=1))
-    malformed["createdDateTime"] = "not-a-date"  # the API sent something unreadable
+    malformed["createdDateTime"] = "not-a-date"  # on purpose: the API sent something unreadable
     burst = [
         lead(name, -timedelta(days=3, hours=2, minutes=50 - 5 * n), deal_value=5000 * (n + 1))
         for n, name in enumerate(
@@ -159,6 +161,13 @@ def story(start: datetime) -> Story:
     return Story(
         leads=[fabrikam, northwind, tailspin, adatum, woodgrove, malformed],
         events=[
+            Event(
+                timedelta(0),
+                "the record of Broken Record Ltd is malformed on purpose (createdDateTime "
+                "'not-a-date'): the poll sets it aside, logs the error below, tells operations "
+                "and goes on with the others",
+                lambda sb: None,
+            ),
             Event(
                 timedelta(days=1, hours=3),
                 "Ann de Vries clicks Accept in the alert for Adatum Corporation "
@@ -187,25 +196,37 @@ def story(start: datetime) -> Story:
     )
 
 
+# Two simulated hours a cycle: fine enough that a tier's `repeat = "4h"` goes out 4 hours apart
+# (with 3-hour cycles it went out every 6); a simulated day takes a second.
+STEP = timedelta(hours=2)
+DAY_SECONDS = 1.0
+
+
 def run_demo(
     *,
     out: TextIO | None = None,
     days: float = 14.5,
-    step: timedelta = timedelta(hours=3),
-    pause: float = 0.125,
+    step: timedelta = STEP,
+    pause: float | None = None,
     extra_channel: str | None = None,
     start: datetime | None = None,
     console: str | None = None,
     stop: threading.Event | None = None,
+    poll_every: timedelta | None = None,
 ) -> int:
     """Run the story from ``start`` (default: this hour); returns the exit status (0).
 
+    ``pause``: real seconds between cycles (default: a simulated day per second).
     ``console``: a loopback ``host:port``; after the story the web console keeps serving the
-    state it left (with the sandbox still running) until Ctrl-C, or until ``stop`` is set."""
+    state it left (with the sandbox still running) until Ctrl-C, or until ``stop`` is set,
+    and polls the sandbox every ``poll_every`` (default: the schedule's interval), so it stays
+    healthy."""
     stream = out or sys.stdout
     printer = ConsolePrinter(stream)
     register_console_target(stream, printer=printer)
     start = start or datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    if pause is None:
+        pause = DAY_SECONDS * (step / timedelta(days=1))
     clock = SteppedClock(start)
     plot = story(start)
     with (
@@ -213,7 +234,7 @@ def run_demo(
         Sandbox(plot.leads, token=TOKEN) as sandbox,
     ):
         config = demo_config(sandbox.base_url, Path(tmp) / "state.db", extra_channel, console)
-        _intro(stream, sandbox, len(plot.leads), days)
+        _intro(stream, sandbox, plot, days, step)
         tokens = EnvTokenProvider("DEMO_TOKEN", environ={"DEMO_TOKEN": TOKEN})
         with Store(config.state.path) as store, PartnerCenter(config.partner_center, tokens) as api:
             cycle = Cycle(config, store, api, Notifier(config.channels), clock)
@@ -222,23 +243,53 @@ def run_demo(
             def accept(lead_id: str) -> None:
                 answer_lead(store, api, lead_id, "accept", "", ANN, clock.now)
 
-            while clock.now <= start + timedelta(days=days):
+            while True:
                 printer.header = _cycle_header(stream, clock.now, start)
                 _happen(plot, clock.now - start, sandbox, printer, accept)
                 hooks.handle(cycle, printer, clock)  # at once, before the poll
                 cycle.run()
+                if clock.now + step > start + timedelta(days=days):
+                    break  # the clock stays at the last poll: the console goes on from there
                 clock.advance(step)
                 time.sleep(pause)
             _summary(stream, store, start)
         if console is not None:
-            _serve_console(config, clock, stream, stop or threading.Event())
+            polls = DemoPolls(config, tokens, printer, start)
+            _serve_console(config, clock, polls, stop or threading.Event(), poll_every)
     return 0
 
 
+class DemoPolls:
+    """The console's daemon after the story: it polls the sandbox as `run` would, with the
+    story's clock going on at the real pace; its alerts print as the story's did."""
+
+    def __init__(
+        self, config: Config, tokens: EnvTokenProvider, printer: ConsolePrinter, start: datetime
+    ) -> None:
+        self.config = config
+        self.tokens = tokens
+        self.printer = printer
+        self.start = start
+
+    def api(self, config: Config) -> PartnerCenter:
+        return PartnerCenter(config.partner_center, self.tokens)
+
+    def sender(self, config: Config) -> Notifier:
+        return Notifier(config.channels)
+
+    def header(self, now: datetime) -> None:
+        self.printer.header = _cycle_header(self.printer.stream, now, self.start)
+
+
 def _serve_console(
-    config: Config, clock: SteppedClock, stream: TextIO, stop: threading.Event
+    config: Config,
+    clock: SteppedClock,
+    polls: DemoPolls,
+    stop: threading.Event,
+    poll_every: timedelta | None,
 ) -> None:
-    """The console over the demo's state, at the story's time, until Ctrl-C."""
+    """The console over the demo's state, at the story's time, until Ctrl-C. A poll of the
+    sandbox every interval keeps it healthy: the last poll is as fresh as in a real daemon."""
     from referral_watch.daemon import Daemon
     from referral_watch.web.app import build_app
     from referral_watch.web.server import WebServer
@@ -246,23 +297,32 @@ def _serve_console(
     assert config.server is not None
     # The story's simulated time goes on at the real pace, so the countdowns match the state.
     story_end, real_end = clock.now, time.monotonic()
-    host = Daemon(config, clock=lambda: story_end + timedelta(seconds=time.monotonic() - real_end))
+
+    def story_clock() -> datetime:
+        return story_end + timedelta(seconds=time.monotonic() - real_end)
+
+    host = Daemon(config, clock=story_clock, api_factory=polls.api, sender_factory=polls.sender)
     with Store(config.state.path) as store:
         host.last_success = store.last_success()
     server = WebServer(build_app(host), config.server)
     server.start()
+    stream = polls.printer.stream
+    every = poll_every or config.schedule.interval
     stream.write(
         f"\nThe console: {config.server.base_url}/ (the sandbox stays on "
-        f"{config.partner_center.base_url}); press Ctrl-C to stop.\n"
+        f"{config.partner_center.base_url}, polled every {time_left_text(every, 'en')}; the "
+        "story's clock goes on at the real pace); press Ctrl-C to stop.\n"
     )
     stream.flush()
     try:
-        while not stop.wait(0.5):
-            pass
+        while not stop.wait(every.total_seconds()):
+            polls.header(story_clock())
+            host.cycle()
     except KeyboardInterrupt:
         pass
     finally:
         server.stop()
+        host.close()
 
 
 def demo_config(
@@ -276,12 +336,14 @@ def demo_config(
     return parse_config(text, env={})
 
 
-def _intro(stream: TextIO, sandbox: Sandbox, count: int, days: float) -> None:
+def _intro(stream: TextIO, sandbox: Sandbox, plot: Story, days: float, step: timedelta) -> None:
     bold = _style(stream, "1")
+    hours = step / timedelta(hours=1)
     stream.write(
         f"{bold('referral-watch demo')}: a sandbox Partner Center on {sandbox.base_url} with "
-        f"{count} waiting referrals.\nThe real poll → store → decide → deliver cycle runs every "
-        f"3 simulated hours; {days:g} days pass in about {days:.0f} seconds.\n"
+        f"{len(plot.leads)} waiting referrals (one of them malformed on purpose).\n"
+        f"The real poll → store → decide → deliver cycle runs every {hours:g} simulated hours; "
+        f"{days:g} days pass in about {days * DAY_SECONDS:.0f} seconds.\n"
         "Alerts for the `team` and `managers` channels print below.\n\n"
     )
 
@@ -336,10 +398,28 @@ def _summary(stream: TextIO, store: Store, start: datetime) -> None:
     table = [(c, f"{outcome[c]:<9} {' '.join(items)}") for c, items in received.items()]
     for line in columns(table, indent="  "):
         stream.write(terminal(line) + "\n")
+    command = command_name()
     stream.write(
-        "\nThe malformed record was skipped and logged; everything else was answered or "
-        "announced.\nNext: `referral-watch check-config`, `referral-watch login`, and the README.\n"
+        "\nThe malformed record was set aside and logged; everything else was answered or "
+        f"announced.\nNext, the README's first run: `{command} check-config` on a copy of "
+        f"config/referral-watch.example.toml, then `{command} login`.\n"
     )
+
+
+def command_name(argv0: str | None = None) -> str:
+    """How to call referral-watch again the way this run was called: `referral-watch` when that
+    is on the PATH, else the script's path as given (`.venv/bin/referral-watch` after `make
+    demo`), else `python -m referral_watch`."""
+    import os
+    import shutil
+
+    given = argv0 if argv0 is not None else sys.argv[0]
+    if Path(given).name == "referral-watch":
+        found = shutil.which("referral-watch")
+        if found and Path(found).resolve() == Path(given).resolve():
+            return "referral-watch"
+        return given if os.sep in given else f"./{given}"
+    return f"{sys.executable} -m referral_watch"
 
 
 class DemoWebhooks:
@@ -413,6 +493,7 @@ class ConsolePrinter:
                 self.stream.write(self.header + "\n")
                 self.header = ""
             self.stream.write(text + "\n")
+            self.stream.flush()  # before a log line on stderr that it explains
 
     def __call__(self, channel: str, title: str, body: str, notify_type: str) -> None:
         colour = _style(self.stream, self.COLOURS.get(channel, "35"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -33,12 +34,23 @@ def test_demo_shows_the_whole_story_and_exits_0() -> None:
     assert "Accepted by Ann de Vries via referral-watch" in out
     assert "7 leads need an answer within 14d" in out  # the digest
     assert "Summary: what each lead received" in out
-    # the malformed record is reported, not fatal
+    # the malformed record is reported, not fatal, and the story says it is there on purpose
     assert "has no valid createdDateTime" in done.stderr
-    # a final reminder repeats while the lead stays in that tier
+    assert "(one of them malformed on purpose)" in out.splitlines()[0]
+    assert "Broken Record Ltd is malformed on purpose" in out
+    # a final reminder repeats while the lead stays in that tier: every 4 hours in the last 12,
+    # as the README says and the demo's tier (repeat = "4h") asks
     fabrikam = next(line for line in out.splitlines() if line.strip().startswith("Fabrikam"))
-    assert fabrikam.count("final@") == 2
+    assert fabrikam.count("final@") == 3
     assert "expired " in fabrikam
+    finals = [
+        line.split("expires in ")[1].split(":")[0]
+        for line in out.splitlines()
+        if "▸ team" in line and "expires in" in line and line.endswith("Fabrikam Customer Inc")
+    ][-3:]
+    assert [int(left.split("h")[0]) for left in finals] == [10, 6, 2], finals
+    # the closing hint names a command that works from here (`python -m`, as this test ran it)
+    assert f"`{sys.executable} -m referral_watch check-config`" in out
 
 
 BURST = ["Alpine Ski House", "Bellows College", "Coho Winery", "Datum Systems", "Fourth Coffee"]
@@ -125,6 +137,11 @@ def test_demo_console_keeps_serving_the_story_until_ctrl_c() -> None:
         assert shown_now
         moment = datetime.fromisoformat(shown_now.group(1).replace("Z", "+00:00"))
         assert moment > datetime.now(UTC) + timedelta(days=13)
+        # and it is healthy: the story's last poll is as recent as the story's clock says
+        assert 'class="banner ok"' in html, html[:2000]
+        with urllib.request.urlopen(url + "healthz", timeout=10) as health:
+            assert health.status == 200
+            assert json.loads(health.read())["status"] == "ok"
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=20) == 0
     finally:
@@ -159,3 +176,44 @@ def test_demo_console_on_a_port_in_use_says_so_before_the_story() -> None:
     assert done.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
     assert "referral-watch demo" not in done.stdout  # refused before the story started
+
+
+def test_demo_console_goes_on_polling_the_sandbox_at_the_storys_clock() -> None:
+    import threading
+    import urllib.request
+    from datetime import timedelta
+
+    from conftest import free_port, wait_until
+
+    port = free_port()
+    stop = threading.Event()
+    out = io.StringIO()
+    story = threading.Thread(
+        target=run_demo,
+        kwargs={
+            "out": out,
+            "pause": 0.0,
+            "console": f"127.0.0.1:{port}",
+            "stop": stop,
+            "poll_every": timedelta(seconds=1),
+        },
+    )
+    story.start()
+
+    def last_success() -> str | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as got:
+                return str(json.loads(got.read())["last_success"])
+        except OSError:
+            return None
+
+    try:
+        wait_until(lambda: "The console: " in out.getvalue(), timeout=120, what="the console")
+        story_end = last_success()
+        assert story_end is not None
+        wait_until(lambda: (last_success() or "") > story_end, what="a poll after the story")
+        assert datetime.fromisoformat(last_success() or "") > datetime.now(UTC) + timedelta(days=13)
+    finally:
+        stop.set()
+        story.join(timeout=30)
+    assert not story.is_alive()
