@@ -804,7 +804,8 @@ def sandbox(port: int, leads: int) -> None:
     import signal
     import threading
 
-    from referral_watch.sandbox import Sandbox, sample_leads
+    from referral_watch.config import PartnerCenterConfig
+    from referral_watch.sandbox import Sandbox, holdings, sample_leads
 
     token = "sandbox-token"
     fake = Sandbox(sample_leads(leads, now=now_utc()), token=token, port=port)
@@ -816,7 +817,8 @@ def sandbox(port: int, leads: int) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     click.echo(
-        f"Partner Center sandbox at {fake.base_url} with {leads} waiting referrals.\n"
+        f"Partner Center sandbox at {fake.base_url} with "
+        f"{holdings(fake, PartnerCenterConfig().filter)}.\n"
         f"Its bearer token is {token}. To try a config against it, set\n"
         f'  [partner_center] base_url = "{fake.base_url}"\n'
         '  [auth] method = "env" (token_env = "PARTNER_CENTER_TOKEN")\n'

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import hashlib
 import json
 import threading
 import time
@@ -364,6 +365,10 @@ class Sandbox:
 
     def __len__(self) -> int:
         return len(self._records)
+
+    def count(self, filter_text: str | None) -> int:
+        """How many records a poll with this ``$filter`` gets, over all its pages."""
+        return len(self._matching_ids(_Query(filter_text, None, DEFAULT_TOP, 0)))
 
     # -- faults
 
@@ -809,20 +814,64 @@ class _StreamFault:
 # --- standalone ----------------------------------------------------------------------------
 
 
+# Time left of the first sample leads: one in each tier of the example config (final at 12h,
+# urgent at 2d, reminder at 7d, new), the first expiring within the hour, so a first poll shows
+# every kind of alert. The rest spread over the two weeks.
+SAMPLE_TIME_LEFT = (
+    timedelta(minutes=40),
+    timedelta(hours=9, minutes=30),
+    timedelta(days=1, hours=6),
+    timedelta(days=4, hours=2),
+    timedelta(days=13, hours=20),
+)
+WINDOW = timedelta(days=14)  # no expirationDateTime: the deadline is created + 14 days
+
+
+def sample_id(n: int) -> str:
+    """A random-looking id that is the same every run (its first 8 characters differ between
+    the leads of a sample, so their short ids do too)."""
+    digest = hashlib.sha256(f"referral-watch sandbox lead {n}".encode()).digest()
+    return str(uuid.UUID(bytes=digest[:16], version=4))
+
+
 def sample_leads(count: int, *, now: datetime) -> Iterator[dict[str, Any]]:
-    """``count`` pending incoming leads created over the last two weeks, plus some noise."""
+    """``count`` pending incoming leads whose deadlines fall in every tier relative to ``now``,
+    then a few that a poll of waiting leads skips: one outgoing per ten, one already accepted."""
     customers = ("Fabrikam", "Northwind Traders", "Contoso Pharma", "Adventure Works", "Tailspin")
     countries = ("US", "NL", "BE", "DE", "GB")
     for n in range(count):
-        created = now - timedelta(minutes=(n * 397) % (14 * 24 * 60))
+        if n < len(SAMPLE_TIME_LEFT):
+            left = SAMPLE_TIME_LEFT[n]
+        else:  # spread over the window, an hour or more left
+            left = timedelta(hours=1) + timedelta(minutes=(n * 397) % (13 * 24 * 60 + 23 * 60))
         yield make_referral(
-            id=f"00000000-0000-4000-8000-{n:012d}",
+            id=sample_id(n),
             customer=f"{customers[n % len(customers)]} #{n}",
-            created=created,
+            created=now - WINDOW + left,
             country=countries[n % len(countries)],
             deal_value=1000 * (1 + n % 97),
-            direction="Outgoing" if n % 10 == 9 else "Incoming",
         )
+    others = [{"direction": "Outgoing"}] * (count // 10) + [{"substatus": "Accepted"}] * (count > 0)
+    for n, fields in enumerate(others, start=count):
+        yield make_referral(
+            id=sample_id(n),
+            customer=f"{customers[n % len(customers)]} #{n}",
+            created=now - timedelta(days=3),
+            country=countries[n % len(countries)],
+            status="Active" if fields.get("substatus") == "Accepted" else "New",
+            **{"substatus": "Pending", **fields},
+        )
+
+
+def holdings(sandbox: Sandbox, filter_text: str) -> str:
+    """What the sandbox holds, counted as a poll with ``filter_text`` sees it:
+    '25 waiting referrals (a poll gets these) and 3 it skips (outgoing or already answered)'."""
+    waiting = sandbox.count(filter_text)
+    skipped = len(sandbox) - waiting
+    text = f"{waiting} waiting referral{'' if waiting == 1 else 's'}"
+    if skipped:
+        text += f" (a poll gets these) and {skipped} it skips (outgoing or already answered)"
+    return text
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -838,9 +887,10 @@ def main(argv: list[str] | None = None) -> None:
         leads, token=args.token or None, host=args.host, port=args.port, page_delay=args.page_delay
     )
     with sandbox:
-        print(
-            f"Partner Center sandbox at {sandbox.base_url} ({len(sandbox)} referrals)", flush=True
-        )
+        from referral_watch.config import PartnerCenterConfig
+
+        waiting = holdings(sandbox, PartnerCenterConfig().filter)
+        print(f"Partner Center sandbox at {sandbox.base_url} with {waiting}.", flush=True)
         try:
             while True:
                 time.sleep(3600)

@@ -410,15 +410,17 @@ def test_python_m_sandbox_serves_generated_leads() -> None:
     )
     try:
         assert process.stdout is not None
-        found = re.search(r"http://\S+/v1\.0", process.stdout.readline())
+        first = process.stdout.readline()
+        found = re.search(r"http://\S+/v1\.0", first)
         assert found, "the sandbox should print its base URL"
+        assert "with 30 waiting referrals (a poll gets these) and 4 it skips" in first
         url = found.group(0)
         body = httpx.get(
             f"{url}/engagements/referrals",
             params={"$filter": "direction eq 'Incoming'"},
             headers=AUTH,
         ).json()
-        assert 20 <= len(body["value"]) < 30  # some generated referrals are outgoing
+        assert len(body["value"]) == 31  # the 30 waiting ones and one already accepted
         assert all(r["direction"] == "Incoming" for r in body["value"])
     finally:
         process.terminate()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -14,8 +15,10 @@ from conftest import World
 
 
 def test_the_sandbox_command_serves_leads_a_config_can_poll(world: World, tmp_path: Path) -> None:
+    """Its default 25 leads: the count it prints is what a poll gets, their short ids differ,
+    and the first poll already shows every tier (one lead expiring within the hour)."""
     sandbox = subprocess.Popen(
-        [sys.executable, "-m", "referral_watch", "sandbox", "--port", "0", "--leads", "3"],
+        [sys.executable, "-m", "referral_watch", "sandbox", "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -23,8 +26,9 @@ def test_the_sandbox_command_serves_leads_a_config_can_poll(world: World, tmp_pa
     try:
         assert sandbox.stdout is not None
         first = sandbox.stdout.readline()
-        found = re.search(r"at (http://127\.0\.0\.1:\d+/v1\.0) with 3 waiting referrals", first)
+        found = re.search(r"at (http://127\.0\.0\.1:\d+/v1\.0) with 25 waiting referrals", first)
         assert found, first
+        assert "and 3 it skips (outgoing or already answered)" in first
         base_url = found.group(1)
         assert "Its bearer token is sandbox-token" in sandbox.stdout.readline()
 
@@ -36,15 +40,28 @@ def test_the_sandbox_command_serves_leads_a_config_can_poll(world: World, tmp_pa
             .replace(world.sandbox.base_url, base_url)
             .replace('token_env = "RW_TEST_TOKEN"', 'token_env = "PARTNER_CENTER_TOKEN"')
         )
-        tried = subprocess.run(
-            [sys.executable, "-m", "referral_watch", "--config", str(config), "run", "--once"],
-            env={**os.environ, "PARTNER_CENTER_TOKEN": "sandbox-token"},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert tried.returncode == 0, tried.stderr
-        assert tried.stdout.startswith("Polled 3 leads (3 new")
+
+        def tried(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "referral_watch", "--config", str(config), *args],
+                env={**os.environ, "PARTNER_CENTER_TOKEN": "sandbox-token"},
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+
+        once = tried("run", "--once")
+        assert once.returncode == 0, once.stderr
+        assert once.stdout.startswith("Polled 25 leads (25 new")
+        leads = json.loads(tried("status", "--json").stdout)
+        assert len({lead["id"][:8] for lead in leads}) == 25
+        assert {tier for lead in leads for tier in lead["tiers_sent"]} == {
+            "new",
+            "reminder",
+            "urgent",
+            "final",
+        }
+        assert 0 < min(lead["remaining_seconds"] for lead in leads) < 3600
 
         sandbox.send_signal(signal.SIGINT)  # Ctrl-C
         out, err = sandbox.communicate(timeout=30)
