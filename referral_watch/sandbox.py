@@ -851,15 +851,17 @@ def sample_leads(count: int, *, now: datetime) -> Iterator[dict[str, Any]]:
             country=countries[n % len(countries)],
             deal_value=1000 * (1 + n % 97),
         )
-    others = [{"direction": "Outgoing"}] * (count // 10) + [{"substatus": "Accepted"}] * (count > 0)
-    for n, fields in enumerate(others, start=count):
+    # (direction, status, substatus) of the records a poll of waiting leads does not get
+    others = [("Outgoing", "New", "Pending")] * (count // 10) + [("Incoming", "Active", "Accepted")]
+    for n, (direction, status, substatus) in enumerate(others[: len(others) * (count > 0)]):
         yield make_referral(
-            id=sample_id(n),
-            customer=f"{customers[n % len(customers)]} #{n}",
+            id=sample_id(count + n),
+            customer=f"{customers[n % len(customers)]} #{count + n}",
             created=now - timedelta(days=3),
             country=countries[n % len(countries)],
-            status="Active" if fields.get("substatus") == "Accepted" else "New",
-            **{"substatus": "Pending", **fields},
+            direction=direction,
+            status=status,
+            substatus=substatus,
         )
 
 
