@@ -130,7 +130,7 @@ class PartnerCenter:
         correlation = str(uuid.uuid4())
         self._deadline = time.monotonic() + self._config.poll_timeout.total_seconds()
         self._token = self._tokens.get_token()
-        url = httpx.URL(f"{self._base}/engagements/referrals")
+        url = list_url = httpx.URL(f"{self._base}/engagements/referrals")
         params: dict[str, str] | None = {
             "$filter": self._config.filter,
             "$orderby": ORDER_BY,
@@ -138,8 +138,14 @@ class PartnerCenter:
         }
         requested: set[str] = set()
         number = 0
+        moved: str | None = None  # a nextLink path that 404s, answered on the list path instead
         while True:
-            response = self._checked(self._request(url, params, correlation), page=number)
+            if url.path == moved:
+                url = url.copy_with(path=list_url.path)
+            response = self._request(url, params, correlation)
+            if response.status_code == 404 and number > 0 and url.path != list_url.path:
+                response, moved = self._next_on_list_path(url, list_url, correlation, response)
+            response = self._checked(response, page=number)
             requested.add(str(response.request.url))
             texts, link = _read_page(response, number)
             yield Page(texts, number, response.headers.get("Request-ID"))
@@ -160,6 +166,22 @@ class PartnerCenter:
                     "next-page chain without end?); the poll is incomplete",
                     code="tooManyPages",
                 )
+
+    def _next_on_list_path(
+        self,
+        url: httpx.URL,
+        list_url: httpx.URL,
+        correlation: str,
+        refused: httpx.Response,
+    ) -> tuple[httpx.Response, str | None]:
+        """Microsoft's sample nextLink points at /v1.0/referrals, not the list path (SPEC 12):
+        when that 404s, the same query once on the list path (same host: the token goes
+        nowhere else). (the answer to use, the path to move for the rest of the poll)."""
+        retried = self._request(url.copy_with(path=list_url.path), None, correlation)
+        if not 200 <= retried.status_code < 300:
+            return refused, None
+        log.info("api.next_link_moved", link_path=url.path, using=list_url.path)
+        return retried, url.path
 
     def get(self, referral_id: str) -> dict[str, Any] | None:
         """One referral by id (any status), or None when Partner Center does not know it."""
@@ -463,11 +485,16 @@ class PartnerCenter:
             reason = f"unexpected redirect to {response.headers.get('Location', '?')}"
         else:
             reason = ": ".join(p for p in (code, detail) if p) or response.reason_phrase
-        if status == 404 and page is not None:
+        if status == 404 and page == 0:
             reason += (
                 f"; {response.request.url.copy_with(query=None)} does not exist: check "
                 "partner_center.base_url (Partner Center's is https://api.partner.microsoft.com"
                 "/v1.0, with the /v1.0)"
+            )
+        elif status == 404 and page is not None:
+            reason += (
+                f"; Partner Center's next-page link {response.request.url.copy_with(query=None)}"
+                " does not exist, nor does its query on the list path; the poll is incomplete"
             )
         raise ApiError(
             self._scrub(f"Partner Center answered {status}{where}: {reason}"),

@@ -17,6 +17,7 @@ import base64
 import binascii
 import hashlib
 import json
+import ssl
 import threading
 import time
 import uuid
@@ -234,8 +235,20 @@ class Sandbox:
         page_delay: float = 0.0,
         max_page_size: int | None = None,
         registration_token: str | None = "sandbox-registration-token",
+        held_registration: dict[str, Any] | None = None,
+        tls: bool = False,
+        documented_next_path: bool = True,
     ) -> None:
+        """``held_registration``: the company's webhook registration starts out held by
+        another integration (``{"WebhookUrl": ..., "WebhookEvents": [...]}``); ``tls``: serve
+        https with a certificate from a local CA (``tls_ca_pem``); ``documented_next_path``
+        False: the nextLink's ``/v1.0/referrals`` path answers 404, as a live API might (the
+        sample's path is documented, not whether it works), and only the list path pages."""
         self.token = token
+        self.held_registration = held_registration
+        self.tls = tls
+        self.tls_ca_pem = b""
+        self.documented_next_path = documented_next_path
         self.registration_token = registration_token
         self.host = host
         self.port = port
@@ -273,14 +286,26 @@ class Sandbox:
         server = ThreadingHTTPServer((self.host, self.port), _handler_for(self))
         server.daemon_threads = True
         server.block_on_close = False  # a hanging fault must not block stop()
+        if self.tls:
+            server.socket = self._tls_context().wrap_socket(server.socket, server_side=True)
         self._server = server
         self.port = server.server_address[1]
-        self.base_url = f"http://{self.host}:{self.port}{API_PREFIX}"
+        scheme = "https" if self.tls else "http"
+        self.base_url = f"{scheme}://{self.host}:{self.port}{API_PREFIX}"
         self._thread = threading.Thread(
             target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         )
         self._thread.start()
         return self
+
+    def _tls_context(self) -> ssl.SSLContext:
+        import trustme
+
+        ca = trustme.CA(organization_name="Partner Center Sandbox TLS")
+        self.tls_ca_pem = ca.cert_pem.bytes()
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert(self.host, "localhost").configure_cert(context)
+        return context
 
     def stop(self) -> None:
         self._stopping.set()  # releases hanging and delayed handlers
@@ -340,7 +365,9 @@ class Sandbox:
         use; see referral_watch.sandbox_webhooks."""
         with self._lock:
             if self._webhooks is None:
-                self._webhooks = SandboxWebhooks(self, registration_token=self.registration_token)
+                self._webhooks = SandboxWebhooks(
+                    self, registration_token=self.registration_token, held=self.held_registration
+                )
             return self._webhooks
 
     def burst(self, count: int, *, now: datetime | None = None) -> list[str]:
@@ -587,7 +614,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.sandbox._record(RecordedRequest("GET", split.path, query, headers))
         path = split.path.rstrip("/")
         try:
-            if path in LIST_PATHS:
+            if path == LIST_PATHS[1] and not self.sandbox.documented_next_path:
+                self._send(404, _error_body("resourceNotFound", f"No route for {split.path}."))
+            elif path in LIST_PATHS:
                 self._list(query, headers)
             elif path.startswith(ITEM_PREFIX) and "/" not in path[len(ITEM_PREFIX) :]:
                 self._item(unquote(path[len(ITEM_PREFIX) :]), headers)

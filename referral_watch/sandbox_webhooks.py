@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,14 @@ EVENTS = (
     "related-referral-created",
     "related-referral-updated",
     "test-created",
+    # Some of the other events Microsoft's "Partner Center webhook events" page lists, as the
+    # other integrations sharing the company's one registration hold them (billing, customers,
+    # relationships).
+    "invoice-ready",
+    "subscription-updated",
+    "customer-created",
+    "azure-fraud-event-detected",
+    "dap-admin-relationship-approved",
 )
 FAULTS = (
     "bad_signature",  # the body is changed after signing
@@ -210,14 +219,30 @@ def _certificate_handler(certificates: _Certificates) -> type[BaseHTTPRequestHan
 
 
 class SandboxWebhooks:
-    """Registration state, faults and the delivery thread of one Sandbox."""
+    """Registration state, faults and the delivery thread of one Sandbox.
 
-    def __init__(self, sandbox: Sandbox, *, registration_token: str | None) -> None:
+    As Partner Center, it keeps ONE registration (one URL for all events) for the company; it
+    can start out holding another integration's (``held``, e.g. a CRM connector's), and tokens
+    in ``without_role`` get 403 (an account without a role that may manage webhooks).
+    """
+
+    def __init__(
+        self,
+        sandbox: Sandbox,
+        *,
+        registration_token: str | None,
+        held: dict[str, Any] | None = None,
+    ) -> None:
         self.sandbox = sandbox
         self.registration_token = registration_token
+        self.without_role: set[str] = set()
         self.certificates = _Certificates(sandbox.host)
         self.certificates.start()
-        self.registration: dict[str, Any] | None = None
+        self.registration: dict[str, Any] | None = (
+            None
+            if held is None
+            else _registration(held, bool(held.get("SignatureTokenToMsSignatureHeader")))
+        )
         # An in-process receiver instead of a URL (the demo): (headers, body) -> HTTP status.
         self.local_target: Callable[[dict[str, str], bytes], int] | None = None
         self.deliveries: list[Delivery] = []
@@ -335,11 +360,11 @@ class SandboxWebhooks:
         else:
             headers["Authorization"] = f"Signature {signature}"
         for _ in range(2 if fault == "replay" else 1):
-            status = self._post(
+            status, answer = self._post(
                 client, registration["WebhookUrl"], body, headers, event, lead_id, fault
             )
             if correlation is not None:
-                self._note_validation(correlation, status)
+                self._note_validation(correlation, status, answer)
 
     def _post(
         self,
@@ -350,28 +375,32 @@ class SandboxWebhooks:
         event: str,
         lead_id: str | None,
         fault: str | None,
-    ) -> int | None:
+    ) -> tuple[int | None, str]:
+        """(the last HTTP status, or None for no answer; the answer's body or the error)."""
         import httpx
 
         status: int | None = None
+        answer = ""
         for attempt in range(DELIVERY_ATTEMPTS):
             began = time.monotonic()
             try:
                 if self.local_target is not None and url.startswith("local:"):
                     status = self.local_target({k.lower(): v for k, v in headers.items()}, body)
+                    answer = ""
                 else:
-                    status = client.post(url, content=body, headers=headers).status_code
-            except httpx.HTTPError:
-                status = None
+                    response = client.post(url, content=body, headers=headers)
+                    status, answer = response.status_code, response.text[:200]
+            except httpx.HTTPError as exc:
+                status, answer = None, type(exc).__name__
             with self._lock:
                 self.deliveries.append(
                     Delivery(event, lead_id, fault, status, time.monotonic() - began, body)
                 )
             if status is not None and status < 500:
-                return status
+                return status, answer
             if self.sandbox._stopping.wait(0.2 * (attempt + 1)):
                 break
-        return status
+        return status, answer
 
     def _take_fault(self) -> str | None:
         with self._lock:
@@ -382,19 +411,22 @@ class SandboxWebhooks:
                 return str(entry[0])
         return None
 
-    def _note_validation(self, correlation: str, status: int | None) -> None:
+    def _note_validation(self, correlation: str, status: int | None, answer: str) -> None:
+        """The documented shape: {"status": "completed", "results": [{"responseCode": "OK",
+        "responseMessage": ..., "systemResponseCode": ..., "dateTimeUtc": ...}]}. Microsoft
+        documents the field names only: "failed" for a refused delivery, the HTTP status
+        names (.NET's HttpStatusCode: OK, Unauthorized) and the endpoint's answer as the
+        message are the sandbox's own guesses."""
         with self._lock:
             record = self.validations.get(correlation)
             if record is None:
                 return
             record["status"] = "completed" if status == 200 else "failed"
-            record["totalAttempts"] = int(record.get("totalAttempts", 0)) + 1
-            record["events"].append(
+            record["results"].append(
                 {
-                    "correlationId": correlation,
-                    "eventName": "test-created",
-                    "status": record["status"],
-                    "statusCode": "OK" if status == 200 else str(status or "NoResponse"),
+                    "responseCode": _status_name(status),
+                    "responseMessage": answer[:200],
+                    "systemResponseCode": str(status or ""),
                     "dateTimeUtc": _stamp(datetime.now(UTC)),
                 }
             )
@@ -403,9 +435,15 @@ class SandboxWebhooks:
 
     def handle(self, method: str, path: str, headers: Any, body: bytes) -> tuple[int, Any]:
         """(status, JSON answer or None) for one request under /webhooks/v1/registration."""
-        if self.registration_token is not None and headers.get("authorization") != (
-            f"Bearer {self.registration_token}"
-        ):
+        bearer = str(headers.get("authorization") or "").removeprefix("Bearer ")
+        if bearer in self.without_role:
+            # Microsoft documents the 403 and the roles, not the error body: this one is ours.
+            return 403, _error(
+                "forbidden",
+                "The caller does not have the rights to invoke this operation (Global Admin, "
+                "Billing Admin, Admin agent, Sales agent or Helpdesk agent).",
+            )
+        if self.registration_token is not None and bearer != self.registration_token:
             return 401, _error(
                 "unauthenticated", "The token is missing, invalid or for another audience."
             )
@@ -433,6 +471,8 @@ class SandboxWebhooks:
             return (204, None) if current else (404, _error("notFound", "No registration."))
         if method not in ("POST", "PUT"):
             return 405, _error("methodNotAllowed", f"{method} is not supported here.")
+        # Microsoft documents POST to create and PUT to update the one registration, not what
+        # either answers in the other case: the 409 and the 404 are the sandbox's own.
         if method == "POST" and current is not None:
             return 409, _error("conflict", "A registration exists: use PUT to change it.")
         if method == "PUT" and current is None:
@@ -451,26 +491,25 @@ class SandboxWebhooks:
         return 200, registration
 
     def _validation(self) -> tuple[int, Any]:
+        # Microsoft: "You must be registered for the test-created event, using the registration
+        # API, before sending a validation event." The 400 and its body are the sandbox's own.
         with self._lock:
-            if self.registration is None or "test-created" not in self._registered_events():
-                return 400, _error("invalidRequest", "No registration for test-created events.")
+            registration = self.registration
+            if registration is None or "test-created" not in registration["WebhookEvents"]:
+                return 400, _error(
+                    "invalidRequest",
+                    "Register for the test-created event before requesting a validation event.",
+                )
             correlation = str(uuid.uuid4())
             self.validations[correlation] = {
                 "correlationId": correlation,
                 "partnerId": "7d23e5ca-19dc-4eaa-aac8-5e6b559f0d1d",
                 "status": "queued",
-                "totalAttempts": 0,
-                "events": [],
+                "results": [],
             }
             self._busy += 1
         self._queue.put(("test-created", None, correlation))
         return 200, {"correlationId": correlation}
-
-    def _registered_events(self) -> list[str]:
-        # Any registration may ask for a test event (Partner Center sends test-created to the
-        # registered URL whatever the events listed).
-        assert self.registration is not None
-        return [*self.registration["WebhookEvents"], "test-created"]
 
 
 def _registration(asked: dict[str, Any], ms_header: bool) -> dict[str, Any]:
@@ -488,6 +527,17 @@ def _registration(asked: dict[str, Any], ms_header: bool) -> dict[str, Any]:
     if ms_header:
         answer["SignatureTokenToMsSignatureHeader"] = True
     return answer
+
+
+def _status_name(status: int | None) -> str:
+    """.NET's HttpStatusCode name for ``status`` (``OK``, ``Unauthorized``), as the responseCode
+    of a validation result; no answer at all: ``NoResponse``."""
+    if status is None:
+        return "NoResponse"
+    try:
+        return HTTPStatus(status).phrase.replace(" ", "").replace("-", "")
+    except ValueError:
+        return str(status)
 
 
 def _event_body(

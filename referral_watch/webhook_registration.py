@@ -6,10 +6,18 @@ the Referrals API: through MSAL the same sign-in gets one silently; with ``auth.
 or "command" it comes from ``webhooks.registration_token_env`` or ``registration_command``.
 The token goes only to the registration URL's host: no redirect is followed, no link is taken
 from an answer (SPEC 12).
+
+Partner Center keeps ONE registration per company, one URL for all its events, and other
+integrations may hold it (Microsoft's Dynamics 365 / Salesforce co-sell connectors, billing
+webhooks). So ``register`` never takes it silently: it refuses while another URL holds it;
+``register --replace`` keeps every event already registered, adds ours, and remembers the
+registration it replaced in the state; ``unregister`` puts that back exactly.
 """
 
 from __future__ import annotations
 
+import json
+import ssl
 import time
 import uuid
 from collections.abc import Callable
@@ -29,9 +37,16 @@ from referral_watch.auth import (
 )
 from referral_watch.config import Config, WebhooksConfig
 from referral_watch.errors import ApiError, AuthError, ReferralWatchError
+from referral_watch.text import clean_line
 
 REGISTRATION_SCOPE = "https://api.partnercenter.microsoft.com/.default"
-EVENTS = ["referral-created", "referral-updated"]
+# Ours: the referral events, and test-created (webhooks.TEST_EVENT), which Microsoft requires to
+# be registered before a validation event may be asked for (`webhooks test`).
+EVENTS = ("referral-created", "referral-updated", "test-created")
+TEST_EVENT = EVENTS[2]
+# Who may register webhooks (Microsoft's "Partner Center webhooks" page, "Appropriate roles").
+REGISTER_ROLES = "Global Admin, Billing Admin, Admin agent, Sales agent or Helpdesk agent"
+REPLACED_META = "webhooks.replaced_registration"  # in the state's meta table
 TEST_WAIT = 60.0  # seconds `webhooks test` waits for the test event
 TIMEOUT = 30.0
 
@@ -85,6 +100,9 @@ class Registration:
             transport=transport,
             timeout=TIMEOUT,
             follow_redirects=False,  # a redirect could carry the token elsewhere
+            # The system's trust store (OpenSSL's default paths: SSL_CERT_FILE honoured), no
+            # proxies from the environment.
+            verify=ssl.create_default_context(),
             trust_env=False,
             headers={"Accept": "application/json", "User-Agent": f"referral-watch/{__version__}"},
         )
@@ -107,18 +125,68 @@ class Registration:
             return None
         return self._json_object(response, "the registration")
 
-    def register(self, target: str) -> tuple[dict[str, Any], bool]:
-        """Register ``target`` for referral-created and -updated: POST, or PUT when a
-        registration exists. Returns (the registration, whether it was new)."""
-        body = {"WebhookUrl": target, "WebhookEvents": list(EVENTS)}
-        existing = self.show()
-        response = self._send("PUT" if existing else "POST", "", body)
-        return self._json_object(response, "the registration"), existing is None
+    def register(
+        self, target: str, memory: ReplacedMemory, *, replace: bool = False
+    ) -> Registered:
+        """Register ``target`` for our EVENTS without taking the company's one registration
+        from another integration: POST when there is none; when ``target`` holds it, PUT only
+        if events are missing; when another URL holds it, raise HeldElsewhere unless
+        ``replace``: then remember it in ``memory`` (before acting) and PUT ``target`` with
+        every event already registered plus ours."""
+        current = self.show()
+        if current is None:
+            body = {"WebhookUrl": target, "WebhookEvents": list(EVENTS)}
+            return Registered(self._json_object(self._send("POST", "", body), _WHAT), "created")
+        events = merged_events(current)
+        if same_url(current, target):
+            if events == registered_events(current):
+                return Registered(current, "unchanged")
+            body = {**_restorable(current), "WebhookEvents": events}
+            return Registered(self._json_object(self._send("PUT", "", body), _WHAT), "updated")
+        if not replace:
+            raise HeldElsewhere(current, target)
+        before = memory.get()
+        memory.put(current)  # decide, record, then act: a crash after the PUT loses nothing
+        try:
+            body = {"WebhookUrl": target, "WebhookEvents": events}
+            answer = self._json_object(self._send("PUT", "", body), _WHAT)
+        except BaseException:
+            memory.put(before)
+            raise
+        return Registered(answer, "replaced", current)
 
-    def unregister(self) -> bool:
-        """Delete the registration; False when there was none."""
-        response = self._send("DELETE", "")
-        return response.status_code != 404
+    def unregister(self, target: str, memory: ReplacedMemory) -> Unregistered:
+        """Put back the registration ``register --replace`` took over (exactly: URL, events
+        and header choice), or delete ours when nothing was replaced. A registration another
+        URL holds now is left alone (HeldElsewhere)."""
+        current = self.show()
+        replaced = memory.get()
+        if current is not None and not same_url(current, target):
+            raise HeldElsewhere(current, target, unregistering=True)
+        if replaced is not None:
+            method = "PUT" if current is not None else "POST"
+            self._send(method, "", _restorable(replaced))
+            memory.put(None)
+            return Unregistered("restored", replaced)
+        if current is None:
+            return Unregistered("none")
+        self._send("DELETE", "")
+        return Unregistered("deleted")
+
+    def ensure_test_event(self, target: str) -> dict[str, Any]:
+        """Our registration, with test-created added when missing (Microsoft refuses a
+        validation event without it)."""
+        current = self.show()
+        if current is None:
+            raise ReferralWatchError(
+                "no webhook registration: run `referral-watch webhooks register` first"
+            )
+        if not same_url(current, target):
+            raise HeldElsewhere(current, target, testing=True)
+        if TEST_EVENT in registered_events(current):
+            return current
+        body = {**_restorable(current), "WebhookEvents": merged_events(current)}
+        return self._json_object(self._send("PUT", "", body), _WHAT)
 
     def events(self) -> list[str]:
         answer = self._json(self._send("GET", "/events"), "the event list")
@@ -172,6 +240,15 @@ class Registration:
                 needs_login=True,
             )
         detail = _error_detail(response)
+        if status == 403:
+            raise ApiError(
+                "the webhook registration API refused the signed-in account (403"
+                + (f": {detail}" if detail else "")
+                + f"): managing webhooks needs one of the Partner Center roles {REGISTER_ROLES} "
+                "(Referral Admin alone cannot); give the account one of them in Partner Center "
+                "(Settings, User management) or sign in as a user who has one",
+                status=status,
+            )
         raise ApiError(
             f"the webhook registration API answered {status} to {method}"
             + (f": {detail}" if detail else ""),
@@ -191,6 +268,108 @@ class Registration:
         if not isinstance(answer, dict):
             raise ApiError(f"the webhook registration API sent {what} as something not an object")
         return answer
+
+
+_WHAT = "the registration"
+
+
+def registered_events(registration: dict[str, Any]) -> list[str]:
+    events = registration.get("WebhookEvents")
+    return [str(e) for e in events] if isinstance(events, list) else []
+
+
+def merged_events(registration: dict[str, Any]) -> list[str]:
+    """Every event already registered, in its order, then ours that are missing."""
+    events = registered_events(registration)
+    return events + [e for e in EVENTS if e not in events]
+
+
+def same_url(registration: dict[str, Any], target: str) -> bool:
+    url = str(registration.get("WebhookUrl") or "")
+    return url.rstrip("/") == target.rstrip("/")
+
+
+def describe(registration: dict[str, Any]) -> str:
+    """``https://crm.example/hook (referral-created, invoice-ready)``."""
+    events = ", ".join(registered_events(registration)) or "no events"
+    return f"{registration.get('WebhookUrl', '?')} ({events})"
+
+
+def _restorable(registration: dict[str, Any]) -> dict[str, Any]:
+    """What a PUT or POST takes to recreate ``registration``: all but the server's own id."""
+    return {k: v for k, v in registration.items() if k != "SubscriberId"}
+
+
+class HeldElsewhere(ReferralWatchError):
+    """Another URL holds the company's one webhook registration."""
+
+    def __init__(
+        self,
+        held: dict[str, Any],
+        target: str,
+        *,
+        unregistering: bool = False,
+        testing: bool = False,
+    ) -> None:
+        self.held = held
+        where = f"the company's webhook registration is held by another URL: {describe(held)}"
+        if unregistering:
+            message = f"{where}; it is not ours ({target}), so it is left alone"
+        elif testing:
+            message = (
+                f"{where}; a test event would go there, not to {target}: "
+                "see `referral-watch webhooks register`"
+            )
+        else:
+            message = (
+                f"{where}. Partner Center keeps one registration per company, so registering "
+                f"{target} would cut that integration off: nothing changed.\n"
+                "`webhooks register --replace` takes it over keeping every event it has (and "
+                "`webhooks unregister` puts it back); list its URL in webhooks.forward_to and "
+                "every verified event is relayed to it, signature headers included."
+            )
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class Registered:
+    registration: dict[str, Any]
+    action: str  # "created", "updated", "unchanged" or "replaced"
+    replaced: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Unregistered:
+    action: str  # "restored", "deleted" or "none"
+    restored: dict[str, Any] | None = None
+
+
+class ReplacedMemory:
+    """The registration ``register --replace`` took over, kept in the state (SQLite or
+    PostgreSQL, the meta table) until ``unregister`` puts it back."""
+
+    def __init__(self, location: Path | str) -> None:
+        self.location = location
+
+    def get(self) -> dict[str, Any] | None:
+        from referral_watch.store import Store
+
+        with Store(self.location) as store:
+            text = store.get_meta(REPLACED_META)
+        if text is None:
+            return None
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) else None
+
+    def put(self, registration: dict[str, Any] | None) -> None:
+        from referral_watch.store import Store
+
+        text = None if registration is None else json.dumps(registration, sort_keys=True)
+        with Store(self.location) as store, store.transaction():
+            store.set_meta(REPLACED_META, text)
 
 
 def _error_detail(response: httpx.Response) -> str:
@@ -225,9 +404,9 @@ def wait_for_test_event(
     pause: float = 1.0,
 ) -> TestOutcome:
     """Wait until the test event is stored as verified by our endpoint (the daemon shares the
-    state file), or Partner Center reports its delivery failed, or ``timeout`` passes."""
+    state) and Partner Center reports what our endpoint answered, or Partner Center reports
+    its delivery failed, or ``timeout`` passes."""
     from referral_watch.store import Store
-    from referral_watch.webhooks import TEST_EVENT
 
     deadline = time.monotonic() + timeout
     said = ""
@@ -239,7 +418,9 @@ def wait_for_test_event(
         if delivery != said:
             report(f"Partner Center: {delivery}")
             said = delivery
-        if arrived is not None:
+        # Done once the event is stored verified and Partner Center tells what our endpoint
+        # answered (its status may lag the delivery a little: then the deadline ends the wait).
+        if arrived is not None and (_last_result(status) or time.monotonic() >= deadline):
             return TestOutcome(arrived, delivery, True)
         if status.get("status") == "failed":
             return TestOutcome(None, delivery, False)
@@ -249,12 +430,24 @@ def wait_for_test_event(
 
 
 def _delivery_text(status: dict[str, Any]) -> str:
-    state = str(status.get("status") or "no status yet")
-    events = status.get("events")
-    last = events[-1] if isinstance(events, list) and events else None
-    if isinstance(last, dict) and last.get("statusCode"):
-        return f"{state} (our endpoint answered {last['statusCode']})"
-    return state
+    """Partner Center's account of the test delivery, in the documented shape
+    ``{"status": "completed", "results": [{"responseCode": "OK", "responseMessage": ...}]}``:
+    its status and what our endpoint answered the last time."""
+    state = clean_line(str(status.get("status") or "no status yet"), 40)
+    last = _last_result(status)
+    if last is None:
+        return state
+    said = clean_line(str(last["responseCode"]), 40)
+    message = clean_line(str(last.get("responseMessage") or ""), 120)
+    if message and message != said:
+        said += f": {message}"
+    return f"{state} (our endpoint answered {said})"
+
+
+def _last_result(status: dict[str, Any]) -> dict[str, Any] | None:
+    results = status.get("results")
+    last = results[-1] if isinstance(results, list) and results else None
+    return last if isinstance(last, dict) and last.get("responseCode") else None
 
 
 def _webhooks(config: Config) -> WebhooksConfig:

@@ -410,12 +410,35 @@ def test_a_failure_on_a_later_page_ends_the_poll_after_the_pages_before(
     sandbox: Sandbox, connect: Connect
 ) -> None:
     sandbox.add(*(lead(n) for n in range(3)))
-    sandbox.fail(404, page=1)  # a nextLink that 404s, as seen on a sibling API
+    # a nextLink that 404s (as seen on a sibling API), and so does its query on the list path
+    sandbox.fail(404, page=1, times=2)
     pages = connect(page_size=1).pages()
     assert ids([next(pages)]) == ["lead-000"]
     with pytest.raises(ApiError, match=r"answered 404 \(page 2\): itemNotFound") as caught:
         next(pages)
     assert caught.value.status == 404
+    assert "base_url" not in str(caught.value)  # the base URL answered page 1: not to blame
+    assert "next-page link" in str(caught.value)
+
+
+def test_a_documented_next_link_that_404s_is_read_on_the_list_path_for_the_rest_of_the_poll(
+    connect: Connect, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SPEC 12: Microsoft's sample nextLink is /v1.0/referrals?$skiptoken=...; where that path
+    404s, the same query on the list path, once, and then that path for every later page."""
+    with Sandbox(documented_next_path=False) as strict:
+        strict.add(*(lead(n) for n in range(4)))
+        client = connect(page_size=1, base_url=strict.base_url)
+        assert ids(poll(client)) == ["lead-000", "lead-001", "lead-002", "lead-003"]
+        paths = [r.path for r in strict.requests]
+    assert paths == [
+        "/v1.0/engagements/referrals",
+        "/v1.0/referrals",  # the documented nextLink: 404
+        "/v1.0/engagements/referrals",  # its query on the list path
+        "/v1.0/engagements/referrals",  # later pages go there at once
+        "/v1.0/engagements/referrals",
+    ]
+    assert capsys.readouterr().out.count("api.next_link_moved") == 1  # logged once
 
 
 # --- token safety (SPEC 12) ----------------------------------------------------------------------

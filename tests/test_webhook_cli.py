@@ -60,19 +60,19 @@ def registration_requests(world: World) -> list[tuple[str, str, object]]:
 
 def test_register_show_and_unregister_with_the_documented_bodies(world: World, port: int) -> None:
     url = f"http://127.0.0.1:{port}/webhooks/partner-center"
-    body = {"WebhookUrl": url, "WebhookEvents": ["referral-created", "referral-updated"]}
+    events = ["referral-created", "referral-updated", "test-created"]
+    body = {"WebhookUrl": url, "WebhookEvents": events}
 
     first = world.cli("webhooks", "register")
     assert first.code == 0, first.err
-    assert f"Registered {url} for referral-created, referral-updated" in first.out
+    assert f"Registered {url} for referral-created, referral-updated, test-created" in first.out
     again = world.cli("webhooks", "register")
     assert again.code == 0
-    assert f"Updated the registration to {url}" in again.out
+    assert f"Already registered: {url}" in again.out
     assert registration_requests(world) == [
         ("GET", REGISTRATION_PATH, None),
         ("POST", REGISTRATION_PATH, body),
-        ("GET", REGISTRATION_PATH, None),
-        ("PUT", REGISTRATION_PATH, body),
+        ("GET", REGISTRATION_PATH, None),  # nothing missing: nothing sent
     ]
     tokens = {r.headers.get("authorization") for r in world.sandbox.requests}
     assert tokens == {f"Bearer {REGISTRATION_TOKEN}"}  # the other audience's token only
@@ -80,7 +80,8 @@ def test_register_show_and_unregister_with_the_documented_bodies(world: World, p
     shown = world.cli("webhooks", "show")
     assert shown.code == 0
     assert f"URL:        {url}" in shown.out
-    assert "Events:     referral-created, referral-updated" in shown.out
+    assert "Events:     referral-created, referral-updated, test-created" in shown.out
+    assert "Ours:       yes" in shown.out
     assert "Note:" not in shown.out
 
     gone = world.cli("webhooks", "unregister")
@@ -117,7 +118,10 @@ def test_webhooks_test_reports_each_step_and_sees_the_event_verified(
         outcome = world.cli("webhooks", "test")
     assert outcome.code == 0, outcome.out + outcome.err
     lines = outcome.out.splitlines()
-    assert lines[0] == f"1. Registered: http://127.0.0.1:{port}/webhooks/partner-center"
+    assert lines[0] == (
+        f"1. Registered: http://127.0.0.1:{port}/webhooks/partner-center "
+        "(referral-created, referral-updated, test-created)"
+    )
     assert lines[1].startswith("2. Asked Partner Center for a test event (correlation id ")
     assert lines[2] == "3. Waiting up to 60s for it to arrive and verify ..."
     assert lines[-1].startswith("4. Arrived and verified at ")
