@@ -125,9 +125,7 @@ class Registration:
             return None
         return self._json_object(response, "the registration")
 
-    def register(
-        self, target: str, memory: ReplacedMemory, *, replace: bool = False
-    ) -> Registered:
+    def register(self, target: str, memory: ReplacedMemory, *, replace: bool = False) -> Registered:
         """Register ``target`` for our EVENTS without taking the company's one registration
         from another integration: POST when there is none; when ``target`` holds it, PUT only
         if events are missing; when another URL holds it, raise HeldElsewhere unless

@@ -129,6 +129,49 @@ def test_webhooks_test_reports_each_step_and_sees_the_event_verified(
     assert asked[-1][1] == f"{REGISTRATION_PATH}/validationEvents"
 
 
+def test_webhooks_test_registers_test_created_first_and_shows_what_our_endpoint_answered(
+    world: World, port: int
+) -> None:
+    """Partner Center refuses a validation event unless test-created is registered (the
+    sandbox enforces it), and reports the delivery as {"status": "completed", "results":
+    [{"responseCode": "OK", ...}]}."""
+    url = f"http://127.0.0.1:{port}/webhooks/partner-center"
+    side = world.sandbox.webhooks
+    side.register(url, ["referral-created", "referral-updated"])  # as 0.2 registered it
+    with world.daemon():
+        wait_for_health(port)
+        outcome = world.cli("webhooks", "test")
+    assert outcome.code == 0, outcome.out + outcome.err
+    writes = [(m, b) for m, _, b in registration_requests(world) if m != "GET"]
+    assert writes[0] == (
+        "PUT",
+        {
+            "WebhookUrl": url,
+            "WebhookEvents": ["referral-created", "referral-updated", "test-created"],
+        },
+    )
+    assert writes[1] == ("POST", None)  # the validation event, after the PUT
+    assert "   Partner Center: completed (our endpoint answered OK" in outcome.out
+    assert outcome.out.splitlines()[-1].startswith("4. Arrived and verified at ")
+
+
+def test_the_sandbox_refuses_a_validation_event_without_test_created(
+    world: World, port: int
+) -> None:
+    import httpx
+
+    side = world.sandbox.webhooks
+    side.register(f"http://127.0.0.1:{port}/hook", ["referral-created"])
+    base = world.sandbox.base_url.removesuffix("/v1.0")
+    answer = httpx.post(
+        f"{base}{REGISTRATION_PATH}/validationEvents",
+        headers={"Authorization": f"Bearer {REGISTRATION_TOKEN}"},
+    )
+    assert answer.status_code == 400
+    assert "test-created" in answer.json()["error"]["message"]
+    assert side.deliveries == []
+
+
 def test_webhooks_test_fails_when_nothing_listens(world: World, port: int) -> None:
     assert world.cli("webhooks", "register").code == 0
     outcome = world.cli("webhooks", "test")
