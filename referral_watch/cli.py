@@ -17,7 +17,7 @@ import click
 from referral_watch import __version__
 from referral_watch.config import (
     Config,
-    console_problems,
+    config_text,
     environment,
     find_config_path,
     find_env_file,
@@ -155,40 +155,17 @@ def run(obj: Context, once: bool, dry_run: bool) -> None:
 
 
 def checked(config: Config) -> Config:
-    """Beyond the schema: every channel URL understood by Apprise, every template renders.
+    """Beyond the schema: every channel URL understood by Apprise, every template renders,
+    the console's and webhooks' rules (config_check.cross_problems).
 
     Found at start (exit 2), not at 3 a.m. when the first alert for that channel is due.
     """
-    from referral_watch.notify import check_channels, register_console_target
-    from referral_watch.render import check_templates
+    from referral_watch.config_check import cross_problems
 
-    if any(channel.url.startswith("console://") for channel in config.channels.values()):
-        register_console_target()
-    problems = check_channels(config.channels) + check_templates(config)
-    problems += console_problems(config) + webhook_problems(config)
-    if config.reports:
-        from referral_watch.schedule import report_triggers
-
-        try:
-            report_triggers(config)
-        except ConfigError as exc:
-            problems += exc.problems
+    problems = cross_problems(config)
     if problems:
         raise ConfigError(problems, str(config.source) if config.source else None)
     return config
-
-
-def webhook_problems(config: Config) -> list[str]:
-    """The webhook trust roots must be readable PEM now, not at the first event."""
-    if config.webhooks is None or config.webhooks.trust_roots is None:
-        return []
-    from referral_watch.webhooks import load_trust_roots
-
-    try:
-        load_trust_roots(config.webhooks.trust_roots)
-    except ReferralWatchError as exc:
-        return [f"webhooks.trust_roots: {exc}"]
-    return []
 
 
 def run_once(config: Config) -> Any:
@@ -361,21 +338,35 @@ def resolve_id(store: Any, given: str) -> str:
 
 
 @cli.command("check-config")
+@click.option("--strict", is_flag=True, help="Warnings fail too (exit 2): placeholders, unset "
+              "variables.")  # fmt: skip
 @click.pass_obj
-def check_config(obj: Context) -> None:
-    """Validate the config file and print every problem."""
+def check_config(obj: Context, strict: bool) -> None:
+    """Validate the config file and print every problem and warning."""
+    from referral_watch.config_check import inspect_config
     from referral_watch.state_folder import state_folder_problem
 
     path = find_config_path(obj.config_path)
-    config = checked(obj.load())
-    click.echo(
-        f"{path}: valid ({len(config.policy.tiers)} tiers, {len(config.channels)} channels, "
-        f"auth method {config.auth.method})"
-    )
+    env = environment(find_env_file(obj.env_file, path))
+    found = inspect_config(config_text(path), env, path)
+    config = found.config
     # (With state.url there is no state folder: the state lives in PostgreSQL.)
-    problem = state_folder_problem(config.state.path.parent) if config.state.url is None else None
-    if problem:  # the file is fine; this user just cannot run it here yet
-        click.echo(f"warning: state.path: {problem}", err=True)
+    if config is not None and config.state.url is None:
+        problem = state_folder_problem(config.state.path.parent)
+        if problem:  # the file is fine; this user just cannot run it here yet
+            found.warnings.append(f"state.path: {problem}")
+    if found.errors:
+        _print_config_problems(ConfigError(found.errors, str(path)))
+    for warning in found.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    if config is not None and not found.errors:
+        noted = f"; {len(found.warnings)} warning(s)" if found.warnings else ""
+        click.echo(
+            f"{path}: valid ({len(config.policy.tiers)} tiers, {len(config.channels)} channels, "
+            f"auth method {config.auth.method}{noted})"
+        )
+    if found.errors or (strict and found.warnings):
+        sys.exit(EXIT_CONFIG)
 
 
 @cli.command("test-notify")
@@ -809,7 +800,7 @@ def demo(extra_channel: str | None, with_console: bool, port: int, fast: bool) -
         from referral_watch.config import ChannelConfig
         from referral_watch.notify import check_channels
 
-        problems = check_channels({"yours": ChannelConfig(url=extra_channel)})
+        problems = check_channels({"yours": ChannelConfig.model_construct(url=extra_channel)})
         if problems:
             raise ConfigError(problems)
     console = f"127.0.0.1:{port}" if with_console else None

@@ -280,6 +280,12 @@ Zone = Annotated[str, BeforeValidator(_check_zone)]
 LocaleName = Annotated[str, BeforeValidator(_check_locale)]
 
 
+NOT_A_CHANNEL = (
+    'a channel is an Apprise URL (name = "slack://...") or a table (name = { url = "..." }); '
+    "is this a key of another section?"
+)
+
+
 class ChannelConfig(Section):
     url: str = Field(min_length=1)
     quiet_hours: str | None = None
@@ -300,6 +306,13 @@ class ChannelConfig(Section):
                 f'{", ".join(map(repr, bad))}: give email domains such as "contoso.com"'
             )
         return domains
+
+    @field_validator("url")
+    @classmethod
+    def _a_url(cls, value: str) -> str:
+        if "://" not in value and "${" not in value:  # ${...}: already reported as unset
+            raise ValueError(f"{value[:40]!r} is not a URL: {NOT_A_CHANNEL}")
+        return value
 
     @field_validator("quiet_hours")
     @classmethod
@@ -324,7 +337,13 @@ class ChannelConfig(Section):
 
 
 def _channel_shorthand(value: Any) -> Any:
-    return {"url": value} if isinstance(value, str) else value
+    """A channel is `name = "scheme://..."` or a table: anything else under [channels] (say
+    `intervall = "5m"`, a key meant for another section) is refused, never made a channel."""
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, str):
+        return {"url": value}  # its url is checked as any channel's
+    raise ValueError(f"{str(value)[:40]!r} is not a channel: {NOT_A_CHANNEL}")
 
 
 class MessagesConfig(Section):
@@ -493,12 +512,6 @@ class Config(Section):
     console: ConsoleConfig | None = None
     webhooks: WebhooksConfig | None = None
     source: Path | None = Field(default=None, exclude=True)
-
-    @model_validator(mode="after")
-    def _webhooks_need_a_server(self) -> Config:
-        if self.webhooks is not None and self.server is None:
-            raise ValueError("[webhooks] needs [server]: the events arrive at its listen address")
-        return self
 
     @property
     def cache_path(self) -> Path:
@@ -678,11 +691,21 @@ def parse_config(
     text: str, *, env: Mapping[str, str] | None = None, source: Path | None = None
 ) -> Config:
     """Parse TOML text into a Config, or raise ConfigError listing every problem."""
-    where = str(source) if source else None
+    config, _, problems = read_config(text, env=env, source=source)
+    if problems or config is None:
+        raise ConfigError(problems, str(source) if source else None)
+    return config
+
+
+def read_config(
+    text: str, *, env: Mapping[str, str] | None = None, source: Path | None = None
+) -> tuple[Config | None, dict[str, Any], list[str]]:
+    """(the Config or None, the file's values with ${...} filled in, every problem found by
+    the schema); a TOML syntax error is a ConfigError at once (nothing else can be read)."""
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"not valid TOML: {exc}"], where) from None
+        raise ConfigError([f"not valid TOML: {exc}"], str(source) if source else None) from None
     problems: list[str] = []
     data = _walk(raw, (), os.environ if env is None else env, problems)
     problems.extend(_channel_references(data))
@@ -693,9 +716,7 @@ def parse_config(
         config = Config.model_validate({**data, "source": source})
     except ValidationError as exc:
         problems.extend(_pydantic_problems(exc))
-    if problems or config is None:
-        raise ConfigError(problems, where)
-    return config
+    return config, data, problems
 
 
 def find_config_path(cli_path: str | None, env: Mapping[str, str] | None = None) -> Path:
@@ -756,11 +777,15 @@ def _read_text(path: Path, what: str, how: str, example: str) -> str:
         raise ConfigError([f"cannot read {what} {path}: {reason}"]) from None
 
 
-def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
-    text = _read_text(
+def config_text(path: Path) -> str:
+    """The config file's text; a missing or unreadable file is a ConfigError saying what to do."""
+    return _read_text(
         path,
         "config file",
         f"--config PATH or set {CONFIG_ENV}",
         "config/referral-watch.example.toml",
     )
-    return parse_config(text, env=env, source=path)
+
+
+def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
+    return parse_config(config_text(path), env=env, source=path)

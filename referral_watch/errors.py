@@ -62,7 +62,13 @@ _SECRET_PARAMS = re.compile(
     r"(?i)\b((?:access_|id_|refresh_)?token|code|client_secret|secret|password|passwd|sig|"
     r"signature|api[-_]?key|key)=([^&\s#'\"]+)"
 )
-_BEARER = re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9\-._~+/]+=*")
+# "Bearer <token>": a token has digits or punctuation, or is long; "bearer token" (a word in
+# a sentence) is left alone.
+_BEARER = re.compile(
+    r"(?i)\b(bearer)\s+"
+    r"(?![A-Za-z]{1,19}\b(?![\-_~+/=]|\.[A-Za-z0-9]))"  # not a plain word ("bearer token")
+    r"[A-Za-z0-9\-._~+/]+=*"
+)
 
 
 def scrub(text: str, secrets: Iterable[str] = ()) -> str:
