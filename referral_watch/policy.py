@@ -101,6 +101,27 @@ def current_tier(lead: Lead, config: Config, now: datetime) -> TierConfig | None
     return due[-1] if due else None
 
 
+def next_alert(lead: Lead, config: Config, now: datetime) -> tuple[datetime, str, list[str]] | None:
+    """For a waiting lead: when the next tier falls due (its deadline minus the tier's
+    `remaining`), which tier, and the channels that would hear it (match applied); past the
+    last tier, the expired notice at the deadline. None for a resolved lead, or when nothing
+    more is configured to be sent."""
+    if lead.resolution is not None:
+        return None
+    now = _aware(now)
+    left = lead.remaining(now)
+    upcoming = [tier for tier in config.policy.tiers if tier.remaining < left]
+    if upcoming:
+        tier = upcoming[0]  # least severe first: the first one not due yet comes next
+        names, when, what = tier.notify, lead.deadline - tier.remaining, f"tier {tier.name}"
+    elif left >= _ZERO and not lead.expired_notified and config.policy.on_expired:
+        names, when, what = config.policy.on_expired, lead.deadline, "the expired notice"
+    else:
+        return None
+    hearing = [name for name in _unique(names) if _matches(config, name, lead.referral)]
+    return when, what, hearing
+
+
 def _notice_kind(lead: Lead, now: datetime) -> str | None:
     """EXPIRED or RESOLVED when this lead's notice is still owed, else None."""
     resolution = lead.resolution.lower() if lead.resolution is not None else None

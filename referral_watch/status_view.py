@@ -192,9 +192,15 @@ def explain(
         f"{ref.customer} ({lead.id})",
         f"  kind {ref.kind}, country {ref.country or '-'}, "
         f"value {money_text(ref.deal_value, ref.currency, CLI_LOCALE) or '-'}",
-        f"  deadline {lead.deadline:%Y-%m-%d %H:%M} UTC, "
-        f"left {time_left_text(lead.deadline - now, CLI_LOCALE)}",
     ]
+    if lead.resolution is not None:  # answered, expired or gone: nothing more will be sent
+        lines.append(f"  {outcome_line(lead)}")
+        lines.extend(audit_lines(audit))
+        return terminal("\n".join(lines))
+    lines.append(
+        f"  deadline {lead.deadline:%Y-%m-%d %H:%M} UTC, "
+        f"left {time_left_text(lead.deadline - now, CLI_LOCALE)}"
+    )
     tier = policy.current_tier(lead, config, now)
     lines.append(f"  current tier: {tier.name if tier else '(none due yet)'}")
     if lead.silenced(now) and lead.silenced_until:
@@ -202,6 +208,7 @@ def explain(
             f"  silenced until {lead.silenced_until:%Y-%m-%d %H:%M} UTC: "
             f"{lead.silence_reason or 'no reason given'}"
         )
+    lines.append(f"  {next_alert_line(lead, config, now)}")
     for name, channel in config.channels.items():
         verdict = _channel_verdict(name, policy.channel_matches(channel, ref), config)
         quiet = (
@@ -212,6 +219,41 @@ def explain(
         lines.append(f"  channel {name}: {verdict}{quiet}")
     lines.extend(audit_lines(audit))
     return terminal("\n".join(lines))  # Partner Center text never drives the terminal
+
+
+def outcome_line(lead: Lead) -> str:
+    """How a resolved lead ended, who answered and when, as far as anyone knows."""
+    resolution = lead.resolution or ""
+    seen = f"{lead.resolved_at:%Y-%m-%d %H:%M} UTC" if lead.resolved_at else "?"
+    answered = lead.answered
+    if answered is not None and answered.result == resolution:
+        who = (
+            answered.who
+            if answered.name in ("", answered.who)
+            else (f"{answered.name} <{answered.who}>")
+        )
+        return f"{resolution} by {who} via {answered.via} at {answered.at:%Y-%m-%d %H:%M} UTC"
+    if resolution == "expired":
+        return f"expired unanswered (deadline {lead.deadline:%Y-%m-%d %H:%M} UTC)"
+    if resolution == "gone":
+        return f"gone: Partner Center no longer returns it (noticed {seen})"
+    when = lead.referral.updated
+    at = f"{when:%Y-%m-%d %H:%M} UTC" if when else seen
+    # Partner Center's record does not say who answered (no such field is documented).
+    return f"{resolution} in Partner Center at {at} (not through referral-watch)"
+
+
+def next_alert_line(lead: Lead, config: Config, now: datetime) -> str:
+    upcoming = policy.next_alert(lead, config, now)
+    if upcoming is None:
+        return "next alert: none (no further tier, and no on_expired channel)"
+    when, what, channels = upcoming
+    wait = time_left_text(when - now, CLI_LOCALE) if when > now else "now"
+    to = ", ".join(channels) or "no channel (their match leaves this lead out)"
+    held = ""
+    if lead.silenced(now) and lead.silenced_until and lead.silenced_until > when:
+        held = f"; held by the silence until {lead.silenced_until:%Y-%m-%d %H:%M} UTC"
+    return f"next alert: {what} at {when:%Y-%m-%d %H:%M} UTC (in {wait}) to {to}{held}"
 
 
 def _channel_verdict(name: str, matches: bool, config: Config) -> str:
