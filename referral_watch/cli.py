@@ -478,6 +478,25 @@ def silence(obj: Context, lead_id: str, duration: str, reason: str, through_dead
 
 
 @cli.command()
+@click.option("--json", "as_json", is_flag=True, help="A JSON array instead of a table.")
+@click.pass_obj
+def silences(obj: Context, as_json: bool) -> None:
+    """The running silences: lead, customer, until, reason, who set it."""
+    from referral_watch import status_view
+    from referral_watch.store import Store
+
+    config = obj.config()
+    found, ids = [], []
+    if config.state.url is not None or config.state.path.exists():
+        with Store(config.state.location, create=False) as store:
+            found, ids = store.silences(now_utc()), store.ids_starting("")
+    if as_json:
+        click.echo(json.dumps([status_view.silence_json(item) for item in found], indent=2))
+        return
+    click.echo(status_view.silences_table(found, ids, config.messages.timezone))
+
+
+@cli.command()
 @click.argument("lead_id", metavar="ID")
 @click.pass_obj
 def unsilence(obj: Context, lead_id: str) -> None:

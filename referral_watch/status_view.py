@@ -12,7 +12,7 @@ from referral_watch.config import Config
 from referral_watch.errors import scrub
 from referral_watch.i18n import money_text, time_left_text
 from referral_watch.model import AuditEntry, Lead
-from referral_watch.store import PollRecord, Quarantined
+from referral_watch.store import PollRecord, Quarantined, Silence
 from referral_watch.text import clip, columns, iso_utc, terminal
 
 # CLI output stays English whatever the alert locale.
@@ -285,3 +285,44 @@ def audit_lines(audit: Sequence[AuditEntry]) -> list[str]:
             f"{entry.result}{request}"
         )
     return lines
+
+
+def silences_table(silences: Sequence[Silence], all_ids: Iterable[str], zone_name: str) -> str:
+    """`silences`: each running silence, the one ending first first."""
+    if not silences:
+        return "No lead is silenced."
+    zone = ZoneInfo(zone_name)
+    short = short_ids([*all_ids, *(s.lead_id for s in silences)])
+    rows = [("ID", "CUSTOMER", "UNTIL", "REASON", "BY")]
+    for item in silences:
+        until = f"{item.until.astimezone(zone):%Y-%m-%d %H:%M}"
+        if item.through_deadline:
+            until += " (through deadline)"
+        rows.append(
+            (
+                short[item.lead_id],
+                clip(item.customer or "(not in the state)", 32)
+                + (f" [{item.resolution}]" if item.resolution else ""),
+                until,
+                clip(item.reason, 40) or "-",
+                clip(item.by, 24) or "-",
+            )
+        )
+    lines = columns(rows)
+    lines.append("")
+    lines.append(f"{len(silences)} silence(s); times in {zone_name}. `unsilence ID` ends one.")
+    return terminal("\n".join(lines))
+
+
+def silence_json(item: Silence) -> dict[str, Any]:
+    return {
+        "id": item.lead_id,
+        "customer": item.customer or None,
+        "until": _iso(item.until),
+        "reason": item.reason or None,
+        "by": item.by or None,
+        "since": _iso(item.since),
+        "through_deadline": item.through_deadline,
+        "deadline": _iso(item.deadline),
+        "resolution": item.resolution,
+    }

@@ -199,6 +199,21 @@ class Quarantined:
 
 
 @dataclass(frozen=True)
+class Silence:
+    """A running silence (`silences`): whose lead, until when, why, set by whom and when."""
+
+    lead_id: str
+    until: datetime
+    reason: str
+    by: str
+    since: datetime
+    through_deadline: bool
+    customer: str
+    deadline: datetime | None  # None when the lead has been pruned from the state
+    resolution: str | None
+
+
+@dataclass(frozen=True)
 class PollRecord:
     started: datetime
     finished: datetime
@@ -659,6 +674,30 @@ class Store:
                        created = excluded.created, through_deadline = excluded.through_deadline""",
                 (lead_id, ts(until), reason, by, ts(now), int(through_deadline)),
             )
+
+    def silences(self, now: datetime) -> list[Silence]:
+        """The silences still running at ``now``, the one ending first first."""
+        rows = self.db.execute(
+            """SELECT s.lead_id, s.until, s.reason, s.created_by, s.created, s.through_deadline,
+                      l.customer, l.deadline, l.resolution
+               FROM silences s LEFT JOIN leads l ON l.id = s.lead_id
+               WHERE s.until > ? ORDER BY s.until, s.lead_id""",
+            (ts(now),),
+        )
+        return [
+            Silence(
+                lead_id=row["lead_id"],
+                until=from_ts(row["until"]) or now,
+                reason=row["reason"] or "",
+                by=row["created_by"] or "",
+                since=from_ts(row["created"]) or now,
+                through_deadline=bool(row["through_deadline"]),
+                customer=row["customer"] or "",
+                deadline=from_ts(row["deadline"]),
+                resolution=row["resolution"],
+            )
+            for row in rows
+        ]
 
     def unsilence(self, lead_id: str) -> bool:
         with self.transaction():
