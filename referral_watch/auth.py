@@ -272,6 +272,59 @@ def _error_text(result: Mapping[str, Any]) -> str:
     return f"{code}: {_short(description[0], 160)}" if description else code
 
 
+# The two APIs an app registration needs permissions on (Microsoft's "Partner API
+# authentication" and "Referrals API authentication" pages): referral tokens are issued for
+# "Microsoft Partner", the webhook registration's for "Microsoft Partner Center".
+_APIS = {
+    "api.partner.microsoft.com": (
+        '"Microsoft Partner" (app id 4990cffe-04e8-4e8b-808a-1175604b879f, shown as '
+        '"Microsoft Dev Center" in some tenants)'
+    ),
+    "api.partnercenter.microsoft.com": (
+        '"Microsoft Partner Center" (app id fa3d9a0c-3fb0-42cc-9193-47c7ecd2edbd)'
+    ),
+}
+_MFA_RULE = "Partner Center requires MFA for every App+User call since 2026-04-01"
+
+
+def _api_named(scope: str) -> str:
+    host = urlparse(scope if "://" in scope else f"https://{scope}").hostname or scope
+    return _APIS.get(host, f"the API of {scope}")
+
+
+def known_fix(result: Mapping[str, Any], scope: str) -> str | None:
+    """One line naming the fix for the AADSTS errors an operator can fix (Microsoft's error
+    code reference): missing admin consent (65001), a permission the app registration lacks
+    (650057), multi-factor sign-in required (50076) or MFA not set up yet (50079)."""
+    codes = set(re.findall(r"AADSTS(\d+)", str(result.get("error_description") or "")))
+    codes |= {str(code) for code in result.get("error_codes") or ()}
+    api = _api_named(scope)
+    if "65001" in codes:
+        return (
+            f"Microsoft sign-in: no admin consent for {api} (AADSTS65001): an admin must grant "
+            "admin consent on the app registration (API permissions, Grant admin consent), "
+            "then run `referral-watch login`"
+        )
+    if "650057" in codes:
+        return (
+            "Microsoft sign-in: the app registration lacks a permission (AADSTS650057): add the "
+            f"delegated permission user_impersonation of {api} (API permissions, APIs my "
+            "organization uses), grant admin consent, then run `referral-watch login`"
+        )
+    if "50079" in codes:
+        return (
+            "Microsoft sign-in: the account must set up multi-factor authentication first "
+            f"(AADSTS50079; {_MFA_RULE}): set it up at https://aka.ms/mfasetup, then run "
+            "`referral-watch login`"
+        )
+    if "50076" in codes:
+        return (
+            f"Microsoft sign-in: multi-factor authentication required (AADSTS50076; {_MFA_RULE}):"
+            " run `referral-watch login` and complete the MFA prompt"
+        )
+    return None
+
+
 def _build_app(
     auth: AuthConfig,
     cache: Any,
@@ -361,7 +414,7 @@ class MsalTokenProvider:
                 )
             if self._file.save(self._cache):
                 log.debug("auth.cache_saved", path=str(self._file.path))
-            return _access_token(result)
+            return _access_token(result, self._auth.scope)
 
     def _application(self) -> Any:
         # Built on first use (it fetches the tenant's OpenID configuration); a failure is
@@ -377,7 +430,7 @@ class MsalTokenProvider:
         return self._app
 
 
-def _access_token(result: Mapping[str, Any] | None) -> str:
+def _access_token(result: Mapping[str, Any] | None, scope: str) -> str:
     if result and "access_token" in result:
         return str(result["access_token"])
     if not result:
@@ -387,6 +440,10 @@ def _access_token(result: Mapping[str, Any] | None) -> str:
             needs_login=True,
         )
     code = str(result.get("error"))
+    fix = known_fix(result, scope)
+    if fix is not None:
+        log.warning("auth.refresh_rejected", error=code)
+        raise AuthError(fix, needs_login=True)
     if code in _TRANSIENT_ERRORS:
         raise AuthError(f"Microsoft sign-in is unavailable for now ({_error_text(result)})")
     if code in _CLIENT_ERRORS:
@@ -454,7 +511,8 @@ def login(
         flow = app.initiate_device_flow(scopes=[auth.scope])
     if "user_code" not in flow:
         raise AuthError(
-            f"Microsoft did not start the device-code sign-in ({_error_text(flow)}): "
+            known_fix(flow, auth.scope)
+            or f"Microsoft did not start the device-code sign-in ({_error_text(flow)}): "
             + _registration_hint(flow)
         )
     show(str(flow["message"]))
@@ -464,7 +522,7 @@ def login(
     with _identity_errors(host):
         result = app.acquire_token_by_device_flow(flow)
     if "access_token" not in result:
-        raise AuthError(_login_failure(result, auth.login_timeout))
+        raise AuthError(known_fix(result, auth.scope) or _login_failure(result, auth.login_timeout))
     claims: Mapping[str, Any] = result.get("id_token_claims") or {}
     others = [a for a in app.get_accounts() if a.get("local_account_id") != claims.get("oid")]
     _remove_accounts(cache, others)

@@ -129,7 +129,8 @@ class FakeIdP:
     - ``pending_polls``: how many ``authorization_pending`` answers a device code gets first;
     - ``device_outcome``: ``"approve"``, ``"decline"`` (authorization_declined) or ``"never"``
       (pending forever, for timeouts);
-    - ``on_token_request``: called (with the request) before a token request is answered.
+    - ``on_token_request``: called (with the request) before a token request is answered;
+    - ``token_error``: an AADSTS error every device-code and refresh token request gets.
     """
 
     def __init__(
@@ -150,6 +151,9 @@ class FakeIdP:
         self.pending_polls = 1
         self.device_outcome = "approve"
         self.on_token_request: Callable[[IdpRequest], None] | None = None
+        # (error, "AADSTSnnn: description", nnn): answered to every device-code and refresh
+        # token request while set, as Entra ID answers a missing consent or an MFA demand.
+        self.token_error: tuple[str, str, int] | None = None
         self.requests: list[IdpRequest] = []
         self.issued_access_tokens: list[str] = []
         self.issued_refresh_tokens: list[str] = []
@@ -351,6 +355,9 @@ class FakeIdP:
         )
 
     def _token(self, request: IdpRequest) -> tuple[int, dict[str, Any]]:
+        failing = self.token_error
+        if failing is not None and request.grant_type in (DEVICE_CODE_GRANT, "refresh_token"):
+            return 400, self._error(*failing)
         if request.grant_type == DEVICE_CODE_GRANT:
             return self._device_code_grant(request)
         if request.grant_type == "authorization_code":
