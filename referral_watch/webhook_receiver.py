@@ -8,6 +8,7 @@ Partner Center: a forged event costs a signature check, never an API request.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -15,7 +16,7 @@ from typing import Any
 
 import structlog
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -23,6 +24,7 @@ from referral_watch.config import Config
 from referral_watch.dialect import Sqlite
 from referral_watch.errors import ReferralWatchError, StateError
 from referral_watch.store import Store
+from referral_watch.web.server import REQUEST_TIMEOUT
 from referral_watch.webhooks import (
     DUPLICATE,
     IGNORED,
@@ -117,7 +119,16 @@ class Receiver:
         return Route(self.path, self.endpoint, methods=["POST"], name="webhooks")
 
     async def endpoint(self, request: Request) -> Response:
-        body = await _body_within_limit(request)
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                body = await _body_within_limit(request)
+        except TimeoutError:
+            log.warning("webhook.rejected", status=408, reason="body not sent in time")
+            self.count(UNVERIFIED, IGNORED)
+            return _answer(408, "body not sent in time")
+        except ClientDisconnect:  # e.g. cut by the server's own deadline: nobody to answer
+            self.count(UNVERIFIED, IGNORED)
+            return _answer(400, "disconnected")
         if body is None:
             log.warning("webhook.rejected", status=413, reason=f"body over {MAX_BODY} bytes")
             self.count(UNVERIFIED, IGNORED)

@@ -104,7 +104,9 @@ def _https(config: Config) -> bool:
 def _operations_routes(host: Host) -> list[BaseRoute]:
     from prometheus_client import make_asgi_app
 
-    def healthz(_: Request) -> Response:
+    async def healthz(_: Request) -> Response:
+        # On the event loop, not in the thread pool: the verdict is in memory, and a probe
+        # must never queue behind slow work (certificate downloads, state writes) there.
         ok, body = host.health()
         return JSONResponse(body, status_code=200 if ok else 503)
 
