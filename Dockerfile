@@ -29,7 +29,8 @@ ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    REFERRAL_WATCH_CONFIG=/config/config.toml
+    REFERRAL_WATCH_CONFIG=/config/config.toml \
+    REFERRAL_WATCH_LISTEN=0.0.0.0:9464
 
 # The wheels are bind-mounted from the build stage, so they never become a layer of this image.
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
@@ -49,10 +50,12 @@ VOLUME ["/data"]
 WORKDIR /data
 USER 10001:10001
 
-# /healthz and /metrics, only when the config has [server] listen = "0.0.0.0:9464".
+# /healthz, /livez, /metrics and the console, when the config has [server]. The example config's
+# listen = "${REFERRAL_WATCH_LISTEN:-127.0.0.1:9464}" takes 0.0.0.0:9464 from the ENV above.
 EXPOSE 9464
 
-# Healthy while the last successful poll is younger than 3 x schedule.interval.
+# Healthy while the last successful poll is younger than 3 x schedule.interval ("can it poll?":
+# Docker only reports it; Kubernetes restarts on /livez, "is the process stuck?", instead).
 HEALTHCHECK --interval=1m --timeout=15s --start-period=2m --retries=3 \
     CMD ["referral-watch", "status", "--check"]
 

@@ -579,9 +579,13 @@ def _interpolate(text: str, where: str, env: Mapping[str, str], problems: list[s
         name = match.group(1).strip()
         if name.startswith("file:"):
             return _secret_file(Path(name[5:]), where, problems)
+        # ${NAME:-default}, as in the shell: the default when NAME is unset or empty
+        name, fallback, default = name.partition(":-")
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
             problems.append(f"{where}: ${{{name}}} is not a variable name or ${{file:/path}}")
             return ""
+        if fallback and not env.get(name):
+            return default
         if name not in env:
             problems.append(
                 f"{where}: environment variable {name} is not set "

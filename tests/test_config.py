@@ -164,6 +164,24 @@ def test_interpolation_from_environment_and_files(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("env", "listen"),
+    [
+        ({}, "127.0.0.1:9464"),  # unset: the default (a first run on a host)
+        ({"RW_LISTEN": ""}, "127.0.0.1:9464"),  # empty, as in the shell
+        ({"RW_LISTEN": "0.0.0.0:9464"}, "0.0.0.0:9464"),  # the container image sets it
+    ],
+)
+def test_a_reference_may_name_a_default_for_an_unset_variable(
+    env: dict[str, str], listen: str
+) -> None:
+    """One config file for a host and a container: the image sets the variable, a host
+    install does not and gets the loopback default."""
+    text = MINIMAL + '\n[server]\nlisten = "${RW_LISTEN:-127.0.0.1:9464}"\n'
+    config = parse_config(text, env=env)
+    assert config.server is not None and config.server.listen == listen
+
+
+@pytest.mark.parametrize(
     ("change", "expected"),
     [
         (("[auth]", "[auth]\ncolour = 1"), "auth.colour: unknown key"),

@@ -1,15 +1,14 @@
-"""The packaging an operator deploys: Dockerfile, Compose file, systemd unit, Kubernetes manifests.
+"""The packaging an operator deploys: Dockerfile, Compose files, systemd unit (the Kubernetes
+manifests: test_kubernetes.py).
 
 Docker cannot run here, so the image is checked by hadolint and by reading the Dockerfile; the
-unit by systemd-analyze when it is installed; the manifests by parsing them (and kustomize when
-kubectl is installed). The last test runs the real daemon the way systemd and the probes do."""
+unit by systemd-analyze when it is installed. The last tests run the real daemon the way
+systemd, Docker's health check and the Kubernetes probes do."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shlex
 import shutil
 import signal
 import subprocess
@@ -22,64 +21,35 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from referral_watch.config import DEFAULT_PATHS, StateConfig, parse_config
 from referral_watch.sandbox import Sandbox
 
 from conftest import NotifySocket, free_port, wait_until
+from deployfiles import (
+    DOCKERFILE,
+    ENV_EXAMPLE,
+    EXAMPLE,
+    HEALTH_CHECK,
+    OPERATOR_CONFIG,
+    ROOT,
+    args_of,
+    exec_form,
+    final_stage,
+    image_env,
+    image_uid,
+    load_yaml,
+    read_env_file,
+    stages,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 UNIT = ROOT / "deploy" / "systemd" / "referral-watch.service"
 COMPOSE = ROOT / "deploy" / "compose.yaml"
-K8S = ROOT / "deploy" / "kubernetes"
-EXAMPLE = ROOT / "config" / "referral-watch.example.toml"
-ENV_EXAMPLE = ROOT / "config" / ".env.example"
 BIN = Path(sys.executable).parent
-
-HEALTH_CHECK = ["referral-watch", "status", "--check"]
 
 
 # --- reading the files ---------------------------------------------------------------------
-
-
-def instructions(text: str) -> list[tuple[str, str]]:
-    """Dockerfile -> [(INSTRUCTION, arguments)], continuation lines joined, comments dropped."""
-    result: list[tuple[str, str]] = []
-    pending = ""
-    for line in text.splitlines():
-        if line.lstrip().startswith("#") or not line.strip():
-            continue
-        pending += line.rstrip()
-        if pending.endswith("\\"):
-            pending = pending[:-1] + " "
-            continue
-        keyword, _, args = pending.strip().partition(" ")
-        result.append((keyword.upper(), " ".join(args.split())))
-        pending = ""
-    return result
-
-
-def stages(text: str) -> list[list[tuple[str, str]]]:
-    found: list[list[tuple[str, str]]] = []
-    for keyword, args in instructions(text):
-        if keyword == "FROM":
-            found.append([])
-        if found:
-            found[-1].append((keyword, args))
-    return found
-
-
-def args_of(stage: list[tuple[str, str]], keyword: str) -> list[str]:
-    return [args for kw, args in stage if kw == keyword]
-
-
-def exec_form(args: str) -> list[str]:
-    value = json.loads(args)
-    assert isinstance(value, list), f"not the exec (JSON array) form: {args}"
-    return [str(v) for v in value]
 
 
 def read_unit(path: Path) -> dict[str, dict[str, list[str]]]:
@@ -96,41 +66,6 @@ def read_unit(path: Path) -> dict[str, dict[str, list[str]]]:
         key, _, value = line.partition("=")
         current.setdefault(key.strip(), []).append(value.strip())
     return sections
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    env = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip() and not line.startswith("#"):
-            name, _, value = line.partition("=")
-            env[name] = value
-    return env
-
-
-def load_yaml(path: Path) -> dict[str, Any]:
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    assert isinstance(data, dict), path
-    return data
-
-
-def final_stage() -> list[tuple[str, str]]:
-    return stages(DOCKERFILE.read_text(encoding="utf-8"))[-1]
-
-
-def image_env() -> dict[str, str]:
-    env: dict[str, str] = {}
-    for args in args_of(final_stage(), "ENV"):
-        for item in shlex.split(args):
-            name, _, value = item.partition("=")
-            env[name] = value
-    return env
-
-
-def image_uid() -> int:
-    [user] = args_of(final_stage(), "USER")
-    uid = user.split(":")[0]
-    assert uid.isdigit(), "USER should be numeric, so Kubernetes can check runAsNonRoot"
-    return int(uid)
 
 
 # --- Dockerfile ----------------------------------------------------------------------------
@@ -443,7 +378,24 @@ def test_compose_keeps_state_on_a_volume_and_the_config_read_only() -> None:
     config = mounts[image_env()["REFERRAL_WATCH_CONFIG"]]
     assert (config["type"], config["read_only"]) == ("bind", True)
     # the operator's copy of the example, next to it in config/
-    assert (COMPOSE.parent / config["source"]).resolve() == EXAMPLE.parent / "referral-watch.toml"
+    assert (COMPOSE.parent / config["source"]).resolve() == OPERATOR_CONFIG
+
+
+def test_compose_publishes_the_web_port_on_the_hosts_loopback_only() -> None:
+    assert compose_service()["ports"] == ["127.0.0.1:9464:9464"]
+
+
+def test_the_example_config_listens_on_every_interface_in_a_container_only() -> None:
+    """One config for a host and a container: in the image (Compose, Kubernetes) the web
+    server must listen on 0.0.0.0 for the port mapping and the probes to reach it; on a host
+    (a first run, systemd) it stays on this machine."""
+    env = read_env_file(ENV_EXAMPLE)
+    in_container = parse_config(EXAMPLE.read_text(encoding="utf-8"), env={**env, **image_env()})
+    on_a_host = parse_config(EXAMPLE.read_text(encoding="utf-8"), env=env)
+    assert in_container.server is not None and on_a_host.server is not None
+    [published] = compose_service()["ports"]
+    assert in_container.server.listen == f"0.0.0.0:{published.rsplit(':', 1)[1]}"
+    assert on_a_host.server.listen == "127.0.0.1:9464"
 
 
 def test_compose_takes_secrets_from_a_dot_env_beside_the_example() -> None:
@@ -451,153 +403,12 @@ def test_compose_takes_secrets_from_a_dot_env_beside_the_example() -> None:
     assert (COMPOSE.parent / env_file).resolve() == ENV_EXAMPLE.parent / ".env"
 
 
-# --- Kubernetes ----------------------------------------------------------------------------
-
-
-def k8s(name: str) -> dict[str, Any]:
-    return load_yaml(K8S / name)
-
-
-def container() -> dict[str, Any]:
-    [only] = k8s("deployment.yaml")["spec"]["template"]["spec"]["containers"]
-    assert isinstance(only, dict)
-    return only
-
-
-def test_one_pod_at_a_time() -> None:
-    spec = k8s("deployment.yaml")["spec"]
-    assert spec["replicas"] == 1
-    assert spec["strategy"] == {"type": "Recreate"}  # never two pods on one state file
-
-
-def test_probes_run_the_health_check() -> None:
-    probes = container()
-    assert probes["livenessProbe"]["exec"]["command"] == HEALTH_CHECK
-    assert probes["startupProbe"]["exec"]["command"] == HEALTH_CHECK
-    readiness = probes["readinessProbe"]["httpGet"]
-    assert readiness["path"] == "/healthz"
-    [port] = [p for p in probes["ports"] if p["name"] == readiness["port"]]
-    # the ConfigMap's [server] listens on that port, on every interface
-    assert configmap_config().server is not None
-    assert configmap_config().server.listen == f"0.0.0.0:{port['containerPort']}"
-
-
-def test_the_pod_is_locked_down_but_can_write_its_state() -> None:
-    pod = k8s("deployment.yaml")["spec"]["template"]["spec"]
-    assert pod["securityContext"]["runAsNonRoot"] is True
-    assert pod["securityContext"]["runAsUser"] == image_uid()
-    assert pod["securityContext"]["fsGroup"] == image_uid()  # the volume is writable for it
-    box = container()["securityContext"]
-    assert box["readOnlyRootFilesystem"] is True
-    assert box["allowPrivilegeEscalation"] is False
-    assert box["capabilities"]["drop"] == ["ALL"]
-    volumes = {v["name"]: v for v in pod["volumes"]}
-    writable = {
-        m["mountPath"]: volumes[m["name"]]
-        for m in container()["volumeMounts"]
-        if not m.get("readOnly")
-    }
-    assert set(writable) == {"/data", "/tmp"}
-    assert (
-        writable["/data"]["persistentVolumeClaim"]["claimName"]
-        == k8s("pvc.yaml")["metadata"]["name"]
-    )
-    assert "emptyDir" in writable["/tmp"]
-    assert {"requests", "limits"} <= set(container()["resources"])
-    assert "memory" in container()["resources"]["limits"]
-
-
-def test_the_pod_reads_the_configmap_and_the_secret() -> None:
-    pod = k8s("deployment.yaml")["spec"]["template"]["spec"]
-    volumes = {v["name"]: v for v in pod["volumes"]}
-    config_path = Path(image_env()["REFERRAL_WATCH_CONFIG"])
-    [mount] = [m for m in container()["volumeMounts"] if m["mountPath"] == str(config_path.parent)]
-    assert mount["readOnly"] is True
-    assert volumes[mount["name"]]["configMap"]["name"] == k8s("configmap.yaml")["metadata"]["name"]
-    assert config_path.name in k8s("configmap.yaml")["data"]
-    [source] = container()["envFrom"]
-    assert source["secretRef"]["name"] == k8s("secret.example.yaml")["metadata"]["name"]
-    # the PVC is ReadWriteOnce: one node, one pod
-    assert k8s("pvc.yaml")["spec"]["accessModes"] == ["ReadWriteOnce"]
-
-
-def secret_env() -> dict[str, str]:
-    data = k8s("secret.example.yaml")["stringData"]
-    assert isinstance(data, dict)
-    return {str(k): str(v) for k, v in data.items()}
-
-
-def configmap_config() -> Any:
-    text = k8s("configmap.yaml")["data"]["config.toml"]
-    return parse_config(text, env=secret_env())
-
-
-def test_the_configmap_holds_a_valid_config_with_state_on_the_volume() -> None:
-    config = configmap_config()
-    assert config.state.path.parent == Path("/data")
-    assert config.cache_path.parent == Path("/data")
-    text = k8s("configmap.yaml")["data"]["config.toml"]
-    used = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", text))
-    assert used == set(secret_env())
-
-
-def test_the_secret_example_matches_the_env_example() -> None:
-    """`kubectl create secret generic --from-env-file` of a filled-in .env gives the same Secret."""
-    env = read_env_file(ENV_EXAMPLE)
-    assert {name: env[name] for name in secret_env()} == secret_env()
-
-
-def test_compose_publishes_the_web_port_on_the_hosts_loopback_only() -> None:
-    assert compose_service()["ports"] == ["127.0.0.1:9464:9464"]
-
-
-def test_the_service_and_the_example_ingress_reach_the_pods_web_port() -> None:
-    service = k8s("service.yaml")
-    pod = k8s("deployment.yaml")["spec"]["template"]["metadata"]["labels"]
-    assert service["spec"]["selector"].items() <= pod.items()
-    [port] = service["spec"]["ports"]
-    assert port["targetPort"] in {p["name"] for p in container()["ports"]}
-    ingress = k8s("ingress.example.yaml")
-    [rule] = ingress["spec"]["rules"]
-    [path] = rule["http"]["paths"]
-    backend = path["backend"]["service"]
-    assert backend == {"name": service["metadata"]["name"], "port": {"name": port["name"]}}
-    assert ingress["spec"]["tls"][0]["hosts"] == [rule["host"]]
-
-
-def test_the_kustomization_applies_everything_but_the_example_secret() -> None:
-    listed = k8s("kustomization.yaml")["resources"]
-    manifests = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-    assert set(listed) == manifests - {"secret.example.yaml", "ingress.example.yaml"}
-    assert "service.yaml" in listed
-
-
-def test_kustomize_renders_the_manifests() -> None:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not installed on this machine")
-    result = subprocess.run(
-        [kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    rendered = list(yaml.safe_load_all(result.stdout))
-    assert sorted(r["kind"] for r in rendered) == [
-        "ConfigMap",
-        "Deployment",
-        "PersistentVolumeClaim",
-        "Service",
-    ]
-    [deployment] = [r for r in rendered if r["kind"] == "Deployment"]
-    image = deployment["spec"]["template"]["spec"]["containers"][0]["image"]
-    assert image != "referral-watch"  # replaced by the kustomization's `images:`
-
-
 # --- the daemon keeps the promises the unit and the probes rely on -------------------------
 
 
-def healthz(port: int) -> int:
+def healthz(port: int, path: str = "/healthz") -> int:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
             status: int = response.status
             return status
     except urllib.error.HTTPError as error:
@@ -669,7 +480,8 @@ def test_the_daemon_behaves_as_the_unit_and_probes_expect(
         # the first poll (its imports too) takes long on a loaded 2-core machine
         ready = "/healthz to answer 200 (readiness probe)"
         wait_until(lambda: healthz(port) == 200, timeout=60, what=ready)
-        assert health_check() == 0  # HEALTHCHECK, liveness and startup probes
+        assert health_check() == 0  # Docker's HEALTHCHECK
+        assert healthz(port, "/livez") == 200  # the Kubernetes startup and liveness probes
 
         # RestartPreventExitStatus=3: a second instance on the same state gives up with 3
         second = subprocess.run(["referral-watch", "run"], env=env, capture_output=True, timeout=60)
@@ -697,6 +509,32 @@ def test_the_daemon_behaves_as_the_unit_and_probes_expect(
     broken = subprocess.run(["referral-watch", "run"], env=env, capture_output=True, timeout=60)
     assert broken.returncode == 2
     assert b"auth.method" in broken.stderr
+
+
+@pytest.mark.slow
+def test_a_rejected_sign_in_is_not_ready_but_alive_so_kubernetes_does_not_restart_it(
+    deployed: tuple[Path, dict[str, str], int], tmp_path: Path
+) -> None:
+    """Issue 27.9: the liveness probe ran `status --check`, so an expired sign-in restarted the
+    pod for ever although a restart cannot help. Now readiness (/healthz) says it cannot poll,
+    and liveness (/livez) says the process is not stuck."""
+    _, env, port = deployed
+    log = tmp_path / "daemon.log"
+    with log.open("wb") as stderr:
+        daemon = subprocess.Popen(
+            ["referral-watch", "run"],
+            env={**env, "PC_TOKEN": "an-expired-token"},  # Partner Center answers 401
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+        try:
+            wait_until(lambda: b"poll.failed" in log.read_bytes(), timeout=60, what="a poll")
+            assert healthz(port) == 503  # readiness: not ready, it cannot poll
+            assert healthz(port, "/livez") == 200  # liveness: alive, do not restart
+            assert daemon.poll() is None
+        finally:
+            daemon.terminate()
+            daemon.wait(timeout=30)
 
 
 # The daemon, with a thread that sends SIGTERM to itself once the test creates the file argv[1].
@@ -741,57 +579,9 @@ def test_sigterm_stops_the_daemon_whichever_of_its_threads_the_kernel_hands_it_t
     assert b"daemon.stopped" in err
 
 
-# --- high availability: two replicas on PostgreSQL (deploy/kubernetes-ha, compose.ha.yaml) ---
+# --- high availability: two replicas on PostgreSQL (compose.ha.yaml; Kubernetes: test_kubernetes)
 
-K8S_HA = ROOT / "deploy" / "kubernetes-ha"
 COMPOSE_HA = ROOT / "deploy" / "compose.ha.yaml"
-
-
-def ha_rendered() -> list[dict[str, Any]]:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not installed on this machine")
-    result = subprocess.run(
-        [kubectl, "kustomize", str(K8S_HA)], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    return list(yaml.safe_load_all(result.stdout))
-
-
-def test_the_ha_overlay_runs_two_replicas_that_a_drain_cannot_both_stop() -> None:
-    rendered = {r["kind"]: r for r in ha_rendered()}
-    # the base's own manifests, and the budget
-    assert {"ConfigMap", "Deployment", "PersistentVolumeClaim", "PodDisruptionBudget"} <= set(
-        rendered
-    )
-    spec = rendered["Deployment"]["spec"]
-    assert spec["replicas"] == 2
-    assert spec["strategy"] == {
-        "type": "RollingUpdate",
-        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
-    }
-    budget = rendered["PodDisruptionBudget"]["spec"]
-    assert budget["minAvailable"] == 1
-    assert budget["selector"]["matchLabels"] == spec["selector"]["matchLabels"]
-    assert rendered["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteMany"]
-    [pod] = spec["template"]["spec"]["containers"]
-    # /healthz is 200 on a healthy standby: readiness never takes the standby out
-    assert pod["readinessProbe"]["httpGet"]["path"] == "/healthz"
-    assert pod["livenessProbe"]["exec"]["command"] == HEALTH_CHECK
-    config = parse_config(
-        rendered["ConfigMap"]["data"]["config.toml"],
-        env={**secret_env(), "STATE_DB_PASSWORD": "pw"},
-    )
-    assert config.state.url is not None and config.state.url.startswith("postgresql://")
-    assert config.state.shown.startswith("postgresql://referral_watch:***@")
-    assert config.cache_path == Path("/data/msal-cache.json")
-
-
-def test_the_ha_overlay_takes_its_database_password_from_the_env_example() -> None:
-    text = load_yaml(K8S_HA / "configmap.yaml")["data"]["config.toml"]
-    used = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", text))
-    assert used == set(secret_env()) | {"STATE_DB_PASSWORD"}
-    assert "STATE_DB_PASSWORD" in read_env_file(ENV_EXAMPLE)
 
 
 def test_compose_ha_runs_two_replicas_after_a_healthy_postgresql() -> None:

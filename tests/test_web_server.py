@@ -81,9 +81,28 @@ def test_unknown_paths_and_traversal_attempts_are_404(world: World, path: str) -
     assert "root:" not in response.text
 
 
+def test_livez_means_the_process_is_stuck_not_that_it_cannot_poll(world: World) -> None:
+    """The Kubernetes liveness probe: a restart cannot renew an expired sign-in or bring
+    Partner Center back, so /livez stays 200 while /healthz is 503 for those; it is 503 only
+    when the work in flight has stopped moving (the systemd watchdog's rule)."""
+    daemon, client = in_process(world)
+    daemon.last_success = datetime.now(UTC) - timedelta(hours=5)  # polls failing for hours
+    assert client.get("/healthz").status_code == 503
+    alive = client.get("/livez")
+    assert (alive.status_code, alive.json()) == (200, {"status": "alive"})
+    daemon.progress.stuck_after = 0.3
+    with daemon.progress.working():  # a cycle that no longer moves
+        wait_until(lambda: daemon.progress.stuck_for() is not None, what="a stuck cycle")
+        stuck = client.get("/livez")
+        assert stuck.status_code == 503
+        assert stuck.json()["status"] == "stuck"
+        assert stuck.json()["limit_seconds"] == 0
+    assert client.get("/livez").status_code == 200  # the work ended: alive again
+
+
 def test_every_response_carries_the_security_headers(world: World) -> None:
     _, client = in_process(world)
-    for path in ("/healthz", "/metrics", "/nothing-here"):
+    for path in ("/healthz", "/livez", "/metrics", "/nothing-here"):
         headers = client.get(path).headers
         assert "default-src 'none'" in headers["content-security-policy"]
         assert headers["x-content-type-options"] == "nosniff"

@@ -173,6 +173,7 @@ def test_sign_out_ends_the_session(world: World, idp: FakeIdP) -> None:
 def test_health_and_metrics_need_no_sign_in(world: World, idp: FakeIdP) -> None:
     client = entra(world, idp)
     assert client.get("/healthz").status_code == 503
+    assert client.get("/livez").status_code == 200  # the kubelet's liveness probe
     assert client.get("/metrics").status_code == 200
     assert client.get("/static/console.css").status_code == 200
 

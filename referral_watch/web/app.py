@@ -21,6 +21,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from referral_watch.config import Config
+from referral_watch.watchdog import Progress
 
 # Nothing is loaded from elsewhere: scripts, styles and images come only from this server.
 CONTENT_SECURITY_POLICY = (
@@ -44,6 +45,7 @@ class Host(Protocol):
     config: Config
     clock: Callable[[], datetime]
     metrics: Any  # referral_watch.daemon.Metrics: its .registry is served at /metrics
+    progress: Progress  # whether the work in flight moves: /livez (and the systemd watchdog)
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         """The health verdict and its JSON body: the same one `status --check` gives."""
@@ -60,9 +62,10 @@ def build_app(
     They come first, so they win over the console's own paths; they may read
     ``request.app.state.host`` for the daemon (its config, clock, health). Every path needs the
     console's sign-in (``request.state.viewer`` is the person) except ``/healthz``,
-    ``/metrics``, ``/static/*``, ``/auth/*``, ``webhooks.path`` and the ``open_paths`` given
-    here (for machines, e.g. a webhook receiver). Without ``[console]`` only those are served.
-    Forms check ``console.checked_form(request)`` (the CSRF token) before acting.
+    ``/livez``, ``/metrics``, ``/static/*``, ``/auth/*``, ``webhooks.path`` and the
+    ``open_paths`` given here (for machines, e.g. a webhook receiver). Without ``[console]``
+    only those are served. Forms check ``console.checked_form(request)`` (the CSRF token)
+    before acting.
     """
     from starlette.middleware.sessions import SessionMiddleware
 
@@ -110,8 +113,23 @@ def _operations_routes(host: Host) -> list[BaseRoute]:
         ok, body = host.health()
         return JSONResponse(body, status_code=200 if ok else 503)
 
+    def livez(_: Request) -> Response:
+        """Liveness: is the process stuck? Not whether it can poll (that is /healthz): a
+        restart cannot renew an expired sign-in, but it does end a cycle that no longer
+        moves. The same rule as the systemd watchdog's ping."""
+        stuck = host.progress.stuck_for()
+        if stuck is None:
+            return JSONResponse({"status": "alive"})
+        body = {
+            "status": "stuck",
+            "stuck_seconds": round(stuck),
+            "limit_seconds": round(host.progress.stuck_after),
+        }
+        return JSONResponse(body, status_code=503)
+
     return [
         Route("/healthz", healthz, methods=["GET", "HEAD"]),
+        Route("/livez", livez, methods=["GET", "HEAD"]),
         Route("/metrics", _Asgi(make_asgi_app(host.metrics.registry)), methods=["GET", "HEAD"]),
     ]
 
