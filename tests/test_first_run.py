@@ -93,9 +93,14 @@ def test_the_readme_first_run_steps_end_in_a_valid_config(tmp_path: Path) -> Non
     assert (venv / "bin" / "referral-watch").exists()
 
     # without the .env, the same config is missing its secrets: the file really is read
-    (repo / ".env").unlink()
+    (repo / "config" / ".env").unlink()
     again = subprocess.run(
-        [str(venv / "bin" / "referral-watch"), "check-config"],
+        [
+            str(venv / "bin" / "referral-watch"),
+            "--config",
+            "config/referral-watch.toml",
+            "check-config",
+        ],
         cwd=repo,
         env=shell_env(tmp_path),
         capture_output=True,
