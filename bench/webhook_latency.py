@@ -130,6 +130,7 @@ listen = "127.0.0.1:{port}"
 
 [webhooks]
 certificate_hosts = ["{side.certificate_host}"]
+issuer_hosts = ["{side.issuer_host}"]
 trust_roots = "{work / "roots.pem"}"
 """
         )

@@ -449,6 +449,14 @@ class ConsoleConfig(Section):
         return self
 
 
+def _host_names(value: list[str]) -> list[str]:
+    """Host names, or host:port, in lower case: what webhooks' host lists hold."""
+    for host in value:
+        if not re.fullmatch(r"[A-Za-z0-9.-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?", host):
+            raise ValueError(f"{host!r} is not a host name (no scheme, no path)")
+    return [host.lower() for host in value]
+
+
 class WebhooksConfig(Section):
     """Partner Center webhook events (SPEC 15): where they arrive and how they are verified."""
 
@@ -456,6 +464,12 @@ class WebhooksConfig(Section):
     certificate_hosts: StrList = ["3psostorageacct.blob.core.windows.net"]
     trust_roots: Path | None = None  # "" in the file: the system's trust store
     registration_url: str = "https://api.partnercenter.microsoft.com/webhooks/v1/registration"
+    # Where the signing certificate's issuing CAs may be fetched from (its Authority Information
+    # Access, as Microsoft's .NET sample does), and a PEM file of them to use first.
+    issuer_hosts: StrList = ["www.microsoft.com", "caissuers.microsoft.com", "cacerts.digicert.com"]
+    intermediates: Path | None = None  # "" in the file: none
+    # URLs every verified event is relayed to, byte for byte with its signature headers.
+    forward_to: StrList = []
     # The registration API wants a token for another audience than the Referrals API: with
     # auth.method "env" or "command" it comes from this variable or program instead.
     registration_token_env: str = "PARTNER_CENTER_REGISTRATION_TOKEN"
@@ -473,12 +487,24 @@ class WebhooksConfig(Section):
     def _hosts(cls, value: list[str]) -> list[str]:
         if not value:
             raise ValueError("name at least one host that serves Microsoft's signing certificate")
-        for host in value:
-            if not re.fullmatch(r"[A-Za-z0-9.-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?", host):
-                raise ValueError(f"{host!r} is not a host name (no scheme, no path)")
-        return [host.lower() for host in value]
+        return _host_names(value)
 
-    @field_validator("trust_roots", mode="before")
+    @field_validator("issuer_hosts")
+    @classmethod
+    def _issuer_hosts(cls, value: list[str]) -> list[str]:
+        return _host_names(value)  # empty: issuing CAs only from intermediates
+
+    @field_validator("forward_to")
+    @classmethod
+    def _forward_urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            if not re.fullmatch(r"https?://[^/\s?#]+(/\S*)?", url):
+                raise ValueError(f"{url!r} is not an http(s) URL")
+        if len(set(value)) != len(value):
+            raise ValueError("a URL is listed twice")
+        return value
+
+    @field_validator("trust_roots", "intermediates", mode="before")
     @classmethod
     def _empty_is_system(cls, value: Any) -> Any:
         return None if value == "" else value
@@ -684,6 +710,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         ("auth", "cache_path"),
         ("auth", "client_certificate"),
         ("webhooks", "trust_roots"),
+        ("webhooks", "intermediates"),
     ):
         table = data.get(section)
         if isinstance(table, dict) and isinstance(table.get(key), str) and table[key]:

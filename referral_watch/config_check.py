@@ -69,21 +69,27 @@ def _template_problems(config: Config) -> list[str]:
 
 
 def _webhook_problems(config: Config) -> list[str]:
-    """The webhook trust roots must be readable PEM now, not at the first event; the events
-    arrive at the server's address."""
-    if config.webhooks is None:
+    """The webhook trust roots and intermediates must be readable PEM now, not at the first
+    event; the events arrive at the server's address."""
+    webhooks = config.webhooks
+    if webhooks is None:
         return []
     if config.server is None:
         return ["webhooks: [webhooks] needs [server]: the events arrive at its listen address"]
-    if config.webhooks.trust_roots is None:
-        return []
-    from referral_watch.webhooks import load_trust_roots
+    from referral_watch.webhook_certificates import load_pem_file, load_trust_roots
 
-    try:
-        load_trust_roots(config.webhooks.trust_roots)
-    except ReferralWatchError as exc:
-        return [f"webhooks.trust_roots: {exc}"]
-    return []
+    problems = []
+    if webhooks.trust_roots is not None:
+        try:
+            load_trust_roots(webhooks.trust_roots)
+        except ReferralWatchError as exc:
+            problems.append(f"webhooks.trust_roots: {exc}")
+    if webhooks.intermediates is not None:
+        try:
+            load_pem_file(webhooks.intermediates, "intermediates")
+        except ReferralWatchError as exc:
+            problems.append(f"webhooks.intermediates: {exc}")
+    return problems
 
 
 def _report_problems(config: Config) -> list[str]:

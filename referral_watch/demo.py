@@ -440,7 +440,11 @@ class DemoWebhooks:
         self.roots.write_bytes(side.trust_roots_pem)
         tls = ssl.create_default_context(cadata=side.tls_roots_pem.decode())
         self.verifier = Verifier(
-            WebhooksConfig(certificate_hosts=[side.certificate_host], trust_roots=self.roots),
+            WebhooksConfig(
+                certificate_hosts=[side.certificate_host],
+                issuer_hosts=[side.issuer_host],
+                trust_roots=self.roots,
+            ),
             download=lambda url: download_certificate(url, tls),
         )
         self.waiting: list[str] = []

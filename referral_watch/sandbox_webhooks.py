@@ -2,11 +2,11 @@
 
 On every referral the sandbox creates or updates while a registration exists, it POSTs the
 documented event body to the registered URL, signed (RSA-SHA256) by a certificate it serves
-over https itself. The certificates come from local CAs (trustme): a "Microsoft Corporation"
-CA that the tests trust, another organization's CA that they also trust (for the wrong-issuer
-fault) and a rogue "Microsoft Corporation" CA that nobody trusts. Faults (:meth:`fault`): a bad
-signature, a certificate on a foreign host, a wrong issuer, an untrusted chain, an expired
-certificate, a replay, a slow certificate download and an oversized body.
+over https itself, alone, as Microsoft does: its issuing CA is fetched from the certificate's
+AIA URL on the sandbox's issuer host, up to a root that receivers trust (see _Certificates).
+Faults (:meth:`fault`): a bad signature, a certificate on a foreign host, an issuer only on a
+foreign host, a wrong issuer, an untrusted chain, an expired certificate, a replay, a slow
+certificate download, an oversized body and a missing algorithm header.
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    import trustme
-
     from referral_watch.sandbox import Sandbox
 
 REGISTRATION_PATH = "/webhooks/v1/registration"
@@ -50,12 +48,14 @@ EVENTS = (
 FAULTS = (
     "bad_signature",  # the body is changed after signing
     "foreign_host",  # the certificate URL names a host that is not on the allow-list
+    "foreign_issuer",  # the certificate's issuing CA is only at an AIA URL off the issuer hosts
     "wrong_issuer",  # a trusted chain, but the issuer is not Microsoft Corporation
     "untrusted_chain",  # a "Microsoft Corporation" CA nobody trusts
     "expired",  # the right CA, but the certificate's dates are over
     "replay",  # the same signed event is delivered twice
     "slow",  # the certificate download takes longer than any sane timeout
     "oversize",  # a body over 64 KiB
+    "no_algorithm",  # no X-MS-Signature-Algorithm header (Microsoft lists it as required)
 )
 # Which certificate each fault signs with (the others use the good one).
 _CERTIFICATE_OF = {
@@ -63,8 +63,11 @@ _CERTIFICATE_OF = {
     "untrusted_chain": "untrusted",
     "expired": "expired",
     "slow": "slow",
+    "foreign_issuer": "foreign-issuer",
 }
 GOOD = "pcnotifications-dispatch.microsoft.com"
+# Where the issuing CA is published, like Microsoft's http://www.microsoft.com/pkiops/certs/...
+ISSUER_PATH = "/pkiops/certs/Microsoft%20Sandbox%20Issuing%20CA.crt"
 SLOW_SECONDS = 30.0
 DELIVERY_TIMEOUT = 10.0
 DELIVERY_THREADS = 4  # events are delivered side by side, as Partner Center does
@@ -84,108 +87,160 @@ class Delivery:
 
 
 class _Certificates:
-    """The local CAs and the signing certificates, served over https on loopback."""
+    """The local CAs and the signing certificates, served as Microsoft serves them.
+
+    As with Partner Center, the certificate URL serves the signing certificate alone (DER);
+    its issuing CA ("Microsoft Corporation", itself issued by a root standing in for DigiCert's)
+    is named in the certificate's Authority Information Access, a plain http URL on the
+    sandbox's own issuer host (``issuer_host``), and only the root goes in a trust file.
+    Besides: another organization's CA that receivers also trust (for the wrong-issuer fault)
+    and a rogue "Microsoft Corporation" CA that nobody trusts."""
 
     def __init__(self, host: str) -> None:
         import trustme
 
         self.host = host
-        self.microsoft = trustme.CA(organization_name="Microsoft Corporation")
+        self.root = trustme.CA(organization_name="Sandbox Root Certificate Authority")
+        self.microsoft = trustme.CA(
+            parent_cert=self.root, organization_name="Microsoft Corporation"
+        )
         self.other = trustme.CA(organization_name="Fabrikam Certificate Services")
         self.rogue = trustme.CA(organization_name="Microsoft Corporation")
-        self._leaves: dict[str, trustme.LeafCert] = {}
-        self._keys: dict[str, Any] = {}
+        self._leaves: dict[str, tuple[bytes, Any]] = {}  # name: (DER, private key)
         self._lock = threading.Lock()
-        self.fetched: list[str] = []  # paths asked for, in order
+        self.fetched: list[str] = []  # paths asked for, in order (both servers)
         self.delay: dict[str, float] = {"slow": SLOW_SECONDS}
         self._stopping = threading.Event()
-        self._server: ThreadingHTTPServer | None = None
-        self.port = 0
+        self._servers: list[ThreadingHTTPServer] = []
+        self.port = 0  # the https certificate server
+        self.issuer_port = 0  # the plain http issuer server (AIA)
 
     # -- what a receiver must trust
 
     @property
     def trust_roots_pem(self) -> bytes:
-        """The signing roots to trust (webhooks.trust_roots): Microsoft's and another org's."""
-        return self.microsoft.cert_pem.bytes() + self.other.cert_pem.bytes()
+        """The signing roots to trust (webhooks.trust_roots): the root above Microsoft's
+        issuing CA, and another organization's CA."""
+        return self.root.cert_pem.bytes() + self.other.cert_pem.bytes()
 
     @property
     def tls_roots_pem(self) -> bytes:
-        """The CA of the certificate server's TLS certificate (for SSL_CERT_FILE)."""
-        return self.microsoft.cert_pem.bytes()
+        """The root of the certificate server's TLS certificate (for SSL_CERT_FILE); also the
+        root of the signing chain, as DigiCert's root is for Microsoft's."""
+        return self.root.cert_pem.bytes()
+
+    @property
+    def issuer_host(self) -> str:
+        """host:port of the AIA issuer server (for webhooks.issuer_hosts)."""
+        return f"{self.host}:{self.issuer_port}"
 
     def url(self, name: str, host: str | None = None) -> str:
         return f"https://{host or self.host}:{self.port}/cert/{name}.cer"
 
+    def issuer_url(self, host: str | None = None) -> str:
+        return f"http://{host or self.host}:{self.issuer_port}{ISSUER_PATH}"
+
     # -- signing
 
-    def leaf(self, name: str) -> trustme.LeafCert:
-        import trustme
-
+    def leaf(self, name: str) -> tuple[bytes, Any]:
+        """The signing certificate ``name`` (DER) and its private key, made once."""
         with self._lock:
             found = self._leaves.get(name)
-            if found is None:
-                ca = {"wrong-issuer": self.other, "untrusted": self.rogue}.get(name, self.microsoft)
-                now = datetime.now(UTC)
-                dates: dict[str, Any] = {}
-                if name == "expired":
-                    dates = {
-                        "not_before": now - timedelta(days=400),
-                        "not_after": now - timedelta(days=1),
-                    }
-                found = ca.issue_cert(GOOD, key_type=trustme.KeyType.RSA, **dates)
-                self._leaves[name] = found
-            return found
+        if found is None:
+            found = self._issue(name)
+            with self._lock:
+                found = self._leaves.setdefault(name, found)
+        return found
+
+    def _issue(self, name: str) -> tuple[bytes, Any]:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+        from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
+
+        ca = {"wrong-issuer": self.other, "untrusted": self.rogue}.get(name, self.microsoft)
+        ca_cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
+        ca_key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), None)
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        now = datetime.now(UTC)
+        begins, ends = now - timedelta(days=1), now + timedelta(days=365)
+        if name == "expired":
+            begins, ends = now - timedelta(days=400), now - timedelta(days=1)
+        aia_host = "localhost" if name == "foreign-issuer" else None
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, GOOD)]))
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(begins)
+            .not_valid_after(ends)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(GOOD)]), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),  # type: ignore[arg-type]
+                critical=False,
+            )
+        )
+        if ca is self.microsoft:  # the issuing CA is found through the AIA, as Microsoft's is
+            builder = builder.add_extension(
+                x509.AuthorityInformationAccess(
+                    [
+                        x509.AccessDescription(
+                            AuthorityInformationAccessOID.CA_ISSUERS,
+                            x509.UniformResourceIdentifier(self.issuer_url(aia_host)),
+                        )
+                    ]
+                ),
+                critical=False,
+            )
+        certificate = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+        return certificate.public_bytes(serialization.Encoding.DER), key
 
     def sign(self, body: bytes, name: str) -> str:
         from cryptography.hazmat.primitives import hashes
         from cryptography.hazmat.primitives.asymmetric import padding
 
-        signature = self._key(name).sign(body, padding.PKCS1v15(), hashes.SHA256())
+        signature = self.leaf(name)[1].sign(body, padding.PKCS1v15(), hashes.SHA256())
         return base64.b64encode(signature).decode()
 
-    def _key(self, name: str) -> Any:
-        """The signing key, loaded once (loading checks an RSA key: slow)."""
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric import rsa
-
-        with self._lock:
-            key = self._keys.get(name)
-        if key is None:
-            key = serialization.load_pem_private_key(self.leaf(name).private_key_pem.bytes(), None)
-            assert isinstance(key, rsa.RSAPrivateKey)
-            with self._lock:
-                self._keys[name] = key
-        return key
-
     def der(self, name: str) -> bytes:
+        return self.leaf(name)[0]
+
+    def issuer_der(self) -> bytes:
         from cryptography import x509
         from cryptography.hazmat.primitives.serialization import Encoding
 
-        pem = self.leaf(name).cert_chain_pems[0].bytes()
-        return x509.load_pem_x509_certificate(pem).public_bytes(Encoding.DER)
+        return x509.load_pem_x509_certificate(self.microsoft.cert_pem.bytes()).public_bytes(
+            Encoding.DER
+        )
 
-    # -- the https server
+    # -- the servers: https for certificates, plain http for the issuer (as Microsoft's are)
 
     def start(self) -> None:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self.microsoft.issue_cert(self.host, "localhost").configure_cert(context)
+        self.root.issue_cert(self.host, "localhost").configure_cert(context)
+        self.port = self._serve(context)
+        self.issuer_port = self._serve(None)
+
+    def _serve(self, context: ssl.SSLContext | None) -> int:
         server = ThreadingHTTPServer((self.host, 0), _certificate_handler(self))
         server.daemon_threads = True
         server.block_on_close = False
-        server.socket = context.wrap_socket(server.socket, server_side=True)
-        self._server = server
-        self.port = server.server_address[1]
+        if context is not None:
+            server.socket = context.wrap_socket(server.socket, server_side=True)
+        self._servers.append(server)
         threading.Thread(
             target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         ).start()
+        return int(server.server_address[1])
 
     def stop(self) -> None:
         self._stopping.set()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        for server in self._servers:
+            server.shutdown()
+            server.server_close()
+        self._servers = []
 
 
 def _certificate_handler(certificates: _Certificates) -> type[BaseHTTPRequestHandler]:
@@ -198,6 +253,9 @@ def _certificate_handler(certificates: _Certificates) -> type[BaseHTTPRequestHan
         def do_GET(self) -> None:
             with certificates._lock:
                 certificates.fetched.append(self.path)
+            if self.path == ISSUER_PATH:
+                self._send(200, certificates.issuer_der(), "application/pkix-cert")
+                return
             name = self.path.removeprefix("/cert/").removesuffix(".cer")
             if not self.path.startswith("/cert/") or "/" in name or not name:
                 self._send(404, b"not found")
@@ -300,6 +358,10 @@ class SandboxWebhooks:
     def certificate_host(self) -> str:
         return self.certificates.host
 
+    @property
+    def issuer_host(self) -> str:
+        return self.certificates.issuer_host
+
     # -- called by the Sandbox
 
     def changed(self, event: str, lead_ids: list[str]) -> None:
@@ -355,8 +417,12 @@ class SandboxWebhooks:
             "X-MS-Certificate-Url": self.certificates.url(name, host),
             "X-MS-Signature-Algorithm": "rsa-sha256",
         }
+        if fault == "no_algorithm":
+            del headers["X-MS-Signature-Algorithm"]
         if registration.get("SignatureTokenToMsSignatureHeader"):
-            headers["x-ms-signature"] = signature
+            # Microsoft's sample reads this header as "Signature <base64>" (it splits on the
+            # space); receivers also take it bare.
+            headers["x-ms-signature"] = f"Signature {signature}"
         else:
             headers["Authorization"] = f"Signature {signature}"
         for _ in range(2 if fault == "replay" else 1):

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import structlog
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
@@ -50,6 +52,10 @@ KNOWN_EVENTS = frozenset(
         TEST_EVENT,
     }
 )
+# Events verified side by side, on threads of their own: a certificate download (up to
+# webhook_certificates.CERTIFICATE_TIMEOUT) never holds a thread of the pool that serves the
+# rest of the web app, /healthz included (issue 25.5).
+VERIFYING = 4
 # Seconds an event waits for the state file's write lock before it is answered anyway and left
 # to the worker to store: Partner Center should never wait for a poll.
 LOCK_WAIT = 0.25
@@ -83,6 +89,7 @@ class Receiver:
         self._local = threading.local()
         self._parked: list[tuple[Event, datetime]] = []  # answered, not stored yet
         self._parked_lock = threading.Lock()
+        self._verifying: anyio.CapacityLimiter | None = None  # made in the event loop
 
     def _store(self) -> Store:
         """This worker thread's own state file connection, kept open: opening and closing
@@ -135,7 +142,11 @@ class Receiver:
             return _answer(413, "body too large")
         headers = lower_headers(request.headers)
         try:
-            await run_in_threadpool(self.verifier.verify, headers, body)
+            if self._verifying is None:
+                self._verifying = anyio.CapacityLimiter(VERIFYING)
+            await anyio.to_thread.run_sync(
+                self.verifier.verify, headers, body, limiter=self._verifying
+            )
         except Rejected as exc:
             # The reason names headers, hosts and certificates, never the body's content.
             log.warning("webhook.rejected", status=401, result=exc.result, reason=exc.reason)

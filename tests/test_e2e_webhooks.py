@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from referral_watch.sandbox import ITEM_PREFIX, make_referral
+from referral_watch.sandbox_webhooks import GOOD, ISSUER_PATH
 
 from conftest import World, free_port, wait_until
 
@@ -35,7 +36,15 @@ def get(url: str) -> tuple[int, bytes]:
 class Hooked:
     """A World whose daemon listens for webhooks, and whose sandbox is registered to send them."""
 
-    def __init__(self, world: World, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(
+        self,
+        world: World,
+        tmp: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        *,
+        system_trust: bool = False,
+        ms_header: bool = False,
+    ) -> None:
         self.world = world
         self.port = free_port()
         side = world.sandbox.webhooks
@@ -44,6 +53,9 @@ class Hooked:
         roots = tmp / "signing-roots.pem"
         roots.write_bytes(side.trust_roots_pem)
         monkeypatch.setenv("SSL_CERT_FILE", str(tls))  # the daemon downloads over that TLS
+        # system_trust: no trust_roots, so the system store decides, and SSL_CERT_FILE holds
+        # only the root: the issuing CA must come from the certificate's AIA URL.
+        trust = "" if system_trust else f'trust_roots = "{roots}"'
         world.extra = f"""
 [schedule]
 interval = "1h"
@@ -56,9 +68,10 @@ public_url = "http://127.0.0.1:{self.port}"
 [webhooks]
 path = "{PATH}"
 certificate_hosts = ["{side.certificate_host}"]
-trust_roots = "{roots}"
+issuer_hosts = ["{side.issuer_host}"]
+{trust}
 """
-        side.register(f"http://127.0.0.1:{self.port}{PATH}")
+        side.register(f"http://127.0.0.1:{self.port}{PATH}", ms_header=ms_header)
 
     @property
     def base(self) -> str:
@@ -95,6 +108,43 @@ trust_roots = "{roots}"
 @pytest.fixture
 def hooked(world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Hooked:
     return Hooked(world, tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("ms_header", [False, True], ids=["authorization", "x-ms-signature"])
+def test_a_leaf_whose_issuer_is_only_in_its_aia_verifies_with_the_system_store(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ms_header: bool
+) -> None:
+    """As Partner Center serves it: the leaf alone, its issuing CA only at its AIA URL, the
+    system store (SSL_CERT_FILE) holding only the root. Either signature header form."""
+    hooked = Hooked(world, tmp_path, monkeypatch, system_trust=True, ms_header=ms_header)
+    side = world.sandbox.webhooks
+    with world.daemon() as daemon:
+        hooked.started()
+        first = hooked.new_lead("Chained Through AIA")
+        world.team.wait_for(1, timeout=30)  # generous: seconds, not the hourly poll
+        assert "Chained Through AIA" in titles(world)[0]
+        assert hooked.statuses(first) == [200]
+
+        side.fault("foreign_issuer")  # its issuer only at an AIA URL on localhost: not listed
+        foreign = hooked.new_lead("Foreign Issuer Host")
+        side.fault("no_algorithm")
+        unnamed = hooked.new_lead("No Algorithm Header")
+        second = hooked.new_lead("Second Through AIA")
+        world.team.wait_for(2, timeout=30)
+        assert side.wait_idle()
+        assert hooked.statuses(foreign) == [401]
+        assert hooked.statuses(unnamed) == [401]
+        assert hooked.statuses(second) == [200]
+        assert hooked.lookups(foreign) == hooked.lookups(unnamed) == 0
+        wait_until(lambda: len(daemon.events("webhook.rejected")) == 2, what="two log lines")
+    reasons = " ".join(line["reason"] for line in daemon.events("webhook.rejected"))
+    assert "not in webhooks.issuer_hosts" in reasons
+    assert "no X-MS-Signature-Algorithm header" in reasons
+    fetched = side.certificates.fetched
+    # the issuer was fetched once, from the listed host; localhost's URL was never asked for
+    # (both names reach the same server, which records every request)
+    assert fetched.count(ISSUER_PATH) == 1
+    assert fetched.count(f"/cert/{GOOD}.cer") == 1
 
 
 def titles(world: World) -> list[str]:

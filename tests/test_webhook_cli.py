@@ -43,6 +43,7 @@ public_url = "http://127.0.0.1:{port}"
 
 [webhooks]
 certificate_hosts = ["{side.certificate_host}"]
+issuer_hosts = ["{side.issuer_host}"]
 trust_roots = "{roots}"
 registration_url = "{base}{REGISTRATION_PATH}"
 registration_token_env = "RW_REGISTRATION_TOKEN"

@@ -185,7 +185,7 @@ def test_a_signed_event_through_the_web_app_alerts_and_shows_in_healthz(
     roots = tmp_path / "roots.pem"
     roots.write_bytes(side.trust_roots_pem)
     monkeypatch.setenv("SSL_CERT_FILE", str(tls))
-    daemon = daemon_for(world, f'trust_roots = "{roots}"\n')
+    daemon = daemon_for(world, f'trust_roots = "{roots}"\nissuer_hosts = ["{side.issuer_host}"]\n')
     daemon._start_webhooks()
     try:
         lead = make_referral(customer="Via The App", created=datetime.now(UTC))
@@ -194,6 +194,7 @@ def test_a_signed_event_through_the_web_app_alerts_and_shows_in_healthz(
         headers = {
             "Authorization": f"Signature {side.certificates.sign(body, GOOD)}",
             "X-MS-Certificate-Url": side.certificates.url(GOOD),
+            "X-MS-Signature-Algorithm": "rsa-sha256",
         }
         client = TestClient(build_app(daemon, routes=daemon.web_routes()))
         assert (

@@ -13,12 +13,13 @@ from typing import Any
 import pytest
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
+from structlog.testing import capture_logs
 
-from referral_watch import webhooks
+from referral_watch import webhook_certificates, webhooks
 from referral_watch.config import WebhooksConfig, parse_config
 from referral_watch.errors import ConfigError
 from referral_watch.sandbox import Sandbox
-from referral_watch.sandbox_webhooks import GOOD, _event_body
+from referral_watch.sandbox_webhooks import GOOD, ISSUER_PATH, _event_body
 from referral_watch.store import Store
 from referral_watch.webhook_receiver import Receiver
 from referral_watch.webhooks import Rejected, Verifier, parse_event, referral_id
@@ -54,7 +55,11 @@ def signing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Signing
         roots = tmp_path / "signing-roots.pem"
         roots.write_bytes(side.trust_roots_pem)
         monkeypatch.setenv("SSL_CERT_FILE", str(tls))  # the download's TLS trusts the sandbox
-        config = WebhooksConfig(certificate_hosts=[side.certificate_host], trust_roots=roots)
+        config = WebhooksConfig(
+            certificate_hosts=[side.certificate_host],
+            issuer_hosts=[side.issuer_host],
+            trust_roots=roots,
+        )
         yield Signing(sandbox, roots, Verifier(config))
 
 
@@ -151,9 +156,12 @@ def test_certificates_microsoft_did_not_issue_are_rejected(
 def test_without_trust_roots_the_system_store_decides(
     signing: Signing, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """trust_roots unset: the system's store (here SSL_CERT_FILE, the sandbox's TLS CA, which
-    is also its Microsoft signing CA) is the anchor; the rogue CA is not in it."""
-    config = WebhooksConfig(certificate_hosts=[signing.sandbox.webhooks.certificate_host])
+    """trust_roots unset: the system's store (here SSL_CERT_FILE, the sandbox's root, which
+    holds only the root above Microsoft's issuing CA) is the anchor; the rogue CA is not in it."""
+    side = signing.sandbox.webhooks
+    config = WebhooksConfig(
+        certificate_hosts=[side.certificate_host], issuer_hosts=[side.issuer_host]
+    )
     verifier = Verifier(config)
     body = event()
     verifier.verify(signing.headers(body), body)
@@ -189,13 +197,14 @@ def test_each_certificate_url_is_downloaded_once_even_by_a_burst(signing: Signin
     for thread in threads:
         thread.join()
     assert errors == []
-    assert signing.fetched == [f"/cert/{GOOD}.cer"]
+    # the certificate, then its issuing CA from its AIA URL: each once
+    assert signing.fetched == [f"/cert/{GOOD}.cer", ISSUER_PATH]
 
 
 def test_a_slow_certificate_host_times_out(
     signing: Signing, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(webhooks, "CERTIFICATE_TIMEOUT", 0.5)
+    monkeypatch.setattr(webhook_certificates, "CERTIFICATE_TIMEOUT", 0.5)
     body = event()
     problem = rejected(signing, signing.headers(body, "slow"), body)
     assert problem.result == webhooks.UNTRUSTED_CERTIFICATE
@@ -256,6 +265,7 @@ team = "json://127.0.0.1:9/hook"
 listen = "127.0.0.1:0"
 [webhooks]
 certificate_hosts = ["{host}"]
+issuer_hosts = ["{issuer}"]
 trust_roots = "{roots}"
 """
 
@@ -275,6 +285,7 @@ def endpoint(signing: Signing, tmp_path: Path) -> Iterator[Endpoint]:
     text = CONFIG.format(
         state=tmp_path / "state.db",
         host=signing.sandbox.webhooks.certificate_host,
+        issuer=signing.sandbox.webhooks.issuer_host,
         roots=signing.roots,
     )
     config = parse_config(text)
@@ -378,7 +389,7 @@ def test_only_post_is_accepted(endpoint: Endpoint) -> None:
 
 
 def test_webhooks_config_problems_name_their_keys(tmp_path: Path) -> None:
-    text = CONFIG.format(state=tmp_path / "s.db", host="https://x/", roots="")
+    text = CONFIG.format(state=tmp_path / "s.db", host="https://x/", issuer="h", roots="")
     text = text.replace(
         "[webhooks]\n", '[webhooks]\npath = "no-slash"\nregistration_url = "ftp://x"\n'
     )
@@ -391,7 +402,7 @@ def test_webhooks_config_problems_name_their_keys(tmp_path: Path) -> None:
 
 
 def test_webhooks_need_a_server(tmp_path: Path) -> None:
-    text = CONFIG.format(state=tmp_path / "s.db", host="h", roots="").replace(
+    text = CONFIG.format(state=tmp_path / "s.db", host="h", issuer="h", roots="").replace(
         '[server]\nlisten = "127.0.0.1:0"\n', ""
     )
     with pytest.raises(ConfigError, match=r"\[webhooks\] needs \[server\]"):
@@ -399,7 +410,7 @@ def test_webhooks_need_a_server(tmp_path: Path) -> None:
 
 
 def test_trust_roots_are_relative_to_the_config_file(tmp_path: Path) -> None:
-    text = CONFIG.format(state=tmp_path / "s.db", host="h", roots="roots.pem")
+    text = CONFIG.format(state=tmp_path / "s.db", host="h", issuer="h", roots="roots.pem")
     config = parse_config(text, source=tmp_path / "referral-watch.toml")
     assert config.webhooks is not None
     assert config.webhooks.trust_roots == tmp_path / "roots.pem"
@@ -410,7 +421,7 @@ def test_failed_downloads_are_remembered_only_up_to_a_bound(
 ) -> None:
     """A forger naming endless paths on an allowed host cannot grow the memory of failures:
     beyond the bound the oldest is forgotten (and would be tried again)."""
-    monkeypatch.setattr(webhooks, "FAILURES_KEPT", 1)
+    monkeypatch.setattr(webhook_certificates, "FAILURES_KEPT", 1)
     body = event()
 
     def on_path(path: str) -> dict[str, str]:
@@ -421,3 +432,85 @@ def test_failed_downloads_are_remembered_only_up_to_a_bound(
     for path in ("/a/", "/b/", "/a/"):
         assert "answered 404" in rejected(signing, on_path(path), body).reason
     assert [p.split("/")[1] for p in signing.fetched] == ["a", "b", "a"]
+
+
+# --- signature headers, the chain through AIA, bounded downloads (issues 24, 25.5) ----------
+
+
+@pytest.mark.parametrize(
+    "form",
+    ["authorization", "x-ms-signature with scheme", "x-ms-signature bare"],
+)
+def test_each_signature_header_form_verifies(signing: Signing, form: str) -> None:
+    body = event()
+    headers = signing.headers(body)
+    value = headers.pop("authorization").removeprefix("Signature ")
+    if form == "authorization":
+        headers["authorization"] = f"Signature {value}"
+    elif form == "x-ms-signature with scheme":
+        headers["x-ms-signature"] = f"Signature {value}"
+    else:
+        headers["x-ms-signature"] = value
+    signing.verifier.verify(headers, body)
+
+
+def test_an_event_without_the_algorithm_header_is_refused(endpoint: Endpoint) -> None:
+    body = event()
+    headers = endpoint.signing.headers(body)
+    del headers["x-ms-signature-algorithm"]
+    assert post(endpoint, body, headers).status_code == 401
+    assert endpoint.counted == [("unverified", webhooks.BAD_SIGNATURE)]
+    assert endpoint.signing.fetched == []  # refused before anything was fetched
+
+
+def test_an_issuer_host_off_the_list_is_never_contacted(signing: Signing) -> None:
+    side = signing.sandbox.webhooks
+    verifier = Verifier(
+        WebhooksConfig(
+            certificate_hosts=[side.certificate_host],
+            issuer_hosts=["www.microsoft.com"],  # the defaults: not the sandbox's issuer host
+            trust_roots=signing.roots,
+        )
+    )
+    body = event()
+    with pytest.raises(Rejected) as caught:
+        verifier.verify(signing.headers(body), body)
+    assert "not in webhooks.issuer_hosts" in caught.value.reason
+    assert signing.fetched == [f"/cert/{GOOD}.cer"]  # the issuer's URL was never asked for
+
+
+def test_issuing_cas_from_the_intermediates_file_need_no_fetch(
+    signing: Signing, tmp_path: Path
+) -> None:
+    side = signing.sandbox.webhooks
+    intermediates = tmp_path / "intermediates.pem"
+    intermediates.write_bytes(side.certificates.microsoft.cert_pem.bytes())
+    verifier = Verifier(
+        WebhooksConfig(
+            certificate_hosts=[side.certificate_host],
+            issuer_hosts=[],
+            intermediates=intermediates,
+            trust_roots=signing.roots,
+        )
+    )
+    body = event()
+    verifier.verify(signing.headers(body), body)
+    assert signing.fetched == [f"/cert/{GOOD}.cer"]
+
+
+def test_300_new_certificate_urls_cause_a_bounded_number_of_downloads(
+    endpoint: Endpoint,
+) -> None:
+    """Forged events each naming a new certificate URL on an allowed host: a few are fetched,
+    the rest refused (401) without fetching, and the refusal is logged once."""
+    body = event()
+    with capture_logs() as logs:
+        for n in range(300):
+            headers = endpoint.signing.headers(body)
+            url = headers["x-ms-certificate-url"].replace(GOOD, f"forged-{n}")
+            headers["x-ms-certificate-url"] = url
+            assert post(endpoint, body, headers).status_code == 401
+    downloads = [path for path in endpoint.signing.fetched if path.startswith("/cert/")]
+    assert 0 < len(downloads) <= webhook_certificates.NEW_URLS_PER_MINUTE
+    assert [line["event"] for line in logs].count("webhook.fetch_limited") == 1
+    assert endpoint.receiver.verifier.budget.refused == 300 - len(downloads)
