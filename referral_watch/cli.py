@@ -852,7 +852,9 @@ def demo(extra_channel: str | None, with_console: bool, port: int, fast: bool) -
 def sandbox(port: int, leads: int) -> None:
     """Run the built-in fake Partner Center on 127.0.0.1, to try a config by hand."""
     import signal
+    import tempfile
     import threading
+    from pathlib import Path
 
     from referral_watch.config import PartnerCenterConfig
     from referral_watch.sandbox import Sandbox, holdings, sample_leads
@@ -866,6 +868,11 @@ def sandbox(port: int, leads: int) -> None:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
+    # Its webhook events are signed as Microsoft signs them: the leaf alone, its issuing CA at
+    # an AIA URL on the sandbox's issuer host, the root in this trust file.
+    side = fake.webhooks
+    trust = Path(tempfile.mkdtemp(prefix="referral-watch-sandbox-")) / "sandbox-roots.pem"
+    trust.write_bytes(side.trust_roots_pem)
     click.echo(
         f"Partner Center sandbox at {fake.base_url} with "
         f"{holdings(fake, PartnerCenterConfig().filter)}.\n"
@@ -873,6 +880,11 @@ def sandbox(port: int, leads: int) -> None:
         f'  [partner_center] base_url = "{fake.base_url}"\n'
         '  [auth] method = "env" (token_env = "PARTNER_CENTER_TOKEN")\n'
         f"and export PARTNER_CENTER_TOKEN={token}; then `referral-watch run --once`.\n"
+        "For its signed webhook events, also set\n"
+        f'  [webhooks] certificate_hosts = ["{side.certificate_host}"]\n'
+        f'             issuer_hosts = ["{side.issuer_host}"]\n'
+        f'             trust_roots = "{trust}"\n'
+        f"and export SSL_CERT_FILE={trust} (its certificate server's TLS has the same root).\n"
         "Ctrl-C stops it."
     )
     sys.stdout.flush()

@@ -31,6 +31,7 @@ def test_the_sandbox_command_serves_leads_a_config_can_poll(world: World, tmp_pa
         assert "and 3 it skips (outgoing or already answered)" in first
         base_url = found.group(1)
         assert "Its bearer token is sandbox-token" in sandbox.stdout.readline()
+        told = "".join(iter(sandbox.stdout.readline, "Ctrl-C stops it.\n"))
 
         # a config tried by hand against it, as the README describes
         config = tmp_path / "try.toml"
@@ -72,6 +73,12 @@ def test_the_sandbox_command_serves_leads_a_config_can_poll(world: World, tmp_pa
     assert sandbox.returncode == 0, err
     assert "Sandbox stopped." in out
     assert "Traceback" not in err
+    # its signed webhook events: the trust file to point trust_roots at holds only roots (the
+    # issuing CA comes from the AIA URL on the issuer host it names)
+    trust = re.search(r'trust_roots = "([^"]+)"', told)
+    assert trust, told
+    assert Path(trust.group(1)).read_bytes().count(b"BEGIN CERTIFICATE") == 2
+    assert re.search(r'issuer_hosts = \["127\.0\.0\.1:\d+"\]', told), told
 
 
 def test_the_sandbox_command_names_a_port_in_use() -> None:

@@ -206,6 +206,17 @@ def test_check_config_names_unreadable_trust_roots(world: World, port: int, tmp_
     assert f"webhooks.trust_roots: cannot read the trust roots {missing}" in outcome.err
 
 
+def test_check_config_names_unreadable_intermediates(
+    world: World, port: int, tmp_path: Path
+) -> None:
+    world.extra += 'intermediates = "not-pem.txt"\n'
+    (world.config_path.parent / "not-pem.txt").write_text("hello\n")
+    outcome = world.cli("check-config")
+    assert outcome.code == 2
+    assert "webhooks.intermediates: cannot read the intermediates" in outcome.err
+    assert "no PEM certificates in it" in outcome.err
+
+
 def test_with_msal_the_registration_token_is_asked_for_its_own_audience(
     world: World, port: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:

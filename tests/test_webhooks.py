@@ -389,9 +389,13 @@ def test_only_post_is_accepted(endpoint: Endpoint) -> None:
 
 
 def test_webhooks_config_problems_name_their_keys(tmp_path: Path) -> None:
-    text = CONFIG.format(state=tmp_path / "s.db", host="https://x/", issuer="h", roots="")
+    text = CONFIG.format(
+        state=tmp_path / "s.db", host="https://x/", issuer="http://www.microsoft.com", roots=""
+    )
     text = text.replace(
-        "[webhooks]\n", '[webhooks]\npath = "no-slash"\nregistration_url = "ftp://x"\n'
+        "[webhooks]\n",
+        '[webhooks]\npath = "no-slash"\nregistration_url = "ftp://x"\n'
+        'forward_to = ["crm.example.com/hook"]\n',
     )
     with pytest.raises(ConfigError) as caught:
         parse_config(text)
@@ -399,6 +403,8 @@ def test_webhooks_config_problems_name_their_keys(tmp_path: Path) -> None:
     assert "webhooks.path" in problems
     assert "webhooks.certificate_hosts" in problems
     assert "webhooks.registration_url" in problems
+    assert "webhooks.issuer_hosts" in problems
+    assert "webhooks.forward_to" in problems
 
 
 def test_webhooks_need_a_server(tmp_path: Path) -> None:
