@@ -252,6 +252,7 @@ def test_uploads_never_take_the_room_kept_for_the_probes(
         sock.settimeout(20)
         assert closed_without_an_answer(sock)  # the oldest three made way
     assert answer_of(f"http://127.0.0.1:{port}/healthz") == 503  # answered (no poll yet)
+    assert answer_of(f"http://127.0.0.1:{port}/livez") == 200  # the liveness probe too
     readable, _, _ = select.select(stuck[3:], [], [], 0.2)
     assert readable == []  # the five newest still wait for their deadline
     for sock in stuck:

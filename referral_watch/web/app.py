@@ -113,10 +113,11 @@ def _operations_routes(host: Host) -> list[BaseRoute]:
         ok, body = host.health()
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    def livez(_: Request) -> Response:
+    async def livez(_: Request) -> Response:
         """Liveness: is the process stuck? Not whether it can poll (that is /healthz): a
         restart cannot renew an expired sign-in, but it does end a cycle that no longer
-        moves. The same rule as the systemd watchdog's ping."""
+        moves. The same rule as the systemd watchdog's ping. On the event loop, as /healthz:
+        a probe must not queue behind slow work in the thread pool."""
         stuck = host.progress.stuck_for()
         if stuck is None:
             return JSONResponse({"status": "alive"})

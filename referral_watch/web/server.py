@@ -12,7 +12,7 @@ adds what it lacks:
   a trickle is cut within seconds, a stall at the deadline;
 - a cap of ``MAX_CONNECTIONS``: a new connection beyond it pushes out the one that has waited
   longest, idle or stuck mid-request, never one being served;
-- room for the probes: requests other than /healthz and /metrics may hold at most
+- room for the probes: requests other than /healthz, /livez and /metrics may hold at most
   ``MAX_CONNECTIONS - PROBE_ROOM`` connections in flight, so no flood of uploads (or slow pages)
   can take the last slots from Kubernetes' probes and Prometheus.
 """
@@ -44,7 +44,7 @@ REQUEST_TIMEOUT = 10.0  # seconds for a whole request, head and body, to arrive
 MIN_RATE = 256  # bytes a second a request must keep up once it has begun to arrive ...
 RATE_WINDOW = 2.0  # ... measured over windows of this many seconds
 PROBE_ROOM = 10  # connections only /healthz and /metrics may use
-PROBE_PATHS = frozenset({"/healthz", "/metrics"})
+PROBE_PATHS = frozenset({"/healthz", "/livez", "/metrics"})
 KEEP_ALIVE = 5  # seconds an idle keep-alive connection stays open between requests
 STARTUP_TIMEOUT = 10.0
 # Behind a reverse proxy on the same host, X-Forwarded-For/-Proto are believed; from anyone
