@@ -169,6 +169,13 @@ def story(start: datetime) -> Story:
                 lambda sb: None,
             ),
             Event(
+                timedelta(hours=22),
+                "a new lead, Wingtip Toys (its last 12 hours fall at the story's end)",
+                lambda sb: sb.add(
+                    lead("Wingtip Toys", -timedelta(hours=22), deal_value=12000, country="BE")
+                ),
+            ),
+            Event(
                 timedelta(days=1, hours=3),
                 "Ann de Vries clicks Accept in the alert for Adatum Corporation "
                 "(referral-watch PATCHes the referral with If-Match)",
@@ -191,6 +198,13 @@ def story(start: datetime) -> Story:
                 timedelta(days=5, hours=18),
                 "Northwind Traders is accepted just in time",
                 lambda sb: sb.update(northwind["id"], status="Active", substatus="Accepted"),
+            ),
+            Event(
+                timedelta(days=13),
+                "a new lead, Proseware Inc",
+                lambda sb: sb.add(
+                    lead("Proseware Inc", -timedelta(days=13), deal_value=18000, country="DE")
+                ),
             ),
         ],
     )

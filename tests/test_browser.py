@@ -160,15 +160,121 @@ def test_rows_are_in_deadline_order_and_the_countdown_ticks(
     page.wait_for_timeout(1100)
     assert first.inner_text() != before
     assert page.locator("text=<script>alert(1)</script> Ltd").count() == 1  # shown as text
-    shots = DOCS if os.environ.get(SCREENSHOTS) == "docs" else world.tmp
-    page.screenshot(path=str(shots / "console.png"))
     phone = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True)
     phone.goto(base + "/")
     assert phone.evaluate("document.documentElement.scrollWidth") <= 390  # no sideways scroll
-    phone.screenshot(path=str(shots / "console-phone.png"))
-    assert (shots / "console.png").stat().st_size > 10_000
     page.close()
     phone.close()
+
+
+# --- the demo's console, as `referral-watch demo --console` leaves it --------------------------
+
+TIERS = ("new", "reminder", "urgent", "final")
+
+
+@pytest.fixture(scope="module")
+def demo_console() -> Iterator[str]:
+    """`demo --fast --console` on a free port, at the story's end; its base URL."""
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "referral_watch",
+            "demo",
+            "--fast",
+            "--console",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        next(line for line in process.stdout if line.startswith("The console: "))
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+
+
+def tier_badges(page: Any) -> dict[str, dict[str, Any]]:
+    """Per tier shown in the waiting list: the badge's colours and the meter's filled steps."""
+    found: list[dict[str, Any]] = page.locator("#waiting td.tier-cell .tier").evaluate_all(
+        """els => els.map(e => { const s = getComputedStyle(e);
+             return {tier: e.innerText.trim(), background: s.backgroundColor, text: s.color,
+                     border: s.borderLeftColor, steps: e.querySelectorAll('.meter i.on').length};
+           })"""
+    )
+    return {badge.pop("tier"): badge for badge in found}
+
+
+def test_the_demo_console_shows_each_tier_apart_and_is_pictured_in_the_docs(
+    demo_console: str, browser: Any, tmp_path: Path
+) -> None:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(demo_console + "/healthz", timeout=10) as health:
+        assert json.loads(health.read())["status"] == "ok"
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(demo_console + "/")
+    assert page.locator("#health.ok").count() == 1  # no false alarm at the story's end
+    badges = tier_badges(page)
+    assert set(badges) == set(TIERS), badges
+    # each tier its own colours (reminder and urgent were alike), and a cue that needs no
+    # colour vision: the meter fills one step more per tier
+    looks = {(b["background"], b["text"], b["border"]) for b in badges.values()}
+    assert len(looks) == len(TIERS), badges
+    assert [badges[tier]["steps"] for tier in TIERS] == [1, 2, 3, 4]
+    shots = DOCS if os.environ.get(SCREENSHOTS) == "docs" else tmp_path
+    page.screenshot(path=str(shots / "console.png"))
+    assert (shots / "console.png").stat().st_size > 10_000
+
+    # the lead page: each message named for what it was, tries counted, Accept/Decline on top
+    page.get_by_role("link", name="Wingtip Toys").click()
+    messages = page.locator("#messages tbody tr")
+    labels = messages.locator("td.message").all_inner_texts()
+    team = [
+        row.locator("td.message").inner_text()
+        for row in messages.all()
+        if row.locator("td").first.inner_text() == "team"
+    ]
+    assert team == [f"{tier} alert" for tier in TIERS], labels
+    sent = [row for row in messages.all() if "sent" in row.inner_text()]
+    assert sent and all(row.locator("td.num").inner_text() == "1" for row in sent)
+    assert page.locator("dl.facts").inner_text().count("Last seen") == 1
+    page.close()
+
+    phone = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True)
+    phone.goto(demo_console + "/")
+    assert phone.evaluate("document.documentElement.scrollWidth") <= 390  # no sideways scroll
+    card = phone.locator("#waiting tbody tr").first
+    title, left = card.locator("td.customer"), card.locator("td.left")
+    assert title.bounding_box()["y"] < left.bounding_box()["y"]  # the customer heads the card
+    assert float(title.evaluate("e => parseFloat(getComputedStyle(e).fontSize)")) > 14
+    phone.screenshot(path=str(shots / "console-phone.png"))
+    phone.get_by_role("link", name="Wingtip Toys").click()
+    facts = phone.locator("dl.facts").bounding_box()
+    for button in ("#answer-accept", "#answer-decline"):
+        box = phone.locator(button).bounding_box()
+        assert box["y"] + box["height"] <= min(facts["y"], 844), button  # above the facts
+        assert box["height"] >= 44 and box["width"] >= 120, button  # a thumb's size
+    phone.close()
+
+
+def test_the_console_has_an_icon(demo_console: str) -> None:
+    import urllib.request
+
+    with urllib.request.urlopen(demo_console + "/favicon.ico", timeout=10) as icon:
+        assert icon.headers["Content-Type"] == "image/x-icon"
+        assert icon.read(4) == b"\x00\x00\x01\x00"  # an ICO file
 
 
 def test_search_box_filters_rows_without_a_reload(

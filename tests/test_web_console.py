@@ -147,6 +147,35 @@ def test_the_lead_page_lists_each_message_per_channel(world: World) -> None:
     assert "skipped (a more urgent tier was due)" in page.text  # "new" and "reminder"
 
 
+def test_the_lead_page_names_each_message_after_its_tier_and_counts_its_tries(
+    world: World,
+) -> None:
+    ids = polled(world, **{"Tiers Inc": timedelta(days=13)})  # urgent due: new, reminder skipped
+    page = console(world).get(f"/leads/{ids['Tiers Inc']}")
+    rows = re.findall(r"<tr>\s*(.*?)</tr>", page.text.split('id="messages"', 1)[1], re.S)
+    cells = [re.findall(r"<td[^>]*>(.*?)</td>", row) for row in rows]
+    team = {row[1]: (row[2], row[-1]) for row in cells if row and row[0] == "team"}
+    assert team == {
+        "new alert": ("skipped (a more urgent tier was due)", "–"),
+        "reminder alert": ("skipped (a more urgent tier was due)", "–"),
+        "urgent alert": ("sent", "1"),  # one try, the one that worked: not "0"
+    }
+
+
+def test_last_seen_of_a_watched_lead_is_the_last_poll_even_when_it_did_not_change(
+    world: World,
+) -> None:
+    from referral_watch.store import PollRecord
+
+    ids = polled(world, **{"Steady BV": timedelta(days=3)})
+    later = datetime(2031, 5, 6, 7, 8, tzinfo=UTC)  # a poll that found it unchanged
+    with Store(world.state_path) as store:
+        store.record_poll(PollRecord(started=later, finished=later, ok=True, fetched=1))
+    page = console(world).get(f"/leads/{ids['Steady BV']}")
+    seen = re.search(r"<dt>Last seen</dt><dd>([^<]*)</dd>", page.text)
+    assert seen is not None and seen.group(1) == "5/6/31, 7:08 AM", seen
+
+
 def test_dutch_locale_and_time_zone(world: World) -> None:
     world.add_lead(age=timedelta(days=1), customer="Gouda BV", deal_value=25000)
     polled(world)

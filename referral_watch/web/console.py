@@ -28,7 +28,11 @@ PAGE_SIZE = 200
 RECENT = timedelta(days=7)  # "recently answered and expired"
 RECENT_LIMIT = 50
 LONGEST_SILENCE = timedelta(days=365)
-STATIC = {"console.css": "text/css; charset=utf-8", "console.js": "text/javascript; charset=utf-8"}
+STATIC = {
+    "console.css": "text/css; charset=utf-8",
+    "console.js": "text/javascript; charset=utf-8",
+    "favicon.ico": "image/x-icon",
+}
 
 
 @lru_cache(maxsize=1)
@@ -50,6 +54,7 @@ def routes() -> list[BaseRoute]:
         Route("/leads/{lead_id}/unsilence", unsilence, methods=["POST"]),
         Route("/api/leads", api_leads, methods=["GET", "HEAD"]),
         Route("/static/{name}", static, methods=["GET", "HEAD"]),
+        Route("/favicon.ico", favicon, methods=["GET", "HEAD"]),
     ]
 
 
@@ -172,11 +177,12 @@ def lead_page(request: Request) -> Response:
             raise HTTPException(404)
         messages = store.messages_for(lead_id)
         audit = store.audit(lead_id)
+        last_poll = store.last_success()
     answering = config.console is not None and config.console.answer and config.server is not None
     return page(
         request,
         "lead.html",
-        lead=views.detail(lead, config, now, _),
+        lead=views.detail(lead, config, now, _, last_poll),
         messages=views.message_lines(messages, config, _),
         error=request.query_params.get("error", "") == "duration",
         answers=views.audit_lines(audit, config, _),
@@ -248,11 +254,19 @@ def api_leads(request: Request) -> Response:
     return JSONResponse([status_view.as_json(lead, now) for lead in leads])
 
 
+def favicon(request: Request) -> Response:
+    """Where browsers and bookmarks look for the icon without reading the page first."""
+    return _packaged("favicon.ico")
+
+
 def static(request: Request) -> Response:
     """Only the files named in STATIC, from inside the package: nothing else is reachable."""
+    return _packaged(request.path_params["name"])
+
+
+def _packaged(name: str) -> Response:
     from importlib import resources
 
-    name = request.path_params["name"]
     if name not in STATIC:
         raise HTTPException(404)
     data = (resources.files("referral_watch.web") / "static" / name).read_bytes()

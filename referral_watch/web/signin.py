@@ -8,8 +8,8 @@ the CSRF token. The pending flow (its PKCE verifier) and the person's MSAL token
 delegated Partner Center token for answering leads (SPEC 14), stay in this process's memory.
 ``sign_in = "none"`` (only on a loopback address) lets everyone on this machine in.
 
-Open without a sign-in: /healthz, /livez, /metrics, /static/*, /auth/*, the webhook path and any
-path passed as ``open_paths`` to ``build_app``.
+Open without a sign-in: /healthz, /livez, /metrics, /favicon.ico, /static/*, /auth/*, the webhook
+path and any path passed as ``open_paths`` to ``build_app``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ PUBLIC_CLOUD_HOST = "login.microsoftonline.com"
 PARTNER_CENTER_SCOPE = "https://api.partner.microsoft.com/user_impersonation"
 SESSION_LIFETIME = 12 * 3600  # seconds; then the person signs in again
 FLOW_LIFETIME = 15 * 60  # a sign-in not finished within this is forgotten
-OPEN_PATHS = ("/healthz", "/livez", "/metrics")
+OPEN_PATHS = ("/healthz", "/livez", "/metrics", "/favicon.ico")  # the icon: a static file
 OPEN_PREFIXES = ("/static/", "/auth/")
 
 

@@ -37,18 +37,31 @@ def iso(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def severity(lead: Lead, config: Config, now: datetime) -> tuple[str, str]:
-    """(CSS class, tier name) of a lead's current tier: the colour follows the tier's rank,
-    as Apprise's notification types do in chat (first info, last failure, between warning)."""
+LEVELS = 4  # urgency levels the console draws (colour, fill and a 4-step meter)
+
+
+def severity(lead: Lead, config: Config, now: datetime) -> tuple[str, str, int]:
+    """(CSS classes, tier name, urgency level) of a lead's current tier. ``sev-*`` follows
+    Apprise's types as chat does (first tier info, last failure, between warning); the level
+    (1 to LEVELS) spreads the tiers over the console's urgency scale, so with the usual four
+    tiers each has its own look (reminder and urgent, both "warning", must not look alike)."""
     if lead.remaining(now).total_seconds() < 0:
-        return "sev-expired", ""
+        return "sev-expired", "", 0
     tier = policy.current_tier(lead, config, now)
     if tier is None:
-        return "sev-none", ""
+        return "sev-none", "", 0
     rank = config.policy.severity(tier.name)
     last = len(config.policy.tiers) - 1
     kind = "info" if rank == 0 else "failure" if rank == last else "warning"
-    return f"sev-{kind}", tier.name
+    level = urgency_level(rank, last)
+    return f"sev-{kind} level-{level}", tier.name, level
+
+
+def urgency_level(rank: int, last: int) -> int:
+    """Tier rank 0..last onto levels 1..LEVELS: the first tier 1, the last LEVELS."""
+    if last <= 0:
+        return LEVELS
+    return 1 + round(rank * (LEVELS - 1) / last)
 
 
 def assignees(lead: Lead) -> list[str]:
@@ -66,6 +79,7 @@ class Row:
     deadline_text: str
     left: str
     sev: str
+    level: int  # 1..LEVELS while a tier is due, 0 otherwise (the meter's filled steps)
     tier: str
     value: str
     kind: str
@@ -80,7 +94,7 @@ class Row:
 
 def row(lead: Lead, config: Config, now: datetime, _: Gettext) -> Row:
     ref = lead.referral
-    sev, tier = severity(lead, config, now)
+    sev, tier, level = severity(lead, config, now)
     locale = config.messages.locale
     silenced = lead.silenced(now) and lead.silenced_until is not None
     products = [*ref.products, *ref.solutions]
@@ -92,6 +106,7 @@ def row(lead: Lead, config: Config, now: datetime, _: Gettext) -> Row:
         deadline_text=when(lead.deadline, config),
         left=time_left_text(lead.deadline - now, locale),
         sev=sev,
+        level=level,
         tier=tier,
         value=money_text(ref.deal_value, ref.currency, locale),
         kind=_("co-sell") if ref.kind == "co-sell" else _("lead"),
@@ -99,7 +114,7 @@ def row(lead: Lead, config: Config, now: datetime, _: Gettext) -> Row:
         assignees=assignees(lead),
         silence=when(lead.silenced_until, config) if silenced else "",
         silence_reason=lead.silence_reason if silenced else "",
-        tiers_sent=list(lead.tiers_sent),
+        tiers_sent=sorted(lead.tiers_sent, key=config.policy.severity),  # in escalation order
         resolution=_resolution(lead, now, _),
         search=" ".join([ref.customer, ref.country, *products, ref.name]).lower(),
     )
@@ -164,7 +179,7 @@ class MessageLine:
     state: str
     created: str
     delivered: str
-    attempts: int
+    attempts: str  # tries made to deliver it ("–" for one never due to go out)
 
 
 def message_lines(rows: Sequence[dict[str, Any]], config: Config, _: Gettext) -> list[MessageLine]:
@@ -176,23 +191,34 @@ def message_lines(rows: Sequence[dict[str, Any]], config: Config, _: Gettext) ->
         "dropped": _("dropped after a day of failures"),
         "quarantined": _("set aside: the message could not be made"),
     }
-    kinds = {
-        "tier": _("reminder"),
-        "expired": _("expired notice"),
-        "resolved": _("answered notice"),
-    }
+    # A tier message is named after its tier ("new alert", "urgent alert"): it once read
+    # "reminder" whatever the tier, which is also the name of a tier.
+    kinds = {"expired": _("expired notice"), "resolved": _("answered notice")}
     return [
         MessageLine(
-            kind=kinds.get(r["kind"], r["kind"]),
+            kind=(
+                _("{tier} alert").format(tier=r["tier"] or "")
+                if r["kind"] == "tier"
+                else kinds.get(r["kind"], r["kind"])
+            ),
             channel=r["channel"],
             tier=r["tier"] or "",
             state=states.get(r["state"], r["state"]),
             created=when(r["created"], config),
             delivered=when(r["delivered_at"], config),
-            attempts=int(r["attempts"]),
+            attempts=_tries(r["state"], int(r["attempts"])),
         )
         for r in rows
     ]
+
+
+def _tries(state: str, failures: int) -> str:
+    """The outbox counts failed attempts; a sent message took one more, the one that worked."""
+    if state == "delivered":
+        return str(failures + 1)
+    if state in ("pending", "dropped") or failures:
+        return str(failures)
+    return "–"
 
 
 @dataclass(frozen=True)
@@ -213,8 +239,16 @@ class Detail:
     fields: list[tuple[str, str]] = field(default_factory=list)
 
 
-def detail(lead: Lead, config: Config, now: datetime, _: Gettext) -> Detail:
+def detail(
+    lead: Lead, config: Config, now: datetime, _: Gettext, last_poll: datetime | None = None
+) -> Detail:
+    """``last_poll``: when the last successful poll ended. Every poll sees a watched lead (in
+    its list, or fetched by id when absent) but rewrites it only when it changed, so its stored
+    ``last_seen`` is when it last changed; while it is watched, the last poll saw it."""
     ref = lead.referral
+    seen = lead.last_seen
+    if lead.resolution is None and last_poll is not None and last_poll > seen:
+        seen = last_poll
     base = row(lead, config, now, _)
     template = config.partner_center.link_template
     link = template.replace("{id}", quote(lead.id, safe="")) if "{id}" in template else template
@@ -225,7 +259,7 @@ def detail(lead: Lead, config: Config, now: datetime, _: Gettext) -> Detail:
         status=" / ".join(x for x in (ref.status, ref.substatus) if x),
         created=when(ref.created, config),
         first_seen=when(lead.first_seen, config),
-        last_seen=when(lead.last_seen, config),
+        last_seen=when(seen, config),
         resolved_at=when(lead.resolved_at, config),
         products=list(ref.products),
         solutions=list(ref.solutions),
