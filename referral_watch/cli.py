@@ -849,7 +849,13 @@ def demo(extra_channel: str | None, with_console: bool, port: int, fast: bool) -
     show_default=True,
     help="How many waiting referrals it holds.",
 )
-def sandbox(port: int, leads: int) -> None:
+@click.option(
+    "--held-by",
+    metavar="URL",
+    help="Start with the company's webhook registration held by another integration at URL "
+    "(a CRM co-sell connector's events), to try `webhooks register` against.",
+)
+def sandbox(port: int, leads: int, held_by: str | None) -> None:
     """Run the built-in fake Partner Center on 127.0.0.1, to try a config by hand."""
     import signal
     import tempfile
@@ -857,10 +863,13 @@ def sandbox(port: int, leads: int) -> None:
     from pathlib import Path
 
     from referral_watch.config import PartnerCenterConfig
-    from referral_watch.sandbox import Sandbox, holdings, sample_leads
+    from referral_watch.sandbox import CONNECTOR_EVENTS, Sandbox, holdings, sample_leads
 
     token = "sandbox-token"
-    fake = Sandbox(sample_leads(leads, now=now_utc()), token=token, port=port)
+    held = None if held_by is None else {"WebhookUrl": held_by, "WebhookEvents": CONNECTOR_EVENTS}
+    fake = Sandbox(
+        sample_leads(leads, now=now_utc()), token=token, port=port, held_registration=held
+    )
     try:
         fake.start()
     except OSError as exc:
@@ -885,7 +894,13 @@ def sandbox(port: int, leads: int) -> None:
         f'             issuer_hosts = ["{side.issuer_host}"]\n'
         f'             trust_roots = "{trust}"\n'
         f"and export SSL_CERT_FILE={trust} (its certificate server's TLS has the same root).\n"
-        "Ctrl-C stops it."
+        + (
+            ""
+            if held is None
+            else f"Its webhook registration API is {fake.registration_url} (token "
+            f"{fake.registration_token}), held by {held_by}.\n"
+        )
+        + "Ctrl-C stops it."
     )
     sys.stdout.flush()
     try:

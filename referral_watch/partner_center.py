@@ -475,7 +475,8 @@ class PartnerCenter:
             raise AuthError(
                 "Partner Center rejected the token (401 unauthenticated): check that the "
                 "signed-in account belongs to the partner's tenant and that the app registration "
-                f"has the Partner Center user_impersonation permission; {self._renew_hint()}",
+                "has the delegated permission of the Microsoft Partner API (4990cffe-04e8-4e8b-"
+                f"808a-1175604b879f, not Microsoft Partner Center); {self._renew_hint()}",
                 needs_login=True,
             )
         if status == 403:

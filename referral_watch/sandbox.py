@@ -33,6 +33,15 @@ from referral_watch import sandbox_answers
 from referral_watch.odata import FilterError, Predicate, compile_filter
 from referral_watch.sandbox_webhooks import REGISTRATION_PATH, SandboxWebhooks
 
+# What a CRM co-sell connector registers (Microsoft's connector pages), plus a billing event
+# another integration shares the registration with: `referral-watch sandbox --held-by URL`.
+CONNECTOR_EVENTS = [
+    "referral-created",
+    "referral-updated",
+    "related-referral-created",
+    "related-referral-updated",
+    "invoice-ready",
+]
 API_PREFIX = "/v1.0"
 LIST_PATHS = (f"{API_PREFIX}/engagements/referrals", f"{API_PREFIX}/referrals")
 ITEM_PREFIX = f"{API_PREFIX}/engagements/referrals/"
@@ -360,6 +369,11 @@ class Sandbox:
             self._webhooks.changed("referral-updated", [referral_id])
 
     @property
+    def registration_url(self) -> str:
+        """Its webhook registration API (``webhooks.registration_url``)."""
+        return f"{self.base_url.removesuffix(API_PREFIX)}{REGISTRATION_PATH}"
+
+    @property
     def webhooks(self) -> SandboxWebhooks:
         """The webhook side (registration API, signed deliveries, faults), started on first
         use; see referral_watch.sandbox_webhooks."""
@@ -505,6 +519,8 @@ class Sandbox:
         if order is not None:
             _order_key(order)  # validate now, not on a later page
         filter_text = query.get("$filter")
+        # Microsoft documents the OData operators, not what a bad $filter/$top/$orderby gets:
+        # the 400 invalidRequest answers are the sandbox's own.
         self._predicate(filter_text)
         return _Query(filter_text, order, top, 0)
 
@@ -571,6 +587,7 @@ def _order_key(order: str) -> tuple[str, bool]:
 
 
 def _encode_skiptoken(query: _Query) -> str:
+    # What a $skiptoken holds is not documented (it is opaque to clients): the sandbox's own.
     data = json.dumps([query.filter, query.order, query.top, query.offset], separators=(",", ":"))
     return base64.urlsafe_b64encode(data.encode()).decode().rstrip("=")
 

@@ -106,6 +106,7 @@ def _set(record: dict[str, Any], op: PatchOp) -> None:
     leaf = op.path[-1]
     if op.op == "replace" and leaf not in target:
         raise PatchRejected(400, "invalidRequest", f"Path /{'/'.join(op.path)} does not exist.")
+    # Which fields are read-only is not documented: the sandbox's own choice.
     if op.path[0] in ("id", "eTag", "createdDateTime", "direction"):
         raise PatchRejected(400, "invalidRequest", f"/{op.path[0]} cannot be changed.")
     target[leaf] = op.value
@@ -123,5 +124,7 @@ def _check_transition(before: dict[str, Any], after: dict[str, Any]) -> None:
         raise PatchRejected(
             400, "invalidRequest", f"Substatus {substatus} is not valid with status {new}."
         )
+    # Microsoft documents a decline as carrying a statusReason, not that one without it is
+    # refused: the 400 (like every 400's code and wording here) is the sandbox's own.
     if substatus == "Declined" and not str(after.get("statusReason") or "").strip():
         raise PatchRejected(400, "invalidRequest", "A declined referral needs a statusReason.")

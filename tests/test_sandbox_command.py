@@ -96,3 +96,51 @@ def test_the_sandbox_command_names_a_port_in_use() -> None:
     assert done.stderr.strip().splitlines() == [
         f"error: cannot listen on 127.0.0.1:{port}: Address already in use (try another --port)"
     ]
+
+
+def test_the_sandbox_command_can_hold_another_integrations_registration(
+    world: World, tmp_path: Path
+) -> None:
+    """`--held-by URL`: the company's one webhook registration starts out held by another
+    integration, so `webhooks register` can be tried by hand (and refuses)."""
+    held_by = "https://crm.fabrikam.example/partnercenter/events"
+    sandbox = subprocess.Popen(
+        [sys.executable, "-m", "referral_watch", "sandbox", "--port", "0", "--held-by", held_by],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert sandbox.stdout is not None
+        lines = [sandbox.stdout.readline()]
+        while lines[-1] and "Ctrl-C" not in lines[-1]:  # "" once it ended
+            lines.append(sandbox.stdout.readline())
+        found = re.search(
+            r"registration API is (http://\S+) \(token (\S+)\), held by (\S+)\.", "".join(lines)
+        )
+        assert found, lines
+        url, token, holder = found.groups()
+        assert holder == held_by
+        world.extra = f"""
+[server]
+listen = "127.0.0.1:9"
+public_url = "https://leads.contoso.example"
+
+[webhooks]
+registration_url = "{url}"
+registration_token_env = "RW_REGISTRATION_TOKEN"
+"""
+        os.environ["RW_REGISTRATION_TOKEN"] = token
+        try:
+            refused = world.cli("webhooks", "register")
+        finally:
+            del os.environ["RW_REGISTRATION_TOKEN"]
+        assert refused.code == 1
+        assert held_by in refused.err
+        assert "invoice-ready" in refused.err
+        sandbox.send_signal(signal.SIGINT)
+        sandbox.communicate(timeout=30)
+    finally:
+        if sandbox.poll() is None:
+            sandbox.kill()
+            sandbox.communicate()
