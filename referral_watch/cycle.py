@@ -951,7 +951,7 @@ class Cycle:
         style = render.style_for(self.config, batch.channel)
         if not batch.lead_ids:
             title, body = self.store.message_text(batch.row_ids[0])
-            return Message(title, body)
+            return Message(title, body, kind=batch.kind)
         tier = self.config.policy.tier(batch.tier) if batch.tier else None
         found = {
             lead.id: lead
@@ -961,8 +961,12 @@ class Cycle:
         if not known:
             raise ReferralWatchError("the lead is no longer in the state file")
         if batch.digest:
-            return render.render_digest(known, batch.kind, tier, batch.more, now, style)
-        return render.render_alert(known[0], batch.kind, tier, now, style)
+            message = render.render_digest(known, batch.kind, tier, batch.more, now, style)
+        else:
+            message = render.render_alert(known[0], batch.kind, tier, now, style)
+            known = known[:1]
+        about = tuple((lead, render.lead_link(style, lead.id)) for lead in known)
+        return replace(message, kind=batch.kind, tier=batch.tier, about=about)
 
     def _heartbeat(self, poll_ok: bool) -> None:
         """Ping the dead-man's switch: `url` after a good poll, `fail_url` after a failed one.

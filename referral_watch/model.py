@@ -383,6 +383,11 @@ class Message:
     title: str
     body: str
     notify_type: str = "info"
+    # What it is about, for structured channels (incident tools): the outbox kind (TIER,
+    # EXPIRED, RESOLVED, ops, report ...), the tier, and each lead with its link.
+    kind: str = ""
+    tier: str | None = None
+    about: tuple[tuple[Lead, str], ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,13 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, TextIO
 from urllib.parse import quote, unquote, urlsplit
 
 import structlog
 
+from referral_watch import incident
 from referral_watch.channels import (
     EMAIL_SCHEMES,
     OFFICE_CONNECTOR,
@@ -62,7 +64,9 @@ class Delivery:
 # --- URL knowledge -------------------------------------------------------------------------
 
 # Schemes whose host part is a real host name even without a dot (json://myhost:8080/...).
-_HOST_SCHEMES = EMAIL_SCHEMES | WEBHOOK_SCHEMES | {"http", "https", "workflow", "workflows"}
+_HOST_SCHEMES = (
+    EMAIL_SCHEMES | WEBHOOK_SCHEMES | incident.SCHEMES | {"http", "https", "workflow", "workflows"}
+)
 # Schemes whose every path segment is a credential (webhook ids, signatures, tokens).
 _TOKEN_PATH_SCHEMES = frozenset({"slack", "msteams", "workflow", "workflows", "discord", "tgram"})
 _SECRET_KEY = re.compile(r"sig|secret|token|pass|pwd|key|auth|code|hash|cred|session", re.I)
@@ -290,6 +294,8 @@ def _url_problem(url: str) -> str | None:
         return "not a URL: an Apprise URL looks like mailtos://..., slack://... or workflows://..."
     if scheme == "msteams" or OFFICE_CONNECTOR.match(url):
         return MSTEAMS_ADVICE
+    if incident.is_incident_url(url):  # ours, not Apprise's
+        return incident.url_problem(url)
     apprise = _apprise()
     with _captured() as captured:
         plugin = apprise.Apprise.instantiate(url, suppress_exceptions=True)
@@ -416,6 +422,9 @@ class Notifier:
     def _deliver(
         self, channel: str, config: ChannelConfig, message: Message, addresses: list[str]
     ) -> Delivery:
+        if incident.is_incident_url(config.url):
+            error = incident.send(config.url, message, datetime.now(UTC))
+            return Delivery(error is None, error)
         apprise = _apprise()
         with _captured() as captured:
             if addresses:

@@ -131,10 +131,7 @@ class _Words:
         return relative_text(delta, self.style.locale)
 
     def link(self, referral_id: str) -> str:
-        # errors="replace": an id holding a lone surrogate still gives a link, never a crash
-        return self.style.link_template.replace(
-            "{id}", quote(referral_id, safe="", errors="replace")
-        )
+        return lead_link(self.style, referral_id)
 
     def list_link(self) -> str:
         """A link for many leads: the template when it names no single lead."""
@@ -482,6 +479,12 @@ def _plain(title: str, paragraphs: Sequence[str], style: Style) -> Message:
     title = _title(title)
     parts = [Part(p + "\n") for p in paragraphs[:-1]] + [Part(p) for p in paragraphs[-1:]]
     return Message(title, fit(title, parts, style.max_length))
+
+
+def lead_link(style: Style, referral_id: str) -> str:
+    """The link to one lead: the channel's link template with {id} filled in."""
+    # errors="replace": an id holding a lone surrogate still gives a link, never a crash
+    return style.link_template.replace("{id}", quote(referral_id, safe="", errors="replace"))
 
 
 def render_test(channel: str, now: datetime, style: Style) -> Message:
