@@ -7,17 +7,20 @@
 # Config: a TOML file mounted at /config/config.toml. Secrets: environment variables the config
 # references as ${NAME}. State, lock and MSAL token cache: the /data volume.
 
-# --- build: one wheel for referral-watch and one for each dependency ----------------------------
+# --- build: one wheel for referral-watch and one for each locked dependency -------------------
 FROM python:3.12-slim AS build
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /src
+# The dependencies exactly as uv.lock has them (its runtime part, exported by `make lock`), each
+# checked against its hash, as wheels, so the final stage installs offline and needs no compiler.
+COPY requirements/runtime.txt ./requirements/runtime.txt
+RUN pip wheel --require-hashes --wheel-dir /wheels -r requirements/runtime.txt
 COPY pyproject.toml README.md ./
 COPY referral_watch ./referral_watch
-# Dependencies come as wheels too, so the final stage installs offline and needs no compiler.
-RUN pip wheel --wheel-dir /wheels .
+RUN pip wheel --no-deps --wheel-dir /wheels .
 
 # --- runtime: the wheels installed into a clean interpreter, run by an unprivileged user --------
 FROM python:3.12-slim
@@ -34,7 +37,8 @@ ENV PYTHONUNBUFFERED=1 \
 
 # The wheels are bind-mounted from the build stage, so they never become a layer of this image.
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-index --find-links=/wheels /wheels/referral_watch-*.whl
+    pip install --no-index --find-links=/wheels /wheels/referral_watch-*.whl \
+    && referral-watch --version
 
 # A fixed numeric uid/gid lets Kubernetes check runAsNonRoot. /var/lib/referral-watch (the
 # default state directory, used by configs written for a host install) points at the volume.

@@ -695,7 +695,7 @@ class _RetryHook:
         self.started = started
         self.budget = budget
 
-    def __call__(self, exc: Exception) -> bool | float:
+    def __call__(self, exc: BaseException) -> bool | float:
         if not isinstance(exc, _Transient):
             return False
         spent = time.monotonic() - self.started

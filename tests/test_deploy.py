@@ -43,6 +43,7 @@ from deployfiles import (
     stages,
 )
 
+RUNTIME_REQUIREMENTS = ROOT / "requirements" / "runtime.txt"
 DOCKERIGNORE = ROOT / ".dockerignore"
 UNIT = ROOT / "deploy" / "systemd" / "referral-watch.service"
 COMPOSE = ROOT / "deploy" / "compose.yaml"
@@ -111,7 +112,29 @@ def test_a_wheel_is_built_in_one_stage_and_installed_in_the_next() -> None:
     [install] = [a for a in args_of(final, "RUN") if "pip install" in a]
     assert "from=build,source=/wheels" in install
     assert "--no-index" in install  # only the wheels built above, nothing fetched at this point
-    assert re.search(r"/wheels/referral_watch-\*\.whl$", install)
+    assert re.search(r"/wheels/referral_watch-\*\.whl( && referral-watch --version)?$", install)
+
+
+def test_the_image_installs_the_locked_versions_only() -> None:
+    """The image's dependencies are uv.lock's runtime, checked by hash: an image built next
+    month has the versions the tests ran on, not what the registry serves that day."""
+    build, final = stages(DOCKERFILE.read_text(encoding="utf-8"))
+    assert "requirements/runtime.txt ./requirements/runtime.txt" in args_of(build, "COPY")
+    wheels = [a for a in args_of(build, "RUN") if "-r requirements/runtime.txt" in a]
+    assert wheels and all("--require-hashes" in a for a in wheels)
+    # the project's own wheel brings no dependency of its own choosing
+    assert any(
+        re.match(r"pip wheel --no-deps .*--wheel-dir /wheels \.$", a) for a in args_of(build, "RUN")
+    )
+    # every pinned line of the exported requirements carries a hash
+    pins = re.findall(
+        r"^(\S+)==(\S+)((?: \\\n\s+--hash=sha256:[0-9a-f]{64})+)",
+        RUNTIME_REQUIREMENTS.read_text(encoding="utf-8"),
+        re.M,
+    )
+    assert len(pins) >= 20
+    [install] = [a for a in args_of(final, "RUN") if "pip install" in a]
+    assert install.endswith("&& referral-watch --version")
 
 
 DEV_TOOLS = re.compile(
@@ -198,6 +221,8 @@ def test_the_build_context_has_the_sources_and_no_secrets(tmp_path: Path) -> Non
     for name in (
         "pyproject.toml",
         "README.md",
+        "requirements/runtime.txt",
+        "requirements/uv.txt",
         "referral_watch/__init__.py",
         "referral_watch/locale/nl/LC_MESSAGES/messages.po",
         "referral_watch/__pycache__/cli.cpython-312.pyc",
@@ -214,6 +239,7 @@ def test_the_build_context_has_the_sources_and_no_secrets(tmp_path: Path) -> Non
     assert context == {
         "pyproject.toml",
         "README.md",
+        "requirements/runtime.txt",
         "referral_watch/__init__.py",
         "referral_watch/locale/nl/LC_MESSAGES/messages.po",
     }

@@ -46,6 +46,7 @@ def fresh_copy(target: Path) -> Path:
     (target / "config").mkdir()
     for name in ("referral-watch.example.toml", ".env.example"):
         shutil.copy(ROOT / "config" / name, target / "config" / name)
+    shutil.copytree(ROOT / "requirements", target / "requirements")
     return target
 
 
