@@ -45,8 +45,8 @@ from receiver import Sink
 from webhook_latency import WebhookFigures, measure_webhooks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from referral_watch import sandbox as sandbox_module
-from referral_watch.sandbox import Sandbox, make_referral
+from referral_watch.sandbox import server as sandbox_module
+from referral_watch.sandbox.server import Sandbox, make_referral
 
 from pgserver import PostgresServer, find_bindir
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from receiver import Sink
 
-from referral_watch.sandbox import Sandbox
+from referral_watch.sandbox.server import Sandbox
 
 SIZES = (2_000, 20_000)
 TARGET_SIZE = 2_000

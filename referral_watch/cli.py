@@ -169,12 +169,12 @@ def checked(config: Config) -> Config:
 
 
 def run_once(config: Config) -> Any:
-    from referral_watch.auth import token_provider
     from referral_watch.cycle import Cycle
     from referral_watch.notify import Notifier
-    from referral_watch.partner_center import PartnerCenter
-    from referral_watch.replica import state_lock
-    from referral_watch.store import Store
+    from referral_watch.partner_center.auth import token_provider
+    from referral_watch.partner_center.client import PartnerCenter
+    from referral_watch.state.replica import state_lock
+    from referral_watch.state.store import Store
 
     with (
         state_lock(config),
@@ -186,9 +186,9 @@ def run_once(config: Config) -> Any:
 
 def run_dry(config: Config) -> int:
     """`run --dry-run`: the messages one cycle would send, printed; nothing sent or kept."""
-    from referral_watch.auth import token_provider
     from referral_watch.dry_run import dry_run
-    from referral_watch.partner_center import PartnerCenter
+    from referral_watch.partner_center.auth import token_provider
+    from referral_watch.partner_center.client import PartnerCenter
 
     with PartnerCenter(config.partner_center, token_provider(config)) as api:
         result, previews = dry_run(config, api)
@@ -250,8 +250,8 @@ def status(
     config = obj.config()
     if check:
         sys.exit(health_check(config))
-    from referral_watch import status_view
-    from referral_watch.store import Store
+    from referral_watch.render import status_view
+    from referral_watch.state.store import Store
 
     now = now_utc()
     if config.state.url is None and not config.state.path.exists() and not explain:
@@ -284,7 +284,7 @@ def status(
 
 def health_check(config: Config) -> int:
     from referral_watch.ops import health
-    from referral_watch.store import Store
+    from referral_watch.state.store import Store
 
     try:
         with Store(config.state.location, create=False) as store:
@@ -302,7 +302,7 @@ def health_check(config: Config) -> int:
         click.echo(f"healthy: {reason}{webhooks}")
         return EXIT_OK
     if config.state.url is not None:
-        from referral_watch.replica import active_elsewhere
+        from referral_watch.state.replica import active_elsewhere
 
         other = active_elsewhere(config.state.url, config.state.shown)
         if other is not None:  # a standby: healthy while another host's replica is active
@@ -313,7 +313,7 @@ def health_check(config: Config) -> int:
 
 
 def explain_routing(config: Config, store: Any, lead_id: str, now: datetime) -> str:
-    from referral_watch import status_view
+    from referral_watch.render import status_view
 
     full_id = resolve_id(store, lead_id)
     return str(status_view.explain(store.lead(full_id), config, now, store.audit(full_id)))
@@ -344,7 +344,7 @@ def resolve_id(store: Any, given: str) -> str:
 def check_config(obj: Context, strict: bool) -> None:
     """Validate the config file and print every problem and warning."""
     from referral_watch.config_check import inspect_config
-    from referral_watch.state_folder import state_folder_problem
+    from referral_watch.state.folder import state_folder_problem
 
     path = find_config_path(obj.config_path)
     env = environment(find_env_file(obj.env_file, path))
@@ -375,7 +375,7 @@ def check_config(obj: Context, strict: bool) -> None:
 def test_notify(obj: Context, channels: tuple[str, ...]) -> None:
     """Send a clearly marked test message to each (or the named) channel."""
     from referral_watch.notify import Notifier
-    from referral_watch.render import render_test, style_for
+    from referral_watch.render.messages import render_test, style_for
 
     config = checked(obj.config())  # the URL checks of check-config and run (exit 2)
     names = list(channels) or list(config.channels)
@@ -405,7 +405,7 @@ def test_notify(obj: Context, channels: tuple[str, ...]) -> None:
 @click.pass_obj
 def login(obj: Context, tenant_id: str | None, client_id: str | None) -> None:
     """Sign in to Microsoft by device code and store the token cache."""
-    from referral_watch import auth
+    from referral_watch.partner_center import auth
 
     config = obj.config()
     signed_in = auth.login(
@@ -421,7 +421,7 @@ def login(obj: Context, tenant_id: str | None, client_id: str | None) -> None:
 @click.pass_obj
 def logout(obj: Context) -> None:
     """Remove the signed-in account from the token cache."""
-    from referral_watch import auth
+    from referral_watch.partner_center import auth
 
     config = obj.config()
     removed = auth.logout(config)
@@ -448,7 +448,7 @@ def silence(obj: Context, lead_id: str, duration: str, reason: str, through_dead
     """Stop tier reminders for one lead for a while."""
     import getpass
 
-    from referral_watch.store import Store
+    from referral_watch.state.store import Store
 
     try:
         length = parse_duration(duration)
@@ -482,8 +482,8 @@ def silence(obj: Context, lead_id: str, duration: str, reason: str, through_dead
 @click.pass_obj
 def silences(obj: Context, as_json: bool) -> None:
     """The running silences: lead, customer, until, reason, who set it."""
-    from referral_watch import status_view
-    from referral_watch.store import Store
+    from referral_watch.render import status_view
+    from referral_watch.state.store import Store
 
     config = obj.config()
     found, ids = [], []
@@ -501,7 +501,7 @@ def silences(obj: Context, as_json: bool) -> None:
 @click.pass_obj
 def unsilence(obj: Context, lead_id: str) -> None:
     """End a lead's silence."""
-    from referral_watch.store import Store
+    from referral_watch.state.store import Store
 
     config = obj.config()
     with Store(config.state.location, create=False) as store:
@@ -524,10 +524,10 @@ def answer(obj: Context, lead_id: str, action: str, reason: str) -> None:
     """Accept or decline a lead in Partner Center with the configured sign-in."""
     import getpass
 
-    from referral_watch.answering import Person, answer_lead, checked_request
-    from referral_watch.auth import token_provider
-    from referral_watch.partner_center import PartnerCenter
-    from referral_watch.store import Store
+    from referral_watch.partner_center.answering import Person, answer_lead, checked_request
+    from referral_watch.partner_center.auth import token_provider
+    from referral_watch.partner_center.client import PartnerCenter
+    from referral_watch.state.store import Store
 
     config = obj.config()
     checked_request(action, reason)  # a decline without a reason is refused before any call
@@ -550,7 +550,7 @@ def notify_resolved(config: Config, store: Any) -> str:
     cycle: two processes delivering from one outbox could send a message twice)."""
     from referral_watch.cycle import Cycle, NoPolls
     from referral_watch.notify import Notifier
-    from referral_watch.replica import state_lock
+    from referral_watch.state.replica import state_lock
 
     if not config.policy.on_resolved:
         return "No on_resolved channels to tell."
@@ -581,10 +581,10 @@ def state_migrate(obj: Context, url: str, path: str | None) -> None:
     from pathlib import Path
 
     from referral_watch.config import redact_url
-    from referral_watch.dialect import is_url
-    from referral_watch.migrate import migrate
-    from referral_watch.replica import OnceLock
-    from referral_watch.store import InstanceLock
+    from referral_watch.state.dialect import is_url
+    from referral_watch.state.migrate import migrate
+    from referral_watch.state.replica import OnceLock
+    from referral_watch.state.store import InstanceLock
 
     if not is_url(url):
         raise click.BadParameter("give a postgresql://user@host/database URL", param_hint="--to")
@@ -627,8 +627,8 @@ def state_migrate(obj: Context, url: str, path: str | None) -> None:
 @click.pass_obj
 def report(obj: Context, since: str, fmt: str) -> None:
     """Print the summary a [[reports]] entry sends: open, answered and expired leads."""
-    from referral_watch.report import render_report, summarize
-    from referral_watch.store import Store
+    from referral_watch.render.report import render_report, summarize
+    from referral_watch.state.store import Store
 
     try:
         period = parse_duration(since)
@@ -652,7 +652,10 @@ def webhooks() -> None:
 
 
 def _registration(obj: Context) -> tuple[Config, Any]:
-    from referral_watch.webhook_registration import Registration, registration_tokens
+    from referral_watch.partner_center.webhooks.registration import (
+        Registration,
+        registration_tokens,
+    )
 
     config = obj.config()
     return config, Registration(config, registration_tokens(config))
@@ -669,7 +672,11 @@ def _registration(obj: Context) -> tuple[Config, Any]:
 def webhooks_register(obj: Context, replace: bool) -> None:
     """Register {server.public_url}{webhooks.path} for referral-created, referral-updated and
     test-created; refuses while another integration holds the company's registration."""
-    from referral_watch.webhook_registration import ReplacedMemory, describe, webhook_url
+    from referral_watch.partner_center.webhooks.registration import (
+        ReplacedMemory,
+        describe,
+        webhook_url,
+    )
 
     config, api = _registration(obj)
     target = webhook_url(config)
@@ -697,7 +704,7 @@ def webhooks_register(obj: Context, replace: bool) -> None:
 @click.pass_obj
 def webhooks_show(obj: Context) -> None:
     """Show Partner Center's webhook registration and whether it is ours."""
-    from referral_watch.webhook_registration import (
+    from referral_watch.partner_center.webhooks.registration import (
         ReplacedMemory,
         describe,
         same_url,
@@ -735,7 +742,11 @@ def webhooks_show(obj: Context) -> None:
 def webhooks_unregister(obj: Context) -> None:
     """Put back the registration `register --replace` took over, or delete ours (polling
     carries on alone)."""
-    from referral_watch.webhook_registration import ReplacedMemory, describe, webhook_url
+    from referral_watch.partner_center.webhooks.registration import (
+        ReplacedMemory,
+        describe,
+        webhook_url,
+    )
 
     config, api = _registration(obj)
     target = webhook_url(config)
@@ -754,7 +765,11 @@ def webhooks_unregister(obj: Context) -> None:
 def webhooks_test(obj: Context) -> None:
     """Ask Partner Center for a test event and wait (up to a minute) until it arrives here
     and verifies; needs the daemon running on this state."""
-    from referral_watch.webhook_registration import TEST_WAIT, wait_for_test_event, webhook_url
+    from referral_watch.partner_center.webhooks.registration import (
+        TEST_WAIT,
+        wait_for_test_event,
+        webhook_url,
+    )
 
     config, api = _registration(obj)
     with api:
@@ -812,7 +827,7 @@ def webhooks_test(obj: Context) -> None:
 def demo(extra_channel: str | None, with_console: bool, port: int, fast: bool) -> None:
     """Watch two weeks of leads in a few seconds against a built-in sandbox."""
     from referral_watch import logs
-    from referral_watch.demo import run_demo
+    from referral_watch.sandbox.demo import run_demo
 
     logs.configure("console", quiet=True)
     if extra_channel:
@@ -863,7 +878,7 @@ def sandbox(port: int, leads: int, held_by: str | None) -> None:
     from pathlib import Path
 
     from referral_watch.config import PartnerCenterConfig
-    from referral_watch.sandbox import CONNECTOR_EVENTS, Sandbox, holdings, sample_leads
+    from referral_watch.sandbox.server import CONNECTOR_EVENTS, Sandbox, holdings, sample_leads
 
     token = "sandbox-token"
     held = None if held_by is None else {"WebhookUrl": held_by, "WebhookEvents": CONNECTOR_EVENTS}

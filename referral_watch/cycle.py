@@ -33,7 +33,7 @@ from referral_watch.model import (
     parse_referral,
     usable_id,
 )
-from referral_watch.store import (
+from referral_watch.state.store import (
     CLAIM_LEASE,
     STUCK_META,
     PollRecord,
@@ -74,7 +74,7 @@ WINDOW_META = "policy.response_window"
 # Substatuses that still wait for the partner's answer.
 WAITING = frozenset({"pending", "received"})
 # What a webhook's lead is checked against when partner_center.filter is beyond the subset
-# the evaluator understands (referral_watch.odata).
+# the evaluator understands (referral_watch.partner_center.odata).
 DEFAULT_FILTER = "direction eq 'Incoming' and substatus eq 'Pending'"
 
 
@@ -584,7 +584,7 @@ class Cycle:
     def _watched(self, record: dict[str, Any]) -> bool:
         """Whether the poll's filter (partner_center.filter) would return this record."""
         if self._filter is None:
-            from referral_watch.odata import FilterError, compile_filter
+            from referral_watch.partner_center.odata import FilterError, compile_filter
 
             try:
                 self._filter = compile_filter(self.config.partner_center.filter)
@@ -933,7 +933,9 @@ class Cycle:
     ) -> list[int]:
         """Put a message about referral-watch itself in the outbox for each operations
         channel (but `skip`, the channel that just failed); returns the row ids."""
-        from referral_watch import render  # Jinja2 and Babel: only when there is news
+        from referral_watch.render import (
+            messages as render,  # Jinja2 and Babel: only when there is news
+        )
 
         reason = scrub(reason)
         ids = []
@@ -946,7 +948,9 @@ class Cycle:
         return ids
 
     def _message(self, batch: Batch, now: datetime) -> Message:
-        from referral_watch import render  # Jinja2 and Babel: only when there is news
+        from referral_watch.render import (
+            messages as render,  # Jinja2 and Babel: only when there is news
+        )
 
         style = render.style_for(self.config, batch.channel)
         if not batch.lead_ids:

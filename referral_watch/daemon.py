@@ -24,8 +24,8 @@ from referral_watch.config import Config
 from referral_watch.cycle import Clock, Cycle, CycleResult, NoPolls, system_clock
 from referral_watch.errors import ConfigError, ReferralWatchError, StateError
 from referral_watch.ops import OpsState, health, ops_event
-from referral_watch.replica import Leadership, work_name
-from referral_watch.store import InstanceLock, Store, from_ts, ts
+from referral_watch.state.replica import Leadership, work_name
+from referral_watch.state.store import InstanceLock, Store, from_ts, ts
 from referral_watch.watchdog import Progress
 
 if TYPE_CHECKING:
@@ -176,7 +176,7 @@ class Daemon:
         if event is None:
             return
         log.warning("ops.event", ops_event=event, failures=self._state_failures, reason=reason)
-        from referral_watch import render
+        from referral_watch.render import messages as render
 
         sender = self._current_sender()
         for channel in self.config.operations.notify:
@@ -301,8 +301,8 @@ class Daemon:
         """The endpoint and its worker, when [webhooks] is configured."""
         if self.config.webhooks is None:
             return
-        from referral_watch.webhook_receiver import Receiver
-        from referral_watch.webhook_worker import WebhookWorker
+        from referral_watch.partner_center.webhooks.receiver import Receiver
+        from referral_watch.partner_center.webhooks.worker import WebhookWorker
 
         worker = WebhookWorker(
             self.handle_webhook_leads,
@@ -655,8 +655,8 @@ def _noted(_: int, __: FrameType | None) -> None:
 
 
 def _default_api(config: Config) -> Any:
-    from referral_watch.auth import token_provider
-    from referral_watch.partner_center import PartnerCenter
+    from referral_watch.partner_center.auth import token_provider
+    from referral_watch.partner_center.client import PartnerCenter
 
     return PartnerCenter(config.partner_center, token_provider(config))
 

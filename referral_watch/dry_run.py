@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from referral_watch.channels import channel_kind
 from referral_watch.config import ChannelConfig, Config
 from referral_watch.errors import StateError
 from referral_watch.model import Message
-from referral_watch.store import Store
+from referral_watch.render.channels import channel_kind
+from referral_watch.state.store import Store
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ class UndoneStore(Store):
 def undone_store(config: Config) -> Iterator[Store]:
     """The state to run a dry cycle on: the real one, changes undone; a first dry run (no state
     file yet) works on a scratch file that is removed afterwards, creating nothing."""
-    from referral_watch.replica import state_lock
+    from referral_watch.state.replica import state_lock
 
     location = config.state.location
     if isinstance(location, Path) and not location.exists():

@@ -22,15 +22,15 @@ from urllib.parse import quote, unquote, urlsplit
 import structlog
 
 from referral_watch import incident
-from referral_watch.channels import (
+from referral_watch.config import ChannelConfig
+from referral_watch.model import Message
+from referral_watch.render.channels import (
     EMAIL_SCHEMES,
     OFFICE_CONNECTOR,
     WEBHOOK_SCHEMES,
     channel_kind,
     url_scheme,
 )
-from referral_watch.config import ChannelConfig
-from referral_watch.model import Message
 from referral_watch.text import terminal
 
 log = structlog.get_logger(__name__)

@@ -25,7 +25,7 @@ from referral_watch.errors import ConfigError
 if TYPE_CHECKING:  # config.py checks schedules with cron_expression: import only what it needs
     from referral_watch.config import Config, ReportConfig
     from referral_watch.model import Lead, Message
-    from referral_watch.store import Store
+    from referral_watch.state.store import Store
 
 # A report missed while the daemon was down is sent once at start if it is less late than this.
 CATCH_UP = timedelta(days=1)
@@ -136,7 +136,7 @@ def queue_report(
 ) -> list[int]:
     """Put the report in the outbox for each of its channels and remember `due` as sent.
     Returns the outbox rows, for the cycle's delivery."""
-    from referral_watch.store import ts
+    from referral_watch.state.store import ts
 
     leads = store.leads(include_resolved=True)
     rows = []
@@ -150,8 +150,9 @@ def queue_report(
 def _message(
     config: Config, report: ReportConfig, channel: str, leads: list[Lead], now: datetime
 ) -> Message:
-    from referral_watch import policy, render  # Jinja2 and Babel: only when a report is due
-    from referral_watch.report import report_message, summarize
+    from referral_watch import policy  # Jinja2 and Babel: only when a report is due
+    from referral_watch.render import messages as render
+    from referral_watch.render.report import report_message, summarize
 
     settings = config.channels.get(channel)
     # A channel with `match` only hears about its own leads, in reports too.

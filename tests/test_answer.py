@@ -14,8 +14,8 @@ import test_render
 from test_render import NOW, make_lead
 
 from referral_watch.model import EXPIRED, RESOLVED, TIER, AuditEntry
-from referral_watch.render import render_alert, render_digest
-from referral_watch.sandbox import Sandbox, make_referral
+from referral_watch.render.messages import render_alert, render_digest
+from referral_watch.sandbox.server import Sandbox, make_referral
 
 from conftest import World
 
@@ -402,9 +402,9 @@ def test_the_teams_card_with_the_links_stays_within_the_workflow_limits(
 
 
 def client(sandbox: Sandbox) -> Any:
-    from referral_watch.auth import EnvTokenProvider
     from referral_watch.config import PartnerCenterConfig
-    from referral_watch.partner_center import PartnerCenter
+    from referral_watch.partner_center.auth import EnvTokenProvider
+    from referral_watch.partner_center.client import PartnerCenter
 
     config = PartnerCenterConfig(base_url=sandbox.base_url, timeout="5s")  # type: ignore[arg-type]
     tokens = EnvTokenProvider("T", environ={"T": "sandbox-token"})
@@ -422,7 +422,7 @@ def test_the_client_patches_with_the_given_token_only(sandbox: Sandbox) -> None:
 
 
 def test_the_client_translates_refusals_without_repeating_the_token(sandbox: Sandbox) -> None:
-    from referral_watch.partner_center import AnswerError
+    from referral_watch.partner_center.client import AnswerError
 
     with client(sandbox) as api:
         with pytest.raises(AnswerError) as gone:
@@ -437,7 +437,7 @@ def test_the_client_translates_refusals_without_repeating_the_token(sandbox: San
 
 
 def test_a_running_daemon_tells_on_resolved_itself(world: World) -> None:
-    from referral_watch.store import InstanceLock
+    from referral_watch.state.store import InstanceLock
 
     lead = watched_lead(world)
     with InstanceLock(world.state_path.with_name("state.db.lock")):  # as `run` holds it

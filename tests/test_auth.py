@@ -20,7 +20,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from structlog.testing import capture_logs
 
-from referral_watch.auth import (
+from referral_watch.config import Config, parse_config
+from referral_watch.errors import AuthError
+from referral_watch.partner_center.auth import (
     CommandTokenProvider,
     EnvTokenProvider,
     MsalTokenProvider,
@@ -29,9 +31,7 @@ from referral_watch.auth import (
     logout,
     token_provider,
 )
-from referral_watch.config import Config, parse_config
-from referral_watch.errors import AuthError
-from referral_watch.token_cache import check_cache_permissions
+from referral_watch.partner_center.token_cache import check_cache_permissions
 
 from fakeidp import DEVICE_CODE_GRANT, FakeIdP, IdpRequest
 
@@ -345,7 +345,7 @@ def test_a_save_keeps_what_another_writer_saved_meanwhile(
 
 CHILD = """
 import sys, requests
-from referral_watch.auth import MsalTokenProvider
+from referral_watch.partner_center.auth import MsalTokenProvider
 from referral_watch.config import load_config
 from pathlib import Path
 
@@ -485,7 +485,7 @@ def test_token_provider_follows_auth_method(tmp_path: Path) -> None:
 
 
 def test_importing_auth_does_not_import_msal() -> None:
-    code = "import sys, referral_watch.auth; print('msal' in sys.modules)"
+    code = "import sys, referral_watch.partner_center.auth; print('msal' in sys.modules)"
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30
     )

@@ -193,11 +193,11 @@ def test_sighup_reloads_the_config_and_keeps_the_old_one_when_the_new_is_bad(
 
 def test_a_cycle_that_crashes_is_logged_and_the_next_one_runs(world: World) -> None:
     """The loop survives a bug in one cycle (in-process: the scheduler's job function)."""
-    from referral_watch.auth import EnvTokenProvider
     from referral_watch.config import load_config
     from referral_watch.daemon import Daemon
     from referral_watch.notify import Notifier
-    from referral_watch.partner_center import PartnerCenter
+    from referral_watch.partner_center.auth import EnvTokenProvider
+    from referral_watch.partner_center.client import PartnerCenter
 
     world.add_lead(age=timedelta(hours=1), customer="Survivor Ltd")
     config = load_config(world.write_config())

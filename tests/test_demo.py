@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from referral_watch.demo import run_demo
+from referral_watch.sandbox.demo import run_demo
 
 
 def test_demo_shows_the_whole_story_and_exits_0() -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from referral_watch.config import DEFAULT_PATHS, StateConfig, parse_config
-from referral_watch.sandbox import Sandbox
+from referral_watch.sandbox.server import Sandbox
 
 from conftest import NotifySocket, free_port, wait_until
 from deployfiles import (

@@ -5,13 +5,13 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from referral_watch.auth import EnvTokenProvider
 from referral_watch.config import load_config
 from referral_watch.cycle import Cycle
 from referral_watch.notify import Notifier
-from referral_watch.partner_center import PartnerCenter
-from referral_watch.sandbox import format_time
-from referral_watch.store import Store
+from referral_watch.partner_center.auth import EnvTokenProvider
+from referral_watch.partner_center.client import PartnerCenter
+from referral_watch.sandbox.server import format_time
+from referral_watch.state.store import Store
 
 from conftest import World
 from receivers import SmtpReceiver, WebhookReceiver

@@ -23,13 +23,13 @@ import httpx
 import pytest
 import structlog
 
-from referral_watch.auth import EnvTokenProvider
 from referral_watch.config import Config, load_config
 from referral_watch.cycle import Cycle, CycleResult
 from referral_watch.notify import Notifier
-from referral_watch.partner_center import PartnerCenter
-from referral_watch.sandbox import make_referral
-from referral_watch.store import SCHEMA_VERSION, Store
+from referral_watch.partner_center.auth import EnvTokenProvider
+from referral_watch.partner_center.client import PartnerCenter
+from referral_watch.sandbox.server import make_referral
+from referral_watch.state.store import SCHEMA_VERSION, Store
 
 from conftest import TOKEN_ENV, World, wait_until
 

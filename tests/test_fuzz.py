@@ -25,7 +25,7 @@ import structlog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from referral_watch import partner_center, policy
+from referral_watch import policy
 from referral_watch.config import (
     DURATION_LIMIT,
     Config,
@@ -36,9 +36,10 @@ from referral_watch.config import (
 from referral_watch.cycle import Cycle
 from referral_watch.errors import ApiError, ConfigError
 from referral_watch.model import TIER, Alert, MalformedReferral, Referral, parse_referral
-from referral_watch.partner_center import Page
-from referral_watch.sandbox import make_referral
-from referral_watch.store import Store, ts
+from referral_watch.partner_center import client as partner_center
+from referral_watch.partner_center.client import Page
+from referral_watch.sandbox.server import make_referral
+from referral_watch.state.store import Store, ts
 
 NOW = datetime(2026, 11, 24, 9, 0, tzinfo=UTC)
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

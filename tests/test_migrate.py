@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from referral_watch.model import AuditEntry
-from referral_watch.store import InstanceLock, Store, WebhookEvent
+from referral_watch.state.store import InstanceLock, Store, WebhookEvent
 
 from conftest import World
 from pgserver import PostgresServer

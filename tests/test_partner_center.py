@@ -17,8 +17,8 @@ import stamina
 from referral_watch import __version__
 from referral_watch.config import PartnerCenterConfig
 from referral_watch.errors import ApiError, AuthError
-from referral_watch.partner_center import REQUEST_TIME_CAP, Page, PartnerCenter, _RetryHook
-from referral_watch.sandbox import Sandbox, make_referral
+from referral_watch.partner_center.client import REQUEST_TIME_CAP, Page, PartnerCenter, _RetryHook
+from referral_watch.sandbox.server import Sandbox, make_referral
 
 NOW = datetime(2024, 5, 6, 12, 0, tzinfo=UTC)
 TOKEN = "sandbox-token"
@@ -230,7 +230,7 @@ def test_a_retry_after_beyond_the_request_time_cap_fails_at_once(
 
 
 def _retry_after_hook(client: PartnerCenter, hook: _RetryHook) -> Iterator[Page]:
-    import referral_watch.partner_center as module
+    import referral_watch.partner_center.client as module
 
     real = module._RetryHook
     module._RetryHook = lambda started, budget: hook  # type: ignore[assignment, misc]

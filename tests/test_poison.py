@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from referral_watch import cycle, policy, render
-from referral_watch.sandbox import make_referral
+from referral_watch import cycle, policy
+from referral_watch.render import messages as render
+from referral_watch.sandbox.server import make_referral
 
 from conftest import World
 from receivers import WebhookReceiver
@@ -325,11 +326,11 @@ def test_deliveries_stuck_for_two_intervals_are_unhealthy_until_they_go_out(
     world.extra = '[schedule]\ninterval = "1m"\n'
     world.add_lead(age=timedelta(hours=2), customer="Stuck Inc")
     world.team.fail_next(2)
-    from referral_watch.auth import EnvTokenProvider
     from referral_watch.config import load_config
     from referral_watch.notify import Notifier
-    from referral_watch.partner_center import PartnerCenter
-    from referral_watch.store import Store
+    from referral_watch.partner_center.auth import EnvTokenProvider
+    from referral_watch.partner_center.client import PartnerCenter
+    from referral_watch.state.store import Store
 
     from conftest import TOKEN_ENV
 

@@ -20,12 +20,13 @@ import structlog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from referral_watch import jsontext, status_view
+from referral_watch import jsontext
 from referral_watch.config import Config, parse_config
 from referral_watch.cycle import Cycle
-from referral_watch.partner_center import Page
-from referral_watch.sandbox import make_referral
-from referral_watch.store import Store, printable
+from referral_watch.partner_center.client import Page
+from referral_watch.render import status_view
+from referral_watch.sandbox.server import make_referral
+from referral_watch.state.store import Store, printable
 
 NOW = datetime(2026, 11, 24, 9, 0, tzinfo=UTC)
 WHOLE_PATH = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))

@@ -10,7 +10,7 @@ import pytest
 
 from referral_watch.config import parse_config
 from referral_watch.errors import ConfigError
-from referral_watch.replica import Leadership
+from referral_watch.state.replica import Leadership
 
 from conftest import World, free_port
 from pgserver import PostgresServer

@@ -23,10 +23,10 @@ from babel.messages.pofile import read_po
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from referral_watch import render
 from referral_watch.config import Config, TierConfig, parse_config
 from referral_watch.model import EXPIRED, RESOLVED, TIER, Lead, parse_referral
-from referral_watch.render import (
+from referral_watch.render import messages as render
+from referral_watch.render.messages import (
     SLACK_MAX,
     TEAMS_MAX,
     Style,
@@ -1046,7 +1046,12 @@ def test_sandbox_escape_fails_safely_at_send_time() -> None:
 # --- the catalogs ----------------------------------------------------------------------------
 
 _PLACEHOLDER = re.compile(r"\{(\w*)\}")
-WORDING_MODULES = ("render.py", "i18n.py", "web/views.py", "web/answer.py")  # where msgids live
+WORDING_MODULES = (
+    "render/messages.py",
+    "render/i18n.py",
+    "web/views.py",
+    "web/answer.py",
+)  # where msgids live
 WORDING_TEMPLATES = "web/templates/*.html"  # the console's pages (Babel's jinja2 extractor)
 
 
@@ -1176,7 +1181,7 @@ def test_the_wording_modules_stay_pure() -> None:
     import sys
 
     code = (
-        "import sys; import referral_watch.render, referral_watch.report;"
+        "import sys; import referral_watch.render.messages, referral_watch.render.report;"
         "bad = {'apprise', 'httpx', 'sqlite3', 'structlog', 'msal'} & set(sys.modules);"
         "print(sorted(bad))"
     )

@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from referral_watch.replica import Leadership
+from referral_watch.state.replica import Leadership
 
 from conftest import World, wait_until
 from pgserver import PostgresServer, free_port

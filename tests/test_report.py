@@ -20,8 +20,8 @@ from referral_watch.config import Config, ReportConfig, load_config, parse_confi
 from referral_watch.daemon import Daemon
 from referral_watch.errors import ConfigError
 from referral_watch.model import Lead, Referral, TeamMember
-from referral_watch.render import TEAMS_MAX, Style
-from referral_watch.report import (
+from referral_watch.render.messages import TEAMS_MAX, Style
+from referral_watch.render.report import (
     CSV_COLUMNS,
     Summary,
     format_csv,
@@ -30,8 +30,8 @@ from referral_watch.report import (
     report_message,
     summarize,
 )
-from referral_watch.sandbox import make_referral
-from referral_watch.store import Store, ts
+from referral_watch.sandbox.server import make_referral
+from referral_watch.state.store import Store, ts
 
 from conftest import World, faketime_env
 from receivers import SmtpReceiver, WebhookReceiver

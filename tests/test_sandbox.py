@@ -15,8 +15,8 @@ import httpx
 import pytest
 
 from referral_watch.model import parse_referral
-from referral_watch.odata import FilterError, compile_filter
-from referral_watch.sandbox import Sandbox, make_referral
+from referral_watch.partner_center.odata import FilterError, compile_filter
+from referral_watch.sandbox.server import Sandbox, make_referral
 
 NOW = datetime(2024, 5, 6, 12, 0, tzinfo=UTC)
 AUTH = {"Authorization": "Bearer sandbox-token"}

@@ -14,7 +14,7 @@ from datetime import timedelta
 
 import pytest
 
-from referral_watch.sandbox_webhooks import REGISTRATION_PATH
+from referral_watch.sandbox.webhooks import REGISTRATION_PATH
 
 from conftest import World
 from fakeidp import FakeIdP

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from referral_watch.status_view import short_ids
+from referral_watch.render.status_view import short_ids
 
 
 @pytest.mark.parametrize(

@@ -29,13 +29,13 @@ from hypothesis import strategies as st
 from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 
-from referral_watch import status_view
-from referral_watch.channels import SLACK_MAX, TEAMS_MAX, Style
 from referral_watch.config import TierConfig, parse_config
 from referral_watch.model import EXPIRED, RESOLVED, TIER, Lead, parse_referral
-from referral_watch.render import render_alert, render_digest
-from referral_watch.report import format_csv, format_text, summarize
-from referral_watch.sandbox import make_referral
+from referral_watch.render import status_view
+from referral_watch.render.channels import SLACK_MAX, TEAMS_MAX, Style
+from referral_watch.render.messages import render_alert, render_digest
+from referral_watch.render.report import format_csv, format_text, summarize
+from referral_watch.sandbox.server import make_referral
 from referral_watch.text import (
     clean_line,
     clean_notes,

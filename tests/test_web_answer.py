@@ -12,7 +12,7 @@ import pytest
 from starlette.testclient import TestClient
 from test_web_signin import entra, sign_in
 
-from referral_watch.store import Store
+from referral_watch.state.store import Store
 
 from conftest import World
 from fakeidp import FakeIdP

@@ -17,9 +17,9 @@ import pytest
 
 from referral_watch.config import load_config
 from referral_watch.daemon import Daemon
+from referral_watch.partner_center.webhooks.receiver import Receiver
 from referral_watch.web.app import build_app
 from referral_watch.web.server import WebServer
-from referral_watch.webhook_receiver import Receiver
 
 from conftest import World, free_port, wait_until
 
@@ -263,7 +263,7 @@ def test_the_webhook_receiver_reads_its_body_under_a_deadline(
     served: tuple[WebServer, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Even a body that keeps up the server's rate gets an answer within the deadline."""
-    from referral_watch import webhook_receiver
+    from referral_watch.partner_center.webhooks import receiver as webhook_receiver
 
     monkeypatch.setattr(webhook_receiver, "REQUEST_TIMEOUT", 1.0)
     _, port = served

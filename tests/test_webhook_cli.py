@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from referral_watch.sandbox_webhooks import REGISTRATION_PATH
+from referral_watch.sandbox.webhooks import REGISTRATION_PATH
 
 from conftest import World, free_port, wait_until
 from fakeidp import FakeIdP

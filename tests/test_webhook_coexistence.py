@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from referral_watch.sandbox import Sandbox
-from referral_watch.sandbox_webhooks import REGISTRATION_PATH
+from referral_watch.sandbox.server import Sandbox
+from referral_watch.sandbox.webhooks import REGISTRATION_PATH
 
 from conftest import World, free_port
 
@@ -150,8 +150,8 @@ def test_replace_keeps_its_events_and_unregister_puts_it_back_exactly(
 def test_the_replaced_registration_is_kept_in_the_state(
     world: World, registrar: Sandbox, port: int
 ) -> None:
-    from referral_watch.store import Store
-    from referral_watch.webhook_registration import REPLACED_META
+    from referral_watch.partner_center.webhooks.registration import REPLACED_META
+    from referral_watch.state.store import Store
 
     assert world.cli("webhooks", "register", "--replace").code == 0
     location = world.state_url or world.state_path

@@ -14,11 +14,11 @@ from starlette.testclient import TestClient
 
 from referral_watch.config import load_config
 from referral_watch.daemon import Daemon
-from referral_watch.sandbox import make_referral
-from referral_watch.sandbox_webhooks import GOOD, _event_body
-from referral_watch.store import Store, WebhookEvent
+from referral_watch.partner_center.webhooks.worker import WebhookWorker
+from referral_watch.sandbox.server import make_referral
+from referral_watch.sandbox.webhooks import GOOD, _event_body
+from referral_watch.state.store import Store, WebhookEvent
 from referral_watch.web.app import build_app
-from referral_watch.webhook_worker import WebhookWorker
 
 from conftest import World, wait_until
 
@@ -160,8 +160,8 @@ def test_a_lead_that_cannot_be_fetched_is_left_to_the_poll(world: World) -> None
 
 
 def _without_retry_waits(factory: Callable[..., object]) -> Callable[..., object]:
-    from referral_watch.auth import token_provider
-    from referral_watch.partner_center import PartnerCenter
+    from referral_watch.partner_center.auth import token_provider
+    from referral_watch.partner_center.client import PartnerCenter
 
     def build(config: object) -> object:
         return PartnerCenter(

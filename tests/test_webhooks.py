@@ -15,15 +15,21 @@ from starlette.applications import Starlette
 from starlette.testclient import TestClient
 from structlog.testing import capture_logs
 
-from referral_watch import webhook_certificates, webhooks
+from referral_watch import webhook_certificates
 from referral_watch.config import WebhooksConfig, parse_config
 from referral_watch.config_check import cross_problems
 from referral_watch.errors import ConfigError
-from referral_watch.sandbox import Sandbox
-from referral_watch.sandbox_webhooks import GOOD, ISSUER_PATH, _event_body
-from referral_watch.store import Store
-from referral_watch.webhook_receiver import Receiver
-from referral_watch.webhooks import Rejected, Verifier, parse_event, referral_id
+from referral_watch.partner_center.webhooks import verify as webhooks
+from referral_watch.partner_center.webhooks.receiver import Receiver
+from referral_watch.partner_center.webhooks.verify import (
+    Rejected,
+    Verifier,
+    parse_event,
+    referral_id,
+)
+from referral_watch.sandbox.server import Sandbox
+from referral_watch.sandbox.webhooks import GOOD, ISSUER_PATH, _event_body
+from referral_watch.state.store import Store
 
 
 @dataclass

@@ -24,7 +24,10 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from referral_watch.answering import (
+from referral_watch.config import Config, ConsoleConfig
+from referral_watch.errors import AuthError
+from referral_watch.model import Lead
+from referral_watch.partner_center.answering import (
     ACTIONS,
     DECLINE,
     AnswerRefused,
@@ -33,11 +36,8 @@ from referral_watch.answering import (
     already_text,
     answer_lead,
 )
-from referral_watch.config import Config, ConsoleConfig
-from referral_watch.errors import AuthError
-from referral_watch.i18n import N_
-from referral_watch.model import Lead
-from referral_watch.partner_center import PartnerCenter
+from referral_watch.partner_center.client import PartnerCenter
+from referral_watch.render.i18n import N_
 from referral_watch.web import signin, views
 from referral_watch.web.console import (
     checked_form,

@@ -17,11 +17,12 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from referral_watch import __version__, status_view
+from referral_watch import __version__
 from referral_watch.config import Config, parse_duration
 from referral_watch.errors import StateError
-from referral_watch.i18n import babel_locale, translations
-from referral_watch.store import Store
+from referral_watch.render import status_view
+from referral_watch.render.i18n import babel_locale, translations
+from referral_watch.state.store import Store
 from referral_watch.web import views
 
 PAGE_SIZE = 200

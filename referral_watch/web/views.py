@@ -15,9 +15,9 @@ from babel.dates import format_datetime
 
 from referral_watch import policy
 from referral_watch.config import Config
-from referral_watch.i18n import babel_locale, money_text, time_left_text, zone
 from referral_watch.model import AuditEntry, Lead
-from referral_watch.store import PollRecord
+from referral_watch.render.i18n import babel_locale, money_text, time_left_text, zone
+from referral_watch.state.store import PollRecord
 
 Gettext = Callable[[str], str]
 

@@ -31,7 +31,7 @@ import structlog
 
 from referral_watch.config import AuthConfig, Config, format_duration
 from referral_watch.errors import AuthError
-from referral_watch.token_cache import LOGIN_HINT, CacheFile, check_cache_permissions
+from referral_watch.partner_center.token_cache import LOGIN_HINT, CacheFile, check_cache_permissions
 
 log = structlog.get_logger(__name__)
 

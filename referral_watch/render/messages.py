@@ -15,16 +15,7 @@ from decimal import Decimal
 from typing import Any
 from urllib.parse import quote
 
-from referral_watch.channels import DEFAULT_LINK, SLACK_MAX, TEAMS_MAX, Style, style_for
 from referral_watch.config import Config, TierConfig
-from referral_watch.i18n import (
-    N_,
-    money_text,
-    relative_text,
-    time_left_text,
-    translations,
-    when_text,
-)
 from referral_watch.model import (
     EXPIRED,
     RESOLVED,
@@ -36,7 +27,16 @@ from referral_watch.model import (
     as_decimal,
     our_members,
 )
-from referral_watch.templates import render_template, template_problem
+from referral_watch.render.channels import DEFAULT_LINK, SLACK_MAX, TEAMS_MAX, Style, style_for
+from referral_watch.render.i18n import (
+    N_,
+    money_text,
+    relative_text,
+    time_left_text,
+    translations,
+    when_text,
+)
+from referral_watch.render.templates import render_template, template_problem
 from referral_watch.text import Part, clip, cut, escaper, fit, md, visible
 
 __all__ = [

@@ -26,9 +26,9 @@ import stamina
 import structlog
 
 from referral_watch import __version__, jsontext
-from referral_watch.auth import TokenProvider
 from referral_watch.config import PartnerCenterConfig, format_duration
 from referral_watch.errors import ApiError, AuthError, scrub
+from referral_watch.partner_center.auth import TokenProvider
 
 log = structlog.get_logger(__name__)
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from referral_watch.config import redact_url
 from referral_watch.errors import StateError
-from referral_watch.state_folder import make_state_folder
+from referral_watch.state.folder import make_state_folder
 
 # Advisory lock keys (64-bit, any value; these spell "rw-write" and "rw-activ" in ASCII).
 WRITE_LOCK = 0x72772D7772697465

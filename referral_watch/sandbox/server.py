@@ -4,7 +4,7 @@ It serves the documented shapes, including the odd ones: the ``@odata.nextLink``
 ``http://<host>:<port>/v1.0/referrals?$skiptoken=...`` (plain http, another path), errors come as
 ``{"error": {"code": ..., "message": ...}}`` and every response carries a ``Request-ID``.
 Faults (status codes, Retry-After, malformed or truncated bodies, hangs) can be queued with
-:meth:`Sandbox.fail`. The ``$filter`` evaluator lives in :mod:`referral_watch.odata`.
+:meth:`Sandbox.fail`. The ``$filter`` evaluator lives in :mod:`referral_watch.partner_center.odata`.
 
 Records are serialized once when added and each (filter, order) result is cached until the data
 changes, so paging through 50,000 leads costs little more than writing the bytes.
@@ -29,9 +29,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from referral_watch import sandbox_answers
-from referral_watch.odata import FilterError, Predicate, compile_filter
-from referral_watch.sandbox_webhooks import REGISTRATION_PATH, SandboxWebhooks
+from referral_watch.partner_center.odata import FilterError, Predicate, compile_filter
+from referral_watch.sandbox import answers as sandbox_answers
+from referral_watch.sandbox.webhooks import REGISTRATION_PATH, SandboxWebhooks
 
 # What a CRM co-sell connector registers (Microsoft's connector pages), plus a billing event
 # another integration shares the registration with: `referral-watch sandbox --held-by URL`.
@@ -376,7 +376,7 @@ class Sandbox:
     @property
     def webhooks(self) -> SandboxWebhooks:
         """The webhook side (registration API, signed deliveries, faults), started on first
-        use; see referral_watch.sandbox_webhooks."""
+        use; see referral_watch.sandbox.webhooks."""
         with self._lock:
             if self._webhooks is None:
                 self._webhooks = SandboxWebhooks(

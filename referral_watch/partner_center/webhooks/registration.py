@@ -29,14 +29,14 @@ from typing import Any
 import httpx
 
 from referral_watch import __version__
-from referral_watch.auth import (
+from referral_watch.config import Config, WebhooksConfig
+from referral_watch.errors import ApiError, AuthError, ReferralWatchError
+from referral_watch.partner_center.auth import (
     CommandTokenProvider,
     EnvTokenProvider,
     MsalTokenProvider,
     TokenProvider,
 )
-from referral_watch.config import Config, WebhooksConfig
-from referral_watch.errors import ApiError, AuthError, ReferralWatchError
 from referral_watch.text import clean_line
 
 REGISTRATION_SCOPE = "https://api.partnercenter.microsoft.com/.default"
@@ -350,7 +350,7 @@ class ReplacedMemory:
         self.location = location
 
     def get(self) -> dict[str, Any] | None:
-        from referral_watch.store import Store
+        from referral_watch.state.store import Store
 
         with Store(self.location) as store:
             text = store.get_meta(REPLACED_META)
@@ -363,7 +363,7 @@ class ReplacedMemory:
         return value if isinstance(value, dict) else None
 
     def put(self, registration: dict[str, Any] | None) -> None:
-        from referral_watch.store import Store
+        from referral_watch.state.store import Store
 
         text = None if registration is None else json.dumps(registration, sort_keys=True)
         with Store(self.location) as store, store.transaction():
@@ -404,7 +404,7 @@ def wait_for_test_event(
     """Wait until the test event is stored as verified by our endpoint (the daemon shares the
     state) and Partner Center reports what our endpoint answered, or Partner Center reports
     its delivery failed, or ``timeout`` passes."""
-    from referral_watch.store import Store
+    from referral_watch.state.store import Store
 
     deadline = time.monotonic() + timeout
     said = ""

@@ -27,8 +27,8 @@ from typing import Any
 import structlog
 
 from referral_watch.config import Config
-from referral_watch.dialect import ACTIVE_LOCK, claim_owner, connect_pg, explain_pg
 from referral_watch.errors import LockedError, StateError
+from referral_watch.state.dialect import ACTIVE_LOCK, claim_owner, connect_pg, explain_pg
 
 log = structlog.get_logger(__name__)
 
@@ -202,7 +202,7 @@ def state_lock(config: Config) -> Any:
     (SPEC 11), the active lock on PostgreSQL."""
     if config.state.url is not None:
         return OnceLock(config.state.url, config.state.shown)
-    from referral_watch.store import InstanceLock
+    from referral_watch.state.store import InstanceLock
 
     return InstanceLock(config.lock_path)
 

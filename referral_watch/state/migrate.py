@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from referral_watch.errors import StateError
-from referral_watch.store import Store
+from referral_watch.state.store import Store
 
 _NAME = re.compile(r"[a-z_][a-z0-9_]*")
 BATCH = 1000  # rows per executemany

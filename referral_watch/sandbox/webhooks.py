@@ -26,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from referral_watch.sandbox import Sandbox
+    from referral_watch.sandbox.server import Sandbox
 
 REGISTRATION_PATH = "/webhooks/v1/registration"
 RESOURCE_BASE = "https://api.partnercenter.microsoft.com/engagements/v1/referrals/"

@@ -39,7 +39,7 @@ from cryptography.x509.verification import (
 
 from referral_watch.config import WebhooksConfig
 from referral_watch.errors import ReferralWatchError
-from referral_watch.store import WebhookEvent
+from referral_watch.state.store import WebhookEvent
 from referral_watch.webhook_certificates import (
     BAD_SIGNATURE,
     MAX_DEPTH,

@@ -14,7 +14,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from referral_watch.dialect import Postgres, Sqlite, open_dialect, private_folder
 from referral_watch.errors import LockedError, StateError
 from referral_watch.model import (
     EXPIRED,
@@ -29,6 +28,7 @@ from referral_watch.model import (
     Sent,
     parse_referral,
 )
+from referral_watch.state.dialect import Postgres, Sqlite, open_dialect, private_folder
 
 SCHEMA_VERSION = 5
 

@@ -16,15 +16,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, ClassVar, TextIO
 
-from referral_watch.answering import Person, answer_lead
-from referral_watch.auth import EnvTokenProvider
 from referral_watch.config import Config, parse_config
 from referral_watch.cycle import Cycle
-from referral_watch.i18n import time_left_text
 from referral_watch.notify import Notifier, register_console_target
-from referral_watch.partner_center import PartnerCenter
-from referral_watch.sandbox import Sandbox, make_referral
-from referral_watch.store import Store
+from referral_watch.partner_center.answering import Person, answer_lead
+from referral_watch.partner_center.auth import EnvTokenProvider
+from referral_watch.partner_center.client import PartnerCenter
+from referral_watch.render.i18n import time_left_text
+from referral_watch.sandbox.server import Sandbox, make_referral
+from referral_watch.state.store import Store
 from referral_watch.text import columns, terminal
 
 TOKEN = "demo-token"  # the sandbox's own token; nothing real is ever contacted
@@ -446,7 +446,7 @@ class DemoWebhooks:
         import ssl
 
         from referral_watch.config import WebhooksConfig
-        from referral_watch.webhooks import Verifier, download_certificate
+        from referral_watch.partner_center.webhooks.verify import Verifier, download_certificate
 
         side = sandbox.webhooks
         self.side = side
@@ -466,7 +466,7 @@ class DemoWebhooks:
         side.register("local:demo")
 
     def _receive(self, headers: dict[str, str], body: bytes) -> int:
-        from referral_watch.webhooks import Rejected, parse_event
+        from referral_watch.partner_center.webhooks.verify import Rejected, parse_event
 
         try:
             self.verifier.verify(headers, body)

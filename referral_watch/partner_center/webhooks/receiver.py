@@ -1,9 +1,9 @@
 """``POST {webhooks.path}``: Partner Center's events arrive here (SPEC 15).
 
-Each event is verified (referral_watch.webhooks) before anything acts on it, remembered in the
-state file (so a redelivery acts once and an answered event survives a restart) and answered
-at once; the daemon's worker then fetches the referral and handles it. Nothing here calls
-Partner Center: a forged event costs a signature check, never an API request.
+Each event is verified (``partner_center.webhooks.verify``) before anything acts on it,
+remembered in the state file (so a redelivery acts once and an answered event survives a
+restart) and answered at once; the daemon's worker then fetches the referral and handles it.
+Nothing here calls Partner Center: a forged event costs a signature check, never an API request.
 """
 
 from __future__ import annotations
@@ -23,11 +23,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from referral_watch.config import Config
-from referral_watch.dialect import Sqlite
 from referral_watch.errors import ReferralWatchError, StateError
-from referral_watch.store import Store
-from referral_watch.web.server import REQUEST_TIMEOUT
-from referral_watch.webhooks import (
+from referral_watch.partner_center.webhooks.verify import (
     DUPLICATE,
     IGNORED,
     MAX_BODY,
@@ -39,6 +36,9 @@ from referral_watch.webhooks import (
     lower_headers,
     parse_event,
 )
+from referral_watch.state.dialect import Sqlite
+from referral_watch.state.store import Store
+from referral_watch.web.server import REQUEST_TIMEOUT
 
 log = structlog.get_logger(__name__)
 

@@ -1,0 +1,1 @@
+"""Partner Center webhooks: verify events, receive them, relay them to the cycle, register."""

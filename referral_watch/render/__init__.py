@@ -1,0 +1,1 @@
+"""PURE: the wording of every message: templates, channels' markup, i18n, reports, status views."""
