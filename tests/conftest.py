@@ -33,6 +33,11 @@ TOKEN_ENV = "RW_TEST_TOKEN"
 # --- the helpers every test uses (one copy each) ----------------------------------------------
 
 
+# Where in-process tests reach the app (Starlette's TestClient): a Host the server goes by
+# (its default "testserver" is refused with 421, as any name the server does not know).
+LOCAL = "http://127.0.0.1:9464"
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:

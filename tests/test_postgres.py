@@ -12,7 +12,7 @@ from referral_watch.config import parse_config
 from referral_watch.errors import ConfigError
 from referral_watch.state.replica import Leadership
 
-from conftest import World, free_port
+from conftest import LOCAL, World, free_port
 from pgserver import PostgresServer
 
 
@@ -130,7 +130,7 @@ def test_a_standby_serves_the_console_read_only(pg_world: World, pg_url: str) ->
     daemon.leadership = Leadership(pg_url, "this standby")
     try:
         assert not daemon.leadership.check()  # the other one holds the lock
-        client = TestClient(build_app(daemon))
+        client = TestClient(build_app(daemon), base_url=LOCAL)
         page = client.get(f"/leads/{lead}")
         assert page.status_code == 200 and "Seen From A Standby" in page.text
         assert client.get("/healthz").json()["role"] == "standby"

@@ -14,7 +14,7 @@ from test_web_signin import entra, sign_in
 
 from referral_watch.state.store import Store
 
-from conftest import World
+from conftest import LOCAL, World
 from fakeidp import FakeIdP
 
 ACCEPT = [
@@ -204,10 +204,10 @@ def test_answering_is_off_without_public_url_answer_or_a_sign_in(world: World) -
     world.extra = (
         '[server]\nlisten = "127.0.0.1:9464"\n[console]\nsign_in = "none"\nanswer = false\n'
     )
-    off = TestClient(build_app(Daemon(load_config(world.write_config()))))
+    off = TestClient(build_app(Daemon(load_config(world.write_config()))), base_url=LOCAL)
     assert off.get(f"/leads/{lead}/answer?action=accept").status_code == 404
     world.extra = '[server]\nlisten = "127.0.0.1:9464"\n[console]\nsign_in = "none"\n'
-    local = TestClient(build_app(Daemon(load_config(world.write_config()))))
+    local = TestClient(build_app(Daemon(load_config(world.write_config()))), base_url=LOCAL)
     page = local.get(f"/leads/{lead}/answer?action=accept")
     assert page.status_code == 200
     assert "needs a Microsoft sign-in" in page.text and 'id="confirm"' not in page.text

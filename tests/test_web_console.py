@@ -14,7 +14,7 @@ from referral_watch.daemon import Daemon
 from referral_watch.state.store import Store
 from referral_watch.web.app import build_app
 
-from conftest import World
+from conftest import LOCAL, World
 
 CONSOLE = '[server]\nlisten = "127.0.0.1:9464"\n[console]\nsign_in = "none"\n'
 
@@ -24,7 +24,7 @@ def console(world: World, extra: str = "") -> TestClient:
     daemon = Daemon(load_config(world.write_config()))
     with Store(world.state_path) as store:
         daemon.last_success = store.last_success()
-    return TestClient(build_app(daemon))
+    return TestClient(build_app(daemon), base_url=LOCAL)
 
 
 def polled(world: World, **leads: timedelta) -> dict[str, str]:
@@ -245,7 +245,7 @@ def test_pages_carry_the_security_headers_and_no_inline_script(world: World) -> 
 
 def test_without_a_console_section_only_health_and_metrics_are_served(world: World) -> None:
     world.extra = '[server]\nlisten = "0.0.0.0:9464"\n'
-    client = TestClient(build_app(Daemon(load_config(world.write_config()))))
+    client = TestClient(build_app(Daemon(load_config(world.write_config()))), base_url=LOCAL)
     assert client.get("/").status_code == 404
     assert client.get("/api/leads").status_code == 404
     assert client.get("/healthz").status_code == 503
@@ -341,3 +341,40 @@ def test_the_banner_follows_the_health_verdict_and_its_reason(world: World) -> N
     host.health = lambda: (False, {"status": "unreachable", "role": "standby"})
     page = client.get("/").text
     assert "Health check: unreachable" in page and "standby" in page
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["rebound.example", "rebound.example:9464", "127.0.0.1.rebound.example", "localhost:x"],
+)
+def test_a_foreign_host_gets_421_but_the_probes_answer_any(world: World, host: str) -> None:
+    """DNS rebinding: a page that re-points its own name at 127.0.0.1 reads nothing."""
+    polled(world, **{"Rebound Co": timedelta(days=1)})
+    client = console(world)
+    for path in ("/", "/api/leads", "/leads/x", "/auth/login"):
+        refused = client.get(path, headers={"Host": host})
+        assert refused.status_code == 421, path
+        assert "Rebound Co" not in refused.text
+    assert client.post("/leads/x/silence", headers={"Host": host}).status_code == 421
+    assert client.get("/healthz", headers={"Host": host}).status_code == 200
+    assert client.get("/metrics", headers={"Host": host}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1:9464", "localhost:9464", "LOCALHOST", "[::1]:9464", "10.1.2.3:9464"]
+)
+def test_the_listen_address_localhost_and_addresses_are_served(world: World, host: str) -> None:
+    polled(world, **{"Local Co": timedelta(days=1)})
+    page = console(world).get("/", headers={"Host": host})
+    assert page.status_code == 200 and "Local Co" in page.text
+
+
+def test_the_public_url_host_is_served(world: World) -> None:
+    polled(world, **{"Proxied Co": timedelta(days=1)})
+    world.extra = CONSOLE.replace(
+        'listen = "127.0.0.1:9464"', 'listen = "127.0.0.1:9464"\npublic_url = "http://leads.lan"'
+    )
+    daemon = Daemon(load_config(world.write_config()))
+    client = TestClient(build_app(daemon), base_url="http://leads.lan")
+    assert "Proxied Co" in client.get("/").text
+    assert client.get("/", headers={"Host": "other.lan"}).status_code == 421

@@ -22,7 +22,7 @@ from referral_watch.config import load_config
 from referral_watch.daemon import Daemon
 from referral_watch.web.app import build_app
 
-from conftest import World, free_port, wait_until
+from conftest import LOCAL, World, free_port, wait_until
 
 
 def get(url: str, timeout: float = 5) -> tuple[int, bytes]:
@@ -35,7 +35,7 @@ def get(url: str, timeout: float = 5) -> tuple[int, bytes]:
 
 def in_process(world: World) -> tuple[Daemon, TestClient]:
     daemon = Daemon(load_config(world.write_config()))
-    return daemon, TestClient(build_app(daemon))
+    return daemon, TestClient(build_app(daemon), base_url=LOCAL)
 
 
 def test_healthz_is_503_until_a_poll_succeeds_then_200_with_the_same_json(world: World) -> None:
@@ -114,9 +114,11 @@ def test_other_parts_add_routes_that_win_and_get_the_headers(world: World) -> No
 
     daemon = Daemon(load_config(world.write_config()))
     hook = Route("/webhooks/x", lambda _: PlainTextResponse("hooked"), methods=["POST"])
-    gated = TestClient(build_app(daemon, routes=[hook]))
+    gated = TestClient(build_app(daemon, routes=[hook]), base_url=LOCAL)
     assert gated.post("/webhooks/x").status_code == 404  # no [console]: people's pages are off
-    client = TestClient(build_app(daemon, routes=[hook], open_paths=["/webhooks/x"]))
+    client = TestClient(
+        build_app(daemon, routes=[hook], open_paths=["/webhooks/x"]), base_url=LOCAL
+    )
     response = client.post("/webhooks/x")
     assert response.text == "hooked"
     assert response.headers["x-content-type-options"] == "nosniff"

@@ -20,7 +20,7 @@ from referral_watch.sandbox.webhooks import GOOD, _event_body
 from referral_watch.state.store import Store, WebhookEvent
 from referral_watch.web.app import build_app
 
-from conftest import World, wait_until
+from conftest import LOCAL, World, wait_until
 
 # --- the worker's batching ----------------------------------------------------------------
 
@@ -196,7 +196,7 @@ def test_a_signed_event_through_the_web_app_alerts_and_shows_in_healthz(
             "X-MS-Certificate-Url": side.certificates.url(GOOD),
             "X-MS-Signature-Algorithm": "rsa-sha256",
         }
-        client = TestClient(build_app(daemon, routes=daemon.web_routes()))
+        client = TestClient(build_app(daemon, routes=daemon.web_routes()), base_url=LOCAL)
         assert (
             client.post("/webhooks/partner-center", content=body, headers=headers).status_code
             == 200

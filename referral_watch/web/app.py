@@ -12,8 +12,10 @@ import secrets
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -22,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from referral_watch.config import Config
 from referral_watch.watchdog import Progress
+from referral_watch.web.signin import PROBE_PATHS
 
 # Nothing is loaded from elsewhere: scripts, styles and images come only from this server.
 CONTENT_SECURITY_POLICY = (
@@ -95,6 +98,7 @@ def build_app(
         same_site="lax",
         https_only=_https(host.config),
     )
+    app.add_middleware(KnownHosts, host=host)
     app.add_middleware(SecurityHeaders)
     return app
 
@@ -173,3 +177,65 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, with_headers)
+
+
+class KnownHosts:
+    """421 for a ``Host`` this server does not go by, on every path but the probes'.
+
+    DNS rebinding: a web page the operator opens re-points its own name at 127.0.0.1 and reads
+    the console (with ``sign_in = "none"``, every lead, and silences them) as same-origin. The
+    browser still sends the attacker's name as ``Host``, so only names this server goes by are
+    served: ``server.public_url``'s host, ``server.listen``'s host and ``localhost``. An IP
+    address is always accepted: a rebinding page has a name, never our address. /healthz and
+    /metrics answer any Host (Kubernetes and Prometheus ask by the pod's address).
+    """
+
+    def __init__(self, app: ASGIApp, host: Host) -> None:
+        self.app = app
+        self.host = host
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in PROBE_PATHS:
+            await self.app(scope, receive, send)
+            return
+        name = host_name(Headers(scope=scope).get("host", ""))
+        if name is None or not known_host(name, self.host.config):
+            response = PlainTextResponse(
+                "misdirected request: this server does not go by that name "
+                "(open it at server.public_url or server.listen)\n",
+                status_code=421,
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def host_name(header: str) -> str | None:
+    """The name in a ``Host`` header without its port, lower case; None when malformed."""
+    text = header.strip().lower()
+    if text.startswith("["):  # [::1]:9464
+        name, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
+            return None
+        return name
+    name, colon, port = text.partition(":")
+    if colon and not port.isdigit():
+        return None
+    return name.rstrip(".") or None
+
+
+def known_host(name: str, config: Config) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        pass
+    names = {"localhost"}
+    server = config.server
+    if server is not None:
+        names.add(server.host.lower())
+        if server.public_url:
+            names.add((urlsplit(server.public_url).hostname or "").lower())
+    return name in names

@@ -33,6 +33,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from referral_watch.config import ServerConfig
 from referral_watch.errors import ReferralWatchError
+from referral_watch.web.signin import PROBE_PATHS
 
 log = structlog.get_logger(__name__)
 
@@ -43,8 +44,7 @@ ACCEPT_BATCH = 64
 REQUEST_TIMEOUT = 10.0  # seconds for a whole request, head and body, to arrive
 MIN_RATE = 256  # bytes a second a request must keep up once it has begun to arrive ...
 RATE_WINDOW = 2.0  # ... measured over windows of this many seconds
-PROBE_ROOM = 10  # connections only /healthz and /metrics may use
-PROBE_PATHS = frozenset({"/healthz", "/livez", "/metrics"})
+PROBE_ROOM = 10  # connections only the probes (/healthz, /livez, /metrics) may use
 KEEP_ALIVE = 5  # seconds an idle keep-alive connection stays open between requests
 STARTUP_TIMEOUT = 10.0
 # Behind a reverse proxy on the same host, X-Forwarded-For/-Proto are believed; from anyone

@@ -37,7 +37,9 @@ PUBLIC_CLOUD_HOST = "login.microsoftonline.com"
 PARTNER_CENTER_SCOPE = "https://api.partner.microsoft.com/user_impersonation"
 SESSION_LIFETIME = 12 * 3600  # seconds; then the person signs in again
 FLOW_LIFETIME = 15 * 60  # a sign-in not finished within this is forgotten
-OPEN_PATHS = ("/healthz", "/livez", "/metrics", "/favicon.ico")  # the icon: a static file
+# The probes: any Host, no sign-in, and room kept for them in the web server.
+PROBE_PATHS = ("/healthz", "/livez", "/metrics")
+OPEN_PATHS = (*PROBE_PATHS, "/favicon.ico")  # the icon: a static file
 OPEN_PREFIXES = ("/static/", "/auth/")
 
 
