@@ -186,8 +186,8 @@ class KnownHosts:
     the console (with ``sign_in = "none"``, every lead, and silences them) as same-origin. The
     browser still sends the attacker's name as ``Host``, so only names this server goes by are
     served: ``server.public_url``'s host, ``server.listen``'s host and ``localhost``. An IP
-    address is always accepted: a rebinding page has a name, never our address. /healthz and
-    /metrics answer any Host (Kubernetes and Prometheus ask by the pod's address).
+    address is always accepted: a rebinding page has a name, never our address. The probes
+    (/healthz, /livez, /metrics) answer any Host: Kubernetes and Prometheus ask by address.
     """
 
     def __init__(self, app: ASGIApp, host: Host) -> None:
