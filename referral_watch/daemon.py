@@ -81,6 +81,11 @@ class Metrics:
             "1 while this replica does the work (always with a SQLite state), 0 on a standby",
             registry=self.registry,
         )
+        self.sign_in_needed = Gauge(
+            "referral_watch_sign_in_needed",
+            "1 while polls fail until someone runs `referral-watch login`, else 0",
+            registry=self.registry,
+        )
         self.most_urgent = Gauge(
             "referral_watch_most_urgent_remaining_seconds",
             "Time left on the most urgent watched lead (negative once past; +Inf while none)",
@@ -280,6 +285,7 @@ class Daemon:
 
     def _observe(self, store: Store, result: CycleResult) -> None:
         self.metrics.polls.labels("ok" if result.poll_ok else "failed").inc()
+        self.metrics.sign_in_needed.set(int(result.needs_login))
         for (channel, outcome), count in result.by_channel.items():
             self.metrics.deliveries.labels(channel, outcome).inc(count)
         self.last_success = store.last_success()

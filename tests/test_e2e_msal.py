@@ -95,3 +95,30 @@ def test_a_revoked_sign_in_says_run_login_and_tells_ops_once(world: World, idp: 
         assert "Traceback" not in outcomes[0].out + outcomes[0].err
         assert len(ops.bodies) == 1
         assert "referral-watch login" in ops.bodies[0]["message"]
+
+
+def test_prometheus_sees_that_someone_must_sign_in_until_someone_does(
+    world: World, idp: FakeIdP
+) -> None:
+    """referral_watch_sign_in_needed (deploy/prometheus/rules.yaml's ReferralWatchSignInExpired):
+    1 while polls fail for want of a sign-in, 0 again after `referral-watch login`."""
+    from referral_watch.config import load_config
+    from referral_watch.daemon import Daemon
+
+    msal_world(world, idp)
+    world.add_lead(age=timedelta(days=1), customer="Waiting Co")
+
+    def gauge_after_a_cycle() -> str:
+        daemon = Daemon(load_config(world.write_config()))
+        try:
+            daemon.cycle()
+            text = daemon.metrics.render().decode()
+        finally:
+            daemon.close()
+        [line] = [x for x in text.splitlines() if x.startswith("referral_watch_sign_in_needed ")]
+        return line.split()[1]
+
+    assert gauge_after_a_cycle() == "1.0"  # never signed in: the poll failed, login is needed
+    assert login_subprocess(world).returncode == 0
+    assert gauge_after_a_cycle() == "0.0"
+    assert world.team.wait_for(1)
