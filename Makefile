@@ -39,8 +39,9 @@ demo: $(VENV)/.runtime
 	$(BIN)/referral-watch demo
 
 # The Debian packages the tests start for real: PostgreSQL, Chromium (browser tests, never a
-# downloaded browser) and libfaketime (clock tests). Installed with apt when run as root.
-DEBIAN_TEST_PACKAGES := postgresql chromium faketime
+# downloaded browser), libfaketime (clock tests) and prometheus (its promtool checks and
+# unit-tests deploy/prometheus/rules.yaml). Installed with apt when run as root.
+DEBIAN_TEST_PACKAGES := postgresql chromium faketime prometheus
 test-deps:
 	@missing=""; \
 	for p in $(DEBIAN_TEST_PACKAGES); do \
