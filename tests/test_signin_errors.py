@@ -6,13 +6,11 @@ operations alert that reports it; the webhook registration's own audience)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
+from test_e2e_msal import login_subprocess, msal_world
 
 from referral_watch.sandbox.webhooks import REGISTRATION_PATH
 
@@ -22,7 +20,7 @@ from receivers import WebhookReceiver
 
 PARTNER_API = "4990cffe-04e8-4e8b-808a-1175604b879f"
 PARTNER_CENTER_API = "fa3d9a0c-3fb0-42cc-9193-47c7ecd2edbd"
-CLIENT_ID = "00000000-0000-0000-0000-0000000000aa"
+CLIENT_ID = "00000000-0000-0000-0000-0000000000aa"  # as msal_world configures it
 
 # Entra ID's own wording (Microsoft's error code reference), as the token endpoint sends it.
 CONSENT = (
@@ -56,25 +54,11 @@ MFA_ENROLL = (
 def idp(world: World, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeIdP]:
     with FakeIdP() as fake:
         monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(fake.ca_path))
-        world.auth = (
-            'method = "msal"\n'
-            f'tenant_id = "{fake.tenant}"\n'
-            f'client_id = "{CLIENT_ID}"\n'
-            f'authority = "{fake.url}"\n'
-        )
-        world.sandbox.token = None
+        msal_world(world, fake)
         yield fake
 
 
-def login(world: World) -> subprocess.CompletedProcess[str]:
-    world.write_config()
-    return subprocess.run(
-        [sys.executable, "-m", "referral_watch", "--config", str(world.config_path), "login"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ},
-    )
+login = login_subprocess
 
 
 def error_lines(text: str) -> list[str]:
