@@ -96,6 +96,44 @@ def test_the_api_returns_what_status_json_prints(world: World) -> None:
     assert api == expected
 
 
+def test_the_api_comes_in_pages_linked_by_next_and_all_streams_every_lead(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from referral_watch.web import console as console_module
+
+    monkeypatch.setattr(console_module, "API_PAGE", 2)
+    now = datetime.now(UTC)
+    ids = {n: world.add_lead(age=timedelta(days=n), now=now, customer=f"P{n}") for n in range(5)}
+    world.add_lead(age=timedelta(days=1), now=now, customer="Same deadline as P1")
+    assert world.cli("run", "--once").code == 0
+    world.sandbox.remove(ids[3])  # gone meanwhile: resolved, only in ?all=1
+    assert world.cli("run", "--once").code == 0
+    client = console(world)
+
+    pages, url = [], "/api/leads"
+    while url:
+        response = client.get(url)
+        assert response.status_code == 200
+        assert response.headers["cache-control"] == "no-store"
+        pages.append(response.json())
+        link = response.headers.get("link")
+        found = re.fullmatch(r'<([^>]+)>; rel="next"', link) if link else None
+        url = found.group(1) if found else ""
+    assert [len(page) for page in pages] == [2, 2, 1]
+    every = [row for page in pages for row in page]
+    expected = world.cli("status", "--json").json()
+    streamed = client.get("/api/leads?all=1").json()
+    everything = world.cli("status", "--json", "--all").json()
+    for row in (*expected, *every, *streamed, *everything):
+        row.pop("remaining_seconds")
+    assert every == expected  # the same leads in the same order, each once
+    assert streamed == everything and len(everything) == 6
+
+    refused = client.get("/api/leads?after=not-a-cursor")
+    assert refused.status_code == 400
+    assert "start again from /api/leads" in refused.text
+
+
 def test_silence_and_unsilence_from_the_lead_page_need_the_csrf_token(world: World) -> None:
     ids = polled(world, **{"Quiet Please": timedelta(days=1)})
     lead = ids["Quiet Please"]

@@ -485,7 +485,7 @@ class Store:
                 LEFT JOIN audit a ON a.id = (
                     SELECT max(id) FROM audit WHERE lead_id = l.id
                       AND result IN ('accepted', 'declined'))
-                WHERE {where} ORDER BY l.deadline""",
+                WHERE {where} ORDER BY l.deadline, l.id""",
             params,
         )
         return [lead for lead in (_lead(row) for row in rows) if lead is not None]
@@ -1050,6 +1050,34 @@ class Store:
             params,
         )
         return page, total
+
+    def waiting_after(
+        self, after: tuple[str, str] | None, limit: int
+    ) -> tuple[list[Lead], tuple[str, str] | None]:
+        """The watched leads after the key ``after`` (deadline text, id) in the order of
+        ``leads()`` (most urgent first), at most ``limit``; and the key to continue after, or
+        None when no lead follows. Keyset paging: each page is an index range, however deep."""
+        where, params = "resolution IS NULL", []
+        if after is not None:
+            where += " AND deadline >= ? AND (deadline > ? OR id > ?)"
+            params = [after[0], after[0], after[1]]
+        keys = [
+            (str(row[0]), str(row[1]))
+            for row in self.db.execute(
+                f"SELECT deadline, id FROM leads WHERE {where} ORDER BY deadline, id "
+                f"LIMIT {int(limit) + 1}",
+                params,
+            )
+        ]
+        page = keys[:limit]
+        found = self.leads(ids=[lead_id for _, lead_id in page])
+        return found, page[-1] if len(keys) > limit else None
+
+    def lead_ids(self, *, include_resolved: bool = False) -> list[str]:
+        """Every lead's id (watched ones only, unless asked), in the order of ``leads()``."""
+        where = "1 = 1" if include_resolved else "resolution IS NULL"
+        rows = self.db.execute(f"SELECT id FROM leads WHERE {where} ORDER BY deadline, id")
+        return [str(row[0]) for row in rows]
 
     def recently_closed(self, now: datetime, since: datetime, limit: int = 50) -> list[Lead]:
         """Leads answered (or gone) since ``since``, and those whose deadline passed since

@@ -4,8 +4,10 @@ thread); the signed-in person is ``request.state.viewer`` (see ``signin``)."""
 
 from __future__ import annotations
 
+import base64
+import json
 import secrets
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
@@ -14,18 +16,20 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from referral_watch import __version__
 from referral_watch.config import Config, parse_duration
 from referral_watch.errors import StateError
+from referral_watch.model import Lead
 from referral_watch.render import status_view
 from referral_watch.render.i18n import babel_locale, translations
 from referral_watch.state.store import Store
 from referral_watch.web import views
 
 PAGE_SIZE = 200
+API_PAGE = 500  # leads per answer of /api/leads
 RECENT = timedelta(days=7)  # "recently answered and expired"
 RECENT_LIMIT = 50
 LONGEST_SILENCE = timedelta(days=365)
@@ -246,13 +250,74 @@ def _quoted(lead_id: str) -> str:
 
 
 def api_leads(request: Request) -> Response:
-    """What `status --json` prints (``?all=1``: with resolved leads, as `status --all`)."""
+    """What `status --json` prints, API_PAGE leads at a time (most urgent first): when more
+    follow, a ``Link: <...?after=KEY>; rel="next"`` header names the next page. ``?all=1``:
+    every lead, resolved ones too (as `status --json --all`), in one streamed answer."""
     config = config_of(request)
     now = now_of(request)
-    everything = request.query_params.get("all", "") in ("1", "true", "yes")
+    if request.query_params.get("all", "") in ("1", "true", "yes"):
+        return StreamingResponse(_every_lead(config, now), media_type="application/json")
+    after = _cursor(request.query_params.get("after"))
     with open_store(config) as store:
-        leads = store.leads(include_resolved=everything)
-    return JSONResponse([status_view.as_json(lead, now) for lead in leads])
+        leads, last = store.waiting_after(after, API_PAGE)
+    headers = {}
+    if last is not None:
+        headers["Link"] = f'</api/leads?after={_cursor_text(last)}>; rel="next"'
+    return Response(_json_list(leads, now), media_type="application/json", headers=headers)
+
+
+def _cursor(text: str | None) -> tuple[str, str] | None:
+    """The key a ``Link: rel="next"`` named, or a 400 for one this server did not give."""
+    if text is None:
+        return None
+    try:
+        key = json.loads(base64.urlsafe_b64decode(text.encode("ascii") + b"=="))
+    except ValueError:
+        key = None
+    if not (isinstance(key, list) and len(key) == 2 and all(isinstance(k, str) for k in key)):
+        raise HTTPException(
+            400, "after= is not a cursor this server gave: start again from /api/leads"
+        )
+    return key[0], key[1]
+
+
+def _cursor_text(key: tuple[str, str]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(list(key)).encode()).decode().rstrip("=")
+
+
+def _json_list(leads: list[Lead], now: datetime) -> bytes:
+    """A JSON array, written as JSONResponse writes one."""
+    items = (status_view.as_json(lead, now) for lead in leads)
+    return ("[" + ",".join(map(_json_text, items)) + "]").encode()
+
+
+def _json_text(item: Any) -> str:
+    return json.dumps(item, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+async def _every_lead(config: Config, now: datetime) -> AsyncIterator[bytes]:
+    """Every lead as one JSON array, API_PAGE leads at a time, each read on the thread pool
+    with its own Store (a connection serves one thread): memory stays flat and the first
+    bytes go out at once. The ids are read first, so a lead appears once even if a poll
+    changes deadlines meanwhile."""
+
+    def ids() -> list[str]:
+        with open_store(config) as store:
+            return store.lead_ids(include_resolved=True)
+
+    def chunk(some: list[str]) -> list[Lead]:
+        with open_store(config) as store:
+            return store.leads(include_resolved=True, ids=some)
+
+    every = await run_in_threadpool(ids)
+    yield b"["
+    separator = b""
+    for start in range(0, len(every), API_PAGE):
+        leads = await run_in_threadpool(chunk, every[start : start + API_PAGE])
+        if leads:
+            yield separator + _json_list(leads, now)[1:-1]
+            separator = b","
+    yield b"]"
 
 
 def favicon(request: Request) -> Response:
