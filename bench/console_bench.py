@@ -5,7 +5,8 @@ leads of bench.py: spread over 14 days, none expired); then `referral-watch run`
 console (sign_in = "none" on loopback) in its own process and this one asks for `/` over a raw
 socket, several times: ttfb is from sending the request to the first byte of the answer, total
 to its last byte, KiB the whole response. The page shows 200 leads at a time, so its weight
-stays the same however many wait.
+stays the same however many wait; so does /api/leads's (500 leads per answer), while
+/api/leads?all=1 streams every lead.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ SIZES = (2_000, 20_000)
 TARGET_SIZE = 2_000
 TTFB_MS = 300.0
 PAGE_KIB = 1024.0
+API_SIZE = 20_000  # /api/leads's first page (500 leads) is judged here
+API_TOTAL_MS = 100.0
+API_KB = 300.0
 TRIES = 7
 
 EXTRA = """
@@ -111,7 +115,7 @@ def measure(size: int, config_text: str, base_url: str, work: Path) -> list[Page
     try:
         _wait_for(port, daemon)
         rows = []
-        for path in ("/", "/?page=2", "/api/leads"):
+        for path in ("/", "/?page=2", "/api/leads", "/api/leads?all=1"):
             fetch(port, path)  # warm: templates compiled, catalogs read
             tries = [fetch(port, path) for _ in range(TRIES)]
             answer = tries[-1][2]
@@ -157,14 +161,14 @@ def run(config_template: str, token_env: str, token: str, leads: object) -> list
 
 def table(rows: list[PageFigures]) -> str:
     head = (
-        f"| {'leads':>6} | {'path':<10} | {'status':>6} | {'ttfb ms':>7} "
+        f"| {'leads':>6} | {'path':<16} | {'status':>6} | {'ttfb ms':>7} "
         f"| {'total ms':>8} | {'KiB':>7} |"
     )
     rule = "|" + "|".join("-" * len(part) for part in head.split("|")[1:-1]) + "|"
     lines = [head, rule]
     for r in rows:
         lines.append(
-            f"| {r.size:>6} | {r.path:<10} | {r.status:>6} | {r.ttfb_ms:>7.1f} "
+            f"| {r.size:>6} | {r.path:<16} | {r.status:>6} | {r.ttfb_ms:>7.1f} "
             f"| {r.total_ms:>8.1f} | {r.kib:>7.1f} |"
         )
     return "\n".join(lines)
@@ -194,6 +198,15 @@ def verdicts(rows: list[PageFigures]) -> list[tuple[bool, str]]:
                 large.kib <= small.kib * 1.2,
                 f"console / stays bounded: {large.kib:.0f} KiB at {large.size:,} leads "
                 f"(paged), {small.kib:.0f} KiB at {small.size:,}",
+            )
+        )
+    api = next((r for r in rows if r.path == "/api/leads" and r.size == API_SIZE), None)
+    if api is not None:
+        checks.append(
+            (
+                api.total_ms <= API_TOTAL_MS and api.kib * 1024 <= API_KB * 1000,
+                f"/api/leads first page at {API_SIZE:,} leads: {api.total_ms:.0f} ms "
+                f"<= {API_TOTAL_MS:.0f} ms, {api.kib * 1.024:.0f} KB <= {API_KB:.0f} KB",
             )
         )
     checks += [

@@ -1070,7 +1070,9 @@ class Store:
             )
         ]
         page = keys[:limit]
-        found = self.leads(ids=[lead_id for _, lead_id in page])
+        # By id (their primary key: with "resolution IS NULL" too, SQLite would walk the
+        # resolution index through every waiting lead instead).
+        found = self.leads(include_resolved=True, ids=[lead_id for _, lead_id in page])
         return found, page[-1] if len(keys) > limit else None
 
     def lead_ids(self, *, include_resolved: bool = False) -> list[str]:
