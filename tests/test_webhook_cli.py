@@ -85,6 +85,8 @@ def test_register_show_and_unregister_with_the_documented_bodies(world: World, p
     assert "Ours:       yes" in shown.out
     assert "Note:" not in shown.out
 
+    assert not world.state_path.exists()  # register, show: no state file made for nothing
+
     gone = world.cli("webhooks", "unregister")
     assert (gone.code, gone.out.strip()) == (0, "Unregistered.")
     assert registration_requests(world)[-1] == ("DELETE", REGISTRATION_PATH, None)

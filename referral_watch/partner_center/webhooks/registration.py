@@ -352,6 +352,8 @@ class ReplacedMemory:
     def get(self) -> dict[str, Any] | None:
         from referral_watch.state.store import Store
 
+        if isinstance(self.location, Path) and not self.location.exists():
+            return None  # no state yet: nothing replaced (and `show` creates no file)
         with Store(self.location) as store:
             text = store.get_meta(REPLACED_META)
         if text is None:
