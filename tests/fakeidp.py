@@ -151,6 +151,7 @@ class FakeIdP:
         self.pending_polls = 1
         self.device_outcome = "approve"
         self.on_token_request: Callable[[IdpRequest], None] | None = None
+        self.id_claims: dict[str, Any] = {}
         # (error, "AADSTSnnn: description", nnn): answered to every device-code and refresh
         # token request while set, as Entra ID answers a missing consent or an MFA demand.
         self.token_error: tuple[str, str, int] | None = None
@@ -240,6 +241,11 @@ class FakeIdP:
         """Every refresh token issued so far now gets ``invalid_grant``."""
         with self._lock:
             self._valid_refresh_tokens.clear()
+
+    def discovery_requests(self) -> list[IdpRequest]:
+        """The OpenID configuration lookups made so far."""
+        with self._lock:
+            return [r for r in self.requests if r.path.endswith("/openid-configuration")]
 
     def token_requests(self, grant_type: str | None = None) -> list[IdpRequest]:
         with self._lock:
@@ -428,6 +434,11 @@ class FakeIdP:
         }
         if nonce:
             id_claims["nonce"] = nonce
+        for claim, value in self.id_claims.items():
+            if value is None:
+                id_claims.pop(claim, None)
+            else:
+                id_claims[claim] = value
         client_info = {"uid": self.object_id, "utid": self.tenant_guid}
         return {
             "token_type": "Bearer",

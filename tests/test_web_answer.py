@@ -175,10 +175,9 @@ def test_without_a_partner_center_token_the_person_is_asked_to_consent(
 ) -> None:
     client, lead = signed_in(world, idp)
     idp.revoke()  # the refresh token no longer works...
-    sessions = client.app.state.sessions  # type: ignore[attr-defined]
-    for _, cache in sessions._caches.values():  # ...and the access token is gone
-        for token in list(cache.search("AccessToken")):
-            cache.remove_at(token)
+    cache = client.app.state.identity._app.token_cache  # type: ignore[attr-defined]
+    for token in list(cache.search("AccessToken")):  # ...and the access token is gone
+        cache.remove_at(token)
     shown = confirm(client, lead)
     assert shown.status_code == 403
     assert "Sign in again and allow it" in shown.text

@@ -112,8 +112,10 @@ def test_the_persons_token_cache_stays_on_the_server(world: World, idp: FakeIdP)
     client = entra(world, idp)
     sign_in(client, idp)
     sessions = client.app.state.sessions  # type: ignore[attr-defined]
-    [(session, (_, cache))] = sessions._caches.items()
-    tokens = list(cache.search("AccessToken"))
+    [(session, (_, account))] = sessions._accounts.items()
+    identity = client.app.state.identity  # type: ignore[attr-defined]
+    cache = identity._app.token_cache  # the process's one MSAL cache, in memory
+    tokens = [t for t in cache.search("AccessToken") if t["home_account_id"] == account]
     assert tokens and tokens[0]["secret"] == idp.issued_access_tokens[-1]
     assert session not in idp.issued_access_tokens
 
@@ -200,3 +202,64 @@ def test_entra_needs_its_keys(world: World, idp: FakeIdP) -> None:
     outcome = world.cli("check-config")
     assert outcome.code == 2
     assert "tenant_id, client_id, client_secret, session_secret" in outcome.err
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"tid": "99999999-0000-0000-0000-000000000000"},  # another organization's account
+        {"preferred_username": None, "email": "alice@contoso.example"},  # email is unverified
+    ],
+)
+def test_a_token_from_another_tenant_or_naming_only_an_email_gets_403(
+    world: World, idp: FakeIdP, claims: dict[str, str | None]
+) -> None:
+    client = entra(world, idp)
+    idp.id_claims = claims
+    refused = sign_in(client, idp)
+    assert refused.status_code == 403
+    assert client.get("/api/leads").status_code == 401  # nobody signed in
+    assert client.app.state.sessions._accounts == {}  # type: ignore[attr-defined]
+
+
+def test_upn_names_the_person_when_preferred_username_is_absent(world: World, idp: FakeIdP) -> None:
+    client = entra(world, idp)
+    idp.id_claims = {"preferred_username": None, "upn": "alice@contoso.example"}
+    assert sign_in(client, idp).status_code == 303
+    assert client.get("/api/leads").status_code != 401  # past the sign-in gate
+
+
+def test_sign_ins_share_one_msal_app_and_keep_a_bounded_number_of_flows(
+    world: World, idp: FakeIdP, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from referral_watch.web import identity, signin
+
+    monkeypatch.setattr(signin, "MAX_FLOWS", 20)
+    monkeypatch.setattr(identity, "LOGIN_BURST", 1000)
+    client = entra(world, idp)
+    first = TestClient(client.app, base_url="https://leads.contoso.example")
+    assert first.get("/auth/login", follow_redirects=False).status_code == 303
+    for _ in range(100):
+        assert client.get("/auth/login", follow_redirects=False).status_code == 303
+    assert len(client.app.state.sessions._flows) == 20  # type: ignore[attr-defined]
+    assert sign_in(client, idp).status_code == 303  # the newest sign-in completes
+    # the oldest pending flow was dropped: its browser is sent to sign in again
+    back = idp.session().get(
+        first.get("/auth/login", follow_redirects=False).headers["location"],
+        allow_redirects=False,
+    )
+    assert back.status_code == 302
+    assert len(idp.discovery_requests()) == 1  # one MSAL application for all of them
+
+
+def test_one_address_may_not_start_sign_ins_without_limit(
+    world: World, idp: FakeIdP, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from referral_watch.web import identity
+
+    monkeypatch.setattr(identity, "LOGIN_BURST", 5)
+    client = entra(world, idp)
+    answers = [client.get("/auth/login", follow_redirects=False) for _ in range(6)]
+    assert [a.status_code for a in answers] == [303] * 5 + [429]
+    assert int(answers[-1].headers["retry-after"]) >= 1
+    assert len(client.app.state.sessions._flows) == 5  # type: ignore[attr-defined]

@@ -48,6 +48,7 @@ from referral_watch.web.console import (
     page,
     refuse_on_standby,
 )
+from referral_watch.web.identity import Identity
 
 log = structlog.get_logger(__name__)
 
@@ -210,24 +211,19 @@ def _reason(form: dict[str, str]) -> str:
 
 
 def _person_token(request: Request, console: ConsoleConfig) -> str | None:
-    """The person's delegated Partner Center token from their session's MSAL cache, refreshed
+    """The person's delegated Partner Center token from the console's MSAL cache, refreshed
     silently when it has expired; None when there is none (they must sign in and consent)."""
     viewer = request.state.viewer
     sessions: signin.Sessions = request.app.state.sessions
-    cache = sessions.cache(viewer.session)
-    if cache is None:
+    account = sessions.account(viewer.session)
+    if account is None:
         return None
-    app = signin.msal_app(console, cache)
-    accounts = app.get_accounts()
-    if not accounts:
-        return None
+    identity: Identity = request.app.state.identity
     try:
-        result = app.acquire_token_silent([signin.PARTNER_CENTER_SCOPE], account=accounts[0])
+        return identity.token(console, account, signin.PARTNER_CENTER_SCOPE)
     except Exception as exc:  # MSAL or the network: the person signs in again
         log.warning("answer.token_failed", who=viewer.email, error=type(exc).__name__)
         return None
-    token = (result or {}).get("access_token")
-    return token if isinstance(token, str) and token else None
 
 
 class _PersonOnly:

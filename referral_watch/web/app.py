@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from referral_watch.config import Config
 from referral_watch.watchdog import Progress
+from referral_watch.web.identity import Identity, LoginLimiter
 from referral_watch.web.signin import PROBE_PATHS
 
 # Nothing is loaded from elsewhere: scripts, styles and images come only from this server.
@@ -74,7 +75,8 @@ def build_app(
 
     from referral_watch.web import answer, console, signin
 
-    sessions = signin.Sessions()
+    identity = Identity()  # one MSAL application for the process's sign-ins
+    sessions = signin.Sessions(forget_account=identity.forget)
     app = Starlette(
         routes=[
             *routes,
@@ -87,6 +89,8 @@ def build_app(
     )
     app.state.host = host
     app.state.sessions = sessions
+    app.state.identity = identity
+    app.state.login_limiter = LoginLimiter()
     app.add_middleware(signin.SignInGate, host=host, sessions=sessions, open_paths=open_paths)
     settings = host.config.console
     app.add_middleware(

@@ -17,10 +17,11 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import structlog
 from starlette.requests import Request
@@ -29,14 +30,15 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from referral_watch.config import Config, ConsoleConfig
+from referral_watch.web.identity import Identity, signed_in_as
 
 log = structlog.get_logger(__name__)
 
-PUBLIC_CLOUD_HOST = "login.microsoftonline.com"
 # Delegated Partner Center access, so an answer is made with the person's own token (SPEC 14).
 PARTNER_CENTER_SCOPE = "https://api.partner.microsoft.com/user_impersonation"
 SESSION_LIFETIME = 12 * 3600  # seconds; then the person signs in again
 FLOW_LIFETIME = 15 * 60  # a sign-in not finished within this is forgotten
+MAX_FLOWS = 1000  # sign-ins pending at once; beyond, the oldest is forgotten
 # The probes: any Host, no sign-in, and room kept for them in the web server.
 PROBE_PATHS = ("/healthz", "/livez", "/metrics")
 OPEN_PATHS = (*PROBE_PATHS, "/favicon.ico")  # the icon: a static file
@@ -56,53 +58,71 @@ LOCAL_VIEWER = Viewer(name="", email="")
 
 
 class Sessions:
-    """Server-side sign-in state: pending flows and each session's MSAL token cache."""
+    """Server-side sign-in state: pending flows (at most MAX_FLOWS, the oldest dropped first)
+    and each session's account in the one MSAL token cache (see ``identity``).
 
-    def __init__(self) -> None:
+    ``forget_account(id)`` is called once no live session uses an account any more."""
+
+    def __init__(self, forget_account: Callable[[str], None] = lambda _: None) -> None:
         self._lock = threading.Lock()
-        self._flows: dict[str, tuple[float, dict[str, Any]]] = {}
-        self._caches: dict[str, tuple[float, Any]] = {}
+        self._flows: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
+        self._accounts: dict[str, tuple[float, str]] = {}
+        self._forget_account = forget_account
 
     def keep_flow(self, flow: dict[str, Any]) -> str:
         key = secrets.token_urlsafe(24)
         with self._lock:
-            self._expire()
+            released = self._expire()
             self._flows[key] = (time.monotonic() + FLOW_LIFETIME, flow)
+            while len(self._flows) > MAX_FLOWS:
+                self._flows.popitem(last=False)
+        self._release(released)
         return key
 
     def take_flow(self, key: str) -> dict[str, Any] | None:
         with self._lock:
-            self._expire()
+            released = self._expire()
             found = self._flows.pop(key, None)
+        self._release(released)
         return found[1] if found else None
 
-    def keep_cache(self, cache: Any) -> str:
+    def keep_account(self, account_id: str) -> str:
         session = secrets.token_urlsafe(24)
         with self._lock:
-            self._caches[session] = (time.monotonic() + SESSION_LIFETIME, cache)
+            self._accounts[session] = (time.monotonic() + SESSION_LIFETIME, account_id)
         return session
 
-    def cache(self, session: str) -> Any:
-        """The session's MSAL token cache (None once signed out or expired)."""
+    def account(self, session: str) -> str | None:
+        """The session's account id in the token cache (None once signed out or expired)."""
         with self._lock:
-            self._expire()
-            found = self._caches.get(session)
+            released = self._expire()
+            found = self._accounts.get(session)
+        self._release(released)
         return found[1] if found else None
 
     def known(self, session: str) -> bool:
-        with self._lock:
-            self._expire()
-            return session in self._caches
+        return self.account(session) is not None
 
     def forget(self, session: str) -> None:
         with self._lock:
-            self._caches.pop(session, None)
+            gone = self._accounts.pop(session, None)
+            released = self._unused([gone[1]] if gone else [])
+        self._release(released)
 
-    def _expire(self) -> None:
+    def _expire(self) -> list[str]:
         now = time.monotonic()
-        for table in (self._flows, self._caches):
-            for key in [k for k, (until, _) in table.items() if until < now]:
-                del table[key]
+        for key in [k for k, (until, _) in self._flows.items() if until < now]:
+            del self._flows[key]
+        ended = [k for k, (until, _) in self._accounts.items() if until < now]
+        return self._unused([self._accounts.pop(k)[1] for k in ended])
+
+    def _unused(self, accounts: list[str]) -> list[str]:
+        held = {account for _, account in self._accounts.values()}
+        return [account for account in set(accounts) if account not in held]
+
+    def _release(self, accounts: list[str]) -> None:
+        for account in accounts:  # outside the lock: MSAL's cache has its own
+            self._forget_account(account)
 
 
 def allowed(email: str, patterns: Iterable[str]) -> bool:
@@ -209,21 +229,6 @@ def redirect_uri(config: Config) -> str:
     return f"{config.server.base_url}/auth/callback"
 
 
-def msal_app(console: ConsoleConfig, cache: Any = None) -> Any:
-    import msal
-
-    host = urlsplit(console.authority).hostname or console.authority
-    return msal.ConfidentialClientApplication(
-        console.client_id,
-        client_credential=console.client_secret,
-        authority=f"{console.authority.rstrip('/')}/{console.tenant_id}",
-        token_cache=cache,
-        # Another host (a sovereign cloud, a test endpoint) is not in Microsoft's instance list.
-        instance_discovery=None if host == PUBLIC_CLOUD_HOST else False,
-        timeout=30,
-    )
-
-
 def _safe_next(target: str | None) -> str:
     """Only a path on this server: never an open redirect to another site."""
     if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
@@ -238,7 +243,18 @@ async def login(request: Request) -> Response:
     console = _console(request)
     if console is None:
         return PlainTextResponse("not found\n", status_code=404)
+    address = request.client.host if request.client else ""
+    wait, first = request.app.state.login_limiter.allow(address)
+    if wait:
+        if first:  # once per run of refusals: a flood must not flood the log too
+            log.warning("console.sign_in_limited", client=address)
+        return PlainTextResponse(
+            "too many sign-ins from this address: try again in a minute\n",
+            status_code=429,
+            headers={"Retry-After": str(max(1, round(wait)))},
+        )
     config: Config = request.app.state.host.config
+    identity: Identity = request.app.state.identity
 
     def start() -> dict[str, Any]:
         import warnings
@@ -249,7 +265,7 @@ async def login(request: Request) -> Response:
             # browser that started it. The query mode with PKCE and state is the standard
             # flow; the callback redirects at once, so the code leaves the address bar.
             warnings.filterwarnings("ignore", message="response_mode='form_post'")
-            flow: dict[str, Any] = msal_app(console).initiate_auth_code_flow(
+            flow: dict[str, Any] = identity.app(console).initiate_auth_code_flow(
                 [PARTNER_CENTER_SCOPE], redirect_uri=redirect_uri(config), response_mode="query"
             )
         return flow
@@ -266,7 +282,6 @@ async def login(request: Request) -> Response:
 
 async def callback(request: Request) -> Response:
     sessions = _sessions(request)
-    from msal import SerializableTokenCache
     from starlette.concurrency import run_in_threadpool
 
     console = _console(request)
@@ -276,17 +291,16 @@ async def callback(request: Request) -> Response:
     flow = sessions.take_flow(key) if isinstance(key, str) else None
     if flow is None:
         return RedirectResponse("/auth/login", status_code=303)  # expired or replayed: again
-    cache = SerializableTokenCache()
+    identity: Identity = request.app.state.identity
     answer = dict(request.query_params)
 
-    def redeem() -> dict[str, Any]:
-        result: dict[str, Any] = msal_app(console, cache).acquire_token_by_auth_code_flow(
-            flow, answer
-        )
-        return result
+    def redeem() -> tuple[dict[str, Any], str]:
+        app = identity.app(console)
+        result: dict[str, Any] = app.acquire_token_by_auth_code_flow(flow, answer)
+        return result, identity.tenant(console)
 
     try:
-        result = await run_in_threadpool(redeem)
+        result, tenant = await run_in_threadpool(redeem)
     except Exception as exc:  # e.g. a state mismatch (ValueError) or the network
         log.warning("console.sign_in_failed", stage="callback", error=str(exc))
         return PlainTextResponse("the sign-in did not complete: try again\n", status_code=400)
@@ -295,15 +309,25 @@ async def callback(request: Request) -> Response:
         reason = result.get("error_description") or result["error"]
         return PlainTextResponse(f"the sign-in did not complete: {reason}\n", status_code=400)
     claims = result.get("id_token_claims") or {}
-    email = str(claims.get("preferred_username") or claims.get("email") or "")
+    email = signed_in_as(claims, console.client_id, tenant)
+    account = identity.account_id(console, claims) if email is not None else None
+    if email is None or account is None:
+        log.warning("console.sign_in_refused", tenant=claims.get("tid"), why="foreign tenant")
+        if account is not None:
+            identity.forget(account)
+        return PlainTextResponse(
+            "this account is not of the organization this console belongs to (console.tenant_id)\n",
+            status_code=403,
+        )
     if not allowed(email, console.allowed):
         log.warning("console.sign_in_refused", user=email)
+        identity.forget(account)
         return PlainTextResponse(
             f"{email or 'this account'} may not use this console: ask an administrator to add "
             "it to console.allowed\n",
             status_code=403,
         )
-    session = sessions.keep_cache(cache)
+    session = sessions.keep_account(account)
     request.session["user"] = {"session": session, "name": claims.get("name", ""), "email": email}
     log.info("console.signed_in", user=email)
     return RedirectResponse(_safe_next(request.session.pop("next", "/")), status_code=303)
