@@ -205,16 +205,71 @@ def test_the_service_and_the_example_ingress_reach_the_pods_web_port() -> None:
     assert port["targetPort"] in {p["name"] for p in container()["ports"]}
     ingress = k8s("ingress.example.yaml")
     [rule] = ingress["spec"]["rules"]
-    [path] = rule["http"]["paths"]
-    backend = path["backend"]["service"]
-    assert backend == {"name": service["metadata"]["name"], "port": {"name": port["name"]}}
+    for path in rule["http"]["paths"]:
+        backend = path["backend"]["service"]
+        assert backend == {"name": service["metadata"]["name"], "port": {"name": port["name"]}}
     assert ingress["spec"]["tls"][0]["hosts"] == [rule["host"]]
+
+
+def _routed(path: str) -> bool:
+    """Whether the example Ingress routes ``path`` (the Ingress API's Exact and Prefix rules:
+    a prefix matches whole path elements)."""
+    [rule] = k8s("ingress.example.yaml")["spec"]["rules"]
+    for entry in rule["http"]["paths"]:
+        wanted = entry["path"]
+        if entry["pathType"] == "Exact" and path == wanted:
+            return True
+        prefix = wanted.rstrip("/")
+        if entry["pathType"] == "Prefix" and (path == prefix or path.startswith(prefix + "/")):
+            return True
+    return False
+
+
+def test_the_example_ingress_routes_the_console_and_webhooks_but_no_probe_or_metrics() -> None:
+    """No controller-specific snippet (current ingress-nginx ignores server-snippet by
+    default): /metrics, /healthz and /livez simply have no public route."""
+    ingress = k8s("ingress.example.yaml")
+    assert "annotations" not in ingress["metadata"]
+    for path in ("/metrics", "/healthz", "/livez", "/metrics/", "/healthzx"):
+        assert not _routed(path), path
+    for path in (
+        "/",
+        "/leads/abc",
+        "/leads/abc/answer",
+        "/api/leads",
+        "/auth/login",
+        "/auth/callback",
+        "/static/console.css",
+        "/favicon.ico",
+        "/webhooks/partner-center",
+    ):
+        assert _routed(path), path
+
+
+def test_the_example_network_policy_lets_only_prometheus_and_the_ingress_in() -> None:
+    policy = k8s("networkpolicy.example.yaml")
+    pod = k8s("deployment.yaml")["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    sources = [rule["from"] for rule in policy["spec"]["ingress"]]
+    namespaces = [
+        peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+        for peers in sources
+        for peer in peers
+    ]
+    assert namespaces == ["monitoring", "ingress-nginx"]  # nobody else, no ipBlock
+    [prometheus] = sources[0]
+    assert prometheus["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
+    ports = {p["name"] for p in container()["ports"]}
+    for rule in policy["spec"]["ingress"]:
+        assert [p["port"] for p in rule["ports"]] == ["metrics"] and "metrics" in ports
 
 
 def test_the_kustomization_applies_everything_but_the_example_secret() -> None:
     listed = k8s("kustomization.yaml")["resources"]
     manifests = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-    assert set(listed) == manifests - {"secret.example.yaml", "ingress.example.yaml"}
+    examples = {"secret.example.yaml", "ingress.example.yaml", "networkpolicy.example.yaml"}
+    assert set(listed) == manifests - examples
     assert "service.yaml" in listed
 
 
