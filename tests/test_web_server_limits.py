@@ -135,17 +135,30 @@ def closed_without_an_answer(sock: socket.socket) -> bool:
         return True
 
 
-def trickle(sock: socket.socket, data: bytes, step: int, pause: float, until: float) -> None:
-    """Send ``data`` ``step`` bytes at a time until it is sent, the server closes, or
-    ``until`` (monotonic) passes."""
-    for start in range(0, len(data), step):
-        if time.monotonic() > until:
-            return
-        try:
-            sock.sendall(data[start : start + step])
-        except OSError:
-            return  # closed by the server: what the caller checks
-        time.sleep(pause)
+def trickling(sock: socket.socket, data: bytes, step: int, pause: float) -> None:
+    """Send ``data`` ``step`` bytes at a time, ``pause`` seconds apart, on a thread of its own,
+    until it is sent, the server closes, or 20 seconds pass."""
+    until = time.monotonic() + 20
+
+    def send() -> None:
+        for start in range(0, len(data), step):
+            if time.monotonic() > until:
+                return
+            try:
+                sock.sendall(data[start : start + step])
+            except OSError:
+                return  # closed by the server: what the test checks
+            time.sleep(pause)
+
+    threading.Thread(target=send, daemon=True).start()
+
+
+def limits(monkeypatch: pytest.MonkeyPatch, **values: float) -> None:
+    """Set the web server's limits for one test (raising=False: main lacked some)."""
+    from referral_watch.web import server
+
+    for name, value in values.items():
+        monkeypatch.setattr(server, name, value, raising=False)
 
 
 def whole_response(sock: socket.socket) -> bytes:
@@ -162,37 +175,23 @@ def whole_response(sock: socket.socket) -> bytes:
 
 @pytest.fixture
 def short_limits(monkeypatch: pytest.MonkeyPatch) -> None:
-    from referral_watch.web import server
-
-    monkeypatch.setattr(server, "REQUEST_TIMEOUT", 3.0)
-    monkeypatch.setattr(
-        server, "RATE_WINDOW", 0.5, raising=False
-    )  # at least 128 bytes every half second
+    limits(monkeypatch, REQUEST_TIMEOUT=3.0, RATE_WINDOW=0.5)  # >= 128 bytes every 0.5 s
 
 
-def test_a_body_sent_a_byte_at_a_time_is_cut(
-    short_limits: None, served: tuple[WebServer, int]
+@pytest.mark.parametrize(
+    ("step", "pause"),
+    [
+        (1, 0.05),  # a byte at a time: below the minimum rate
+        (100, 0.1),  # keeps up the rate, but 60,000 bytes would take a minute: the deadline
+    ],
+)
+def test_a_slow_body_is_cut(
+    short_limits: None, served: tuple[WebServer, int], step: int, pause: float
 ) -> None:
     _, port = served
     sock = slow_body(port)
     sock.settimeout(20)
-    threading.Thread(
-        target=trickle, args=(sock, b"x" * 200, 1, 0.05, time.monotonic() + 20), daemon=True
-    ).start()
-    assert closed_without_an_answer(sock)
-    sock.close()
-
-
-def test_a_body_that_keeps_the_rate_but_not_the_deadline_is_cut(
-    short_limits: None, served: tuple[WebServer, int]
-) -> None:
-    _, port = served
-    sock = slow_body(port)
-    sock.settimeout(20)
-    # 100 bytes every 0.1 s keeps up the minimum rate; 60 000 bytes would take a minute
-    threading.Thread(
-        target=trickle, args=(sock, b"x" * 59_999, 100, 0.1, time.monotonic() + 20), daemon=True
-    ).start()
+    trickling(sock, b"x" * 59_999, step, pause)
     assert closed_without_an_answer(sock)
     sock.close()
 
@@ -206,22 +205,16 @@ def test_the_next_request_on_a_kept_alive_connection_has_a_deadline_too(
     first = whole_response(sock)
     assert first.startswith(b"HTTP/1.1 503")  # answered (no poll yet); the connection stays
     head = f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-Pad: {'a' * 400}\r\n\r\n"
-    threading.Thread(
-        target=trickle, args=(sock, head.encode(), 1, 0.05, time.monotonic() + 20), daemon=True
-    ).start()
+    trickling(sock, head.encode(), 1, 0.05)
     assert closed_without_an_answer(sock)
     sock.close()
 
 
 def test_at_the_cap_the_oldest_stuck_request_makes_way_for_healthz(
-    short_limits: None, served: tuple[WebServer, int], monkeypatch: pytest.MonkeyPatch
+    served: tuple[WebServer, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from referral_watch.web import server
-
-    monkeypatch.setattr(server, "MAX_CONNECTIONS", 8)
-    monkeypatch.setattr(server, "PROBE_ROOM", 0, raising=False)  # the next test shows the room
-    monkeypatch.setattr(server, "REQUEST_TIMEOUT", 30.0)  # nothing is cut by time here
-    monkeypatch.setattr(server, "RATE_WINDOW", 15.0, raising=False)
+    # nothing is cut by time here; the next test shows the probes' room
+    limits(monkeypatch, MAX_CONNECTIONS=8, PROBE_ROOM=0, REQUEST_TIMEOUT=30, RATE_WINDOW=15)
     _, port = served
     stuck = [slow_body(port) for _ in range(8)]
     time.sleep(0.2)  # they have all begun to arrive
@@ -235,14 +228,8 @@ def test_at_the_cap_the_oldest_stuck_request_makes_way_for_healthz(
 def test_uploads_never_take_the_room_kept_for_the_probes(
     served: tuple[WebServer, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from referral_watch.web import server
-
-    monkeypatch.setattr(server, "MAX_CONNECTIONS", 8)
-    monkeypatch.setattr(
-        server, "PROBE_ROOM", 3, raising=False
-    )  # uploads may hold 5 connections at most
-    monkeypatch.setattr(server, "REQUEST_TIMEOUT", 30.0)
-    monkeypatch.setattr(server, "RATE_WINDOW", 15.0, raising=False)
+    # uploads may hold 5 connections at most
+    limits(monkeypatch, MAX_CONNECTIONS=8, PROBE_ROOM=3, REQUEST_TIMEOUT=30, RATE_WINDOW=15)
     _, port = served
     stuck = []
     for _ in range(8):
@@ -269,9 +256,7 @@ def test_the_webhook_receiver_reads_its_body_under_a_deadline(
     _, port = served
     sock = slow_body(port)
     sock.settimeout(20)
-    threading.Thread(
-        target=trickle, args=(sock, b"x" * 59_999, 1000, 0.2, time.monotonic() + 20), daemon=True
-    ).start()
+    trickling(sock, b"x" * 59_999, 1000, 0.2)  # well above the server's minimum rate
     answer = sock.recv(4096)
     assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
     sock.close()
