@@ -240,7 +240,8 @@ def _response(content: bytes) -> httpx.Response:
 @given(pages_json, st.sampled_from([None, 1, 2]))
 def test_a_page_reads_as_json_would_read_it(body: dict[str, Any], indent: int | None) -> None:
     content = json.dumps(body, indent=indent, ensure_ascii=bool(indent)).encode()
-    texts, link = partner_center._read_page(_response(content), 0)
+    items, link = partner_center._read_page(_response(content), 0)
+    texts = partner_center.Page(items, 0, None).texts
     assert [json.loads(text) for text in texts] == body["value"]
     assert link == body.get("@odata.nextLink")
 
@@ -253,7 +254,8 @@ def test_a_page_that_is_not_a_page_is_an_api_error(content: bytes) -> None:
     except (ValueError, RecursionError):
         body = None
     if isinstance(body, dict) and isinstance(body.get("value"), list):
-        texts, _ = partner_center._read_page(_response(content), 0)
+        items, _ = partner_center._read_page(_response(content), 0)
+        texts = partner_center.Page(items, 0, None).texts
         assert [json.loads(t) for t in texts] == body["value"]
         return
     with pytest.raises(ApiError, match="unreadable page"):

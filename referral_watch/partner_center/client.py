@@ -11,7 +11,7 @@ import json
 import time
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -52,23 +52,41 @@ ORDER_BY = "createdDateTime desc"
 _DETAIL_LIMIT = 300  # characters of a server's error message worth repeating
 
 
-@dataclass(frozen=True)
 class Page:
-    """One page of a poll. ``texts`` are the `value` items' JSON texts exactly as served;
-    ``records`` are those items decoded, on first use: a caller that recognises a record by
-    its text (unchanged since the last poll) need never decode it."""
+    """One page of a poll: its `value` items' JSON exactly as served, undecoded. ``raw(i)`` is
+    an item's bytes (what the cycle digests to recognise a record unchanged since the last
+    poll: such a record is never decoded), ``text(i)`` its text, ``record(i)`` the decoded
+    item. Decoding happens on first use, in the caller's thread, not the fetching one."""
 
-    texts: list[str]
-    number: int  # 0-based
-    request_id: str | None  # the server's Request-ID, for support cases
+    def __init__(self, items: Sequence[Any], number: int, request_id: str | None) -> None:
+        self._items = items  # str, bytes or msgspec.Raw (a view of the page's body)
+        self.number = number  # 0-based
+        self.request_id = request_id  # the server's Request-ID, for support cases
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def raw(self, index: int) -> bytes | memoryview:
+        """The item's JSON as served (UTF-8 bytes, or a view of them): no copy, no decoding."""
+        item = self._items[index]
+        return item.encode("utf-8") if isinstance(item, str) else memoryview(item)
+
+    def text(self, index: int) -> str:
+        """The item's JSON text; ValueError (UnicodeDecodeError) when it is not UTF-8."""
+        item = self._items[index]
+        return item if isinstance(item, str) else bytes(item).decode("utf-8")
+
+    @cached_property
+    def texts(self) -> list[str]:
+        return [self.text(index) for index in range(len(self._items))]
 
     @cached_property
     def records(self) -> list[Any]:
         """The raw `value` items; parsing them is the caller's business."""
-        return [self.record(index) for index in range(len(self.texts))]
+        return [self.record(index) for index in range(len(self._items))]
 
     def record(self, index: int) -> Any:
-        return json.loads(self.texts[index])
+        return json.loads(self.text(index))
 
 
 @dataclass(frozen=True)
@@ -147,8 +165,8 @@ class PartnerCenter:
                 response, moved = self._next_on_list_path(url, list_url, correlation, response)
             response = self._checked(response, page=number)
             requested.add(str(response.request.url))
-            texts, link = _read_page(response, number)
-            yield Page(texts, number, response.headers.get("Request-ID"))
+            items, link = _read_page(response, number)
+            yield Page(items, number, response.headers.get("Request-ID"))
             if link is None or link == "":
                 return
             url = self._next_url(link, number)
@@ -513,7 +531,9 @@ class PartnerCenter:
                 retryable=True,
             )
         try:
-            target = self._base.join(link)
+            target = httpx.URL(link)  # one parse for an absolute link (join would take three)
+            if not target.is_absolute_url:
+                target = self._base.join(link)
         except httpx.InvalidURL:
             raise ApiError(
                 f"Partner Center sent an unreadable page (page {number + 1}): "
@@ -532,6 +552,10 @@ class PartnerCenter:
                 "configured API host; the poll is incomplete",
                 code="foreignNextLink",
             )
+        if (target.scheme, target.netloc) == (self._base.scheme, self._base.netloc) and not (
+            target.userinfo or target.fragment
+        ):
+            return target  # already what the rebuilt link would be
         return httpx.URL(
             scheme=self._base.scheme, netloc=self._base.netloc, raw_path=target.raw_path
         )
@@ -544,13 +568,13 @@ class PartnerCenter:
 # -- helpers --------------------------------------------------------------------------------
 
 
-def _read_page(response: httpx.Response, number: int) -> tuple[list[str], Any]:
-    """(the `value` items' JSON texts, the @odata.nextLink or None) of one page.
+def _read_page(response: httpx.Response, number: int) -> tuple[Sequence[Any], Any]:
+    """(the `value` items, each its JSON as served, the @odata.nextLink or None) of one page.
 
-    msgspec finds the items' texts without decoding them, so the cycle can recognise
-    unchanged records by their text alone (see bench/bench.py for what that saves). A page
-    nested too deeply for msgspec anywhere is split by jsontext instead: only the deep record
-    then fails, on its own.
+    msgspec finds the items without decoding them (each a view of the body's bytes), so the
+    cycle can recognise unchanged records by their bytes alone (see bench/bench.py for what that
+    saves). A page nested too deeply for msgspec anywhere is split by jsontext instead: only the
+    deep record then fails, on its own.
     """
     try:
         shape = _RAW_PAGE.decode(response.content)
@@ -560,10 +584,10 @@ def _read_page(response: httpx.Response, number: int) -> tuple[list[str], Any]:
         body = _page_body(response, number)  # explains what is wrong, or copes with it
         texts = [json.dumps(item, separators=(",", ":")) for item in body["value"]]
         return texts, body.get("@odata.nextLink")
-    return [bytes(item).decode("utf-8") for item in shape.value], shape.next_link
+    return shape.value, shape.next_link
 
 
-def _split_deep_page(response: httpx.Response, number: int) -> tuple[list[str], Any]:
+def _split_deep_page(response: httpx.Response, number: int) -> tuple[Sequence[Any], Any]:
     try:
         members = jsontext.top_level(response.content.decode("utf-8"))
         texts = list(jsontext.array_items(members.get("value", "")))
