@@ -22,7 +22,7 @@ import structlog
 from referral_watch import schedule
 from referral_watch.config import Config
 from referral_watch.cycle import Clock, Cycle, CycleResult, NoPolls, system_clock
-from referral_watch.errors import ConfigError, ReferralWatchError, StateError
+from referral_watch.errors import ConfigError, ReferralWatchError, StateError, scrub
 from referral_watch.ops import OpsState, health, ops_event
 from referral_watch.state.replica import Leadership, work_name
 from referral_watch.state.store import InstanceLock, Store, from_ts, ts
@@ -140,7 +140,8 @@ class Daemon:
         self.leadership: Leadership | None = None  # with state.url: the active lock
         self._state_failures = 0  # cycles in a row that could not use the state
         self._state_ops = OpsState()  # operations told about that (in memory: see above)
-        self.receiver: Any = None  # the webhook endpoint (webhook_receiver.Receiver)
+        self.receiver: Any = None  # the webhook endpoint (partner_center.webhooks.receiver)
+        self.relay: Any = None  # webhooks.forward_to (partner_center.webhooks.relay)
         self.webhook_worker: Any = None
 
     # --- the role: active or standby (state.url, SPEC 16) --------------------------------
@@ -159,6 +160,8 @@ class Daemon:
             self._scheduler.modify_job(CYCLE_JOB, next_run_time=datetime.now(UTC))  # take over now
         if active and self.webhook_worker is not None:
             self.webhook_worker.wake()  # events the standby stored wait for us
+        if active and self.relay is not None:
+            self.relay.wake()
 
     def _state_trouble(self, reason: str) -> None:
         """The state cannot be used (the database is down or unreachable): count it like a
@@ -316,13 +319,60 @@ class Daemon:
             digest_over=self.config.policy.digest_over,
             stop=self.stop,
         )
+        self.relay = self._start_relay()
         self.receiver = Receiver(
-            self.config, wake=worker.wake, count=self._count_webhook_event, clock=self.clock
+            self.config,
+            wake=worker.wake,
+            count=self._count_webhook_event,
+            clock=self.clock,
+            relay_wake=self.relay.wake if self.relay is not None else lambda: None,
         )
         with Store(self.config.state.location) as store:
             self.receiver.last_event = store.last_webhook_event()
         self.webhook_worker = worker
         worker.start()
+
+    def _start_relay(self) -> Any:
+        """The relay (webhooks.forward_to): its own thread, sending while we are active."""
+        assert self.config.webhooks is not None
+        targets = self.config.webhooks.forward_to
+        if not targets:
+            return None
+        from referral_watch.partner_center.webhooks.relay import Relay, RelayMetrics
+
+        metrics = RelayMetrics(self.metrics.registry, targets, self.clock)
+        relay = Relay(
+            self.config.state.location,
+            targets,
+            active=lambda: self.active,
+            stop=self.stop,
+            on_dropped=self._relay_dropped,
+            count=metrics.count,
+            observe=metrics.observe,
+            clock=self.clock,
+        )
+        relay.start()
+        return relay
+
+    def _relay_dropped(self, reason: str) -> None:
+        """An event could not be relayed for a day: operations hear it, as of a dropped
+        message (through the outbox: a refusal there is retried)."""
+        from referral_watch import render
+
+        with self.progress.working():
+            try:
+                now = self.clock()
+                with self._store() as store:
+                    rows = []
+                    for channel in self.config.operations.notify:
+                        style = render.style_for(self.config, channel)
+                        message = render.render_ops("dropped", scrub(reason), now, style)
+                        rows.append(
+                            store.enqueue_message("ops", channel, message.title, message.body, now)
+                        )
+                    self._deliver(store, rows)
+            except ReferralWatchError as exc:
+                log.error("relay.ops_unsent", error=str(exc)[:200])
 
     def _count_webhook_event(self, event: str, result: str) -> None:
         self.metrics.webhook_events.labels(event, result).inc()
@@ -468,10 +518,15 @@ class Daemon:
                 "role": "standby",
                 "interval_seconds": int(self.config.schedule.interval.total_seconds()),
             }
+        relay_stuck = self.relay.stuck_since if self.relay is not None else None
         ok, reason = health(
-            self.last_success, self.config.schedule.interval, self.clock(), self.stuck_since
+            self.last_success,
+            self.config.schedule.interval,
+            self.clock(),
+            self.stuck_since,
+            relay_stuck,
         )
-        stuck = not ok and reason.startswith("deliveries")
+        stuck = not ok and reason.startswith(("deliveries", "webhook relay"))
         body: dict[str, Any] = {
             "status": "ok" if ok else "stuck" if stuck else "stale",
             "role": "active",
@@ -483,6 +538,8 @@ class Daemon:
         if self.config.webhooks is not None:
             last = self.receiver.last_event if self.receiver is not None else None
             body["last_webhook_event"] = last.isoformat() if last else None
+        if self.relay is not None:
+            body["relay_stuck_since"] = relay_stuck.isoformat() if relay_stuck else None
         return ok, body
 
     # --- the loop ------------------------------------------------------------------------
@@ -519,6 +576,8 @@ class Daemon:
                 sd_notify("STOPPING=1")
                 if self.webhook_worker is not None:
                     self.webhook_worker.stop()
+                if self.relay is not None:
+                    self.relay.join()  # after the POST in flight (stop is set)
                 if not self.progress.wait_idle(STOP_GRACE, SEND_WAIT):
                     _exit_leaving_the_work_behind()
                 self.close()

@@ -46,16 +46,19 @@ def health(
     interval: timedelta,
     now: datetime,
     stuck_since: datetime | None = None,
+    relay_stuck_since: datetime | None = None,
 ) -> tuple[bool, str]:
     """The health verdict shared by `status --check` and /healthz, with the reason: healthy
-    while the last successful poll is younger than 3 x interval and no due delivery has been
-    failing (or blocked by an error) for 2 x interval or longer."""
+    while the last successful poll is younger than 3 x interval and no due delivery (nor a
+    webhook relay, webhooks.forward_to) has been failing for 2 x interval or longer."""
     if last_success is None:
         return False, "last successful poll never"
     if now - last_success >= 3 * interval:
         return False, f"last successful poll {last_success:%Y-%m-%d %H:%M:%S} UTC"
     if stuck_since is not None and now - stuck_since >= 2 * interval:
         return False, f"deliveries stuck since {stuck_since:%Y-%m-%d %H:%M:%S} UTC"
+    if relay_stuck_since is not None and now - relay_stuck_since >= 2 * interval:
+        return False, f"webhook relay stuck since {relay_stuck_since:%Y-%m-%d %H:%M:%S} UTC"
     return True, f"last successful poll {last_success:%Y-%m-%d %H:%M:%S} UTC"
 
 

@@ -84,19 +84,22 @@ class _HookServer(ThreadingHTTPServer):
 
     def __init__(self, receiver: WebhookReceiver) -> None:
         self.receiver = receiver
-        super().__init__((LOOPBACK, 0), _HookHandler)
+        super().__init__((LOOPBACK, receiver.fixed_port), _HookHandler)
 
 
 class WebhookReceiver:
     """A threaded HTTP server on 127.0.0.1 recording every request it gets.
 
     ``fail_next(n, status=500)`` makes the next n requests fail (they are still recorded);
-    ``delay`` seconds pass before each answer (a slow channel).
+    ``delay`` seconds pass before each answer (a slow channel); with ``port`` it listens
+    there, so it can be stopped and started again at the same address (a target that is down
+    for a while).
     """
 
-    def __init__(self, path: str = "/hook", *, delay: float = 0.0) -> None:
+    def __init__(self, path: str = "/hook", *, delay: float = 0.0, port: int = 0) -> None:
         self.path = path
         self.delay = delay
+        self.fixed_port = port  # 0: any free one; else the same port again after a restart
         self.requests: list[ReceivedRequest] = []
         self._lock = threading.Lock()
         self._answering = threading.Event()  # set on stop: no slow answer outlives the receiver

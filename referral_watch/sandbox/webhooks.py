@@ -612,6 +612,8 @@ def _event_body(
     if event == "test-created":
         uri = f"https://api.partnercenter.microsoft.com{REGISTRATION_PATH}/validationEvents/{correlation}"
         name = "test"
+    elif event == "invoice-ready":  # a billing event (another integration's, for the relay)
+        uri, name = f"https://api.partnercenter.microsoft.com/v1/invoices/{lead_id}", "invoice"
     else:
         uri, name = f"{RESOURCE_BASE}{lead_id}", "referral"
     data: dict[str, Any] = {

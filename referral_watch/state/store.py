@@ -30,7 +30,7 @@ from referral_watch.model import (
 )
 from referral_watch.state.dialect import Postgres, Sqlite, open_dialect, private_folder
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 _T = TypeVar("_T")
 
@@ -144,6 +144,28 @@ MIGRATIONS: dict[int, str] = {
     5: """
     ALTER TABLE outbox ADD COLUMN claim_owner TEXT;
     ALTER TABLE outbox ADD COLUMN claim_until TEXT;
+    """,
+    # The relay's queue (webhooks.forward_to, SPEC 15; see partner_center.webhooks.relay): one row per verified
+    # event and target, with the body bytes and signature headers to pass on.
+    6: """
+    CREATE TABLE relay_queue (
+        id INTEGER PRIMARY KEY,
+        event_key TEXT NOT NULL,
+        target TEXT NOT NULL,
+        event TEXT NOT NULL,
+        body BLOB NOT NULL,
+        headers TEXT NOT NULL,
+        received TEXT NOT NULL,
+        state TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt TEXT NOT NULL,
+        first_failure TEXT,
+        last_error TEXT,
+        done_at TEXT,
+        claim_until TEXT,
+        UNIQUE (event_key, target)
+    );
+    CREATE INDEX relay_queue_due ON relay_queue (state, next_attempt);
     """,
 }
 

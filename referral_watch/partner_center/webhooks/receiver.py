@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,6 +25,7 @@ from starlette.routing import Route
 
 from referral_watch.config import Config
 from referral_watch.errors import ReferralWatchError, StateError
+from referral_watch.partner_center.webhooks.relay import RelayQueue, relayed_headers
 from referral_watch.partner_center.webhooks.verify import (
     DUPLICATE,
     IGNORED,
@@ -66,7 +68,8 @@ class Receiver:
     """The endpoint: verify, remember, answer, and wake the worker.
 
     ``count(event, result)`` feeds referral_watch_webhook_events_total; ``wake()`` tells the
-    daemon's worker that events wait in the state file.
+    daemon's worker that events wait in the state file; ``relay_wake()`` tells the relay
+    (webhooks.forward_to) that verified events wait in its queue.
     """
 
     def __init__(
@@ -77,17 +80,20 @@ class Receiver:
         wake: Callable[[], None] = lambda: None,
         count: Callable[[str, str], None] = lambda _event, _result: None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        relay_wake: Callable[[], None] = lambda: None,
     ) -> None:
         assert config.webhooks is not None
         self.config = config
         self.path = config.webhooks.path
         self.verifier = verifier or Verifier(config.webhooks, clock=clock)
         self.wake = wake
+        self.relay_wake = relay_wake
+        self.forward_to = list(config.webhooks.forward_to)
         self.count = count
         self.clock = clock
         self.last_event: datetime | None = None
         self._local = threading.local()
-        self._parked: list[tuple[Event, datetime]] = []  # answered, not stored yet
+        self._parked: list[_Parked] = []  # answered, not stored yet
         self._parked_lock = threading.Lock()
         self._verifying: anyio.CapacityLimiter | None = None  # made in the event loop
 
@@ -110,8 +116,7 @@ class Receiver:
             parked, self._parked = self._parked, []
         try:
             while parked:
-                event, received = parked[0]
-                self._counted(event, store.add_webhook_event(event.stored(), received))
+                self._counted(parked[0].event, self._remember(store, parked[0]))
                 parked.pop(0)
         finally:
             with self._parked_lock:
@@ -162,21 +167,34 @@ class Receiver:
             log.warning("webhook.unreadable", reason=exc.reason)
             self.count(UNVERIFIED, IGNORED)
             return _answer(400, "unreadable event")
-        return await run_in_threadpool(self._accept, event)
+        relayed = (body, relayed_headers(headers)) if self.forward_to else None
+        return await run_in_threadpool(self._accept, event, relayed)
 
-    def _accept(self, event: Event) -> Response:
+    def _accept(self, event: Event, relayed: tuple[bytes, dict[str, str]] | None) -> Response:
         now = self.clock()
         self.last_event = now
+        arrived = _Parked(event, now, relayed)
         try:
-            new = self._store().add_webhook_event(event.stored(), now)
+            new = self._remember(self._store(), arrived)
         except StateError as exc:
             # Busy (a long poll holds the write lock): answer now, the worker stores it.
             log.info("webhook.parked", webhook_event=event.name, reason=str(exc)[:120])
             with self._parked_lock:
-                self._parked.append((event, now))
+                self._parked.append(arrived)
             self.wake()
             return _answer(200, "accepted")
         return _answer(200, self._counted(event, new))
+
+    def _remember(self, store: Store, arrived: _Parked) -> bool:
+        """Store a verified event, and queue it for each forward_to URL (the same event
+        again is queued once): True when it was not received before."""
+        event = arrived.event
+        if arrived.relayed is not None:
+            body, headers = arrived.relayed
+            queue = RelayQueue(store)
+            if queue.add(event.key, event.name, body, headers, self.forward_to, arrived.at):
+                self.relay_wake()
+        return store.add_webhook_event(event.stored(), arrived.at)
 
     def _counted(self, event: Event, new: bool) -> str:
         """Count and log a stored event (``new``: not received before); wake the worker for
@@ -198,6 +216,15 @@ class Receiver:
         self.count(label, OK)
         self.wake()
         return "accepted"
+
+
+@dataclass(frozen=True)
+class _Parked:
+    """A verified event as it arrived: when, and what to relay (body, signature headers)."""
+
+    event: Event
+    at: datetime
+    relayed: tuple[bytes, dict[str, str]] | None
 
 
 async def _body_within_limit(request: Request) -> bytes | None:
