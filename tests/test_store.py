@@ -190,8 +190,9 @@ def test_second_process_is_refused_by_the_lock(tmp_path: Path) -> None:
 def _back_to(where: Path | str, version: int, *statements: str) -> None:
     """Turn a current state back into one written at schema `version` (what a state left by
     an older referral-watch holds), so opening it runs the later migrations for real."""
-    # schema 5 added the outbox claim columns
-    undo = [*statements, "ALTER TABLE outbox DROP COLUMN claim_owner"]
+    # schema 6 added the relay queue, schema 5 the outbox claim columns
+    undo = [*statements, "DROP TABLE relay_queue"]
+    undo.append("ALTER TABLE outbox DROP COLUMN claim_owner")
     undo.append("ALTER TABLE outbox DROP COLUMN claim_until")
     if isinstance(where, Path):
         db = sqlite3.connect(where)
@@ -241,7 +242,7 @@ def test_a_state_from_before_the_audit_gains_it_and_keeps_its_leads(
         assert store.lead("old-lead").answered == entry  # type: ignore[union-attr]
         assert store.lead("old-lead").resolution == "accepted"  # type: ignore[union-attr]
         assert store.leads() == []  # resolved at once: no longer watched
-        assert _version(store) == SCHEMA_VERSION == 5
+        assert _version(store) == SCHEMA_VERSION == 6
 
 
 def test_a_state_from_before_the_claims_gains_them_and_keeps_its_outbox(

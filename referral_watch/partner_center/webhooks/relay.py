@@ -195,14 +195,31 @@ class RelayQueue:
         ).fetchone()
         return from_ts(row[0])
 
-    def summary(self) -> dict[str, tuple[int, datetime | None, datetime | None]]:
+    def summary(
+        self, targets: Sequence[str]
+    ) -> dict[str, tuple[int, datetime | None, datetime | None]]:
         """Per target with rows waiting: (how many, the oldest's arrival, since when the
         oldest failing row has been failing)."""
+        if not targets:
+            return {}
+        marks = ",".join("?" * len(targets))
         rows = self.db.execute(
             "SELECT target, count(*), min(received), min(first_failure) FROM relay_queue "
-            "WHERE state = 'pending' GROUP BY target"
+            f"WHERE state = 'pending' AND target IN ({marks}) GROUP BY target",
+            tuple(targets),
         )
         return {str(r[0]): (int(r[1]), from_ts(r[2]), from_ts(r[3])) for r in rows}
+
+    def drop_other_targets(self, targets: Sequence[str], now: datetime) -> int:
+        """Rows waiting for a URL no longer in forward_to are dropped; returns how many."""
+        marks = ",".join("?" * len(targets)) or "''"
+        with self.store.transaction():
+            cursor = self.db.execute(
+                "UPDATE relay_queue SET state = 'dropped', done_at = ?, claim_until = NULL "
+                f"WHERE state = 'pending' AND target NOT IN ({marks})",
+                (ts(now), *targets),
+            )
+        return max(0, int(cursor.rowcount))
 
     def prune(self, now: datetime) -> None:
         with self.store.transaction():
@@ -265,15 +282,23 @@ class Relay:
         with httpx.Client(timeout=TIMEOUT, trust_env=False, follow_redirects=False) as client:
             post = self._post or _poster(client)
             store: Store | None = None
-            pruned = 0.0
+            pruned: float | None = None
+            cleaned = False
             while not self._stop.is_set():
                 wait = IDLE_CHECK
                 try:
                     if store is None:
                         store = Store(self.state)
                     if self._active():
+                        if not cleaned:  # once: rows for URLs taken out of forward_to
+                            dropped = RelayQueue(store).drop_other_targets(
+                                self.targets, self._clock()
+                            )
+                            cleaned = True
+                            if dropped:
+                                log.warning("relay.forgotten", events=dropped)
                         wait = self._round(RelayQueue(store), post)
-                        if time.monotonic() - pruned > 3600:
+                        if pruned is None or time.monotonic() - pruned > 3600:
                             RelayQueue(store).prune(self._clock())
                             pruned = time.monotonic()
                 except ReferralWatchError as exc:  # e.g. the database went away: try again
@@ -338,7 +363,7 @@ class Relay:
         self._on_dropped(reason)
 
     def _note(self, queue: RelayQueue) -> None:
-        summary = queue.summary()
+        summary = queue.summary(self.targets)
         failing = [since for _count, _oldest, since in summary.values() if since is not None]
         self.stuck_since = min(failing) if failing else None
         self._observe(summary)
