@@ -76,7 +76,7 @@ def _webhook_problems(config: Config) -> list[str]:
         return []
     if config.server is None:
         return ["webhooks: [webhooks] needs [server]: the events arrive at its listen address"]
-    from referral_watch.webhook_certificates import load_pem_file, load_trust_roots
+    from referral_watch.partner_center.webhooks.certificates import load_pem_file, load_trust_roots
 
     problems = []
     if webhooks.trust_roots is not None:

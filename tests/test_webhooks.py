@@ -15,10 +15,10 @@ from starlette.applications import Starlette
 from starlette.testclient import TestClient
 from structlog.testing import capture_logs
 
-from referral_watch import webhook_certificates
 from referral_watch.config import WebhooksConfig, parse_config
 from referral_watch.config_check import cross_problems
 from referral_watch.errors import ConfigError
+from referral_watch.partner_center.webhooks import certificates as webhook_certificates
 from referral_watch.partner_center.webhooks import verify as webhooks
 from referral_watch.partner_center.webhooks.receiver import Receiver
 from referral_watch.partner_center.webhooks.verify import (

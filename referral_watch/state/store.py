@@ -145,8 +145,8 @@ MIGRATIONS: dict[int, str] = {
     ALTER TABLE outbox ADD COLUMN claim_owner TEXT;
     ALTER TABLE outbox ADD COLUMN claim_until TEXT;
     """,
-    # The relay's queue (webhooks.forward_to, SPEC 15; see partner_center.webhooks.relay): one row per verified
-    # event and target, with the body bytes and signature headers to pass on.
+    # The relay's queue (webhooks.forward_to, SPEC 15; see partner_center.webhooks.relay): one
+    # row per verified event and target, with the body bytes and signature headers to pass on.
     6: """
     CREATE TABLE relay_queue (
         id INTEGER PRIMARY KEY,

@@ -55,7 +55,7 @@ KNOWN_EVENTS = frozenset(
     }
 )
 # Events verified side by side, on threads of their own: a certificate download (up to
-# webhook_certificates.CERTIFICATE_TIMEOUT) never holds a thread of the pool that serves the
+# certificates.CERTIFICATE_TIMEOUT) never holds a thread of the pool that serves the
 # rest of the web app, /healthz included (issue 25.5).
 VERIFYING = 4
 # Seconds an event waits for the state file's write lock before it is answered anyway and left

@@ -2,7 +2,7 @@
 
 Microsoft's steps (SPEC 15): the signature headers are present; the certificate URL is https on
 one of ``webhooks.certificate_hosts``; the downloaded certificate chains (through issuing CAs
-found as Microsoft's .NET sample finds them: referral_watch.webhook_certificates) to
+found as Microsoft's .NET sample finds them: referral_watch.partner_center.webhooks.certificates) to
 ``trust_roots`` (or the system's trust store) and is valid now; its issuer's organization is
 Microsoft Corporation; and the RSA-SHA256 signature over the exact body bytes verifies with
 its key. Only then is the body read. The body carries no referral data, only which referral
@@ -39,8 +39,7 @@ from cryptography.x509.verification import (
 
 from referral_watch.config import WebhooksConfig
 from referral_watch.errors import ReferralWatchError
-from referral_watch.state.store import WebhookEvent
-from referral_watch.webhook_certificates import (
+from referral_watch.partner_center.webhooks.certificates import (
     BAD_SIGNATURE,
     MAX_DEPTH,
     UNTRUSTED_CERTIFICATE,
@@ -54,6 +53,7 @@ from referral_watch.webhook_certificates import (
     load_trust_roots,
     parse_certificates,
 )
+from referral_watch.state.store import WebhookEvent
 
 __all__ = [
     "BAD_SIGNATURE",
@@ -71,7 +71,7 @@ ACTIONABLE = frozenset({"referral-created", "referral-updated"})
 TEST_EVENT = "test-created"
 
 # Results, as counted in referral_watch_webhook_events_total{result} (and those of
-# webhook_certificates: bad_signature, untrusted_certificate).
+# certificates: bad_signature, untrusted_certificate).
 OK = "ok"
 DUPLICATE = "duplicate"
 IGNORED = "ignored"
