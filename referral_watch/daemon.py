@@ -357,7 +357,7 @@ class Daemon:
     def _relay_dropped(self, reason: str) -> None:
         """An event could not be relayed for a day: operations hear it, as of a dropped
         message (through the outbox: a refusal there is retried)."""
-        from referral_watch import render
+        from referral_watch.render import messages as render
 
         with self.progress.working():
             try:

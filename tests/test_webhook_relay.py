@@ -185,14 +185,17 @@ def _waiting(port: int) -> bool:
     )
 
 
-def test_healthz_shows_a_relay_that_keeps_failing(world: World) -> None:
+def test_a_relay_that_keeps_failing_shows_in_healthz_and_is_dropped_after_a_day(
+    world: World,
+) -> None:
     """A target refusing for two intervals makes the daemon unhealthy, as stuck deliveries
-    do, naming the relay; the rest of /healthz stays as it was."""
+    do, naming the relay; after a day the event is dropped and operations hear it."""
     from referral_watch.config import load_config
     from referral_watch.daemon import Daemon
 
     dead = f"http://127.0.0.1:{free_port()}/nobody-listens"
     world.extra = (
+        '[operations]\nnotify = ["managers"]\n'
         '[server]\nlisten = "127.0.0.1:0"\n[webhooks]\n'
         f'certificate_hosts = ["127.0.0.1"]\nforward_to = ["{dead}"]\n'
     )
@@ -213,6 +216,13 @@ def test_healthz_shows_a_relay_that_keeps_failing(world: World) -> None:
         assert body["status"] == "stuck"
         assert body["reason"].startswith("webhook relay stuck since")
         assert body["relay_stuck_since"] is not None
+
+        moment[0] += RELAY_FOR
+        daemon.relay.wake()
+        (told,) = world.managers.wait_for(1, timeout=20)
+        assert "dropped" in told.json["title"]
+        assert "could not be relayed to http://127.0.0.1:" in told.json["message"]
+        wait_until(lambda: daemon.relay.stuck_since is None, what="the queue emptied")
     finally:
         daemon.stop.set()
         daemon.relay.join()
