@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -198,6 +199,44 @@ class DaemonProcess:
         found = self.events(event)
         assert len(found) >= count, f"exit {self.poll()} before {event!r}:\n{self.log}"
         return found
+
+
+DEMO_CONSOLE = [sys.executable, "-m", "referral_watch", "demo", "--fast", "--console", "--port"]
+
+
+@dataclass
+class DemoConsole:
+    """`referral-watch demo --fast --console` as a subprocess, past the story: its console."""
+
+    process: subprocess.Popen[str]
+    url: str  # the console's base URL, without the trailing slash
+    announced: str  # the line that says where the console is
+
+    def stop(self) -> tuple[int, str]:
+        """Ctrl-C (SIGINT): its exit status and everything it wrote to stderr."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+        try:
+            _, err = self.process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            _, err = self.process.communicate()
+        return self.process.returncode, err
+
+
+@contextmanager
+def demo_console() -> Iterator[DemoConsole]:
+    port = free_port()
+    process = subprocess.Popen(
+        [*DEMO_CONSOLE, str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    demo = DemoConsole(process, f"http://127.0.0.1:{port}", "")
+    try:
+        assert process.stdout is not None
+        demo.announced = next(x for x in process.stdout if x.startswith("The console: "))
+        yield demo
+    finally:
+        demo.stop()
 
 
 def _collect(stream: IO[str], lines: list[str]) -> None:

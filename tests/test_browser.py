@@ -174,34 +174,11 @@ TIERS = ("new", "reminder", "urgent", "final")
 
 @pytest.fixture(scope="module")
 def demo_console() -> Iterator[str]:
-    """`demo --fast --console` on a free port, at the story's end; its base URL."""
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "referral_watch",
-            "demo",
-            "--fast",
-            "--console",
-            "--port",
-            str(port),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        next(line for line in process.stdout if line.startswith("The console: "))
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.communicate()
+    """`demo --fast --console` at the story's end; its base URL."""
+    from conftest import demo_console as running
+
+    with running() as demo:
+        yield demo.url
 
 
 def tier_badges(page: Any) -> dict[str, dict[str, Any]]:

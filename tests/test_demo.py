@@ -13,6 +13,8 @@ import pytest
 
 from referral_watch.sandbox.demo import run_demo
 
+from conftest import DEMO_CONSOLE
+
 
 def test_demo_shows_the_whole_story_and_exits_0() -> None:
     done = subprocess.run(
@@ -100,39 +102,19 @@ def test_the_demo_tells_the_same_story_at_any_start_hour(hour_minute: tuple[int,
 
 
 def test_demo_console_keeps_serving_the_story_until_ctrl_c() -> None:
-    import signal
+    import re
     import urllib.request
+    from datetime import timedelta
 
-    from conftest import free_port
+    from conftest import demo_console
 
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "referral_watch",
-            "demo",
-            "--fast",
-            "--console",
-            "--port",
-            str(port),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        line = next(x for x in process.stdout if x.startswith("The console: "))
-        url = f"http://127.0.0.1:{port}/"
-        assert url in line and "Ctrl-C" in line
+    with demo_console() as demo:
+        url = demo.url + "/"
+        assert url in demo.announced and "Ctrl-C" in demo.announced
         with urllib.request.urlopen(url, timeout=10) as page:
             html = page.read().decode()
         assert "Alpine Ski House" in html  # arrived on day 3: still waiting at the story's end
         # the page counts from the story's end (two weeks on), not from today
-        import re
-        from datetime import timedelta
-
         shown_now = re.search(r'data-now="([^"]+)"', html)
         assert shown_now
         moment = datetime.fromisoformat(shown_now.group(1).replace("Z", "+00:00"))
@@ -142,12 +124,8 @@ def test_demo_console_keeps_serving_the_story_until_ctrl_c() -> None:
         with urllib.request.urlopen(url + "healthz", timeout=10) as health:
             assert health.status == 200
             assert json.loads(health.read())["status"] == "ok"
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=20) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-        _, err = process.communicate(timeout=10)
+        code, err = demo.stop()  # Ctrl-C
+    assert code == 0
     assert "Traceback" not in err
 
 
@@ -159,16 +137,7 @@ def test_demo_console_on_a_port_in_use_says_so_before_the_story() -> None:
         taken.listen()
         port = taken.getsockname()[1]
         done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "referral_watch",
-                "demo",
-                "--fast",
-                "--console",
-                "--port",
-                str(port),
-            ],
+            [*DEMO_CONSOLE, str(port)],
             capture_output=True,
             text=True,
             timeout=60,
