@@ -52,7 +52,7 @@ def test_demo_shows_the_whole_story_and_exits_0() -> None:
     ][-3:]
     assert [int(left.split("h")[0]) for left in finals] == [10, 6, 2], finals
     # the closing hint names a command that works from here (`python -m`, as this test ran it)
-    assert f"`{sys.executable} -m referral_watch check-config`" in out
+    assert f"  {sys.executable} -m referral_watch --config config/referral-watch.toml" in out
 
 
 BURST = ["Alpine Ski House", "Bellows College", "Coho Winery", "Datum Systems", "Fourth Coffee"]

@@ -415,8 +415,9 @@ def _summary(stream: TextIO, store: Store, start: datetime) -> None:
     command = command_name()
     stream.write(
         "\nThe malformed record was set aside and logged; everything else was answered or "
-        f"announced.\nNext, the README's first run: `{command} check-config` on a copy of "
-        f"config/referral-watch.example.toml, then `{command} login`.\n"
+        "announced.\nNext, the README's first run: copy config/referral-watch.example.toml to "
+        f"config/referral-watch.toml, then\n  {command} --config config/referral-watch.toml "
+        "check-config\n"
     )
 
 
