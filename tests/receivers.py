@@ -173,7 +173,7 @@ class WebhookReceiver:
         with self._lock:
             return [r.json for r in self.requests]
 
-    def wait_for(self, count: int, timeout: float = 5.0) -> list[ReceivedRequest]:
+    def wait_for(self, count: int, timeout: float = 20.0) -> list[ReceivedRequest]:
         wait_until(lambda: len(self.requests) >= count, timeout, f"{count} webhook request(s)")
         with self._lock:
             return list(self.requests)
@@ -278,7 +278,7 @@ class SmtpReceiver:
         query = "&".join(f"{k}={quote(v, safe='@,')}" for k, v in params.items())
         return f"mailto://{LOOPBACK}:{self.port}?{query}"
 
-    def wait_for(self, count: int, timeout: float = 5.0) -> list[ReceivedMail]:
+    def wait_for(self, count: int, timeout: float = 20.0) -> list[ReceivedMail]:
         wait_until(lambda: len(self.messages) >= count, timeout, f"{count} mail message(s)")
         with self._lock:
             return list(self.messages)
