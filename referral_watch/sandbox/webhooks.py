@@ -100,6 +100,8 @@ class _Certificates:
         import trustme
 
         self.host = host
+        # Not documented by Microsoft: which CAs sign its certificate and where the issuer is
+        # published (the certificate says; the sandbox mirrors that shape, with its own root).
         self.root = trustme.CA(organization_name="Sandbox Root Certificate Authority")
         self.microsoft = trustme.CA(
             parent_cert=self.root, organization_name="Microsoft Corporation"
@@ -420,8 +422,8 @@ class SandboxWebhooks:
         if fault == "no_algorithm":
             del headers["X-MS-Signature-Algorithm"]
         if registration.get("SignatureTokenToMsSignatureHeader"):
-            # Microsoft's sample reads this header as "Signature <base64>" (it splits on the
-            # space); receivers also take it bare.
+            # Not documented by Microsoft: the header's exact value. Its sample reads it as
+            # "Signature <base64>" (it splits on the space); receivers also take it bare.
             headers["x-ms-signature"] = f"Signature {signature}"
         else:
             headers["Authorization"] = f"Signature {signature}"
