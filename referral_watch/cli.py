@@ -582,9 +582,9 @@ def state_migrate(obj: Context, url: str, path: str | None) -> None:
 
     from referral_watch.config import redact_url
     from referral_watch.state.dialect import is_url
+    from referral_watch.state.lock import InstanceLock
     from referral_watch.state.migrate import migrate
     from referral_watch.state.replica import OnceLock
-    from referral_watch.state.store import InstanceLock
 
     if not is_url(url):
         raise click.BadParameter("give a postgresql://user@host/database URL", param_hint="--to")

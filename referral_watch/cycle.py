@@ -33,15 +33,10 @@ from referral_watch.model import (
     parse_referral,
     usable_id,
 )
-from referral_watch.state.store import (
-    CLAIM_LEASE,
-    STUCK_META,
-    PollRecord,
-    Store,
-    from_ts,
-    printable,
-    ts,
-)
+from referral_watch.state.db import from_ts, printable, ts
+from referral_watch.state.journal import PollRecord
+from referral_watch.state.outbox import CLAIM_LEASE, STUCK_META
+from referral_watch.state.store import Store
 
 # What a stage does, for "internal error while ..." messages.
 STAGE_WORDS = {

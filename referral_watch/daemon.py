@@ -24,8 +24,10 @@ from referral_watch.config import Config
 from referral_watch.cycle import Clock, Cycle, CycleResult, NoPolls, system_clock
 from referral_watch.errors import ConfigError, ReferralWatchError, StateError, scrub
 from referral_watch.ops import OpsState, health, ops_event
+from referral_watch.state.db import from_ts, ts
+from referral_watch.state.lock import InstanceLock
 from referral_watch.state.replica import Leadership, work_name
-from referral_watch.state.store import InstanceLock, Store, from_ts, ts
+from referral_watch.state.store import Store
 from referral_watch.watchdog import Progress
 
 if TYPE_CHECKING:

@@ -136,7 +136,7 @@ def queue_report(
 ) -> list[int]:
     """Put the report in the outbox for each of its channels and remember `due` as sent.
     Returns the outbox rows, for the cycle's delivery."""
-    from referral_watch.state.store import ts
+    from referral_watch.state.db import ts
 
     leads = store.leads(include_resolved=True)
     rows = []

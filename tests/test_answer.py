@@ -437,7 +437,7 @@ def test_the_client_translates_refusals_without_repeating_the_token(sandbox: San
 
 
 def test_a_running_daemon_tells_on_resolved_itself(world: World) -> None:
-    from referral_watch.state.store import InstanceLock
+    from referral_watch.state.lock import InstanceLock
 
     lead = watched_lead(world)
     with InstanceLock(world.state_path.with_name("state.db.lock")):  # as `run` holds it

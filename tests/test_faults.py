@@ -29,7 +29,8 @@ from referral_watch.notify import Notifier
 from referral_watch.partner_center.auth import EnvTokenProvider
 from referral_watch.partner_center.client import PartnerCenter
 from referral_watch.sandbox.server import make_referral
-from referral_watch.state.store import SCHEMA_VERSION, Store
+from referral_watch.state.schema import SCHEMA_VERSION
+from referral_watch.state.store import Store
 
 from conftest import TOKEN_ENV, World, wait_until
 

@@ -39,7 +39,8 @@ from referral_watch.model import TIER, Alert, MalformedReferral, Referral, parse
 from referral_watch.partner_center import client as partner_center
 from referral_watch.partner_center.client import Page
 from referral_watch.sandbox.server import make_referral
-from referral_watch.state.store import Store, ts
+from referral_watch.state.db import ts
+from referral_watch.state.store import Store
 
 NOW = datetime(2026, 11, 24, 9, 0, tzinfo=UTC)
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

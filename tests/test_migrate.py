@@ -5,7 +5,9 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from referral_watch.model import AuditEntry
-from referral_watch.state.store import InstanceLock, Store, WebhookEvent
+from referral_watch.state.lock import InstanceLock
+from referral_watch.state.store import Store
+from referral_watch.state.webhook_events import WebhookEvent
 
 from conftest import World
 from pgserver import PostgresServer

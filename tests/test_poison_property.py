@@ -26,7 +26,8 @@ from referral_watch.cycle import Cycle
 from referral_watch.partner_center.client import Page
 from referral_watch.render import status_view
 from referral_watch.sandbox.server import make_referral
-from referral_watch.state.store import Store, printable
+from referral_watch.state.db import printable
+from referral_watch.state.store import Store
 
 NOW = datetime(2026, 11, 24, 9, 0, tzinfo=UTC)
 WHOLE_PATH = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))

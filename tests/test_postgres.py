@@ -4,15 +4,19 @@ a real PostgreSQL server started by the test suite (pgserver.py)."""
 from __future__ import annotations
 
 import re
+import threading
 from datetime import timedelta
 
 import pytest
 
 from referral_watch.config import parse_config
-from referral_watch.errors import ConfigError
+from referral_watch.errors import ConfigError, StateError
+from referral_watch.state.dialect import SCHEMA_LOCK, WRITE_LOCK, connect_pg, pg_ddl
 from referral_watch.state.replica import Leadership
+from referral_watch.state.schema import MIGRATIONS, SCHEMA_VERSION
+from referral_watch.state.store import Store
 
-from conftest import LOCAL, World, free_port
+from conftest import LOCAL, World, free_port, wait_until
 from pgserver import PostgresServer
 
 
@@ -144,3 +148,38 @@ def test_a_standby_serves_the_console_read_only(pg_world: World, pg_url: str) ->
     finally:
         daemon.leadership.stop()
         active.stop()
+
+
+def test_a_process_that_waited_while_another_created_the_schema_finds_it_current(
+    pg_url: str,
+) -> None:
+    """Replicas started together on an empty database: the one that waits while another
+    creates the schema finds it current afterwards instead of creating it again (issue 26:
+    `relation "leads" already exists` killed 1 to 3 of 4 replicas)."""
+    first = connect_pg(pg_url, "test")  # another replica, in the middle of creating the schema
+    first.execute("BEGIN")
+    first.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+    first.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+    opened: dict[str, object] = {}
+
+    def open_second() -> None:
+        try:
+            with Store(pg_url) as store:
+                opened["leads"] = store.leads()
+        except StateError as exc:
+            opened["error"] = str(exc)
+
+    second = threading.Thread(target=open_second)
+    second.start()
+    waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+    wait_until(lambda: first.execute(waiting).fetchone()[0] > 0, 20, "the second to wait")
+    for version in range(1, SCHEMA_VERSION + 1):
+        for statement in pg_ddl(MIGRATIONS[version]).split(";"):
+            if statement.strip():
+                first.execute(statement)
+    first.execute("CREATE TABLE schema_version (version BIGINT NOT NULL)")
+    first.execute("INSERT INTO schema_version (version) VALUES (%s)", (SCHEMA_VERSION,))
+    first.execute("COMMIT")
+    second.join(30)
+    first.close()
+    assert opened == {"leads": []}

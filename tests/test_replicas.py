@@ -82,6 +82,12 @@ class Cluster:
     started: int = 0
 
     def start(self) -> Replica:
+        replica = self.launch()
+        wait_until(lambda: replica.role is not None, 30, f"replica {self.started} to answer")
+        return replica
+
+    def launch(self) -> Replica:
+        """Start a replica without waiting for it to answer."""
         port = free_port()
         self.started += 1
         config = self.world.tmp / f"replica-{self.started}.toml"
@@ -97,7 +103,6 @@ class Cluster:
             )
         replica = Replica(process, port, log)
         self.replicas.append(replica)
-        wait_until(lambda: replica.role is not None, 30, f"replica {self.started} to answer")
         return replica
 
     def active(self) -> Replica:
@@ -181,6 +186,24 @@ def test_one_active_one_standby_on_one_database(cluster: Cluster) -> None:
     # status --check: the standby host is healthy; with the active one's polls stale and no
     # replica elsewhere, it would not be
     assert world.cli("status", "--check").code == 0
+
+
+def test_four_replicas_started_at_once_on_an_empty_database_all_come_up(
+    cluster: Cluster,
+) -> None:
+    """A first deploy of the HA overlay: every replica finds an empty database and creates the
+    schema at the same moment. None may die of another's CREATE TABLE (issue 26)."""
+    replicas = [cluster.launch() for _ in range(4)]
+
+    def all_up() -> bool:
+        for replica in replicas:
+            assert replica.process.poll() is None, replica.log.read_text()[-1000:]
+        return all(r.role is not None for r in replicas)
+
+    wait_until(all_up, 40, "all four to answer")
+    cluster.active()  # exactly one active
+    assert sorted(r.role or "" for r in replicas) == ["active", "standby", "standby", "standby"]
+    assert all("already exists" not in r.log.read_text() for r in replicas)
 
 
 def test_status_check_counts_a_standby_as_healthy(world: World, pg_url: str) -> None:

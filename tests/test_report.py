@@ -31,7 +31,8 @@ from referral_watch.render.report import (
     summarize,
 )
 from referral_watch.sandbox.server import make_referral
-from referral_watch.state.store import Store, ts
+from referral_watch.state.db import ts
+from referral_watch.state.store import Store
 
 from conftest import World, faketime_env
 from receivers import SmtpReceiver, WebhookReceiver

@@ -15,7 +15,10 @@ import pytest
 
 from referral_watch.errors import LockedError, StateError
 from referral_watch.model import TIER, Alert, AuditEntry, parse_referral
-from referral_watch.state.store import SCHEMA_VERSION, InstanceLock, PollRecord, Store
+from referral_watch.state.journal import PollRecord
+from referral_watch.state.lock import InstanceLock
+from referral_watch.state.schema import SCHEMA_VERSION
+from referral_watch.state.store import Store
 
 from pgserver import PostgresServer
 
@@ -172,7 +175,7 @@ def test_second_process_is_refused_by_the_lock(tmp_path: Path) -> None:
     lock_path = tmp_path / "state.db.lock"
     code = (
         "import sys; from pathlib import Path\n"
-        "from referral_watch.state.store import InstanceLock\n"
+        "from referral_watch.state.lock import InstanceLock\n"
         "from referral_watch.errors import LockedError\n"
         f"lock = InstanceLock(Path({str(lock_path)!r}))\n"
         "try:\n    lock.acquire()\nexcept LockedError as e:\n    print(e); sys.exit(3)\n"
@@ -279,7 +282,8 @@ def test_state_file_wal_lock_and_folder_are_private_under_umask_022(tmp_path: Pa
     folder = tmp_path / "new" / "state"
     code = (
         "import os, sys; from pathlib import Path; os.umask(0o022)\n"
-        "from referral_watch.state.store import InstanceLock, Store\n"
+        "from referral_watch.state.lock import InstanceLock\n"
+        "from referral_watch.state.store import Store\n"
         "folder = Path(sys.argv[1])\n"
         "with InstanceLock(folder / 'state.db.lock'), Store(folder / 'state.db') as store:\n"
         "    store.set_meta('k', 'v')\n"

@@ -203,7 +203,7 @@ def test_the_lead_page_names_each_message_after_its_tier_and_counts_its_tries(
 def test_last_seen_of_a_watched_lead_is_the_last_poll_even_when_it_did_not_change(
     world: World,
 ) -> None:
-    from referral_watch.state.store import PollRecord
+    from referral_watch.state.journal import PollRecord
 
     ids = polled(world, **{"Steady BV": timedelta(days=3)})
     later = datetime(2031, 5, 6, 7, 8, tzinfo=UTC)  # a poll that found it unchanged

@@ -7,7 +7,8 @@ import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from referral_watch.state.store import WEBHOOK_KEYS_KEPT, Store, WebhookEvent
+from referral_watch.state.store import Store
+from referral_watch.state.webhook_events import WEBHOOK_KEYS_KEPT, WebhookEvent
 
 NOW = datetime(2026, 11, 24, 9, 0, tzinfo=UTC)
 
@@ -19,7 +20,7 @@ def event(key: str, lead: str | None = "lead-1") -> WebhookEvent:
 def test_a_version_1_file_gains_the_table_and_keeps_its_leads(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     db = sqlite3.connect(path)
-    from referral_watch.state.store import MIGRATIONS
+    from referral_watch.state.schema import MIGRATIONS
 
     db.executescript(MIGRATIONS[1])
     db.execute("INSERT INTO meta (key, value) VALUES ('kept', 'yes')")

@@ -12,7 +12,9 @@ from referral_watch.config import Config
 from referral_watch.errors import scrub
 from referral_watch.model import AuditEntry, Lead
 from referral_watch.render.i18n import money_text, time_left_text
-from referral_watch.state.store import PollRecord, Quarantined, Silence
+from referral_watch.state.journal import PollRecord
+from referral_watch.state.leads import Silence
+from referral_watch.state.quarantine import Quarantined
 from referral_watch.text import clip, columns, iso_utc, terminal
 
 # CLI output stays English whatever the alert locale.

@@ -18,7 +18,8 @@ import re
 import socket
 import sqlite3
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from referral_watch.state.folder import make_state_folder
 # Advisory lock keys (64-bit, any value; these spell "rw-write" and "rw-activ" in ASCII).
 WRITE_LOCK = 0x72772D7772697465
 ACTIVE_LOCK = 0x72772D6163746976
+SCHEMA_LOCK = 0x72772D736368656D  # "rw-schem": creating or migrating the schema
 # How long a writer waits for another one before the state counts as busy.
 WRITE_WAIT = "60s"
 CONNECT_TIMEOUT = 10  # seconds
@@ -103,6 +105,14 @@ class Sqlite:
     def in_transaction(self, db: Any) -> bool:
         return bool(db.in_transaction)
 
+    def schema_lock(self, db: Any) -> Any:
+        """BEGIN IMMEDIATE already keeps migrations apart, and SQLite sees a schema another
+        connection changed."""
+        return nullcontext()
+
+    def set_write_wait(self, db: Any, seconds: float) -> None:
+        db.execute(f"PRAGMA busy_timeout = {int(seconds * 1000)}")  # PRAGMA takes no parameters
+
     def explain(self, exc: BaseException) -> str:
         return explain_sqlite(self.path, exc)
 
@@ -163,6 +173,20 @@ class Postgres:
 
     def in_transaction(self, db: Any) -> bool:
         return bool(db.in_transaction)
+
+    @contextmanager
+    def schema_lock(self, db: Any) -> Iterator[None]:
+        """One process at a time creates or migrates the schema: a session advisory lock, held
+        outside any transaction, so what is read after it sees the schema as now committed."""
+        db.execute("SELECT pg_advisory_lock(?)", (SCHEMA_LOCK,))
+        try:
+            yield
+        finally:
+            if not db.broken:
+                db.execute("SELECT pg_advisory_unlock(?)", (SCHEMA_LOCK,))
+
+    def set_write_wait(self, db: Any, seconds: float) -> None:
+        self.write_wait = f"{int(seconds * 1000)}ms"
 
     def explain(self, exc: BaseException) -> str:
         return explain_pg(self.shown, exc)

@@ -202,7 +202,7 @@ def state_lock(config: Config) -> Any:
     (SPEC 11), the active lock on PostgreSQL."""
     if config.state.url is not None:
         return OnceLock(config.state.url, config.state.shown)
-    from referral_watch.state.store import InstanceLock
+    from referral_watch.state.lock import InstanceLock
 
     return InstanceLock(config.lock_path)
 

@@ -17,7 +17,7 @@ from referral_watch import policy
 from referral_watch.config import Config
 from referral_watch.model import AuditEntry, Lead
 from referral_watch.render.i18n import babel_locale, money_text, time_left_text, zone
-from referral_watch.state.store import PollRecord
+from referral_watch.state.journal import PollRecord
 
 Gettext = Callable[[str], str]
 

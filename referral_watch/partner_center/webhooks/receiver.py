@@ -38,7 +38,6 @@ from referral_watch.partner_center.webhooks.verify import (
     lower_headers,
     parse_event,
 )
-from referral_watch.state.dialect import Sqlite
 from referral_watch.state.store import Store
 from referral_watch.web.server import REQUEST_TIMEOUT
 
@@ -104,10 +103,7 @@ class Receiver:
         store: Store | None = getattr(self._local, "store", None)
         if store is None:
             store = self._local.store = Store(self.config.state.location)
-            if isinstance(store.dialect, Sqlite):
-                store.db.execute(f"PRAGMA busy_timeout = {int(LOCK_WAIT * 1000)}")
-            else:  # PostgreSQL: the same short wait for the write lock
-                store.dialect.write_wait = f"{int(LOCK_WAIT * 1000)}ms"
+            store.wait_for_writers(LOCK_WAIT)
         return store
 
     def flush(self, store: Store) -> None:

@@ -53,7 +53,7 @@ from referral_watch.partner_center.webhooks.certificates import (
     load_trust_roots,
     parse_certificates,
 )
-from referral_watch.state.store import WebhookEvent
+from referral_watch.state.webhook_events import WebhookEvent
 
 __all__ = [
     "BAD_SIGNATURE",

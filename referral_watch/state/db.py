@@ -1,0 +1,125 @@
+"""The state's connection: a SQLite file or a PostgreSQL database (the differences live in
+dialect.py: one SQL text serves both), its transactions and its metadata.
+
+Times are stored as ISO-8601 UTC strings of one fixed width, so text order is time order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from referral_watch.errors import StateError
+from referral_watch.state.dialect import Postgres, Sqlite, open_dialect
+
+_T = TypeVar("_T")
+
+
+def ts(moment: datetime) -> str:
+    """A sortable fixed-width UTC timestamp."""
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def from_ts(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text) if text else None
+
+
+def printable(text: str) -> str:
+    """Text SQLite (and a terminal) can take: a lone surrogate becomes its escape, \\ud800."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def chunks(items: Sequence[_T], size: int = 500) -> list[Sequence[_T]]:
+    """Pieces small enough for SQLite's limit on bound parameters."""
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+class Database:
+    """One open state (a SQLite file, or a PostgreSQL database given by its URL). Not shared
+    between threads: open one per thread. The table groups (leads, outbox, ...) build on it."""
+
+    def __init__(self, where: Path | str, *, create: bool = True, name: str | None = None) -> None:
+        """`where`: a SQLite file's path or a PostgreSQL URL; `name`: how the connection shows
+        in PostgreSQL's pg_stat_activity (an active replica's work connections are fenced by
+        it on takeover)."""
+        self.dialect: Sqlite | Postgres = open_dialect(where, create=create)
+        self.path = where
+        self.shown = self.dialect.shown  # fit for messages: a URL without its password
+        self.db: Any = self.dialect.connect(name)
+
+    @property
+    def owner(self) -> str:
+        """Who this process is in outbox claims."""
+        return self.dialect.owner
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self: _T) -> _T:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Any]:
+        """BEGIN (a writer's lock) ... COMMIT, or ROLLBACK on any exception (nothing
+        half-written)."""
+        try:
+            self.dialect.begin(self.db)
+        except self.dialect.errors as exc:
+            raise StateError(self.dialect.explain(exc)) from None
+        except StateError:
+            self._rollback()
+            raise
+        try:
+            yield self.db
+        except self.dialect.errors as exc:  # e.g. the disk filled up mid-poll
+            self._rollback()
+            raise StateError(self.dialect.explain(exc)) from None
+        except BaseException:
+            self._rollback()
+            raise
+        try:
+            self.db.execute("COMMIT")
+        except self.dialect.errors as exc:
+            self._rollback()
+            raise StateError(self.dialect.explain(exc)) from None
+        except StateError:
+            self._rollback()
+            raise
+
+    def _rollback(self) -> None:
+        # SQLite may already have rolled back by itself (SQLITE_FULL, SQLITE_IOERR ...);
+        # a lost PostgreSQL connection has nothing left to roll back.
+        try:
+            if self.dialect.in_transaction(self.db):
+                self.db.execute("ROLLBACK")
+        except StateError:
+            pass
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str | None) -> None:
+        """Set or (with None) clear a metadata value; call inside transaction() or alone."""
+        if value is None:
+            self.db.execute("DELETE FROM meta WHERE key = ?", (key,))
+        else:
+            self.db.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+    def wait_for_writers(self, seconds: float) -> None:
+        """How long a write waits for another writer before the state counts as busy."""
+        self.dialect.set_write_wait(self.db, seconds)

@@ -1,0 +1,446 @@
+"""The leads table (and the silences on them): what the poll stored, what the policy reads."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from referral_watch.model import AuditEntry, Lead, MalformedReferral, Referral, parse_referral
+from referral_watch.state.db import Database, chunks, from_ts, ts
+from referral_watch.state.webhook_events import WEBHOOK_KEYS_KEPT
+
+
+@dataclass(frozen=True)
+class Silence:
+    """A running silence (`silences`): whose lead, until when, why, set by whom and when."""
+
+    lead_id: str
+    until: datetime
+    reason: str
+    by: str
+    since: datetime
+    through_deadline: bool
+    customer: str
+    deadline: datetime | None  # None when the lead has been pruned from the state
+    resolution: str | None
+
+
+class Leads(Database):
+    def upsert(
+        self, referrals: Iterable[Referral], deadline: Callable[[Referral], datetime], now: datetime
+    ) -> int:
+        """Store a page of the poll; returns how many were new. Call inside transaction()."""
+        return sum(self.upsert_each(referrals, deadline, now))
+
+    def upsert_each(
+        self,
+        referrals: Iterable[Referral],
+        deadline: Callable[[Referral], datetime],
+        now: datetime,
+        *,
+        rejected: Callable[[Referral, BaseException], None] | None = None,
+    ) -> list[bool]:
+        """Store a page of the poll; for each referral, whether it was new (first seen now).
+        A referral this store cannot hold (text it cannot encode, ...) is handed to `rejected`
+        (counted as not new) instead of failing the page. Call inside transaction()."""
+        seen = ts(now)
+        given = list(referrals)
+        # One statement per slice of the page; a lead twice in it is stored once, the last
+        # copy winning (as one statement per record would leave it).
+        rows: dict[str, tuple[Any, ...]] = {}
+        refused: set[str] = set()
+        for ref in given:
+            try:
+                rows[ref.id] = (
+                    ref.id,
+                    ref.raw,
+                    ref.customer,
+                    ts(ref.created),
+                    ts(deadline(ref)),
+                    ref.substatus,
+                    seen,
+                    seen,
+                )
+            except (OverflowError, ValueError) as exc:  # no deadline can be computed
+                if rejected is None:
+                    raise
+                rejected(ref, exc)
+                refused.add(ref.id)
+        by_id = {ref.id: ref for ref in given}
+        first_seen: dict[str, str] = {}
+        for chunk in chunks(list(rows.values()), 200):
+            try:
+                first_seen.update(self._upsert_rows(chunk))
+            except self.dialect.record_errors:
+                if rejected is None:
+                    raise
+                # Nothing of the statement was stored (its values could not be bound): one
+                # by one, to set aside only the records this store cannot hold.
+                for row in chunk:
+                    try:
+                        first_seen.update(self._upsert_rows([row]))
+                    except self.dialect.record_errors as exc:
+                        rejected(by_id[row[0]], exc)
+                        refused.add(row[0])
+        return [ref.id not in refused and first_seen.get(ref.id) == seen for ref in given]
+
+    def _upsert_rows(self, chunk: Sequence[tuple[Any, ...]]) -> list[tuple[str, str]]:
+        marks = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
+        stored = self.db.execute(
+            f"""INSERT INTO leads (id, raw, customer, created, deadline, substatus,
+                                   first_seen, last_seen)
+                VALUES {marks}
+                ON CONFLICT (id) DO UPDATE SET
+                    raw = excluded.raw, customer = excluded.customer,
+                    created = excluded.created, deadline = excluded.deadline,
+                    substatus = excluded.substatus, last_seen = excluded.last_seen,
+                    resolution = NULL, resolved_at = NULL, resolution_notified = 0
+                RETURNING id, first_seen""",
+            [value for row in chunk for value in row],
+        )
+        return [(str(row[0]), str(row[1])) for row in stored]
+
+    def absent_since(self, moment: datetime, *, seen: Collection[str] = ()) -> list[str]:
+        """Watched leads that the poll which started at `moment` did not return: not stored by
+        it, and not in `seen` (the leads it found unchanged and so did not rewrite)."""
+        rows = self.db.execute(
+            "SELECT id FROM leads WHERE resolution IS NULL AND last_seen < ? ORDER BY deadline",
+            (ts(moment),),
+        )
+        return [row[0] for row in rows if row[0] not in seen]
+
+    def refresh(self, referral: Referral, deadline: datetime) -> None:
+        """A by-id fetch found the lead still waiting: keep its data current."""
+        self.db.execute(
+            "UPDATE leads SET raw = ?, customer = ?, deadline = ?, substatus = ? WHERE id = ?",
+            (referral.raw, referral.customer, ts(deadline), referral.substatus, referral.id),
+        )
+
+    def resolve(self, lead_id: str, resolution: str, now: datetime, raw: str | None = None) -> None:
+        self.db.execute(
+            """UPDATE leads SET resolution = ?, resolved_at = ?, raw = COALESCE(?, raw),
+                   substatus = CASE WHEN ? = 'gone' THEN substatus ELSE ? END
+               WHERE id = ?""",
+            (resolution, ts(now), raw, resolution, resolution.capitalize(), lead_id),
+        )
+        # A reminder still held (quiet hours, failing channel) is moot once the lead is answered.
+        self.db.execute(
+            "UPDATE outbox SET state = 'superseded' "
+            "WHERE lead_id = ? AND kind = 'tier' AND +state = 'pending'",
+            (lead_id,),
+        )
+
+    def mark_expired(self, now: datetime) -> None:
+        """Remember when watched leads passed their deadline unanswered (for reports)."""
+        self.db.execute(
+            """UPDATE leads SET expired_at = deadline
+               WHERE resolution IS NULL AND expired_at IS NULL AND deadline < ?""",
+            (ts(now),),
+        )
+        # A reminder still held when the deadline passes would only confuse: the expired
+        # notice speaks for the lead now.
+        self.db.execute(
+            """UPDATE outbox SET state = 'superseded'
+               WHERE kind = 'tier' AND state = 'pending'
+                 AND lead_id IN (SELECT id FROM leads WHERE deadline < ?)""",
+            (ts(now),),
+        )
+
+    def leads(
+        self,
+        *,
+        include_resolved: bool = False,
+        for_policy: bool = False,
+        ids: Sequence[str] | None = None,
+    ) -> list[Lead]:
+        """Watched leads (plus resolved ones on request, or those with a notice still owed),
+        most urgent first; ``ids`` limits them to those leads."""
+        where = "l.resolution IS NULL"
+        if include_resolved:
+            where = "1 = 1"
+        elif for_policy:
+            where = """(l.resolution IS NULL
+                        OR (l.resolution = 'expired' AND l.expired_notified = 0)
+                        OR (l.resolution NOT IN ('expired', 'gone')
+                            AND l.resolution_notified = 0))"""
+        if ids is None:
+            return self._leads_where(where, ())
+        found: list[Lead] = []
+        for chunk in chunks(ids):
+            marks = ",".join("?" * len(chunk))
+            found.extend(self._leads_where(f"{where} AND l.id IN ({marks})", chunk))
+        found.sort(key=lambda lead: lead.deadline)  # stable: chunks are already in order
+        return found
+
+    def _leads_where(self, where: str, params: Sequence[str]) -> list[Lead]:
+        rows = self.db.execute(
+            f"""SELECT l.*, s.until AS silenced_until, s.reason AS silence_reason,
+                       s.through_deadline,
+                       (SELECT group_concat(DISTINCT o.tier) FROM outbox o
+                         WHERE o.lead_id = l.id AND o.kind = 'tier' AND o.state = 'delivered')
+                         AS tiers_sent,
+                       a.at AS a_at, a.who AS a_who, a.name AS a_name, a.via AS a_via,
+                       a.action AS a_action, a.result AS a_result, a.reason AS a_reason,
+                       a.request_id AS a_request_id
+                FROM leads l LEFT JOIN silences s ON s.lead_id = l.id
+                LEFT JOIN audit a ON a.id = (
+                    SELECT max(id) FROM audit WHERE lead_id = l.id
+                      AND result IN ('accepted', 'declined'))
+                WHERE {where} ORDER BY l.deadline, l.id""",
+            params,
+        )
+        return [lead for lead in (_lead(row) for row in rows) if lead is not None]
+
+    def lead(self, lead_id: str) -> Lead | None:
+        found = self.leads(include_resolved=True, ids=[lead_id])
+        return found[0] if found else None
+
+    def lead_outlines(self, ids: Iterable[str]) -> LeadOutlines:
+        """Leads with only id, customer, created, deadline and resolution filled in, without
+        reading their stored JSON: enough to order and group outbox rows, never to render."""
+        outlines = LeadOutlines()
+        for chunk in chunks(list(ids)):
+            marks = ",".join("?" * len(chunk))
+            rows = self.db.execute(
+                "SELECT id, customer, created, deadline, first_seen, last_seen, resolution "
+                f"FROM leads WHERE id IN ({marks})",
+                chunk,
+            )
+            for row in rows:
+                outlines.rows[row[0]] = tuple(row)
+        return outlines
+
+    def fingerprints(self) -> dict[int, str]:
+        """The watched leads' ids by hash() of their stored record text. A poll looks up what
+        it receives in this to recognise unchanged leads without decoding them (the hashes are
+        valid in this process only)."""
+        rows = self.db.execute("SELECT id, raw FROM leads WHERE resolution IS NULL")
+        return {hash(raw): lead_id for lead_id, raw in rows}
+
+    def policy_candidates(
+        self,
+        points: Sequence[tuple[str, str, datetime, datetime | None]],
+        now: datetime,
+        *,
+        expired_notices: bool = True,
+        resolved_notices: bool = True,
+    ) -> list[str]:
+        """Ids of the leads the policy may have something to say about at ``now``, most urgent
+        first: a superset of those ``policy.due_alerts`` returns alerts for.
+
+        ``points`` are (channel, tier, cutoff, repeat_after) from ``policy.tier_points``: the
+        tier is due for a lead whose deadline <= cutoff. A watched lead is a candidate when a due
+        tier has no outbox row yet for that channel, or the tier repeats and no row of it that
+        was not skipped is newer than repeat_after. Every other lead has heard all that is due,
+        so a steady cycle reads (and parses) none of them.
+        """
+        points = list(points) or [("", "", datetime.min.replace(tzinfo=UTC), None)]
+        values = ",".join("(?, ?, ?, ?)" for _ in points)
+        params: list[Any] = [
+            value
+            for channel, tier, cutoff, repeat_after in points
+            for value in (channel, tier, ts(cutoff), ts(repeat_after) if repeat_after else None)
+        ]
+        moment = ts(now)
+        params += [moment, int(expired_notices), moment, int(resolved_notices)]
+        rows = self.db.execute(
+            f"""WITH points (channel, tier, cutoff, repeat_after) AS (VALUES {values})
+                SELECT l.id FROM leads l
+                WHERE (l.resolution IS NULL AND l.deadline >= ? AND EXISTS (
+                         SELECT 1 FROM points p
+                         WHERE l.deadline <= p.cutoff AND (
+                           NOT EXISTS (
+                             SELECT 1 FROM outbox o
+                             WHERE o.lead_id = l.id AND o.channel = p.channel
+                               AND o.kind = 'tier' AND o.tier = p.tier)
+                           OR (p.repeat_after IS NOT NULL AND NOT EXISTS (
+                             SELECT 1 FROM outbox o
+                             WHERE o.lead_id = l.id AND o.channel = p.channel
+                               AND o.kind = 'tier' AND o.tier = p.tier
+                               AND o.state != 'skipped' AND o.created > p.repeat_after)))))
+                   OR (? = 1 AND l.expired_notified = 0
+                       AND ((l.resolution IS NULL AND l.deadline < ?)
+                            OR l.resolution = 'expired'))
+                   OR (? = 1 AND l.resolution_notified = 0
+                       AND l.resolution NOT IN ('expired', 'gone'))
+                ORDER BY l.deadline""",
+            params,
+        )
+        return [row[0] for row in rows]
+
+    def ids_starting(self, prefix: str) -> list[str]:
+        """Lead ids (any state) that begin with `prefix`, case-sensitive, without parsing leads."""
+        rows = self.db.execute(
+            "SELECT id FROM leads WHERE substr(id, 1, ?) = ? ORDER BY id", (len(prefix), prefix)
+        )
+        return [row[0] for row in rows]
+
+    def known(self, lead_id: str) -> bool:
+        row = self.db.execute("SELECT 1 FROM leads WHERE id = ?", (lead_id,)).fetchone()
+        return row is not None
+
+    def watched_summary(self) -> tuple[int, datetime | None]:
+        """How many leads are watched, and the earliest deadline among them (for metrics)."""
+        count, soonest = self.db.execute(
+            "SELECT count(*), min(deadline) FROM leads WHERE resolution IS NULL"
+        ).fetchone()
+        return int(count), from_ts(soonest)
+
+    def prune(self, now: datetime, keep_resolved: timedelta) -> int:
+        cutoff = ts(now - keep_resolved)
+        with self.transaction():
+            gone = [
+                row[0]
+                for row in self.db.execute(
+                    "SELECT id FROM leads WHERE resolution IS NOT NULL AND resolved_at < ?",
+                    (cutoff,),
+                )
+            ]
+            for lead_id in gone:
+                self.db.execute("DELETE FROM outbox WHERE lead_id = ?", (lead_id,))
+                self.db.execute("DELETE FROM audit WHERE lead_id = ?", (lead_id,))
+                self.db.execute("DELETE FROM silences WHERE lead_id = ?", (lead_id,))
+                self.db.execute("DELETE FROM leads WHERE id = ?", (lead_id,))
+            self.db.execute(
+                "DELETE FROM outbox WHERE lead_id IS NULL AND state != 'pending' AND created < ?",
+                (cutoff,),
+            )
+            self.db.execute("DELETE FROM polls WHERE finished < ?", (cutoff,))
+            # Partner Center redelivers for about a day at most; a week of keys is plenty.
+            self.db.execute(
+                "DELETE FROM webhook_events WHERE state != 'pending' AND received < ?",
+                (ts(now - WEBHOOK_KEYS_KEPT),),
+            )
+            self.db.execute("DELETE FROM quarantine WHERE last_seen < ?", (cutoff,))
+        return len(gone)
+
+    # --- silences -----------------------------------------------------------------------
+
+    def silence(
+        self,
+        lead_id: str,
+        until: datetime,
+        now: datetime,
+        *,
+        reason: str = "",
+        by: str = "",
+        through_deadline: bool = False,
+    ) -> None:
+        with self.transaction():
+            self.db.execute(
+                """INSERT INTO silences (lead_id, until, reason, created_by, created,
+                                         through_deadline)
+                   VALUES (?, ?, ?, ?, ?, ?)
+                   ON CONFLICT (lead_id) DO UPDATE SET until = excluded.until,
+                       reason = excluded.reason, created_by = excluded.created_by,
+                       created = excluded.created, through_deadline = excluded.through_deadline""",
+                (lead_id, ts(until), reason, by, ts(now), int(through_deadline)),
+            )
+
+    def unsilence(self, lead_id: str) -> bool:
+        with self.transaction():
+            cursor = self.db.execute("DELETE FROM silences WHERE lead_id = ?", (lead_id,))
+        return bool(cursor.rowcount > 0)
+
+    def silences(self, now: datetime) -> list[Silence]:
+        """The silences still running at ``now``, the one ending first first."""
+        rows = self.db.execute(
+            """SELECT s.lead_id, s.until, s.reason, s.created_by, s.created, s.through_deadline,
+                      l.customer, l.deadline, l.resolution
+               FROM silences s LEFT JOIN leads l ON l.id = s.lead_id
+               WHERE s.until > ? ORDER BY s.until, s.lead_id""",
+            (ts(now),),
+        )
+        return [
+            Silence(
+                lead_id=row["lead_id"],
+                until=from_ts(row["until"]) or now,
+                reason=row["reason"] or "",
+                by=row["created_by"] or "",
+                since=from_ts(row["created"]) or now,
+                through_deadline=bool(row["through_deadline"]),
+                customer=row["customer"] or "",
+                deadline=from_ts(row["deadline"]),
+                resolution=row["resolution"],
+            )
+            for row in rows
+        ]
+
+
+class LeadOutlines(Mapping[str, Lead]):
+    """Lead outlines by id, built on each lookup from their columns: a first cycle delivers
+    tens of thousands of rows, and a Lead object for each at once would weigh ten times more."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, tuple[Any, ...]] = {}
+        self.whole: dict[str, Lead] = {}  # whole leads given instead of outlines
+
+    def __getitem__(self, lead_id: str) -> Lead:
+        if lead_id in self.whole:
+            return self.whole[lead_id]
+        _, customer, created, deadline, first, last, resolution = self.rows[lead_id]
+        return Lead(
+            referral=Referral(
+                id=lead_id, name="", customer=customer, created=datetime.fromisoformat(created)
+            ),
+            deadline=datetime.fromisoformat(deadline),
+            first_seen=datetime.fromisoformat(first),
+            last_seen=datetime.fromisoformat(last),
+            resolution=resolution,
+        )
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def _lead(row: Any) -> Lead | None:
+    try:
+        referral = parse_referral_text(row["raw"])
+    except (MalformedReferral, RecursionError, TypeError):  # stored by an older version
+        return None
+    tiers = tuple(sorted(set((row["tiers_sent"] or "").split(",")) - {""}))
+    return Lead(
+        referral=referral,
+        deadline=datetime.fromisoformat(row["deadline"]),
+        first_seen=datetime.fromisoformat(row["first_seen"]),
+        last_seen=datetime.fromisoformat(row["last_seen"]),
+        resolution=row["resolution"],
+        resolved_at=from_ts(row["resolved_at"]),
+        silenced_until=from_ts(row["silenced_until"]),
+        silence_through_deadline=bool(row["through_deadline"]),
+        silence_reason=row["silence_reason"] or "",
+        expired_notified=bool(row["expired_notified"]),
+        resolution_notified=bool(row["resolution_notified"]),
+        tiers_sent=tiers,
+        answered=_answered(row),
+    )
+
+
+def _answered(row: Any) -> AuditEntry | None:
+    if row["a_at"] is None:
+        return None
+    return AuditEntry(
+        lead_id=row["id"],
+        at=datetime.fromisoformat(row["a_at"]),
+        who=row["a_who"],
+        name=row["a_name"],
+        via=row["a_via"],
+        action=row["a_action"],
+        result=row["a_result"],
+        reason=row["a_reason"],
+        request_id=row["a_request_id"],
+    )
+
+
+def parse_referral_text(raw: str) -> Referral:
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise MalformedReferral(f"stored record is not JSON: {exc}") from None
+    return parse_referral(data, raw)
