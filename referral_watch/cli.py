@@ -169,8 +169,7 @@ def checked(config: Config) -> Config:
 
 
 def run_once(config: Config) -> Any:
-    from referral_watch.cycle import Cycle
-    from referral_watch.notify import Notifier
+    from referral_watch.daemon import new_cycle
     from referral_watch.partner_center.auth import token_provider
     from referral_watch.partner_center.client import PartnerCenter
     from referral_watch.state.replica import state_lock
@@ -181,7 +180,7 @@ def run_once(config: Config) -> Any:
         Store(config.state.location) as store,
         PartnerCenter(config.partner_center, token_provider(config)) as api,
     ):
-        return Cycle(config, store, api, Notifier(config.channels)).run()
+        return new_cycle(config, store, api).run()
 
 
 def run_dry(config: Config) -> int:
@@ -548,15 +547,14 @@ def answer(obj: Context, lead_id: str, action: str, reason: str) -> None:
 def notify_resolved(config: Config, store: Any) -> str:
     """Tell `on_resolved` now, unless a running daemon owns delivery (it tells at its next
     cycle: two processes delivering from one outbox could send a message twice)."""
-    from referral_watch.cycle import Cycle, NoPolls
-    from referral_watch.notify import Notifier
+    from referral_watch.daemon import new_cycle
     from referral_watch.state.replica import state_lock
 
     if not config.policy.on_resolved:
         return "No on_resolved channels to tell."
     try:
         with state_lock(config):
-            result = Cycle(config, store, NoPolls(), Notifier(config.channels)).notify_now()
+            result = new_cycle(config, store).notify_now()
     except LockedError:
         return "The running daemon tells on_resolved at its next cycle."
     if result.failed:

@@ -21,9 +21,12 @@ import structlog
 
 from referral_watch import schedule
 from referral_watch.config import Config
-from referral_watch.cycle import Clock, Cycle, CycleResult, NoPolls, system_clock
-from referral_watch.errors import ConfigError, ReferralWatchError, StateError, scrub
-from referral_watch.ops import OpsState, health, ops_event
+from referral_watch.cycle.operations import Operations, tell_directly
+from referral_watch.cycle.ports import Api, Clock, NoPolls, Sender, system_clock
+from referral_watch.cycle.result import CycleResult
+from referral_watch.cycle.runner import Cycle
+from referral_watch.errors import ConfigError, ReferralWatchError, StateError
+from referral_watch.ops import DROPPED, OpsState, health, ops_event
 from referral_watch.state.db import from_ts, ts
 from referral_watch.state.lock import InstanceLock
 from referral_watch.state.replica import Leadership, work_name
@@ -186,17 +189,15 @@ class Daemon:
         if event is None:
             return
         log.warning("ops.event", ops_event=event, failures=self._state_failures, reason=reason)
-        from referral_watch.render import messages as render
-
-        sender = self._current_sender()
-        for channel in self.config.operations.notify:
-            style = render.style_for(self.config, channel)
-            message = render.render_ops(
-                event, reason, now, style, failures=self._state_failures, since=since
-            )
-            outcome = sender.send(channel, message)
-            if not outcome.ok:
-                log.error("ops.unsent", channel=channel, error=outcome.error)
+        tell_directly(
+            self.config,
+            self._current_sender(),
+            event,
+            reason,
+            now,
+            failures=self._state_failures,
+            since=since,
+        )
 
     @contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -260,15 +261,7 @@ class Daemon:
             self._api = self.progress.watched(self.api_factory(self.config))
         sender = self._current_sender()
         with self.metrics.poll_duration.time(), self._store() as store:
-            result = Cycle(
-                self.config,
-                store,
-                self._api,
-                sender,
-                self.clock,
-                self.stop,
-                may_send=lambda: self.active,
-            ).run()
+            result = self._new_cycle(store, self._api, sender).run()
             self._observe(store, result)
         return result
 
@@ -282,7 +275,7 @@ class Daemon:
             try:
                 sender = self._current_sender()
                 with Store(self.config.state.location) as store:
-                    Cycle(self.config, store, NoPolls(), sender, self.clock, self.stop).notify_now()
+                    self._new_cycle(store, None, sender).notify_now()
             except ReferralWatchError as exc:
                 log.error("notify_now.error", error=str(exc))
             except Exception:  # a bug must not cost the console its thread
@@ -359,19 +352,11 @@ class Daemon:
     def _relay_dropped(self, reason: str) -> None:
         """An event could not be relayed for a day: operations hear it, as of a dropped
         message (through the outbox: a refusal there is retried)."""
-        from referral_watch.render import messages as render
-
         with self.progress.working():
             try:
                 now = self.clock()
                 with self._store() as store:
-                    rows = []
-                    for channel in self.config.operations.notify:
-                        style = render.style_for(self.config, channel)
-                        message = render.render_ops("dropped", scrub(reason), now, style)
-                        rows.append(
-                            store.enqueue_message("ops", channel, message.title, message.body, now)
-                        )
+                    rows = Operations(self.config, store).enqueue(DROPPED, reason, now)
                     self._deliver(store, rows)
             except ReferralWatchError as exc:
                 log.error("relay.ops_unsent", error=str(exc)[:200])
@@ -413,16 +398,7 @@ class Daemon:
             self._api = self.progress.watched(self.api_factory(self.config))
         sender = self._current_sender()
         with self._store() as store:
-            cycle = Cycle(
-                self.config,
-                store,
-                self._api,
-                sender,
-                self.clock,
-                self.stop,
-                may_send=lambda: self.active,
-            )
-            result = cycle.handle_leads(lead_ids)
+            result = self._new_cycle(store, self._api, sender).handle_leads(lead_ids)
         for (channel, outcome), count in result.by_channel.items():
             self.metrics.deliveries.labels(channel, outcome).inc(count)
         return result
@@ -475,19 +451,22 @@ class Daemon:
     def _deliver(self, store: Store, rows: list[int]) -> None:
         """Deliver just-queued outbox rows the way every cycle delivers: a refusal stays in the
         outbox for the next cycle, a message dropped after a day of refusals tells ops."""
-        cycle = Cycle(
-            self.config,
-            store,
-            self._api,
-            self._current_sender(),
-            self.clock,
-            self.stop,
-            may_send=lambda: self.active,
-        )
-        result = cycle.deliver(rows)
+        result = self._new_cycle(store, self._api, self._current_sender()).deliver(rows)
         for (channel, outcome), count in result.by_channel.items():
             self.metrics.deliveries.labels(channel, outcome).inc(count)
         self.metrics.backlog.set(store.backlog())
+
+    def _new_cycle(self, store: Store, api: Api | None, sender: Sender) -> Cycle:
+        """This daemon's cycle: its clock and stop, and no send once it is not active."""
+        return new_cycle(
+            self.config,
+            store,
+            api,
+            sender,
+            clock=self.clock,
+            stop=self.stop,
+            may_send=lambda: self.active,
+        )
 
     def _current_sender(self) -> Any:
         if self._sender is None:
@@ -715,6 +694,26 @@ class Daemon:
         if self.server is not None:
             self.server.stop()
             self.server = None
+
+
+def new_cycle(
+    config: Config,
+    store: Store,
+    api: Api | None = None,
+    sender: Sender | None = None,
+    *,
+    clock: Clock = system_clock,
+    stop: threading.Event | None = None,
+    may_send: Callable[[], bool] | None = None,
+) -> Cycle:
+    """The one place a Cycle is put together: the daemon's jobs, `run --once`, the answer's
+    on_resolved, the dry run and the demo. Without an api it only decides and delivers
+    (NoPolls); without a sender it delivers to the config's channels (Notifier)."""
+    if sender is None:
+        from referral_watch.notify import Notifier
+
+        sender = Notifier(config.channels)
+    return Cycle(config, store, api or NoPolls(), sender, clock, stop, may_send)
 
 
 def _noted(_: int, __: FrameType | None) -> None:

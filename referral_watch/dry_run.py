@@ -167,10 +167,10 @@ def undone_store(config: Config) -> Iterator[Store]:
 
 def dry_run(config: Config, api: Any) -> tuple[Any, list[Preview]]:
     """One cycle against `api`: (its CycleResult, the messages it would have sent)."""
-    from referral_watch.cycle import Cycle
+    from referral_watch.daemon import new_cycle
 
     quiet = config.model_copy(update={"heartbeat": None})  # the dead-man's switch hears nothing
     sender = PreviewSender(dict(config.channels))
     with undone_store(config) as store:
-        result = Cycle(quiet, store, api, sender).run()
+        result = new_cycle(quiet, store, api, sender).run()
     return result, sender.previews

@@ -13,6 +13,8 @@ from typing import Any
 from referral_watch.text import clean_line, clean_notes, currency_code
 
 PENDING = "pending"
+# Substatuses that still wait for the partner's answer ("" and "none": no answer either).
+WAITING = frozenset({PENDING, "received", "", "none"})
 
 # Resolutions a lead can end with (lower-cased substatus, or "gone" after a 404).
 ANSWERS = frozenset({"accepted", "declined", "won", "lost"})
@@ -65,6 +67,13 @@ class Referral:
     @property
     def is_pending(self) -> bool:
         return self.substatus.lower() == PENDING
+
+    @property
+    def awaiting_answer(self) -> bool:
+        """Still waiting for the partner's answer: the one rule for polls, webhook leads and
+        answering. New (Pending) or Received (opened, not answered): the 14 days still run; a
+        substatus of "None", or none at all, is no answer either (keep watching)."""
+        return self.substatus.lower() in WAITING
 
     @property
     def team_emails(self) -> tuple[str, ...]:

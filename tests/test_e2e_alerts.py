@@ -162,8 +162,9 @@ def test_crash_between_decision_and_delivery_loses_nothing(world: World) -> None
     # A real process that dies (os._exit, like kill -9) right after deciding, before delivering.
     code = (
         "import os, sys\n"
-        "from referral_watch import cycle, cli\n"
-        "cycle.Cycle._deliver = lambda self, result: os._exit(9)\n"
+        "from referral_watch import cli\n"
+        "from referral_watch.cycle.delivery import Delivery\n"
+        "Delivery.deliver = lambda self, result, only=None: os._exit(9)\n"
         f"cli.main(['--config', {str(world.config_path)!r}, 'run', '--once'])\n"
     )
     env = {**os.environ}

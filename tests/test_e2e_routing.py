@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from referral_watch.config import load_config
-from referral_watch.cycle import Cycle
+from referral_watch.cycle.runner import Cycle
 from referral_watch.notify import Notifier
 from referral_watch.partner_center.auth import EnvTokenProvider
 from referral_watch.partner_center.client import PartnerCenter

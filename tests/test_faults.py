@@ -24,7 +24,8 @@ import pytest
 import structlog
 
 from referral_watch.config import Config, load_config
-from referral_watch.cycle import Cycle, CycleResult
+from referral_watch.cycle.result import CycleResult
+from referral_watch.cycle.runner import Cycle
 from referral_watch.notify import Notifier
 from referral_watch.partner_center.auth import EnvTokenProvider
 from referral_watch.partner_center.client import PartnerCenter

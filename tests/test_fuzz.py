@@ -33,7 +33,7 @@ from referral_watch.config import (
     parse_config,
     parse_duration,
 )
-from referral_watch.cycle import Cycle
+from referral_watch.cycle.runner import Cycle
 from referral_watch.errors import ApiError, ConfigError
 from referral_watch.model import TIER, Alert, MalformedReferral, Referral, parse_referral
 from referral_watch.partner_center import client as partner_center

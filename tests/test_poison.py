@@ -14,7 +14,9 @@ from typing import Any
 
 import pytest
 
-from referral_watch import cycle, policy
+from referral_watch import policy
+from referral_watch.cycle.intake import Intake
+from referral_watch.cycle.runner import Cycle
 from referral_watch.render import messages as render
 from referral_watch.sandbox.server import make_referral
 
@@ -307,7 +309,7 @@ def test_a_poll_that_throws_changes_nothing_and_counts_as_failed(
         raise RuntimeError("a bug in storing")
 
     with monkeypatch.context() as patch:
-        patch.setattr(cycle.Cycle, "_store_fresh", broken)
+        patch.setattr(Intake, "_store_fresh", broken)
         result = world.cli("run", "--once")
     assert result.code == 1
     assert "internal error while polling: RuntimeError" in result.out
@@ -341,7 +343,7 @@ def test_deliveries_stuck_for_two_intervals_are_unhealthy_until_they_go_out(
         PartnerCenter(config.partner_center, EnvTokenProvider(TOKEN_ENV)) as api,
     ):
         for moment in (earlier, datetime.now(UTC)):
-            cycle.Cycle(config, store, api, Notifier(config.channels), lambda m=moment: m).run()
+            Cycle(config, store, api, Notifier(config.channels), lambda m=moment: m).run()
     check = world.cli("status", "--check")
     assert check.code == 1
     assert "deliveries stuck since" in check.err

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from referral_watch import jsontext
 from referral_watch.config import Config, parse_config
-from referral_watch.cycle import Cycle
+from referral_watch.cycle.runner import Cycle
 from referral_watch.partner_center.client import Page
 from referral_watch.render import status_view
 from referral_watch.sandbox.server import make_referral

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from starlette.testclient import TestClient
 
+from referral_watch import policy
 from referral_watch.config import load_config
 from referral_watch.daemon import Daemon
 from referral_watch.partner_center.webhooks.worker import WebhookWorker
@@ -214,3 +216,93 @@ def test_a_signed_event_through_the_web_app_alerts_and_shows_in_healthz(
         daemon.stop.set()
         daemon.webhook_worker.stop()
         daemon.close()
+
+
+def signed_event(world: World, event: str, lead_id: str) -> tuple[bytes, dict[str, str]]:
+    """A referral event as Partner Center signs it (the sandbox's Microsoft certificates)."""
+    side = world.sandbox.webhooks
+    body = _event_body(event, lead_id, None)
+    return body, {
+        "Authorization": f"Signature {side.certificates.sign(body, GOOD)}",
+        "X-MS-Certificate-Url": side.certificates.url(GOOD),
+        "X-MS-Signature-Algorithm": "rsa-sha256",
+    }
+
+
+@pytest.fixture
+def webhook_daemon(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[Daemon, TestClient]]:
+    """A daemon whose webhook endpoint trusts the sandbox's signing certificates, its worker
+    running, and a client of its web app."""
+    side = world.sandbox.webhooks
+    tls = tmp_path / "tls.pem"
+    tls.write_bytes(side.tls_roots_pem)
+    roots = tmp_path / "roots.pem"
+    roots.write_bytes(side.trust_roots_pem)
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls))
+    daemon = daemon_for(world, f'trust_roots = "{roots}"\nissuer_hosts = ["{side.issuer_host}"]\n')
+    daemon._start_webhooks()
+    try:
+        yield daemon, TestClient(build_app(daemon, routes=daemon.web_routes()))
+    finally:
+        daemon.stop.set()
+        daemon.webhook_worker.stop()
+        daemon.close()
+
+
+def handled(world: World) -> bool:
+    with Store(world.state_path) as store:
+        return store.pending_webhook_leads() == [] and store.last_webhook_event() is not None
+
+
+def test_a_signed_update_whose_record_has_substatus_none_keeps_the_lead_watched(
+    world: World, webhook_daemon: tuple[Daemon, TestClient]
+) -> None:
+    """Issue 26: "None" is no answer on the webhook path too (as on the poll's by-id lookup,
+    issue 13): the lead stays watched instead of being resolved as answered "none"."""
+    _, client = webhook_daemon
+    lead = world.add_lead(age=timedelta(hours=2), customer="Unclear Inc")
+    assert world.cli("run", "--once").code == 0
+    assert len(world.team.wait_for(1)) == 1
+    world.sandbox.update(lead, substatus="None")
+    body, headers = signed_event(world, "referral-updated", lead)
+    response = client.post("/webhooks/partner-center", content=body, headers=headers)
+    assert response.status_code == 200
+    wait_until(lambda: handled(world), what="the event handled")
+    (shown,) = world.cli("status", "--json", "--all").json()
+    assert shown["resolution"] is None  # still watched: "None" is no answer
+    assert len(world.team.bodies) == 1  # and no "resolved" notice went out
+
+
+def test_a_lead_the_policy_fails_on_in_a_webhook_batch_is_set_aside_alone(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 26: the webhook path decides lead by lead when a batch fails, as the poll does:
+    the lead the policy cannot decide for is set aside, the others are alerted."""
+    now = datetime.now(UTC)
+    good = make_referral(customer="Good Co", created=now - timedelta(minutes=5))
+    poison = make_referral(customer="Poison Co", created=now - timedelta(minutes=5))
+    world.sandbox.add(good, poison)
+    remember(world, good["id"], poison["id"])
+    real = policy.due_alerts
+
+    def fails_on_poison(leads: Sequence[Any], *args: Any, **kwargs: Any) -> Any:
+        if any(lead.id == poison["id"] for lead in leads):
+            raise ValueError("a lead the policy cannot decide for")
+        return real(leads, *args, **kwargs)
+
+    monkeypatch.setattr(policy, "due_alerts", fails_on_poison)
+    daemon = daemon_for(world)
+    result = daemon.handle_webhook_leads([good["id"], poison["id"]])
+    daemon.close()
+    assert result is not None
+    assert result.quarantined == 1
+    titles = [request.json["title"] for request in world.team.wait_for(1)]
+    assert any("Good Co" in title for title in titles)
+    assert not any("Poison Co" in body["title"] for body in world.team.bodies)
+    shown = world.cli("status", "--json").json()
+    assert {lead["customer"] for lead in shown} >= {"Good Co"}
+    with Store(world.state_path) as store:
+        (aside,) = store.quarantined()
+    assert (aside.lead_id, aside.stage) == (poison["id"], "decide")

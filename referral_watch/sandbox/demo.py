@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, ClassVar, TextIO
 
 from referral_watch.config import Config, parse_config
-from referral_watch.cycle import Cycle
+from referral_watch.cycle.runner import Cycle
+from referral_watch.daemon import new_cycle
 from referral_watch.notify import Notifier, register_console_target
 from referral_watch.partner_center.answering import Person, answer_lead
 from referral_watch.partner_center.auth import EnvTokenProvider
@@ -251,7 +252,7 @@ def run_demo(
         _intro(stream, sandbox, plot, days, step)
         tokens = EnvTokenProvider("DEMO_TOKEN", environ={"DEMO_TOKEN": TOKEN})
         with Store(config.state.path) as store, PartnerCenter(config.partner_center, tokens) as api:
-            cycle = Cycle(config, store, api, Notifier(config.channels), clock)
+            cycle = new_cycle(config, store, api, clock=clock)
             hooks = DemoWebhooks(sandbox)
 
             def accept(lead_id: str) -> None:

@@ -1,0 +1,244 @@
+"""Intake: a poll's pages -> records parsed, set aside (quarantined) or stored, in the poll's
+one transaction with its decisions (a failed poll changes no lead)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+import structlog
+
+from referral_watch.config import Config
+from referral_watch.cycle.decide import Decide
+from referral_watch.cycle.lookups import Lookups
+from referral_watch.cycle.ports import Api, Clock
+from referral_watch.cycle.prefetch import Prefetch
+from referral_watch.cycle.records import (
+    UNDECODED,
+    Seen,
+    decode,
+    id_in_text,
+    lead_id_of,
+    record_and_text,
+    record_key,
+    unparsable,
+)
+from referral_watch.cycle.result import CycleResult, crash_text, set_aside
+from referral_watch.errors import ApiError, AuthError, StateError, scrub
+from referral_watch.model import (
+    Lead,
+    MalformedReferral,
+    Referral,
+    deadline_of,
+    parse_referral,
+    usable_id,
+)
+from referral_watch.state.journal import PollRecord
+from referral_watch.state.store import Store
+
+log = structlog.get_logger(__name__)
+
+# A record's JSON text longer than this is set aside, not stored (characters).
+RECORD_LIMIT = 256 * 1024
+# The response window that computed the stored deadlines; another one means re-reading all.
+WINDOW_META = "policy.response_window"
+
+
+class Intake:
+    def __init__(
+        self, config: Config, store: Store, api: Api, clock: Clock, decide: Decide
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.api = api
+        self.clock = clock
+        self.decide = decide
+        self.lookups = Lookups(config, store, api, self.parse, self.deadline)
+        self._held_back: set[str] = set()  # quarantined keys at the start of this poll
+
+    def deadline(self, referral: Referral) -> datetime:
+        return deadline_of(referral, self.config.policy.response_window)
+
+    def poll(self, now: datetime, result: CycleResult) -> None:
+        """Poll, store and decide in one transaction: a failed poll changes no lead."""
+        try:
+            with self.store.transaction(), Prefetch(self.api.pages) as pages:
+                # Fetching has begun: reading the stored texts overlaps the first request.
+                self._held_back = self.store.quarantined_keys()
+                stored = self.store.fingerprints()
+                if not self._stored_deadlines_current():
+                    stored = {}  # re-read every record: the deadlines need computing again
+                seen = Seen()
+                for page in pages:
+                    fresh, again = self._changed(page, result, now, stored, seen)
+                    result.queued += self._store_fresh(fresh, now, result)
+                    self._upsert(again, now, result)
+                self.lookups.conclude_absent(now, result, seen.ids)
+                self.store.mark_expired(now)
+                result.queued += self.decide.candidates(now, result)
+                result.poll_ok = True
+                self.store.record_poll(self._poll_record(now, result))
+        except (ApiError, AuthError) as exc:
+            result.needs_login = isinstance(exc, AuthError) and exc.needs_login
+            self._poll_failed(now, result, scrub(str(exc)))
+        except StateError:
+            raise
+        except Exception as exc:  # a bug on the way: rolled back, and the cycle has failed
+            error = crash_text("poll", exc)
+            log.exception("cycle.stage_failed", stage="poll", error=error)
+            result.crashed = "poll"
+            self._poll_failed(now, result, error)
+
+    def _poll_failed(self, now: datetime, result: CycleResult, error: str) -> None:
+        result.poll_ok = False
+        result.queued = 0  # rolled back with the rest of the poll
+        result.quarantined = 0  # the same
+        result.error = error
+        log.error("poll.failed", error=error, needs_login=result.needs_login)
+        with self.store.transaction():
+            self.store.record_poll(self._poll_record(now, result))
+
+    def _stored_deadlines_current(self) -> bool:
+        """Whether stored deadlines were computed with today's response window, so a record
+        that did not change needs no re-reading. Call inside the poll's transaction."""
+        window = str(int(self.config.policy.response_window.total_seconds()))
+        if self.store.get_meta(WINDOW_META) == window:
+            return True
+        self.store.set_meta(WINDOW_META, window)
+        return False
+
+    def _changed(
+        self,
+        page: Any,
+        result: CycleResult,
+        now: datetime,
+        stored: dict[int, str],
+        seen: Seen,
+    ) -> tuple[list[Referral], list[Referral]]:
+        """The records of one page that need storing: (first seen in this poll, repeated).
+
+        A watched lead whose record has the same text as the stored one is only marked seen:
+        no decoding, no parsing, no rewriting. That is nearly every lead in a steady cycle.
+        A record that cannot be watched is set aside (quarantined) and the others go on.
+        """
+        texts: list[str] | None = getattr(page, "texts", None)
+        count = len(texts) if texts is not None else len(page.records)
+        result.fetched += count
+        fresh: list[Referral] = []
+        again: list[Referral] = []
+        for index in range(count):
+            record, raw = record_and_text(page, texts, index)
+            if raw is None:
+                reason = "unreadable record (cannot be serialized)"
+                set_aside(
+                    self.store, record_key(repr(record)[:10_000]), "parse", reason, now, result
+                )
+                continue
+            fingerprint = hash(raw)  # 64 bits: a false "unchanged" is not a practical risk
+            if fingerprint in seen.texts:
+                log.info("poll.duplicate", lead=seen.texts[fingerprint])  # paging shifted
+                continue
+            known = stored.get(fingerprint)
+            if known is not None and known not in seen.ids:
+                seen.note(fingerprint, known)  # unchanged: nothing to store
+                continue
+            # (A stored text met after another copy of the lead rewrote it is stored again:
+            # the last copy in the poll wins, whatever it is.)
+            problem = ""
+            if record is UNDECODED:
+                record, problem = decode(page, index)
+            lead_id = lead_id_of(record) if record is not None else id_in_text(raw)
+            if lead_id is None:
+                reason = problem or unparsable(record, raw)
+                set_aside(self.store, record_key(raw), "parse", reason, now, result, raw=raw)
+                continue
+            repeated = lead_id in seen.ids
+            seen.note(fingerprint, lead_id)  # seen, even when set aside: not "gone"
+            referral = self.admit(record, raw, lead_id, problem, now, result)
+            if referral is not None:
+                (again if repeated else fresh).append(referral)
+        return fresh, again
+
+    def parse(self, record: Any, raw: str | None, result: CycleResult) -> Referral | None:
+        """One record from elsewhere than a poll's page (a webhook's lead): the referral, or
+        None when it is set aside like a poll's record would be."""
+        now = self.clock()
+        if raw is None:
+            try:
+                raw = json.dumps(record, separators=(",", ":"), sort_keys=True)
+            except (ValueError, TypeError, RecursionError):
+                reason = "unreadable record (cannot be serialized)"
+                set_aside(
+                    self.store, record_key(repr(record)[:10_000]), "parse", reason, now, result
+                )
+                return None
+        lead_id = lead_id_of(record)
+        if lead_id is None:
+            reason = unparsable(record, raw)
+            set_aside(self.store, record_key(raw), "parse", reason, now, result, raw=raw)
+            return None
+        return self.admit(record, raw, lead_id, "", now, result)
+
+    def admit(
+        self, record: Any, raw: str, lead_id: str, problem: str, now: datetime, result: CycleResult
+    ) -> Referral | None:
+        """The referral, when the record can be watched; else it is set aside (with why)."""
+        stage = "parse"
+        if not usable_id(lead_id):
+            problem = f"record has an id that is not usable text: {lead_id[:40]!r}"
+        elif len(raw) > RECORD_LIMIT:
+            problem = f"record is {len(raw) // 1024} KiB, over the {RECORD_LIMIT // 1024} KiB limit"
+        if not problem:
+            try:
+                referral = parse_referral(record, raw)
+            except MalformedReferral as exc:
+                problem = str(exc)
+            except Exception as exc:  # odd JSON the parser missed: the class, not the sample
+                problem = f"unreadable record ({type(exc).__name__})"
+            else:
+                try:
+                    self.deadline(referral)
+                    return referral
+                except (OverflowError, ValueError) as exc:
+                    stage, problem = "deadline", f"no deadline can be computed ({exc})"
+        set_aside(self.store, lead_id, stage, problem, now, result, lead_id=lead_id, raw=raw)
+        return None
+
+    def _upsert(self, referrals: list[Referral], now: datetime, result: CycleResult) -> list[bool]:
+        """Store referrals; one the state file cannot hold is set aside, not the whole poll."""
+
+        def rejected(referral: Referral, exc: BaseException) -> None:
+            reason = f"cannot be stored ({type(exc).__name__}: {str(exc)[:120]})"
+            set_aside(self.store, referral.id, "store", reason, now, result, lead_id=referral.id)
+
+        flags = self.store.upsert_each(referrals, self.deadline, now, rejected=rejected)
+        back = [r.id for r in referrals if r.id in self._held_back]
+        if back and self.store.release(back):  # changed, and now it goes through
+            log.info("referral.released", leads=len(back))
+        return flags
+
+    def _store_fresh(self, referrals: list[Referral], now: datetime, result: CycleResult) -> int:
+        """Store a page's new and changed leads, and decide at once for the new ones: a lead
+        first seen now has no history, silence or notice yet, so the referral in hand is all
+        the policy needs (no reading it back). Returns the number of rows to deliver."""
+        flags = self._upsert(referrals, now, result)
+        new = [
+            Lead(ref, self.deadline(ref), first_seen=now, last_seen=now)
+            for ref, is_new in zip(referrals, flags, strict=True)
+            if is_new
+        ]
+        result.new += len(new)
+        return self.decide.new_leads(new, now, result)
+
+    def _poll_record(self, now: datetime, result: CycleResult) -> PollRecord:
+        return PollRecord(
+            started=now,
+            finished=max(now, self.clock()),
+            ok=result.poll_ok,
+            fetched=result.fetched,
+            new=result.new,
+            skipped=result.malformed,
+            error=result.error,
+            needs_login=result.needs_login,
+        )
