@@ -73,11 +73,17 @@ class Referral:
         """Still waiting for the partner's answer: the one rule for polls, webhook leads and
         answering. New (Pending) or Received (opened, not answered): the 14 days still run; a
         substatus of "None", or none at all, is no answer either (keep watching)."""
-        return self.substatus.lower() in WAITING
+        return awaiting_answer(self.substatus)
 
     @property
     def team_emails(self) -> tuple[str, ...]:
         return tuple(m.email for m in self.team if m.email and m.notifications)
+
+
+def awaiting_answer(substatus: str) -> bool:
+    """Whether a referral with this substatus still waits for the partner's answer (see
+    ``Referral.awaiting_answer``): the one rule."""
+    return substatus.lower() in WAITING
 
 
 def our_members(team: Iterable[TeamMember], domains: Iterable[str]) -> tuple[TeamMember, ...]:

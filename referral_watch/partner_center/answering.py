@@ -18,14 +18,18 @@ from typing import Any, Protocol
 import structlog
 
 from referral_watch.errors import ReferralWatchError
-from referral_watch.model import AuditEntry, Lead, MalformedReferral, parse_referral
+from referral_watch.model import (
+    AuditEntry,
+    Lead,
+    MalformedReferral,
+    awaiting_answer,
+    parse_referral,
+)
 
 log = structlog.get_logger(__name__)
 
 ACCEPT, DECLINE = "accept", "decline"
 ACTIONS = (ACCEPT, DECLINE)
-# Substatuses that still wait for our answer.
-WAITING = frozenset({"pending", "received"})
 REASON_LIMIT = 500  # characters of a decline reason sent as statusReason
 
 
@@ -194,7 +198,7 @@ def _answer(
             store.record_answer(audit("gone", text))
             return Outcome(audit("gone", text), text)
         state = _state_of(record)
-        if state.lower() not in WAITING:
+        if not awaiting_answer(_substatus_of(record)):
             text = (
                 f"{lead.referral.customer}: no longer waiting for an answer, Partner Center "
                 f"shows it as {state}; nothing was answered"
@@ -236,12 +240,15 @@ def _failed(
     return Outcome(entry, str(exc), current)
 
 
-def _state_of(record: dict[str, Any]) -> str:
+def _substatus_of(record: dict[str, Any]) -> str:
     try:
-        referral = parse_referral(record)
+        return parse_referral(record).substatus
     except MalformedReferral:
         return str(record.get("substatus") or "")
-    return referral.substatus or "(no substatus)"
+
+
+def _state_of(record: dict[str, Any]) -> str:
+    return _substatus_of(record) or "(no substatus)"
 
 
 def _applied(record: dict[str, Any], action: str, reason: str) -> dict[str, Any]:
