@@ -578,7 +578,7 @@ def state_migrate(obj: Context, url: str, path: str | None) -> None:
     """Copy the SQLite state into an empty PostgreSQL database, then compare counts."""
     from pathlib import Path
 
-    from referral_watch.config import redact_url
+    from referral_watch.redact import database_url
     from referral_watch.state.dialect import is_url
     from referral_watch.state.lock import InstanceLock
     from referral_watch.state.migrate import migrate
@@ -587,7 +587,7 @@ def state_migrate(obj: Context, url: str, path: str | None) -> None:
     if not is_url(url):
         raise click.BadParameter("give a postgresql://user@host/database URL", param_hint="--to")
     source = Path(path) if path else obj.config().state.path
-    shown = redact_url(url)
+    shown = database_url(url)
     try:
         with InstanceLock(source.with_name(source.name + ".lock")), OnceLock(url, shown):
             copied = migrate(source, url)

@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from referral_watch.errors import ConfigError
+from referral_watch.redact import database_url
 
 DEFAULT_PATHS = (Path("referral-watch.toml"), Path("/etc/referral-watch/config.toml"))
 CONFIG_ENV = "REFERRAL_WATCH_CONFIG"
@@ -160,13 +161,7 @@ class StateConfig(Section):
     @property
     def shown(self) -> str:
         """The location fit for logs and messages (a URL's password is never shown)."""
-        return redact_url(self.url) if self.url is not None else str(self.path)
-
-
-def redact_url(url: str) -> str:
-    """postgresql://user:secret@host/db -> postgresql://user:***@host/db (also password=...)."""
-    shown = re.sub(r"(://[^/?#:@]*):[^/?#@]*@", r"\1:***@", url)
-    return re.sub(r"(?i)(password=)[^&\s]*", r"\1***", shown)
+        return database_url(self.url) if self.url is not None else str(self.path)
 
 
 class ScheduleConfig(Section):
@@ -361,7 +356,7 @@ class ReportConfig(Section):
     @field_validator("schedule")
     @classmethod
     def _cron(cls, value: str) -> str:
-        from referral_watch.schedule import cron_expression  # the rule the daemon runs by
+        from referral_watch.cron import cron_expression  # the rule the daemon runs by
 
         cron_expression(value)
         return value

@@ -24,6 +24,7 @@ import structlog
 from referral_watch import incident
 from referral_watch.config import ChannelConfig
 from referral_watch.model import Message
+from referral_watch.redact import MASK, Redaction, channel_url, masked_query
 from referral_watch.render.channels import (
     EMAIL_SCHEMES,
     OFFICE_CONNECTOR,
@@ -35,7 +36,6 @@ from referral_watch.text import terminal
 
 log = structlog.get_logger(__name__)
 
-MASK = "***"
 
 MSTEAMS_ADVICE = (
     "Microsoft retired Office 365 connectors and Apprise 2 dropped msteams://: create a Teams "
@@ -68,91 +68,8 @@ _HOST_SCHEMES = (
     EMAIL_SCHEMES | WEBHOOK_SCHEMES | incident.SCHEMES | {"http", "https", "workflow", "workflows"}
 )
 # Schemes whose every path segment is a credential (webhook ids, signatures, tokens).
-_TOKEN_PATH_SCHEMES = frozenset({"slack", "msteams", "workflow", "workflows", "discord", "tgram"})
-_SECRET_KEY = re.compile(r"sig|secret|token|pass|pwd|key|auth|code|hash|cred|session", re.I)
 _EMAIL = re.compile(r"[^@\s,;<>]+@[^@\s,;<>]+\.[^@\s,;<>]+")
-_scheme = url_scheme
-
-
-def _looks_secret(part: str) -> bool:
-    """A URL piece that reads like a token, id or signature rather than a word."""
-    text = unquote(part)
-    if not text or "@" in text:
-        return False  # e-mail addresses identify, they do not authenticate
-    if text.lower().startswith(("xoxb-", "xoxp-", "xoxa-", "xoxe.")):
-        return True
-    if len(text) >= 16:
-        return True
-    return len(text) >= 6 and any(c.isdigit() for c in text) and any(c.isalpha() for c in text)
-
-
-def _looks_like_host(host: str) -> bool:
-    return "." in host or host.startswith("[") or host.lower() == "localhost"
-
-
-@dataclass
-class _Redaction:
-    """A URL split into shown and masked pieces; ``secrets`` are the masked originals."""
-
-    secrets: list[str]
-
-    def mask(self, part: str, secret: bool) -> str:
-        if secret and part:
-            self.secrets.append(part)
-            return MASK
-        return part
-
-
-def _redact(url: str) -> tuple[str, list[str]]:
-    scheme = _scheme(url)
-    if not scheme:
-        return MASK, [url] if url else []
-    parts = urlsplit(url.strip())
-    red = _Redaction([])
-    token_path = scheme in _TOKEN_PATH_SCHEMES
-    slack_hook = scheme in ("http", "https") and channel_kind(url) == "slack"
-
-    userinfo, at, hostport = parts.netloc.rpartition("@")
-    user, colon, password = userinfo.partition(":")
-    shown_user = red.mask(user, _looks_secret(user)) + (
-        ":" + red.mask(password, True) if colon else ""
-    )
-    host, _, port = hostport.rpartition(":")
-    if not port.isdigit() or (host.count(":") and not host.endswith("]")):
-        host, port = hostport, ""  # no port: e.g. tgram://BOTID:TOKEN or a bare IPv6 address
-    host_secret = scheme not in _HOST_SCHEMES and not _looks_like_host(host)
-    shown_host = red.mask(host, host_secret)
-
-    segments = []
-    for index, segment in enumerate(parts.path.split("/")):
-        channel_like = segment.startswith(("#", "@", "%23"))
-        every = token_path or (slack_hook and index > 1)  # hooks.slack.com/services/T/B/X
-        secret = bool(segment) and not channel_like and (every or _looks_secret(segment))
-        segments.append(red.mask(segment, secret))
-
-    query = _masked_query(parts.query, red)
-
-    shown = f"{scheme}://"
-    shown += f"{shown_user}@" if at else ""
-    shown += shown_host + (f":{port}" if port else "") + "/".join(segments)
-    shown += f"?{'&'.join(query)}" if query else ""
-    shown += f"#{red.mask(parts.fragment, _looks_secret(parts.fragment))}" if parts.fragment else ""
-    return shown, red.secrets
-
-
-def _masked_query(query: str, red: _Redaction, keep: set[str] | None = None) -> list[str]:
-    """``key=value`` items, secret-looking values masked; only ``keep`` keys when given."""
-    shown = []
-    for item in query.split("&") if query else []:
-        key, eq, value = item.partition("=")
-        if keep is not None and key.lower() not in keep:
-            continue
-        unquoted = unquote(value)
-        secret = bool(_SECRET_KEY.search(key)) or (
-            len(unquoted) >= 20 and not re.search(r"[@/,]", unquoted)
-        )
-        shown.append(key + eq + red.mask(value, secret))
-    return shown
+_TOKEN_PATH_SCHEMES = frozenset({"slack", "msteams", "workflow", "workflows", "discord", "tgram"})
 
 
 def _apprise_private(url: str) -> str | None:
@@ -171,8 +88,21 @@ def _apprise_private(url: str) -> str | None:
     private = str(plugin.url(privacy=True))
     head, _, query = private.partition("?")
     written = {q.partition("=")[0].lower() for q in urlsplit(url.strip()).query.split("&") if q}
-    kept = _masked_query(query, _Redaction([]), keep=written)
+    kept = masked_query(query, Redaction([]), keep=written)
     return head.rstrip("/") + (f"?{'&'.join(kept)}" if kept else "")
+
+
+def _masked(url: str) -> tuple[str, list[str]]:
+    """A channel URL as shown, and the secrets it hid (redact.channel_url with our schemes)."""
+    scheme = url_scheme(url)
+    slack_hook = scheme in ("http", "https") and channel_kind(url) == "slack"
+    return channel_url(
+        url,
+        scheme,
+        host_schemes=_HOST_SCHEMES,
+        token_path_schemes=_TOKEN_PATH_SCHEMES,
+        slack_hook=slack_hook,
+    )
 
 
 def redact_url(url: str) -> str:
@@ -182,12 +112,12 @@ def redact_url(url: str) -> str:
         private = _apprise_private(url)
     except ValueError:
         private = None
-    return private if private is not None else _redact(url)[0]
+    return private if private is not None else _masked(url)[0]
 
 
 def _scrub(text: str, url: str) -> str:
     """Remove every secret of ``url`` (raw or URL-decoded) from a message, such as Apprise's."""
-    for secret in sorted(_redact(url)[1], key=len, reverse=True):
+    for secret in sorted(_masked(url)[1], key=len, reverse=True):
         for form in {secret, unquote(secret), quote(unquote(secret), safe="")}:
             if len(form) >= 3:
                 text = text.replace(form, MASK)
@@ -268,7 +198,7 @@ def _apprise() -> Any:
         return apprise
 
 
-def _known_scheme(scheme: str) -> bool:
+def _knownurl_scheme(scheme: str) -> bool:
     return scheme in _plugins()
 
 
@@ -289,7 +219,7 @@ def _apprise_reason(captured: str, url: str) -> str:
 
 
 def _url_problem(url: str) -> str | None:
-    scheme = _scheme(url)
+    scheme = url_scheme(url)
     if not scheme:
         return "not a URL: an Apprise URL looks like mailtos://..., slack://... or workflows://..."
     if scheme == "msteams" or OFFICE_CONNECTOR.match(url):
@@ -308,7 +238,7 @@ def _url_problem(url: str) -> str | None:
             "Workflow, Slack or Discord webhook URL as is, or use json://HOST/PATH for a plain "
             "JSON webhook"
         )
-    if not _known_scheme(scheme):
+    if not _knownurl_scheme(scheme):
         return (
             f"Apprise does not know the scheme {scheme}:// "
             "(the supported ones are listed at https://appriseit.com/services/)"
@@ -325,7 +255,7 @@ def check_channels(channels: Mapping[str, ChannelConfig]) -> list[str]:
         if problem:
             problems.append(f"channels.{name}.url: {problem}")
         if channel.to_assignees and channel_kind(channel.url) != "email":
-            scheme = _scheme(channel.url) or "this"
+            scheme = url_scheme(channel.url) or "this"
             problems.append(
                 f"channels.{name}.to_assignees: works only with mailto:// or mailtos:// URLs, "
                 f"not with a {scheme}:// URL"
@@ -521,7 +451,7 @@ def register_console_target(
     with _load_lock:
         _console_stream = stream
         _console_printer = printer
-        if _console_registered or _known_scheme("console"):
+        if _console_registered or _knownurl_scheme("console"):
             return
 
         register: Any = apprise.decorators.notify(on="console", name="referral-watch console")

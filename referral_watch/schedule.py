@@ -11,58 +11,22 @@ Also here: which scheduled run of a report is due, and the report's messages for
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
 from apscheduler.triggers.base import BaseTrigger
-from cronsim import CronSim, CronSimError
 
+from referral_watch.cron import cron_expression, runs_after
 from referral_watch.errors import ConfigError
 
-if TYPE_CHECKING:  # config.py checks schedules with cron_expression: import only what it needs
+if TYPE_CHECKING:
     from referral_watch.config import Config, ReportConfig
     from referral_watch.model import Lead, Message
     from referral_watch.state.store import Store
 
 # A report missed while the daemon was down is sent once at start if it is less late than this.
 CATCH_UP = timedelta(days=1)
-
-# cronsim wants a weekday range to run upwards; cron reads "fri-sun" as Friday to Sunday (7).
-_TO_SUNDAY = re.compile(r"\b(mon|tue|wed|thu|fri|sat|[1-6])-(sun|0)\b", re.IGNORECASE)
-
-
-def cron_expression(schedule: str) -> str:
-    """A report's 5-field schedule as cronsim reads it. Raises ValueError saying what is wrong."""
-    fields = schedule.split()
-    if len(fields) != 5:
-        raise ValueError(
-            f"{schedule!r} is not a cron expression: use five fields "
-            '"minute hour day month weekday", e.g. "0 8 * * mon"'
-        )
-    fields[4] = _TO_SUNDAY.sub(r"\1-7", fields[4])
-    expression = " ".join(fields)
-    try:
-        CronSim(expression, datetime(2000, 1, 1))  # parses the fields, evaluates nothing
-    except CronSimError as exc:
-        problem = str(exc).lower()  # "Bad day-of-week"
-        raise ValueError(
-            f"{schedule!r}: {problem} (minute 0-59, hour 0-23, day 1-31, month 1-12 or jan-dec, "
-            "weekday 0-7 or sun-sat)"
-        ) from None
-    return expression
-
-
-def runs_after(expression: str, zone: ZoneInfo, start: datetime) -> Iterator[datetime]:
-    """The schedule's runs after `start` (aware), in UTC, earliest first."""
-    for moment in CronSim(expression, start.astimezone(zone)):
-        run = moment.astimezone(UTC)
-        # Started inside autumn's repeated hour, cronsim (which counts fixed times in wall
-        # clock time) may first give a run of that hour's first pass: already behind us.
-        if run > start:
-            yield run
 
 
 def last_run(expression: str, zone: ZoneInfo, after: datetime, now: datetime) -> datetime | None:

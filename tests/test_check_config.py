@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from referral_watch.errors import scrub
+from referral_watch.redact import scrub
 
 from conftest import World
 

@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from referral_watch import schedule
+from referral_watch import cron, schedule
 from referral_watch.config import Config, ReportConfig, load_config, parse_config
 from referral_watch.daemon import Daemon
 from referral_watch.errors import ConfigError
@@ -461,9 +461,7 @@ def utc(text: str) -> datetime:
 )
 def test_cron_weekdays_count_from_sunday_like_cron(field: str, days: str) -> None:
     sunday = utc("2026-03-01T00:00:00")
-    runs = schedule.runs_after(
-        schedule.cron_expression(f"0 8 * * {field}"), ZoneInfo("UTC"), sunday
-    )
+    runs = cron.runs_after(cron.cron_expression(f"0 8 * * {field}"), ZoneInfo("UTC"), sunday)
     week = [run for run, _ in zip(runs, range(7), strict=False) if run < sunday + WEEK]
     assert " ".join(run.strftime("%a").lower() for run in sorted(week, key=_monday_first)) == days
 
@@ -548,7 +546,7 @@ def test_the_cron_job_runs_through_both_clock_changes(
 
 
 def test_the_last_run_is_found_forwards_from_the_last_one_sent() -> None:
-    expression = schedule.cron_expression("0 8 * * mon")
+    expression = cron.cron_expression("0 8 * * mon")
     zone = ZoneInfo(AMS)
     monday_8 = datetime(2026, 3, 2, 7, 0, tzinfo=UTC)
     assert schedule.last_run(expression, zone, monday_8 - D, monday_8 + 3 * H) == monday_8

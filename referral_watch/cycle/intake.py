@@ -25,7 +25,7 @@ from referral_watch.cycle.records import (
     unparsable,
 )
 from referral_watch.cycle.result import CycleResult, crash_text, set_aside
-from referral_watch.errors import ApiError, AuthError, StateError, scrub
+from referral_watch.errors import ApiError, AuthError, StateError
 from referral_watch.model import (
     Lead,
     MalformedReferral,
@@ -34,6 +34,7 @@ from referral_watch.model import (
     parse_referral,
     usable_id,
 )
+from referral_watch.redact import scrub
 from referral_watch.state.journal import PollRecord
 from referral_watch.state.store import Store
 

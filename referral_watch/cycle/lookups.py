@@ -13,8 +13,9 @@ import structlog
 from referral_watch.config import Config
 from referral_watch.cycle.ports import Api
 from referral_watch.cycle.result import CycleResult, set_aside
-from referral_watch.errors import ApiError, AuthError, scrub
+from referral_watch.errors import ApiError, AuthError
 from referral_watch.model import MalformedReferral, Referral, parse_referral
+from referral_watch.redact import scrub
 from referral_watch.state.store import Store
 
 log = structlog.get_logger(__name__)

@@ -12,8 +12,8 @@ from referral_watch import ops
 from referral_watch.config import Config
 from referral_watch.cycle.ports import Sender
 from referral_watch.cycle.result import CycleResult
-from referral_watch.errors import scrub
 from referral_watch.model import Message
+from referral_watch.redact import scrub
 from referral_watch.state.db import from_ts, ts
 from referral_watch.state.store import Store
 

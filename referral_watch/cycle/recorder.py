@@ -16,8 +16,8 @@ from referral_watch import ops
 from referral_watch.cycle.operations import Operations
 from referral_watch.cycle.ports import Clock
 from referral_watch.cycle.result import CycleResult, set_aside
-from referral_watch.errors import scrub
 from referral_watch.model import Batch
+from referral_watch.redact import scrub
 from referral_watch.state.db import ts
 from referral_watch.state.outbox import STUCK_META
 from referral_watch.state.store import Store

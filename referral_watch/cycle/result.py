@@ -9,7 +9,7 @@ from datetime import datetime
 
 import structlog
 
-from referral_watch.errors import scrub
+from referral_watch.redact import scrub
 from referral_watch.state.db import printable
 from referral_watch.state.quarantine import Quarantine
 

@@ -27,8 +27,9 @@ import structlog
 
 from referral_watch import __version__, jsontext
 from referral_watch.config import PartnerCenterConfig, format_duration
-from referral_watch.errors import ApiError, AuthError, scrub
+from referral_watch.errors import ApiError, AuthError
 from referral_watch.partner_center.auth import TokenProvider
+from referral_watch.redact import scrub
 
 log = structlog.get_logger(__name__)
 

@@ -9,8 +9,8 @@ from zoneinfo import ZoneInfo
 
 from referral_watch import policy
 from referral_watch.config import Config
-from referral_watch.errors import scrub
 from referral_watch.model import AuditEntry, Lead
+from referral_watch.redact import scrub
 from referral_watch.render.i18n import money_text, time_left_text
 from referral_watch.state.journal import PollRecord
 from referral_watch.state.leads import Silence

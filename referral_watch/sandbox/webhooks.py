@@ -23,10 +23,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from referral_watch.sandbox.server import Sandbox
+
+class Sandbox(Protocol):
+    """What the webhook side needs of the sandbox it belongs to (sandbox.server.Sandbox)."""
+
+    host: str
+    _stopping: threading.Event
 
 REGISTRATION_PATH = "/webhooks/v1/registration"
 RESOURCE_BASE = "https://api.partnercenter.microsoft.com/engagements/v1/referrals/"

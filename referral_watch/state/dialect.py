@@ -23,8 +23,8 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from referral_watch.config import redact_url
 from referral_watch.errors import StateError
+from referral_watch.redact import database_url
 from referral_watch.state.folder import make_state_folder
 
 # Advisory lock keys (64-bit, any value; these spell "rw-write" and "rw-activ" in ASCII).
@@ -132,7 +132,7 @@ class Postgres:
 
     def __init__(self, url: str, *, create: bool) -> None:
         self.url = url
-        self.shown = redact_url(url)
+        self.shown = database_url(url)
         self.create = create
         self.owner = claim_owner()
         # How long a writer waits for another one ("60s", "250ms"; a constant of ours or a
