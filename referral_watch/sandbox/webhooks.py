@@ -32,6 +32,7 @@ class Sandbox(Protocol):
     host: str
     _stopping: threading.Event
 
+
 REGISTRATION_PATH = "/webhooks/v1/registration"
 RESOURCE_BASE = "https://api.partnercenter.microsoft.com/engagements/v1/referrals/"
 EVENTS = (
