@@ -35,7 +35,7 @@ def _peak_rss_kib() -> int | None:
 def main() -> None:
     config_path, out = Path(sys.argv[1]), Path(sys.argv[2])
     from referral_watch import cli, logs
-    from referral_watch.config import load_config
+    from referral_watch.config.loader import load_config
 
     logs.configure("json", 0)
     config = load_config(config_path)

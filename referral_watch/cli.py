@@ -15,14 +15,13 @@ from typing import Any, NoReturn
 import click
 
 from referral_watch import __version__
-from referral_watch.config import (
-    Config,
+from referral_watch.config import Config, parse_duration
+from referral_watch.config.loader import (
     config_text,
     environment,
     find_config_path,
     find_env_file,
     load_config,
-    parse_duration,
 )
 from referral_watch.errors import ConfigError, LockedError, ReferralWatchError, StateError
 from referral_watch.text import terminal

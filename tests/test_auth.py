@@ -20,7 +20,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from structlog.testing import capture_logs
 
-from referral_watch.config import Config, parse_config
+from referral_watch.config import Config
+from referral_watch.config.loader import parse_config
 from referral_watch.errors import AuthError
 from referral_watch.partner_center.auth import (
     CommandTokenProvider,
@@ -346,7 +347,7 @@ def test_a_save_keeps_what_another_writer_saved_meanwhile(
 CHILD = """
 import sys, requests
 from referral_watch.partner_center.auth import MsalTokenProvider
-from referral_watch.config import load_config
+from referral_watch.config.loader import load_config
 from pathlib import Path
 
 session = requests.Session()

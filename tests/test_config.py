@@ -10,13 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from referral_watch.config import (
-    find_config_path,
-    format_duration,
-    load_config,
-    parse_config,
-    parse_duration,
-)
+from referral_watch.config import format_duration, parse_duration
+from referral_watch.config.loader import find_config_path, load_config, parse_config
 from referral_watch.errors import ConfigError
 
 MINIMAL = """

@@ -193,7 +193,7 @@ def test_sighup_reloads_the_config_and_keeps_the_old_one_when_the_new_is_bad(
 
 def test_a_cycle_that_crashes_is_logged_and_the_next_one_runs(world: World) -> None:
     """The loop survives a bug in one cycle (in-process: the scheduler's job function)."""
-    from referral_watch.config import load_config
+    from referral_watch.config.loader import load_config
     from referral_watch.daemon import Daemon
     from referral_watch.notify import Notifier
     from referral_watch.partner_center.auth import EnvTokenProvider
@@ -233,7 +233,7 @@ def urgent_metric(metrics: bytes) -> float:
 def test_most_urgent_remaining_is_infinite_while_no_lead_waits(world: World) -> None:
     """Issue 13.3: not 0 before the first lead (the README's `< 6 * 3600` rule would fire),
     not the last lead's value forever once every lead is answered."""
-    from referral_watch.config import load_config
+    from referral_watch.config.loader import load_config
     from referral_watch.daemon import Daemon
 
     daemon = Daemon(load_config(world.write_config()))
@@ -276,7 +276,7 @@ def test_the_watchdog_vouches_only_for_work_that_moves(
 ) -> None:
     """The watchdog job pings while nothing runs and while the work makes progress (a page,
     a send), and holds back once the work has been stuck longer than its limit."""
-    from referral_watch.config import load_config
+    from referral_watch.config.loader import load_config
     from referral_watch.daemon import Daemon
 
     notify = NotifySocket(tmp_path / "notify.sock")

@@ -22,7 +22,8 @@ from typing import Any
 
 import pytest
 
-from referral_watch.config import DEFAULT_PATHS, StateConfig, parse_config
+from referral_watch.config import StateConfig
+from referral_watch.config.loader import DEFAULT_PATHS, parse_config
 from referral_watch.sandbox.server import Sandbox
 
 from conftest import NotifySocket, free_port, wait_until

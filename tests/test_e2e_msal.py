@@ -102,7 +102,7 @@ def test_prometheus_sees_that_someone_must_sign_in_until_someone_does(
 ) -> None:
     """referral_watch_sign_in_needed (deploy/prometheus/rules.yaml's ReferralWatchSignInExpired):
     1 while polls fail for want of a sign-in, 0 again after `referral-watch login`."""
-    from referral_watch.config import load_config
+    from referral_watch.config.loader import load_config
     from referral_watch.daemon import Daemon
 
     msal_world(world, idp)

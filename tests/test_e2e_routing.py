@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from referral_watch.config import load_config
+from referral_watch.config.loader import load_config
 from referral_watch.cycle.runner import Cycle
 from referral_watch.notify import Notifier
 from referral_watch.partner_center.auth import EnvTokenProvider

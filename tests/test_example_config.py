@@ -19,13 +19,8 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from referral_watch.config import (
-    Config,
-    MatchConfig,
-    format_duration,
-    parse_config,
-    parse_duration,
-)
+from referral_watch.config import Config, MatchConfig, format_duration, parse_duration
+from referral_watch.config.loader import parse_config
 from referral_watch.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -23,7 +23,8 @@ import httpx
 import pytest
 import structlog
 
-from referral_watch.config import Config, load_config
+from referral_watch.config import Config
+from referral_watch.config.loader import load_config
 from referral_watch.cycle.result import CycleResult
 from referral_watch.cycle.runner import Cycle
 from referral_watch.notify import Notifier

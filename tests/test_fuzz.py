@@ -26,13 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from referral_watch import policy
-from referral_watch.config import (
-    DURATION_LIMIT,
-    Config,
-    format_duration,
-    parse_config,
-    parse_duration,
-)
+from referral_watch.config import DURATION_LIMIT, Config, format_duration, parse_duration
+from referral_watch.config.loader import parse_config
 from referral_watch.cycle.runner import Cycle
 from referral_watch.errors import ApiError, ConfigError
 from referral_watch.model import TIER, Alert, MalformedReferral, Referral, parse_referral

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from referral_watch.config import Config, StateConfig, parse_config
+from referral_watch.config import Config, StateConfig
+from referral_watch.config.loader import parse_config
 
 from deployfiles import (
     ENV_EXAMPLE,

@@ -439,7 +439,7 @@ def test_a_final_tier_alert_is_sent_as_failure(monkeypatch: pytest.MonkeyPatch) 
     """From the config's tier rank through render to the Slack payload's colour."""
     import apprise
 
-    from referral_watch.config import parse_config
+    from referral_watch.config.loader import parse_config
     from referral_watch.model import EXPIRED, RESOLVED, TIER, Lead, parse_referral
     from referral_watch.render.channels import Style
     from referral_watch.render.messages import render_alert, render_digest

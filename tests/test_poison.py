@@ -328,7 +328,7 @@ def test_deliveries_stuck_for_two_intervals_are_unhealthy_until_they_go_out(
     world.extra = '[schedule]\ninterval = "1m"\n'
     world.add_lead(age=timedelta(hours=2), customer="Stuck Inc")
     world.team.fail_next(2)
-    from referral_watch.config import load_config
+    from referral_watch.config.loader import load_config
     from referral_watch.notify import Notifier
     from referral_watch.partner_center.auth import EnvTokenProvider
     from referral_watch.partner_center.client import PartnerCenter

@@ -21,7 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from referral_watch import jsontext
-from referral_watch.config import Config, parse_config
+from referral_watch.config import Config
+from referral_watch.config.loader import parse_config
 from referral_watch.cycle.runner import Cycle
 from referral_watch.partner_center.client import Page
 from referral_watch.render import status_view

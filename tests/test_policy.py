@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from referral_watch.config import ChannelConfig, Config, parse_config
+from referral_watch.config import ChannelConfig, Config
+from referral_watch.config.loader import parse_config
 from referral_watch.model import (
     EXPIRED,
     RESOLVED,

@@ -13,7 +13,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from referral_watch.config import Config, parse_config
+from referral_watch.config import Config
+from referral_watch.config.loader import parse_config
 from referral_watch.model import TIER, Alert, Lead, PendingRow, Referral, Sent
 from referral_watch.policy import delivery_batches, due_alerts, in_quiet_hours
 

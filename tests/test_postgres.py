@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import pytest
 
-from referral_watch.config import parse_config
+from referral_watch.config.loader import parse_config
 from referral_watch.errors import ConfigError, StateError
 from referral_watch.state.dialect import SCHEMA_LOCK, WRITE_LOCK, connect_pg, pg_ddl
 from referral_watch.state.replica import Leadership
@@ -121,7 +121,7 @@ def test_state_url_and_path_are_one_or_the_other() -> None:
 def test_a_standby_serves_the_console_read_only(pg_world: World, pg_url: str) -> None:
     from starlette.testclient import TestClient
 
-    from referral_watch.config import load_config
+    from referral_watch.config.loader import load_config
     from referral_watch.daemon import Daemon
     from referral_watch.web.app import build_app
 

@@ -23,7 +23,8 @@ from babel.messages.pofile import read_po
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from referral_watch.config import Config, TierConfig, parse_config
+from referral_watch.config import Config, TierConfig
+from referral_watch.config.loader import parse_config
 from referral_watch.model import EXPIRED, RESOLVED, TIER, Lead, parse_referral
 from referral_watch.render import messages as render
 from referral_watch.render.messages import (

@@ -16,7 +16,8 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from referral_watch import cron, schedule
-from referral_watch.config import Config, ReportConfig, load_config, parse_config
+from referral_watch.config import Config, ReportConfig
+from referral_watch.config.loader import load_config, parse_config
 from referral_watch.daemon import Daemon
 from referral_watch.errors import ConfigError
 from referral_watch.model import Lead, Referral, TeamMember

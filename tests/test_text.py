@@ -29,7 +29,8 @@ from hypothesis import strategies as st
 from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 
-from referral_watch.config import TierConfig, parse_config
+from referral_watch.config import TierConfig
+from referral_watch.config.loader import parse_config
 from referral_watch.model import EXPIRED, RESOLVED, TIER, Lead, parse_referral
 from referral_watch.render import status_view
 from referral_watch.render.channels import SLACK_MAX, TEAMS_MAX, Style

@@ -193,7 +193,7 @@ def test_a_post_without_the_csrf_token_is_refused(world: World, idp: FakeIdP) ->
 
 
 def test_answering_is_off_without_public_url_answer_or_a_sign_in(world: World) -> None:
-    from referral_watch.config import load_config
+    from referral_watch.config.loader import load_config
     from referral_watch.daemon import Daemon
     from referral_watch.web.app import build_app
 
@@ -230,7 +230,7 @@ def test_tier_alerts_link_to_the_answer_page(world: World, action: str) -> None:
 
 
 def test_someone_no_longer_in_allowed_cannot_answer(world: World, idp: FakeIdP) -> None:
-    from referral_watch.config import load_config
+    from referral_watch.config.loader import load_config
 
     client, lead = signed_in(world, idp)
     page = client.get(f"/leads/{lead}/answer?action=accept")

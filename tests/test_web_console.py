@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from starlette.testclient import TestClient
 
-from referral_watch.config import load_config
+from referral_watch.config.loader import load_config
 from referral_watch.daemon import Daemon
 from referral_watch.state.store import Store
 from referral_watch.web.app import build_app

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
-from referral_watch.config import load_config
+from referral_watch.config.loader import load_config
 from referral_watch.daemon import Daemon
 from referral_watch.web.app import build_app
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from referral_watch.config import load_config
+from referral_watch.config.loader import load_config
 from referral_watch.daemon import Daemon
 from referral_watch.partner_center.webhooks.receiver import Receiver
 from referral_watch.web.app import build_app

@@ -13,7 +13,7 @@ import pytest
 import requests
 from starlette.testclient import TestClient
 
-from referral_watch.config import load_config
+from referral_watch.config.loader import load_config
 from referral_watch.daemon import Daemon
 from referral_watch.web.app import build_app
 from referral_watch.web.signin import PARTNER_CENTER_SCOPE, allowed

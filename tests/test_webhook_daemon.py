@@ -14,7 +14,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from referral_watch import policy
-from referral_watch.config import load_config
+from referral_watch.config.loader import load_config
 from referral_watch.daemon import Daemon
 from referral_watch.partner_center.webhooks.worker import WebhookWorker
 from referral_watch.sandbox.server import make_referral

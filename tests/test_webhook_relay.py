@@ -190,7 +190,7 @@ def test_a_relay_that_keeps_failing_shows_in_healthz_and_is_dropped_after_a_day(
 ) -> None:
     """A target refusing for two intervals makes the daemon unhealthy, as stuck deliveries
     do, naming the relay; after a day the event is dropped and operations hear it."""
-    from referral_watch.config import load_config
+    from referral_watch.config.loader import load_config
     from referral_watch.daemon import Daemon
 
     dead = f"http://127.0.0.1:{free_port()}/nobody-listens"

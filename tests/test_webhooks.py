@@ -15,7 +15,8 @@ from starlette.applications import Starlette
 from starlette.testclient import TestClient
 from structlog.testing import capture_logs
 
-from referral_watch.config import WebhooksConfig, parse_config
+from referral_watch.config import WebhooksConfig
+from referral_watch.config.loader import parse_config
 from referral_watch.config_check import cross_problems
 from referral_watch.errors import ConfigError
 from referral_watch.partner_center.webhooks import certificates as webhook_certificates

@@ -139,30 +139,19 @@ def summarize(leads: Iterable[Lead], now: datetime, since: timedelta) -> Summary
     """The summary over the period [now - since, now]. Pass every lead, resolved ones too."""
     start = now - since
     all_leads = list(leads)
-    waiting = sorted(
-        (x for x in all_leads if x.resolution is None and x.deadline >= now),
-        key=lambda x: (x.deadline, x.id),
-    )
-    answered = [
-        x
-        for x in all_leads
-        if x.resolution in ANSWERS and x.resolved_at is not None and start <= x.resolved_at <= now
-    ]
+    waiting = _waiting(all_leads, now)
+    answered = _answered_in(all_leads, start, now)
     times = [_answer_time(x) for x in answered]
-    expired = sorted(
-        (x for x in all_leads if _between(expired_at(x, now), start, now)),
-        key=lambda x: (expired_at(x, now), x.id),
-        reverse=True,
-    )
+    expired = _expired_in(all_leads, start, now)
     kinds = Counter(x.resolution for x in answered)
-    left = [x.deadline - now for x in waiting]
+    within_day, within_three_days, later = _by_time_left(waiting, now)
     return Summary(
         now=now,
         start=start,
         open_total=len(waiting),
-        within_day=sum(1 for r in left if r <= DAY),
-        within_three_days=sum(1 for r in left if DAY < r <= THREE_DAYS),
-        later=sum(1 for r in left if r > THREE_DAYS),
+        within_day=within_day,
+        within_three_days=within_three_days,
+        later=later,
         most_urgent=tuple(LeadLine.of(x) for x in waiting[:TOP]),
         open_value=_totals(waiting),
         answered=tuple((k, kinds[k]) for k in ANSWER_ORDER if kinds[k]),
@@ -171,6 +160,39 @@ def summarize(leads: Iterable[Lead], now: datetime, since: timedelta) -> Summary
         expired=tuple(LeadLine.of(x) for x in expired),
         expired_value=_totals(expired),
         per_assignee=_per_assignee(waiting),
+    )
+
+
+def _waiting(leads: Sequence[Lead], now: datetime) -> list[Lead]:
+    """Open: still waiting for an answer and its deadline not passed; soonest first."""
+    found = (x for x in leads if x.resolution is None and x.deadline >= now)
+    return sorted(found, key=lambda x: (x.deadline, x.id))
+
+
+def _answered_in(leads: Sequence[Lead], start: datetime, now: datetime) -> list[Lead]:
+    return [
+        x
+        for x in leads
+        if x.resolution in ANSWERS and x.resolved_at is not None and start <= x.resolved_at <= now
+    ]
+
+
+def _expired_in(leads: Sequence[Lead], start: datetime, now: datetime) -> list[Lead]:
+    """Expired in the period, most recent first."""
+    return sorted(
+        (x for x in leads if _between(expired_at(x, now), start, now)),
+        key=lambda x: (expired_at(x, now), x.id),
+        reverse=True,
+    )
+
+
+def _by_time_left(waiting: Sequence[Lead], now: datetime) -> tuple[int, int, int]:
+    """(within a day, within three days, later) of the open leads."""
+    left = [x.deadline - now for x in waiting]
+    return (
+        sum(1 for r in left if r <= DAY),
+        sum(1 for r in left if DAY < r <= THREE_DAYS),
+        sum(1 for r in left if r > THREE_DAYS),
     )
 
 

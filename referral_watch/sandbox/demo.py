@@ -16,7 +16,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, ClassVar, TextIO
 
-from referral_watch.config import Config, parse_config
+from referral_watch.config import Config
+from referral_watch.config.loader import parse_config
 from referral_watch.cycle.runner import Cycle
 from referral_watch.daemon import new_cycle
 from referral_watch.notify import Notifier, register_console_target

@@ -29,7 +29,8 @@ from urllib.parse import urlsplit
 import structlog
 
 from referral_watch.errors import ReferralWatchError
-from referral_watch.state.store import Store, from_ts, ts
+from referral_watch.state.db import from_ts, ts
+from referral_watch.state.store import Store
 
 log = structlog.get_logger(__name__)
 
