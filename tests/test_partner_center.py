@@ -17,7 +17,8 @@ import stamina
 from referral_watch import __version__
 from referral_watch.config import PartnerCenterConfig
 from referral_watch.errors import ApiError, AuthError
-from referral_watch.partner_center.client import REQUEST_TIME_CAP, Page, PartnerCenter, _RetryHook
+from referral_watch.partner_center.client import REQUEST_TIME_CAP, Page, PartnerCenter
+from referral_watch.partner_center.client.responses import RetryHook
 from referral_watch.sandbox.server import Sandbox, make_referral
 
 NOW = datetime(2024, 5, 6, 12, 0, tzinfo=UTC)
@@ -207,7 +208,7 @@ def test_retry_after_is_honoured(sandbox: Sandbox, connect: Connect, retries: li
     sandbox.fail(429, retry_after=7)
     assert ids(poll(connect())) == ["lead-001"]
     assert [failure.retry_after for failure in retries] == [7]
-    assert _RetryHook(time.monotonic(), 180)(retries[0]) == 7  # the wait stamina is given
+    assert RetryHook(time.monotonic(), 180)(retries[0]) == 7  # the wait stamina is given
 
 
 def test_retry_after_is_capped_at_two_minutes(
@@ -222,22 +223,22 @@ def test_a_retry_after_beyond_the_request_time_cap_fails_at_once(
     sandbox: Sandbox, connect: Connect, retries: list[Any]
 ) -> None:
     sandbox.fail(503, retry_after=100, times=2)
-    hook = _RetryHook(time.monotonic() - 90, REQUEST_TIME_CAP)  # 90 s already spent
+    hook = RetryHook(time.monotonic() - 90, REQUEST_TIME_CAP)  # 90 s already spent
     with pytest.raises(ApiError, match="did not answer after 1 attempt: 503"):
         for _ in _retry_after_hook(connect(), hook):
             pass
     assert retries == []
 
 
-def _retry_after_hook(client: PartnerCenter, hook: _RetryHook) -> Iterator[Page]:
+def _retry_after_hook(client: PartnerCenter, hook: RetryHook) -> Iterator[Page]:
     import referral_watch.partner_center.client as module
 
-    real = module._RetryHook
-    module._RetryHook = lambda started, budget: hook  # type: ignore[assignment, misc]
+    real = module.RetryHook
+    module.RetryHook = lambda started, budget: hook  # type: ignore[assignment, misc]
     try:
         yield from client.pages()
     finally:
-        module._RetryHook = real  # type: ignore[misc]
+        module.RetryHook = real  # type: ignore[misc]
 
 
 @pytest.mark.parametrize("status", [502, 503, 504])

@@ -10,25 +10,34 @@ from __future__ import annotations
 import json
 import time
 import uuid
-import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from functools import cached_property
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote
 
 import httpx
-import msgspec
 import stamina
 import structlog
 
-from referral_watch import __version__, jsontext
+from referral_watch import __version__
 from referral_watch.config import PartnerCenterConfig, format_duration
 from referral_watch.errors import ApiError, AuthError
 from referral_watch.partner_center.auth import TokenProvider
+from referral_watch.partner_center.responses import (
+    RetryHook,
+    Transient,
+    describe,
+    error_code,
+    error_message,
+    forbidden,
+    inflated,
+    port_of,
+    read_page,
+    refused,
+    retry_after,
+)
 from referral_watch.redact import scrub
 
 log = structlog.get_logger(__name__)
@@ -36,21 +45,14 @@ log = structlog.get_logger(__name__)
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 BACKOFF_START = 1.0
 BACKOFF_CAP = 30.0
-RETRY_AFTER_CAP = 120.0
 # One request's whole time, retries and their waits included (SPEC 0 alone would allow
 # 4 x 120 s of Retry-After): then the poll fails, and the next cycle tries again.
 REQUEST_TIME_CAP = 180.0
-# Connection refused or no such host: retried while the attempts so far took less than this,
-# so a wrong base_url fails in a few seconds, naming it.
-CONNECT_RETRY_TIME = 3.0
 # A poll reading more pages than this is following a chain without end.
 MAX_PAGES = 5000
 # A page (decoded: a gzip bomb counts what it inflates to) larger than this fails the poll.
 PAGE_LIMIT = 16 * 1024 * 1024
-# Inflate a compressed body at most this much per step (no 1,000:1 burst in memory).
-_INFLATE_STEP = 1024 * 1024
 ORDER_BY = "createdDateTime desc"
-_DETAIL_LIMIT = 300  # characters of a server's error message worth repeating
 
 
 class Page:
@@ -136,7 +138,7 @@ class PartnerCenter:
             follow_redirects=False,  # a redirect could carry the token elsewhere
             headers={
                 "Accept": "application/json",
-                "Accept-Encoding": "gzip, deflate",  # what _inflated() can bound
+                "Accept-Encoding": "gzip, deflate",  # what inflated() can bound
                 "User-Agent": f"referral-watch/{__version__}",
             },
         )
@@ -166,7 +168,7 @@ class PartnerCenter:
                 response, moved = self._next_on_list_path(url, list_url, correlation, response)
             response = self._checked(response, page=number)
             requested.add(str(response.request.url))
-            items, link = _read_page(response, number)
+            items, link = read_page(response, number)
             yield Page(items, number, response.headers.get("Request-ID"))
             if link is None or link == "":
                 return
@@ -285,7 +287,7 @@ class PartnerCenter:
         except httpx.TransportError as exc:
             raise ApiError(
                 f"Partner Center could not be reached for referral {referral_id}: "
-                + _describe(exc).replace(bearer, "***"),
+                + describe(exc).replace(bearer, "***"),
                 retryable=True,
             ) from None
         log.debug(
@@ -310,8 +312,8 @@ class PartnerCenter:
         status = response.status_code
         if 200 <= status < 300:
             return
-        code = _error_code(response)
-        detail = _error_message(response)
+        code = error_code(response)
+        detail = error_message(response)
         if token:
             detail = detail.replace(token, "***")
         said = f" (Partner Center said: {detail})" if detail else ""
@@ -376,7 +378,7 @@ class PartnerCenter:
         if budget <= 0:
             raise self._out_of_time()
         attempts = 0
-        hook = _RetryHook(started, budget)
+        hook = RetryHook(started, budget)
         try:
             for attempt in stamina.retry_context(
                 on=hook,
@@ -389,7 +391,7 @@ class PartnerCenter:
                 with attempt:
                     attempts += 1
                     return self._attempt(url, params, correlation)
-        except _Transient as exc:
+        except Transient as exc:
             where = f"{url.scheme}://{url.netloc.decode('ascii', 'replace')}{url.path}"
             tries = f"{attempts} attempt" + ("s" if attempts != 1 else "")
             raise ApiError(
@@ -403,14 +405,14 @@ class PartnerCenter:
         self, url: httpx.URL, params: dict[str, str] | None, correlation: str
     ) -> httpx.Response:
         """One GET, its body read within the poll's deadline and PAGE_LIMIT; a transient
-        failure raises _Transient (retried), a limit ApiError (not)."""
+        failure raises Transient (retried), a limit ApiError (not)."""
         request = self._client.build_request(
             "GET", url, params=params, headers=self._headers(correlation)
         )
         try:
             response = self._client.send(request, stream=True)
         except httpx.TransportError as exc:
-            raise _Transient(self._scrub(_describe(exc)), refused=_refused(exc)) from None
+            raise Transient(self._scrub(describe(exc)), refused=refused(exc)) from None
         try:
             log.debug(
                 "api.response",
@@ -420,15 +422,15 @@ class PartnerCenter:
             )
             body = self._body(response)
         except httpx.TransportError as exc:  # cut off, or a read timed out, mid-body
-            raise _Transient(self._scrub(_describe(exc))) from None
+            raise Transient(self._scrub(describe(exc))) from None
         finally:
             response.close()
         if response.status_code in RETRY_STATUSES:
-            code = _error_code(body)
-            raise _Transient(
+            code = error_code(body)
+            raise Transient(
                 f"{response.status_code} {code or response.reason_phrase}",
                 status=response.status_code,
-                retry_after=_retry_after(response),
+                retry_after=retry_after(response),
             )
         return body
 
@@ -438,7 +440,7 @@ class PartnerCenter:
         hold a poll for ever) and PAGE_LIMIT."""
         chunks: list[bytes] = []
         size = 0
-        for chunk in _inflated(response):
+        for chunk in inflated(response):
             size += len(chunk)
             if size > PAGE_LIMIT:
                 raise ApiError(
@@ -488,8 +490,8 @@ class PartnerCenter:
         status = response.status_code
         if 200 <= status < 300:
             return response
-        code = _error_code(response)
-        detail = self._scrub(_error_message(response))
+        code = error_code(response)
+        detail = self._scrub(error_message(response))
         if status == 401:
             raise AuthError(
                 "Partner Center rejected the token (401 unauthenticated): check that the "
@@ -499,7 +501,7 @@ class PartnerCenter:
                 needs_login=True,
             )
         if status == 403:
-            raise _forbidden(response, code, detail)
+            raise forbidden(response, code, detail)
         where = f" (page {page + 1})" if page is not None else ""
         if 300 <= status < 400:
             reason = f"unexpected redirect to {response.headers.get('Location', '?')}"
@@ -541,7 +543,7 @@ class PartnerCenter:
                 f"@odata.nextLink {link[:200]!r} is not a URL",
                 retryable=True,
             ) from None
-        base_port = _port_of(self._base)
+        base_port = port_of(self._base)
         # A link without a port means "the default one": the documented links say http:// for
         # the https API, so the default port follows the scheme we rewrite to.
         target_port = target.port if target.port is not None else base_port
@@ -564,202 +566,3 @@ class PartnerCenter:
     def _scrub(self, text: str) -> str:
         """Never repeat the token, whatever a server or library put in a message."""
         return scrub(text, [self._token] if self._token else [])
-
-
-# -- helpers --------------------------------------------------------------------------------
-
-
-def _read_page(response: httpx.Response, number: int) -> tuple[Sequence[Any], Any]:
-    """(the `value` items, each its JSON as served, the @odata.nextLink or None) of one page.
-
-    msgspec finds the items without decoding them (each a view of the body's bytes), so the
-    cycle can recognise unchanged records by their bytes alone (see bench/bench.py for what that
-    saves). A page nested too deeply for msgspec anywhere is split by jsontext instead: only the
-    deep record then fails, on its own.
-    """
-    try:
-        shape = _RAW_PAGE.decode(response.content)
-    except RecursionError:
-        return _split_deep_page(response, number)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        body = _page_body(response, number)  # explains what is wrong, or copes with it
-        texts = [json.dumps(item, separators=(",", ":")) for item in body["value"]]
-        return texts, body.get("@odata.nextLink")
-    return shape.value, shape.next_link
-
-
-def _split_deep_page(response: httpx.Response, number: int) -> tuple[Sequence[Any], Any]:
-    try:
-        members = jsontext.top_level(response.content.decode("utf-8"))
-        texts = list(jsontext.array_items(members.get("value", "")))
-        link = json.loads(members["@odata.nextLink"]) if "@odata.nextLink" in members else None
-    except (ValueError, RecursionError) as exc:
-        raise ApiError(
-            f"Partner Center sent an unreadable page (page {number + 1}): not JSON "
-            f"({type(exc).__name__}); the poll is incomplete",
-            status=response.status_code,
-            retryable=True,
-            code="unreadablePage",
-        ) from None
-    return texts, link
-
-
-def _page_body(response: httpx.Response, number: int) -> dict[str, Any]:
-    """The page as JSON, or an ApiError saying why it cannot be read."""
-    problem = ""
-    try:
-        body = response.json()
-    except (ValueError, RecursionError) as exc:
-        body, problem = None, f"not JSON ({type(exc).__name__}: {str(exc)[:200]})"
-    if not problem and not (isinstance(body, dict) and isinstance(body.get("value"), list)):
-        problem = "no `value` list in the answer"
-    if problem or not isinstance(body, dict):
-        raise ApiError(
-            f"Partner Center sent an unreadable page (page {number + 1}): {problem}; "
-            "the poll is incomplete",
-            status=response.status_code,
-            retryable=True,
-            code="unreadablePage",
-        )
-    return body
-
-
-class _RawPage(msgspec.Struct):
-    value: list[msgspec.Raw]
-    next_link: Any = msgspec.field(name="@odata.nextLink", default=None)
-
-
-_RAW_PAGE = msgspec.json.Decoder(_RawPage)
-
-
-def _error_body(response: httpx.Response) -> dict[str, Any]:
-    try:
-        body = response.json()
-    except (ValueError, RecursionError):
-        return {}
-    error = body.get("error") if isinstance(body, dict) else None
-    return error if isinstance(error, dict) else {}
-
-
-def _error_code(response: httpx.Response) -> str | None:
-    code = _error_body(response).get("code")
-    return code if isinstance(code, str) and code else None
-
-
-def _error_message(response: httpx.Response) -> str:
-    message = _error_body(response).get("message")
-    text = message if isinstance(message, str) else ""
-    return " ".join(text.split())[:_DETAIL_LIMIT]
-
-
-def _forbidden(response: httpx.Response, code: str | None, detail: str) -> AuthError:
-    challenge = response.headers.get("WWW-Authenticate", "")
-    if code == "insufficient_claims" or "insufficient_claims" in challenge:
-        return AuthError(
-            "Partner Center refused the request (403 insufficient_claims): Conditional Access "
-            "requires a new sign-in (for example MFA); run `referral-watch login`",
-            needs_login=True,
-        )
-    said = f" Partner Center said: {detail}" if detail else ""
-    return AuthError(
-        f"Partner Center refused the request (403 {code or 'forbidden'}): the signed-in account "
-        "lacks the Referral Admin (or Referral User) role, or Conditional Access requires a new "
-        f"sign-in; ask a Partner Center admin to assign the role, then run "
-        f"`referral-watch login` if needed.{said}",
-        needs_login=False,
-    )
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    """Retry-After in seconds (delta-seconds or an HTTP date), capped; None when absent/odd."""
-    value = response.headers.get("Retry-After", "").strip()
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        seconds = (when - datetime.now(UTC)).total_seconds()
-    if seconds != seconds:  # NaN
-        return None
-    return min(RETRY_AFTER_CAP, max(0.0, seconds))
-
-
-def _port_of(url: httpx.URL) -> int:
-    if url.port is not None:
-        return url.port
-    return 443 if url.scheme == "https" else 80
-
-
-class _Transient(Exception):
-    """A failure worth another attempt (SPEC 0)."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        status: int | None = None,
-        retry_after: float | None = None,
-        refused: bool = False,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.retry_after = retry_after
-        self.refused = refused
-
-
-class _RetryHook:
-    """stamina's `on=`: whether (and after how long) to try again."""
-
-    def __init__(self, started: float, budget: float) -> None:
-        self.started = started
-        self.budget = budget
-
-    def __call__(self, exc: BaseException) -> bool | float:
-        if not isinstance(exc, _Transient):
-            return False
-        spent = time.monotonic() - self.started
-        if exc.refused and spent >= CONNECT_RETRY_TIME:
-            return False  # nothing listens there: say so soon
-        if exc.retry_after is not None:
-            # Waiting past the request's budget would only end in failure after the wait.
-            return exc.retry_after if spent + exc.retry_after < self.budget else False
-        return True
-
-
-def _refused(exc: httpx.TransportError) -> bool:
-    return isinstance(exc, httpx.ConnectError)
-
-
-def _inflated(response: httpx.Response) -> Iterator[bytes]:
-    """The body as it arrives, gzip or deflate inflated at most _INFLATE_STEP at a time."""
-    if response.is_stream_consumed:  # read already (a transport that answers in memory)
-        yield response.content
-        return
-    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
-    if encoding in ("", "identity"):
-        yield from response.iter_raw()
-        return
-    if encoding not in ("gzip", "deflate"):
-        raise ApiError(f"Partner Center sent an answer in an unknown encoding {encoding!r}")
-    inflater = zlib.decompressobj(zlib.MAX_WBITS | 32)  # gzip or zlib, by the header
-    try:
-        for raw in response.iter_raw():
-            data = raw
-            while data:
-                yield inflater.decompress(data, _INFLATE_STEP)
-                data = inflater.unconsumed_tail
-    except zlib.error as exc:
-        raise _Transient(f"a corrupt {encoding} body ({exc})") from None
-
-
-def _describe(exc: httpx.TransportError) -> str:
-    if isinstance(exc, httpx.TimeoutException):
-        return f"timed out ({type(exc).__name__})"
-    text = str(exc) or type(exc).__name__
-    return f"connection failed ({text})"
