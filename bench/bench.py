@@ -58,6 +58,7 @@ from referral_watch.sandbox import server as sandbox_module
 from referral_watch.sandbox.server import Sandbox, make_referral
 
 from pgserver import PostgresServer, find_bindir
+from policies import policy
 
 HERE = Path(__file__).resolve().parent
 TOKEN_ENV = "RW_BENCH_TOKEN"
@@ -90,36 +91,11 @@ token_env = "{token_env}"
 [state]
 path = "{state}"
 
-[policy]
-on_expired = ["managers"]
-on_resolved = ["team"]
-
-[[policy.tiers]]
-name = "new"
-remaining = "14d"
-notify = ["team"]
-
-[[policy.tiers]]
-name = "reminder"
-remaining = "7d"
-notify = ["team"]
-
-[[policy.tiers]]
-name = "urgent"
-remaining = "2d"
-notify = ["team", "managers"]
-
-[[policy.tiers]]
-name = "final"
-remaining = "12h"
-notify = ["team", "managers"]
-repeat = "4h"
-bypass_quiet = true
-
+{policy}
 [channels]
 team = "{team}"
 managers = "{managers}"
-"""
+""".replace("{policy}", policy())  # tests/policies.py: the tests' usual policy
 
 
 # --- the server's own time ----------------------------------------------------------------

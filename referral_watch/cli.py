@@ -373,7 +373,8 @@ def check_config(obj: Context, strict: bool) -> None:
 def test_notify(obj: Context, channels: tuple[str, ...]) -> None:
     """Send a clearly marked test message to each (or the named) channel."""
     from referral_watch.notify import Notifier
-    from referral_watch.render.messages import render_test, style_for
+    from referral_watch.render.channels import style_for
+    from referral_watch.render.notices import render_test
 
     config = checked(obj.config())  # the URL checks of check-config and run (exit 2)
     names = list(channels) or list(config.channels)

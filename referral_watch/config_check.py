@@ -64,7 +64,7 @@ def _channel_problems(config: Config) -> list[str]:
 
 
 def _template_problems(config: Config) -> list[str]:
-    from referral_watch.render.messages import check_templates
+    from referral_watch.render.template_check import check_templates
 
     return check_templates(config)
 

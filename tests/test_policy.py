@@ -31,38 +31,12 @@ from referral_watch.policy import (
     in_quiet_hours,
 )
 
-CONFIG_TOML = """
-[auth]
-method = "env"
+from policies import policy
 
-[policy]
-digest_over = 3
-digest_limit = 4
-on_expired = ["managers"]
-on_resolved = ["team"]
-
-[[policy.tiers]]
-name = "final"
-remaining = "12h"
-notify = ["team", "managers"]
-repeat = "4h"
-bypass_quiet = true
-
-[[policy.tiers]]
-name = "new"
-remaining = "14d"
-notify = ["team"]
-
-[[policy.tiers]]
-name = "urgent"
-remaining = "2d"
-notify = ["team", "managers"]
-
-[[policy.tiers]]
-name = "reminder"
-remaining = "7d"
-notify = "team"
-
+CONFIG_TOML = (
+    '[auth]\nmethod = "env"\n\n'
+    + policy(digest_over=3, digest_limit=4)
+    + """
 [channels]
 team = "json://127.0.0.1:9/team"
 owners = { url = "mailto://u:p@127.0.0.1:9?to=sales@example.com", to_assignees = true, \
@@ -73,6 +47,7 @@ url = "json://127.0.0.1:9/managers"
 quiet_hours = "20:00-08:00"
 timezone = "Europe/Amsterdam"
 """
+)
 
 CONFIG = parse_config(CONFIG_TOML, env={})
 NOW = datetime(2026, 5, 4, 12, 0, tzinfo=UTC)  # a Monday, 14:00 in Amsterdam

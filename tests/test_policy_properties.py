@@ -18,38 +18,12 @@ from referral_watch.config.loader import parse_config
 from referral_watch.model import TIER, Alert, Lead, PendingRow, Referral, Sent
 from referral_watch.policy import delivery_batches, due_alerts, in_quiet_hours
 
-BASE = """
-[auth]
-method = "env"
+from policies import policy
 
-[policy]
-digest_over = 2
-digest_limit = 3
-on_expired = ["managers"]
-on_resolved = ["team"]
-
-[[policy.tiers]]
-name = "new"
-remaining = "14d"
-notify = ["team"]
-
-[[policy.tiers]]
-name = "reminder"
-remaining = "7d"
-notify = ["team"]
-
-[[policy.tiers]]
-name = "urgent"
-remaining = "2d"
-notify = ["team", "managers"]
-
-[[policy.tiers]]
-name = "final"
-remaining = "12h"
-notify = ["team", "managers"]
-repeat = "4h"
-bypass_quiet = true
-
+BASE = (
+    '[auth]\nmethod = "env"\n\n'
+    + policy(digest_over=2, digest_limit=3)
+    + """
 [channels]
 team = "json://127.0.0.1:9/team"
 
@@ -64,6 +38,7 @@ quiet_hours = "22:30-06:15"
 quiet_days = ["Sat", "Sun"]
 timezone = "America/Los_Angeles"
 """
+)
 CONFIG = parse_config(BASE, env={})
 START = datetime(2026, 3, 1, tzinfo=UTC)
 COUNTRIES = ("NL", "BE", "DE", "US")

@@ -31,17 +31,15 @@ from referral_watch.render.messages import (
     SLACK_MAX,
     TEAMS_MAX,
     Style,
-    check_templates,
     money_text,
     render_alert,
     render_digest,
-    render_ops,
-    render_test,
-    report_headings,
     style_for,
     time_left_text,
     when_text,
 )
+from referral_watch.render.notices import render_ops, render_test, report_headings
+from referral_watch.render.template_check import check_templates
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "referral_watch"
@@ -1049,6 +1047,7 @@ def test_sandbox_escape_fails_safely_at_send_time() -> None:
 _PLACEHOLDER = re.compile(r"\{(\w*)\}")
 WORDING_MODULES = (
     "render/messages.py",
+    "render/notices.py",
     "render/i18n.py",
     "web/views.py",
     "web/answer.py",
@@ -1183,6 +1182,7 @@ def test_the_wording_modules_stay_pure() -> None:
 
     code = (
         "import sys; import referral_watch.render.messages, referral_watch.render.report;"
+        "import referral_watch.render.notices, referral_watch.render.template_check;"
         "bad = {'apprise', 'httpx', 'sqlite3', 'structlog', 'msal'} & set(sys.modules);"
         "print(sorted(bad))"
     )

@@ -35,16 +35,17 @@ def ops_messages(
 ) -> list[tuple[str, Message]]:
     """(channel, message) for each operations channel but `skip` (the channel that just
     failed): the one wording of operations' news."""
-    from referral_watch.render import messages as render  # Jinja2 and Babel: only when needed
+    from referral_watch.render import notices  # Jinja2 and Babel: only when needed
+    from referral_watch.render.channels import style_for
 
     reason = scrub(reason)
     found = []
     for channel in config.operations.notify:
         if channel == skip:
             continue
-        style = render.style_for(config, channel)
+        style = style_for(config, channel)
         found.append(
-            (channel, render.render_ops(event, reason, now, style, failures=failures, since=since))
+            (channel, notices.render_ops(event, reason, now, style, failures=failures, since=since))
         )
     return found
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 from urllib.parse import quote
 
-from referral_watch.config import Config, TierConfig
+from referral_watch.config import TierConfig
 from referral_watch.model import (
     EXPIRED,
     RESOLVED,
@@ -36,7 +36,7 @@ from referral_watch.render.i18n import (
     translations,
     when_text,
 )
-from referral_watch.render.templates import render_template, template_problem
+from referral_watch.render.templates import render_template
 from referral_watch.text import Part, clip, cut, escaper, fit, md, visible
 
 __all__ = [
@@ -44,15 +44,11 @@ __all__ = [
     "SLACK_MAX",
     "TEAMS_MAX",
     "Style",
-    "check_templates",
     "md",
     "money_text",
     "notify_type",
     "render_alert",
     "render_digest",
-    "render_ops",
-    "render_test",
-    "report_headings",
     "style_for",
     "time_left_text",
     "when_text",
@@ -71,8 +67,14 @@ def _excerpt(notes: str) -> str:
     return flat if len(flat) <= NOTES_MAX else flat[:NOTES_MAX].rstrip() + "…"
 
 
-def _title(text: str) -> str:
+def clip_title(text: str) -> str:
     return clip(text, TITLE_MAX)
+
+
+def lead_link(style: Style, referral_id: str) -> str:
+    """The link to one lead: the channel's link template with {id} filled in."""
+    # errors="replace": an id holding a lone surrogate still gives a link, never a crash
+    return style.link_template.replace("{id}", quote(referral_id, safe="", errors="replace"))
 
 
 # --- the per-message vocabulary --------------------------------------------------------------
@@ -100,7 +102,7 @@ _RESOLVED_TITLES = {
 }
 
 
-class _Words:
+class Words:
     """Translations, zone and formats for one message."""
 
     def __init__(self, style: Style, now: datetime) -> None:
@@ -178,14 +180,14 @@ def _member_name(member: TeamMember) -> str:
     return member.name or member.email
 
 
-def _ours(w: _Words, ref: Referral) -> tuple[TeamMember, ...]:
+def _ours(w: Words, ref: Referral) -> tuple[TeamMember, ...]:
     return our_members(ref.team, w.style.team_domains)
 
 
 # --- single alerts ---------------------------------------------------------------------------
 
 
-def _alert_title(w: _Words, lead: Lead, kind: str) -> str:
+def _alert_title(w: Words, lead: Lead, kind: str) -> str:
     ref = lead.referral
     customer = w.title_text(ref.customer)
     co_sell = ref.kind == "co-sell"
@@ -196,20 +198,20 @@ def _alert_title(w: _Words, lead: Lead, kind: str) -> str:
             if co_sell
             else w._("Lead expires in {time_left}: {customer}")
         )
-        return _title(template.format(time_left=w.left(remaining), customer=customer))
+        return clip_title(template.format(time_left=w.left(remaining), customer=customer))
     if kind in (TIER, EXPIRED):
         template = (
             w._("Co-sell opportunity expired unanswered: {customer}")
             if co_sell
             else w._("Lead expired unanswered: {customer}")
         )
-        return _title(template.format(customer=customer))
+        return clip_title(template.format(customer=customer))
     outcome = lead.resolution if lead.resolution in ("accepted", "declined", "won", "lost") else ""
     template = w._(_RESOLVED_TITLES[("co-sell" if co_sell else "lead", outcome or "")])
-    return _title(template.format(customer=customer))
+    return clip_title(template.format(customer=customer))
 
 
-def _intro(w: _Words, lead: Lead, kind: str) -> str:
+def _intro(w: Words, lead: Lead, kind: str) -> str:
     customer = f"**{w.esc(clip(lead.referral.customer, CUSTOMER_MAX))}**"
     remaining = lead.remaining(w.now)
     if kind == TIER and remaining >= timedelta(0):
@@ -232,7 +234,7 @@ _ANSWERED_BY = {
 }
 
 
-def _answered_line(w: _Words, lead: Lead) -> str | None:
+def _answered_line(w: Words, lead: Lead) -> str | None:
     """'Accepted by Ann de Vries via referral-watch, 3d 4h before the deadline.' (SPEC 14), for
     a lead answered through referral-watch; None otherwise."""
     entry = lead.answered
@@ -244,7 +246,7 @@ def _answered_line(w: _Words, lead: Lead) -> str | None:
     )
 
 
-def _notes_part(w: _Words, notes: str, essential: bool) -> Part:
+def _notes_part(w: Words, notes: str, essential: bool) -> Part:
     prefix = w.field(N_("Notes"), "")
     excerpt = _excerpt(notes)
 
@@ -261,7 +263,7 @@ def _notes_part(w: _Words, notes: str, essential: bool) -> Part:
     return Part(prefix + w.esc(excerpt), essential, shrink)
 
 
-def _full_parts(w: _Words, lead: Lead, kind: str) -> list[Part]:
+def _full_parts(w: Words, lead: Lead, kind: str) -> list[Part]:
     ref = lead.referral
     team = [_member_name(m) for m in _ours(w, ref)]
     value = w.money(ref.deal_value, ref.currency) or w._("not stated")
@@ -296,7 +298,7 @@ def _full_parts(w: _Words, lead: Lead, kind: str) -> list[Part]:
     return parts
 
 
-def _compact_parts(w: _Words, lead: Lead, kind: str) -> list[Part]:
+def _compact_parts(w: Words, lead: Lead, kind: str) -> list[Part]:
     """Teams: the deadline, the customer and the link first; the rest only as space allows."""
     ref = lead.referral
     remaining = lead.remaining(w.now)
@@ -324,7 +326,7 @@ def _compact_parts(w: _Words, lead: Lead, kind: str) -> list[Part]:
     return parts
 
 
-def _default_alert(w: _Words, lead: Lead, kind: str, reserve: int = 0) -> Message:
+def _default_alert(w: Words, lead: Lead, kind: str, reserve: int = 0) -> Message:
     """The standard wording; ``reserve`` keeps room for text appended afterwards."""
     title = _alert_title(w, lead, kind)
     parts = _compact_parts(w, lead, kind) if w.style.compact else _full_parts(w, lead, kind)
@@ -355,22 +357,22 @@ def _render_alert(
 ) -> Message:
     if kind not in (TIER, EXPIRED, RESOLVED):
         raise ValueError(f"unknown alert kind {kind!r}")
-    w = _Words(style, now)
+    w = Words(style, now)
     default = _default_alert(w, lead, kind)
     if kind != TIER or tier is None or not (tier.title or tier.body):
         return default
     try:
-        context = _template_context(w, lead, tier)
+        context = template_context(w, lead, tier)
         title = render_template(tier.title, context) if tier.title else default.title
         body = render_template(tier.body, context) if tier.body else default.body
     except Exception:  # a broken override must never cost the reminder itself
         return _with_template_note(w, lead)
-    title = _title(title) or default.title
+    title = clip_title(title) or default.title
     budget = None if style.max_length is None else style.max_length - len(title)
     return Message(title, body.strip() if budget is None else cut(body.strip(), budget))
 
 
-def _with_template_note(w: _Words, lead: Lead) -> Message:
+def _with_template_note(w: Words, lead: Lead) -> Message:
     """The standard wording, with a visible hint that the operator's template failed."""
     text = w._("The custom template for this reminder failed; this is the standard wording.")
     note = f"\n\n_{text}_"
@@ -381,7 +383,7 @@ def _with_template_note(w: _Words, lead: Lead) -> Message:
 # --- digests ---------------------------------------------------------------------------------
 
 
-def _digest_title(w: _Words, kind: str, tier: TierConfig | None, count: int) -> str:
+def _digest_title(w: Words, kind: str, tier: TierConfig | None, count: int) -> str:
     if kind == EXPIRED:
         text = w.ngettext(
             "{count} lead expired unanswered", "{count} leads expired unanswered", count
@@ -397,10 +399,10 @@ def _digest_title(w: _Words, kind: str, tier: TierConfig | None, count: int) -> 
     else:
         text = w.ngettext("{count} lead needs an answer", "{count} leads need an answer", count)
     window = w.left(tier.remaining) if tier is not None else ""
-    return _title(text.format(count=count, window=window))
+    return clip_title(text.format(count=count, window=window))
 
 
-def _digest_line(w: _Words, lead: Lead, kind: str) -> str:
+def _digest_line(w: Words, lead: Lead, kind: str) -> str:
     ref = lead.referral
     remaining = lead.remaining(w.now)
     if w.style.compact:
@@ -428,7 +430,7 @@ def _digest_line(w: _Words, lead: Lead, kind: str) -> str:
     return "- " + " · ".join(pieces)
 
 
-def _digest_footer(w: _Words, hidden: int) -> list[str]:
+def _digest_footer(w: Words, hidden: int) -> list[str]:
     lines: list[str] = []
     if hidden:
         more = w.ngettext("…and {count} more lead.", "…and {count} more leads.", hidden)
@@ -453,7 +455,7 @@ def render_digest(
     """
     if kind not in (TIER, EXPIRED, RESOLVED):
         raise ValueError(f"unknown alert kind {kind!r}")
-    w = _Words(style, now)
+    w = Words(style, now)
     ordered = sorted(leads, key=lambda lead: lead.deadline)
     title = _digest_title(w, kind, tier, len(ordered) + more)
     head = [] if style.compact or kind != TIER else [w._("Most urgent first."), ""]
@@ -471,155 +473,12 @@ def render_digest(
     return Message(title, final, notify_type(kind, tier))
 
 
-# --- test, operations and report wording ------------------------------------------------------
-
-
-def _plain(title: str, paragraphs: Sequence[str], style: Style) -> Message:
-    """Short notices: one paragraph per line (a single newline is not a break everywhere)."""
-    title = _title(title)
-    parts = [Part(p + "\n") for p in paragraphs[:-1]] + [Part(p) for p in paragraphs[-1:]]
-    return Message(title, fit(title, parts, style.max_length))
-
-
-def lead_link(style: Style, referral_id: str) -> str:
-    """The link to one lead: the channel's link template with {id} filled in."""
-    # errors="replace": an id holding a lone surrogate still gives a link, never a crash
-    return style.link_template.replace("{id}", quote(referral_id, safe="", errors="replace"))
-
-
-def render_test(channel: str, now: datetime, style: Style) -> Message:
-    """A clearly marked test message for ``test-notify``."""
-    w = _Words(style, now)
-    return _plain(
-        w._("TEST: referral-watch can reach this channel"),
-        [
-            w._("This is a test message from referral-watch for {channel}, sent {when}.").format(
-                channel=f"**{w.esc(channel)}**", when=w.when(now)
-            ),
-            w._(
-                "Reminders about Partner Center leads that need an answer will arrive here. "
-                "There is nothing to do."
-            ),
-        ],
-        style,
-    )
-
-
-def _failing_lines(w: _Words, reason: str, failures: int, since: datetime | None) -> list[str]:
-    lines = [
-        w.ngettext(
-            "Polling Partner Center has failed {count} time in a row.",
-            "Polling Partner Center has failed {count} times in a row.",
-            failures,
-        ).format(count=failures)
-    ]
-    if since is not None:
-        lines.append(
-            w._("Failing since {when} ({ago}).").format(
-                when=w.when(since), ago=w.relative(since - w.now)
-            )
-        )
-    if reason:
-        lines.append(w._("Reason: {reason}").format(reason=w.esc(reason)))
-    lines += [
-        w._(
-            "referral-watch retries every cycle; until a poll succeeds it sees no new leads "
-            "and no answers."
-        ),
-    ]
-    return lines
-
-
-def render_ops(
-    event: str,
-    reason: str,
-    now: datetime,
-    style: Style,
-    *,
-    failures: int = 0,
-    since: datetime | None = None,
-) -> Message:
-    """Alerts about referral-watch itself for ``operations.notify``.
-
-    event: "failing", "still_failing", "recovered", or "dropped" (a message that could not be
-    delivered for a day; ``reason`` names the channel and lead).
-    """
-    w = _Words(style, now)
-    if event in ("failing", "still_failing"):
-        title = (
-            w._("referral-watch: polling Partner Center is failing")
-            if event == "failing"
-            else w._("referral-watch: polling Partner Center is still failing")
-        )
-        return _plain(title, _failing_lines(w, reason, failures, since), style)
-    if event == "recovered":
-        lines = [w._("Polling Partner Center works again since {when}.").format(when=w.when(now))]
-        if failures:
-            lines.append(
-                w.ngettext(
-                    "It had failed {count} time in a row.",
-                    "It had failed {count} times in a row.",
-                    failures,
-                ).format(count=failures)
-            )
-        return _plain(w._("referral-watch: polling Partner Center works again"), lines, style)
-    if event == "dropped":
-        lines = [w._("A message could not be delivered for a day and was dropped.")]
-        if reason:
-            lines.append(w._("Details: {reason}").format(reason=w.esc(reason)))
-        return _plain(w._("referral-watch: a message was dropped"), lines, style)
-    if event == "quarantined":  # failures = how many records; reason = one line each
-        lines = [
-            w.ngettext(
-                "{count} record was set aside: it failed on its way, and the other leads go on.",
-                "{count} records were set aside: they failed on their way, and the other leads "
-                "go on.",
-                failures,
-            ).format(count=failures)
-        ]
-        lines += [f"- {md(line)}" for line in reason.splitlines() if line]
-        lines.append(w._("`referral-watch status` lists them until they are fixed."))
-        return _plain(w._("referral-watch: records set aside"), lines, style)
-    raise ValueError(f"unknown operations event {event!r}")
-
-
-def report_headings(locale: str, period: timedelta) -> dict[str, str]:
-    """Localized headings for the ``report`` summary (keys are stable, English)."""
-    _ = translations(locale).gettext
-    return {
-        "title": _("Partner Center referrals: the last {period}").format(
-            period=time_left_text(period, locale)
-        ),
-        "open": _("Open leads, most urgent first"),
-        "answered": _("Answered in this period"),
-        "expired": _("Expired unanswered in this period"),
-        "median": _("Median time to answer"),
-        "assignees": _("Leads per assignee"),
-        "none": _("None"),
-        "waiting": _("{count} waiting for an answer"),
-        "buckets": _("{day} expire within a day, {three} within three days, {later} later."),
-        "open_value": _("Deal value waiting: {values}"),
-        "expired_value": _("Deal value lost: {values}"),
-        "p90": _("90th percentile"),
-        "left": _("{time_left} left"),
-        "due": _("deadline {when}"),
-        "more": _("+{count} more"),
-        "period": _("From {start} to {end}."),
-        "unassigned": _("unassigned"),
-        "no_currency": _("(no currency)"),
-        "accepted": _("accepted"),
-        "declined": _("declined"),
-        "won": _("won"),
-        "lost": _("lost"),
-    }
-
-
 # --- Jinja2 overrides ------------------------------------------------------------------------
 
 _LEAD_VALUE = object()  # money() without arguments: the lead's own deal value
 
 
-def _template_context(w: _Words, lead: Lead, tier: TierConfig | None) -> dict[str, Any]:
+def template_context(w: Words, lead: Lead, tier: TierConfig | None) -> dict[str, Any]:
     ref = lead.referral
     remaining = lead.remaining(w.now)
 
@@ -672,63 +531,3 @@ def _template_context(w: _Words, lead: Lead, tier: TierConfig | None) -> dict[st
         "relative": relative,
         "md": w.esc,
     }
-
-
-_SAMPLE_NOW = datetime(2026, 3, 2, 9, 30, tzinfo=UTC)
-
-
-def _sample_leads() -> list[Lead]:
-    """A lead with every field and one with none of the optional ones."""
-    created = _SAMPLE_NOW - timedelta(days=12)
-    full = Referral(
-        id="00000000-0000-0000-0000-000000000001",
-        name="Sample lead",
-        customer="Fabrikam Customer Inc",
-        created=created,
-        status="New",
-        substatus="Pending",
-        type="Independent",
-        direction="Incoming",
-        country="NL",
-        deal_value=Decimal("25000"),
-        currency="USD",
-        notes="Interested in a migration to Azure.",
-        products=("Azure",),
-        solutions=("Sample solution",),
-        team=(TeamMember(email="alice@example.com", name="Alice Example"),),
-    )
-    sparse = Referral(id="sample-2", name="", customer="Contoso", created=created)
-    return [
-        Lead(ref, deadline=created + timedelta(days=14), first_seen=created, last_seen=_SAMPLE_NOW)
-        for ref in (full, sparse)
-    ]
-
-
-def _template_problem(source: str, tier: TierConfig, styles: Sequence[Style]) -> str | None:
-    contexts = (
-        _template_context(_Words(style, _SAMPLE_NOW), lead, tier)
-        for style in styles
-        for lead in _sample_leads()
-    )
-    return template_problem(source, contexts)
-
-
-def check_templates(config: Config) -> list[str]:
-    """Problems in the per-tier Jinja2 overrides, each with its key path.
-
-    Each template is compiled and rendered with sample leads (one with every field, one with
-    none of the optional ones) in every locale its channels use, so a typo or a template that
-    breaks on a lead without a deal value shows up in check-config, not at 3 a.m.
-    Key paths count tiers in the file's order, as the operator wrote them.
-    """
-    problems: list[str] = []
-    for tier in config.policy.tiers:
-        styles = list(dict.fromkeys(style_for(config, name) for name in ["", *tier.notify]))
-        for field in ("title", "body"):
-            source = getattr(tier, field)
-            if not source:
-                continue
-            problem = _template_problem(source, tier, styles)
-            if problem:
-                problems.append(f"{tier.key}.{field}: {problem} (tier {tier.name!r})")
-    return problems

@@ -32,7 +32,7 @@ from typing import Any
 from referral_watch.model import ANSWERS, Lead, Message
 from referral_watch.render.channels import Style
 from referral_watch.render.i18n import money_text, time_left_text, when_text
-from referral_watch.render.messages import report_headings
+from referral_watch.render.notices import report_headings
 from referral_watch.text import Part, clip, columns, csv_cell, escaper, fit, iso_utc, terminal
 
 __all__ = [
