@@ -8,30 +8,34 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from referral_watch import schedule
+from referral_watch import schedule, signals
 from referral_watch.config import Config
 from referral_watch.cycle.operations import Operations, tell_directly
 from referral_watch.cycle.ports import Api, Clock, NoPolls, Sender, system_clock
 from referral_watch.cycle.result import CycleResult
 from referral_watch.cycle.runner import Cycle
 from referral_watch.errors import ConfigError, ReferralWatchError, StateError
+from referral_watch.metrics import Metrics
 from referral_watch.ops import DROPPED, OpsState, health, ops_event
 from referral_watch.state.db import from_ts, ts
 from referral_watch.state.lock import InstanceLock
 from referral_watch.state.replica import Leadership, work_name
 from referral_watch.state.store import Store
-from referral_watch.watchdog import Progress
+from referral_watch.watchdog import (
+    Progress,
+    exit_leaving_the_work_behind,
+    sd_notify,
+    stuck_after,
+    watchdog_interval,
+)
 
 if TYPE_CHECKING:
     from referral_watch.web.server import WebServer
@@ -44,76 +48,6 @@ REPORT_JOB = "report:"  # + the report's name
 # unfinished poll is kept); a message being sent is waited for up to SEND_WAIT.
 STOP_GRACE = 2.0
 SEND_WAIT = 60.0
-
-
-class Metrics:
-    """Prometheus metrics; every name starts with referral_watch_."""
-
-    def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-        self.registry = CollectorRegistry()
-        self.polls = Counter(
-            "referral_watch_polls", "Polls by result", ["result"], registry=self.registry
-        )
-        self.poll_duration = Histogram(
-            "referral_watch_poll_duration_seconds",
-            "Duration of a whole cycle",
-            registry=self.registry,
-            buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300),
-        )
-        self.watched = Gauge(
-            "referral_watch_watched_leads", "Leads waiting for an answer", registry=self.registry
-        )
-        self.deliveries = Counter(
-            "referral_watch_deliveries",
-            "Messages by channel and result",
-            ["channel", "result"],
-            registry=self.registry,
-        )
-        self.backlog = Gauge(
-            "referral_watch_outbox_backlog",
-            "Messages waiting in the outbox",
-            registry=self.registry,
-        )
-        self.last_success = Gauge(
-            "referral_watch_last_success_timestamp_seconds",
-            "Unix time of the last successful poll",
-            registry=self.registry,
-        )
-        self.active = Gauge(
-            "referral_watch_active",
-            "1 while this replica does the work (always with a SQLite state), 0 on a standby",
-            registry=self.registry,
-        )
-        self.sign_in_needed = Gauge(
-            "referral_watch_sign_in_needed",
-            "1 while polls fail until someone runs `referral-watch login`, else 0",
-            registry=self.registry,
-        )
-        self.most_urgent = Gauge(
-            "referral_watch_most_urgent_remaining_seconds",
-            "Time left on the most urgent watched lead (negative once past; +Inf while none)",
-            registry=self.registry,
-        )
-        # Until a cycle says otherwise no lead waits: 0 would fire "< 6 * 3600" alert rules.
-        self.most_urgent.set(float("inf"))
-        self.webhook_events = Counter(
-            "referral_watch_webhook_events",
-            "Partner Center webhook events by event and result",
-            ["event", "result"],
-            registry=self.registry,
-        )
-        self.webhook_last_event = Gauge(
-            "referral_watch_webhook_last_event_timestamp_seconds",
-            "Unix time of the last verified webhook event",
-            registry=self.registry,
-        )
-
-    def render(self) -> bytes:
-        from prometheus_client import generate_latest
-
-        return bytes(generate_latest(self.registry))
 
 
 class Daemon:
@@ -139,7 +73,7 @@ class Daemon:
         self._api: Any = None
         self._sender: Any = None
         self._scheduler: Any = None
-        self.progress = Progress(_stuck_after(config))  # one cycle or one report at a time
+        self.progress = Progress(stuck_after(config))  # one cycle or one report at a time
         self._retired: list[Any] = []  # API clients replaced by a reload, closed when idle
         self._reports_checked = False
         self.leadership: Leadership | None = None  # with state.url: the active lock
@@ -539,10 +473,10 @@ class Daemon:
             scheduler = BlockingScheduler(timezone=UTC)
             self._scheduler = scheduler
             self._schedule(scheduler)
-            watchdog = _watchdog_interval()
+            watchdog = watchdog_interval()
             if watchdog:
                 scheduler.add_job(self.watchdog, "interval", seconds=watchdog)
-            self._install_signals()
+            signals.install(self._on_signal)
             sd_notify("READY=1")
             log.info(
                 "daemon.started",
@@ -560,7 +494,7 @@ class Daemon:
                 if self.relay is not None:
                     self.relay.join()  # after the POST in flight (stop is set)
                 if not self.progress.wait_idle(STOP_GRACE, SEND_WAIT):
-                    _exit_leaving_the_work_behind()
+                    exit_leaving_the_work_behind()
                 self.close()
         log.info("daemon.stopped")
         return 0
@@ -611,32 +545,6 @@ class Daemon:
             if job.id.startswith(REPORT_JOB) and job.id not in wanted:
                 job.remove()  # dropped from the config by a reload
 
-    def _install_signals(self) -> None:
-        """The handlers only note a signal; a thread of its own does the work (stop, reload).
-
-        Work run inside a handler, on the main thread, deadlocked when the signal came while
-        the main thread held a lock that work needs (the scheduler submitting a job, as it does
-        right after a reload); and a signal the kernel gave another thread waited for the main
-        thread's next wake-up. The wakeup fd is written by whichever thread gets the signal."""
-        reader, writer = socket.socketpair()
-        writer.setblocking(False)
-        for name in ("SIGTERM", "SIGINT", "SIGHUP"):
-            if hasattr(signal, name):
-                signal.signal(getattr(signal, name), _noted)
-        signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
-        threading.Thread(
-            target=self._on_signals, args=(reader, writer), name="signals", daemon=True
-        ).start()
-
-    def _on_signals(self, reader: socket.socket, writer: socket.socket) -> None:
-        with reader, writer:
-            while True:
-                for signum in reader.recv(64):  # one byte per signal, in the order they came
-                    try:
-                        self._on_signal(signum)
-                    except Exception:  # a bug must not leave the daemon deaf to SIGTERM
-                        log.exception("daemon.signal_failed", signal=signum)
-
     def _on_signal(self, signum: int) -> None:
         if signum == getattr(signal, "SIGHUP", None):
             self._on_reload()
@@ -664,7 +572,7 @@ class Daemon:
             log.error("config.reload_failed", problem="[state] cannot change while running")
             return
         self.config = config
-        self.progress.stuck_after = _stuck_after(config)
+        self.progress.stuck_after = stuck_after(config)
         if self._api is not None:
             self._retired.append(self._api)  # a cycle may be using it right now
         self._api = None
@@ -716,10 +624,6 @@ def new_cycle(
     return Cycle(config, store, api or NoPolls(), sender, clock, stop, may_send)
 
 
-def _noted(_: int, __: FrameType | None) -> None:
-    """A signal's Python handler: the wakeup fd already told the signals thread."""
-
-
 def _default_api(config: Config) -> Any:
     from referral_watch.partner_center.auth import token_provider
     from referral_watch.partner_center.client import PartnerCenter
@@ -731,48 +635,6 @@ def _default_sender(config: Config) -> Any:
     from referral_watch.notify import Notifier
 
     return Notifier(config.channels)
-
-
-def sd_notify(state: str) -> None:
-    """Tell systemd (Type=notify) how we are; a no-op outside systemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            # Never block: a full notify queue must not hang a job (or the exit joining it).
-            sock.settimeout(1.0)
-            sock.connect(address)
-            sock.sendall(state.encode())
-    except OSError as exc:
-        log.warning("systemd.notify_failed", error=str(exc))
-
-
-def _stuck_after(config: Config) -> float:
-    """Seconds of no progress that mean the work is wedged: twice the longest a healthy step
-    may take (one poll is cut off at partner_center.poll_timeout; a send, a page, a heartbeat
-    take less)."""
-    return 2 * config.partner_center.poll_timeout.total_seconds()
-
-
-def _exit_leaving_the_work_behind() -> None:
-    """End the process now, though a poll is still in flight on a worker thread: the
-    interpreter would join that thread before exiting, waiting for the poll (40 s and more
-    against a slow Partner Center) while systemd waits for us. Its transaction was never
-    committed, so nothing of it is kept; the state lock goes with the process."""
-    log.warning("daemon.stopped", left_behind="the poll in flight (nothing of it was kept)")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def _watchdog_interval() -> float | None:
-    usec = os.environ.get("WATCHDOG_USEC")
-    if not usec or not usec.isdigit():
-        return None
-    return max(1.0, int(usec) / 2_000_000)
 
 
 def serve(config: Config, reload: Callable[[], Config] | None = None) -> int:

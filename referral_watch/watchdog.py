@@ -8,11 +8,20 @@ cycle or report starts or ends. The API client and the sender are wrapped to rep
 
 from __future__ import annotations
 
+import os
+import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
+
+import structlog
+
+from referral_watch.config import Config
+
+log = structlog.get_logger(__name__)
 
 
 class Progress:
@@ -116,3 +125,48 @@ def _each(items: Iterator[Any], progress: Progress) -> Iterator[Any]:
     for item in items:
         progress.moved()
         yield item
+
+
+# --- systemd ----------------------------------------------------------------------------
+
+
+def sd_notify(state: str) -> None:
+    """Tell systemd (Type=notify) how we are; a no-op outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            # Never block: a full notify queue must not hang a job (or the exit joining it).
+            sock.settimeout(1.0)
+            sock.connect(address)
+            sock.sendall(state.encode())
+    except OSError as exc:
+        log.warning("systemd.notify_failed", error=str(exc))
+
+
+def stuck_after(config: Config) -> float:
+    """Seconds of no progress that mean the work is wedged: twice the longest a healthy step
+    may take (one poll is cut off at partner_center.poll_timeout; a send, a page, a heartbeat
+    take less)."""
+    return 2 * config.partner_center.poll_timeout.total_seconds()
+
+
+def exit_leaving_the_work_behind() -> None:
+    """End the process now, though a poll is still in flight on a worker thread: the
+    interpreter would join that thread before exiting, waiting for the poll (40 s and more
+    against a slow Partner Center) while systemd waits for us. Its transaction was never
+    committed, so nothing of it is kept; the state lock goes with the process."""
+    log.warning("daemon.stopped", left_behind="the poll in flight (nothing of it was kept)")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def watchdog_interval() -> float | None:
+    usec = os.environ.get("WATCHDOG_USEC")
+    if not usec or not usec.isdigit():
+        return None
+    return max(1.0, int(usec) / 2_000_000)
