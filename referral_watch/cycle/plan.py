@@ -45,13 +45,18 @@ def message_for(
 
     style = render.style_for(config, batch.channel)
     if not batch.lead_ids:
-        return Message(*text)
+        return Message(*text, kind=batch.kind)
     tier = config.policy.tier(batch.tier) if batch.tier else None
     if not known:
         raise ReferralWatchError("the lead is no longer in the state file")
     if batch.digest:
-        return render.render_digest(known, batch.kind, tier, batch.more, now, style)
-    return render.render_alert(known[0], batch.kind, tier, now, style)
+        message = render.render_digest(known, batch.kind, tier, batch.more, now, style)
+    else:
+        message = render.render_alert(known[0], batch.kind, tier, now, style)
+        known = known[:1]
+    # What it is about, for structured channels (incident tools): each lead with its link.
+    about = tuple((lead, render.lead_link(style, lead.id)) for lead in known)
+    return replace(message, kind=batch.kind, tier=batch.tier, about=about)
 
 
 def alone(batch: Batch, lead_id: str) -> Batch:
