@@ -244,7 +244,7 @@ def webhook_daemon(
     daemon = daemon_for(world, f'trust_roots = "{roots}"\nissuer_hosts = ["{side.issuer_host}"]\n')
     daemon._start_webhooks()
     try:
-        yield daemon, TestClient(build_app(daemon, routes=daemon.web_routes()))
+        yield daemon, TestClient(build_app(daemon, routes=daemon.web_routes()), base_url=LOCAL)
     finally:
         daemon.stop.set()
         daemon.webhook_worker.stop()
