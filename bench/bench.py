@@ -55,7 +55,8 @@ from webhook_latency import WebhookFigures, measure_webhooks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from referral_watch.sandbox import server as sandbox_module
-from referral_watch.sandbox.server import Sandbox, make_referral
+from referral_watch.sandbox.records import make_referral
+from referral_watch.sandbox.server import Sandbox
 
 from pgserver import PostgresServer, find_bindir
 from policies import policy

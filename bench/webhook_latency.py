@@ -27,7 +27,8 @@ from pathlib import Path
 
 from receiver import Sink
 
-from referral_watch.sandbox.server import Sandbox, make_referral
+from referral_watch.sandbox.records import make_referral
+from referral_watch.sandbox.server import Sandbox
 
 EVENTS = 100
 P95_TARGET = 1.0  # seconds

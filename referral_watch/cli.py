@@ -876,7 +876,8 @@ def sandbox(port: int, leads: int, held_by: str | None) -> None:
     from pathlib import Path
 
     from referral_watch.config import PartnerCenterConfig
-    from referral_watch.sandbox.server import CONNECTOR_EVENTS, Sandbox, holdings, sample_leads
+    from referral_watch.sandbox.records import sample_leads
+    from referral_watch.sandbox.server import CONNECTOR_EVENTS, Sandbox, holdings
 
     token = "sandbox-token"
     held = None if held_by is None else {"WebhookUrl": held_by, "WebhookEvents": CONNECTOR_EVENTS}

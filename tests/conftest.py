@@ -22,7 +22,8 @@ import pytest
 import structlog
 
 from referral_watch import cli
-from referral_watch.sandbox.server import Sandbox, make_referral
+from referral_watch.sandbox.records import make_referral
+from referral_watch.sandbox.server import Sandbox
 
 if TYPE_CHECKING:  # these import this module's helpers; the fixtures import them late
     from pgserver import PostgresServer

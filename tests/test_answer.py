@@ -15,7 +15,8 @@ from test_render import NOW, make_lead
 
 from referral_watch.model import EXPIRED, RESOLVED, TIER, AuditEntry
 from referral_watch.render.messages import render_alert, render_digest
-from referral_watch.sandbox.server import Sandbox, make_referral
+from referral_watch.sandbox.records import make_referral
+from referral_watch.sandbox.server import Sandbox
 
 from conftest import World
 

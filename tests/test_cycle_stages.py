@@ -18,7 +18,7 @@ from referral_watch.cycle.intake import Intake
 from referral_watch.cycle.operations import Operations
 from referral_watch.cycle.result import CycleResult
 from referral_watch.model import Lead, Referral, parse_referral
-from referral_watch.sandbox.server import make_referral
+from referral_watch.sandbox.records import make_referral
 from referral_watch.state.store import Store
 
 from stages import CONFIG, NOW, FakeApi, FakeSender

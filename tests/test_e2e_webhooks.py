@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from referral_watch.sandbox.server import ITEM_PREFIX, make_referral
-from referral_watch.sandbox.webhooks import GOOD, ISSUER_PATH
+from referral_watch.sandbox.certificates import GOOD, ISSUER_PATH
+from referral_watch.sandbox.records import make_referral
+from referral_watch.sandbox.server import ITEM_PREFIX
 
 from conftest import World, free_port, wait_until
 

@@ -30,7 +30,7 @@ from referral_watch.cycle.runner import Cycle
 from referral_watch.notify import Notifier
 from referral_watch.partner_center.auth import EnvTokenProvider
 from referral_watch.partner_center.client import PartnerCenter
-from referral_watch.sandbox.server import make_referral
+from referral_watch.sandbox.records import make_referral
 from referral_watch.state.schema import SCHEMA_VERSION
 from referral_watch.state.store import Store
 

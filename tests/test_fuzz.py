@@ -33,7 +33,7 @@ from referral_watch.errors import ApiError, ConfigError
 from referral_watch.model import TIER, Alert, MalformedReferral, Referral, parse_referral
 from referral_watch.partner_center import client as partner_center
 from referral_watch.partner_center.client import Page
-from referral_watch.sandbox.server import make_referral
+from referral_watch.sandbox.records import make_referral
 from referral_watch.state.db import ts
 from referral_watch.state.store import Store
 

@@ -22,7 +22,7 @@ import stamina
 from referral_watch import notify
 from referral_watch.model import parse_time
 from referral_watch.partner_center import client as partner_center
-from referral_watch.sandbox.server import make_referral
+from referral_watch.sandbox.records import make_referral
 
 from conftest import World
 from receivers import WebhookReceiver

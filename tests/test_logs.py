@@ -19,7 +19,7 @@ from test_notify import (
 )
 
 from referral_watch import logs
-from referral_watch.sandbox.server import make_referral
+from referral_watch.sandbox.records import make_referral
 
 from conftest import World
 

@@ -443,7 +443,7 @@ def test_a_final_tier_alert_is_sent_as_failure(monkeypatch: pytest.MonkeyPatch) 
     from referral_watch.model import EXPIRED, RESOLVED, TIER, Lead, parse_referral
     from referral_watch.render.channels import Style
     from referral_watch.render.messages import render_alert, render_digest
-    from referral_watch.sandbox.server import make_referral
+    from referral_watch.sandbox.records import make_referral
 
     config = parse_config(
         '[auth]\nmethod = "env"\n[channels]\nteam = "json://127.0.0.1:9/x"\n'

@@ -18,7 +18,7 @@ from referral_watch import policy
 from referral_watch.cycle.intake import Intake
 from referral_watch.cycle.runner import Cycle
 from referral_watch.render import messages as render
-from referral_watch.sandbox.server import make_referral
+from referral_watch.sandbox.records import make_referral
 
 from conftest import World
 from receivers import WebhookReceiver

@@ -26,7 +26,7 @@ from referral_watch.config.loader import parse_config
 from referral_watch.cycle.runner import Cycle
 from referral_watch.partner_center.client import Page
 from referral_watch.render import status_view
-from referral_watch.sandbox.server import make_referral
+from referral_watch.sandbox.records import make_referral
 from referral_watch.state.db import printable
 from referral_watch.state.store import Store
 

@@ -31,7 +31,7 @@ from referral_watch.render.report import (
     report_message,
     summarize,
 )
-from referral_watch.sandbox.server import make_referral
+from referral_watch.sandbox.records import make_referral
 from referral_watch.state.db import ts
 from referral_watch.state.store import Store
 

@@ -16,7 +16,8 @@ import pytest
 
 from referral_watch.model import parse_referral
 from referral_watch.partner_center.odata import FilterError, compile_filter
-from referral_watch.sandbox.server import Sandbox, make_referral
+from referral_watch.sandbox.records import make_referral
+from referral_watch.sandbox.server import Sandbox
 
 NOW = datetime(2024, 5, 6, 12, 0, tzinfo=UTC)
 AUTH = {"Authorization": "Bearer sandbox-token"}

@@ -36,7 +36,7 @@ from referral_watch.render import status_view
 from referral_watch.render.channels import SLACK_MAX, TEAMS_MAX, Style
 from referral_watch.render.messages import render_alert, render_digest
 from referral_watch.render.report import format_csv, format_text, summarize
-from referral_watch.sandbox.server import make_referral
+from referral_watch.sandbox.records import make_referral
 from referral_watch.text import (
     clean_line,
     clean_notes,

@@ -17,8 +17,9 @@ from referral_watch import policy
 from referral_watch.config.loader import load_config
 from referral_watch.daemon import Daemon
 from referral_watch.partner_center.webhooks.worker import WebhookWorker
-from referral_watch.sandbox.server import make_referral
-from referral_watch.sandbox.webhooks import GOOD, _event_body
+from referral_watch.sandbox.certificates import GOOD
+from referral_watch.sandbox.records import make_referral
+from referral_watch.sandbox.webhooks import _event_body
 from referral_watch.state.store import Store
 from referral_watch.state.webhook_events import WebhookEvent
 from referral_watch.web.app import build_app

@@ -17,7 +17,7 @@ from referral_watch.partner_center.webhooks.relay import (
     backoff,
     target_label,
 )
-from referral_watch.sandbox.webhooks import GOOD
+from referral_watch.sandbox.certificates import GOOD
 from referral_watch.state.store import Store
 
 from conftest import World, free_port, wait_until

@@ -28,8 +28,9 @@ from referral_watch.partner_center.webhooks.verify import (
     parse_event,
     referral_id,
 )
+from referral_watch.sandbox.certificates import GOOD, ISSUER_PATH
 from referral_watch.sandbox.server import Sandbox
-from referral_watch.sandbox.webhooks import GOOD, ISSUER_PATH, _event_body
+from referral_watch.sandbox.webhooks import _event_body
 from referral_watch.state.store import Store
 
 

@@ -25,7 +25,8 @@ from referral_watch.partner_center.answering import Person, answer_lead
 from referral_watch.partner_center.auth import EnvTokenProvider
 from referral_watch.partner_center.client import PartnerCenter
 from referral_watch.render.i18n import time_left_text
-from referral_watch.sandbox.server import Sandbox, make_referral
+from referral_watch.sandbox.records import make_referral
+from referral_watch.sandbox.server import Sandbox
 from referral_watch.state.store import Store
 from referral_watch.text import columns, terminal
 
