@@ -18,7 +18,7 @@ from referral_watch import __version__
 from referral_watch.config import PartnerCenterConfig
 from referral_watch.errors import ApiError, AuthError
 from referral_watch.partner_center.client import REQUEST_TIME_CAP, Page, PartnerCenter
-from referral_watch.partner_center.client.responses import RetryHook
+from referral_watch.partner_center.responses import RetryHook
 from referral_watch.sandbox.records import make_referral
 from referral_watch.sandbox.server import Sandbox
 
