@@ -32,6 +32,7 @@ from referral_watch.cycle.runner import Cycle
 from referral_watch.errors import ApiError, ConfigError
 from referral_watch.model import TIER, Alert, MalformedReferral, Referral, parse_referral
 from referral_watch.partner_center import client as partner_center
+from referral_watch.partner_center import responses
 from referral_watch.partner_center.client import Page
 from referral_watch.sandbox.records import make_referral
 from referral_watch.state.db import ts
@@ -236,7 +237,7 @@ def _response(content: bytes) -> httpx.Response:
 @given(pages_json, st.sampled_from([None, 1, 2]))
 def test_a_page_reads_as_json_would_read_it(body: dict[str, Any], indent: int | None) -> None:
     content = json.dumps(body, indent=indent, ensure_ascii=bool(indent)).encode()
-    items, link = partner_center._read_page(_response(content), 0)
+    items, link = responses.read_page(_response(content), 0)
     texts = partner_center.Page(items, 0, None).texts
     assert [json.loads(text) for text in texts] == body["value"]
     assert link == body.get("@odata.nextLink")
@@ -250,12 +251,12 @@ def test_a_page_that_is_not_a_page_is_an_api_error(content: bytes) -> None:
     except (ValueError, RecursionError):
         body = None
     if isinstance(body, dict) and isinstance(body.get("value"), list):
-        items, _ = partner_center._read_page(_response(content), 0)
+        items, _ = responses.read_page(_response(content), 0)
         texts = partner_center.Page(items, 0, None).texts
         assert [json.loads(t) for t in texts] == body["value"]
         return
     with pytest.raises(ApiError, match="unreadable page"):
-        partner_center._read_page(_response(content), 0)
+        responses.read_page(_response(content), 0)
 
 
 # --- durations ----------------------------------------------------------------------------
