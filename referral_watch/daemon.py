@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -18,13 +18,13 @@ import structlog
 
 from referral_watch import schedule, signals
 from referral_watch.config import Config
-from referral_watch.cycle.operations import Operations, tell_directly
+from referral_watch.cycle.operations import tell_directly
 from referral_watch.cycle.ports import Api, Clock, NoPolls, Sender, system_clock
 from referral_watch.cycle.result import CycleResult
 from referral_watch.cycle.runner import Cycle
 from referral_watch.errors import ConfigError, ReferralWatchError, StateError
 from referral_watch.metrics import Metrics
-from referral_watch.ops import DROPPED, OpsState, health, ops_event
+from referral_watch.ops import OpsState, health, ops_event
 from referral_watch.state.db import from_ts, ts
 from referral_watch.state.lock import InstanceLock
 from referral_watch.state.replica import Leadership, work_name
@@ -36,6 +36,7 @@ from referral_watch.watchdog import (
     stuck_after,
     watchdog_interval,
 )
+from referral_watch.webhook_jobs import WebhookJobs
 
 if TYPE_CHECKING:
     from referral_watch.web.server import WebServer
@@ -50,7 +51,7 @@ STOP_GRACE = 2.0
 SEND_WAIT = 60.0
 
 
-class Daemon:
+class Daemon(WebhookJobs):
     def __init__(
         self,
         config: Config,
@@ -232,110 +233,6 @@ class Daemon:
         self.metrics.watched.set(watched)
         left = float("inf") if soonest is None else (soonest - self.clock()).total_seconds()
         self.metrics.most_urgent.set(left)
-
-    # --- webhook events ------------------------------------------------------------------
-
-    def _start_webhooks(self) -> None:
-        """The endpoint and its worker, when [webhooks] is configured."""
-        if self.config.webhooks is None:
-            return
-        from referral_watch.partner_center.webhooks.receiver import Receiver
-        from referral_watch.partner_center.webhooks.worker import WebhookWorker
-
-        worker = WebhookWorker(
-            self.handle_webhook_leads,
-            self._pending_webhook_leads,
-            digest_over=self.config.policy.digest_over,
-            stop=self.stop,
-        )
-        self.relay = self._start_relay()
-        self.receiver = Receiver(
-            self.config,
-            wake=worker.wake,
-            count=self._count_webhook_event,
-            clock=self.clock,
-            relay_wake=self.relay.wake if self.relay is not None else lambda: None,
-        )
-        with Store(self.config.state.location) as store:
-            self.receiver.last_event = store.last_webhook_event()
-        self.webhook_worker = worker
-        worker.start()
-
-    def _start_relay(self) -> Any:
-        """The relay (webhooks.forward_to): its own thread, sending while we are active."""
-        assert self.config.webhooks is not None
-        targets = self.config.webhooks.forward_to
-        if not targets:
-            return None
-        from referral_watch.partner_center.webhooks.relay import Relay, RelayMetrics
-
-        metrics = RelayMetrics(self.metrics.registry, targets, self.clock)
-        relay = Relay(
-            self.config.state.location,
-            targets,
-            active=lambda: self.active,
-            stop=self.stop,
-            on_dropped=self._relay_dropped,
-            count=metrics.count,
-            observe=metrics.observe,
-            clock=self.clock,
-        )
-        relay.start()
-        return relay
-
-    def _relay_dropped(self, reason: str) -> None:
-        """An event could not be relayed for a day: operations hear it, as of a dropped
-        message (through the outbox: a refusal there is retried)."""
-        with self.progress.working():
-            try:
-                now = self.clock()
-                with self._store() as store:
-                    rows = Operations(self.config, store).enqueue(DROPPED, reason, now)
-                    self._deliver(store, rows)
-            except ReferralWatchError as exc:
-                log.error("relay.ops_unsent", error=str(exc)[:200])
-
-    def _count_webhook_event(self, event: str, result: str) -> None:
-        self.metrics.webhook_events.labels(event, result).inc()
-        if event != "unverified":
-            self.metrics.webhook_last_event.set(self.clock().timestamp())
-
-    def _pending_webhook_leads(self) -> list[str]:
-        with Store(self.config.state.location) as store:
-            if self.receiver is not None and self.receiver.parked:
-                try:
-                    self.receiver.flush(store)
-                except StateError as exc:  # still busy: try again in a moment
-                    log.warning("webhook.flush_failed", error=str(exc), left=self.receiver.parked)
-                    retry = threading.Timer(1.0, self.webhook_worker.wake)
-                    retry.daemon = True
-                    retry.start()
-            return store.pending_webhook_leads()
-
-    def handle_webhook_leads(self, lead_ids: Sequence[str]) -> CycleResult | None:
-        """The worker's batch: these leads only, fetched by id, stored, decided, delivered;
-        one at a time with poll cycles and reports (the daemon's work lock). A standby
-        replica leaves them to the active one (the events wait in the shared state)."""
-        if not self.active:
-            return None
-        with self.progress.working():
-            try:
-                return self._webhook_batch(lead_ids)
-            except ReferralWatchError as exc:
-                log.error("webhook.batch_failed", error=str(exc), leads=len(lead_ids))
-            except Exception:  # a bug must not end the worker: the next poll covers the leads
-                log.exception("webhook.batch_crashed", leads=len(lead_ids))
-        return None
-
-    def _webhook_batch(self, lead_ids: Sequence[str]) -> CycleResult:
-        if self._api is None:
-            self._api = self.progress.watched(self.api_factory(self.config))
-        sender = self._current_sender()
-        with self._store() as store:
-            result = self._new_cycle(store, self._api, sender).handle_leads(lead_ids)
-        for (channel, outcome), count in result.by_channel.items():
-            self.metrics.deliveries.labels(channel, outcome).inc(count)
-        return result
 
     # --- scheduled reports -----------------------------------------------------------------
 
