@@ -9,54 +9,34 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
-from datetime import UTC, datetime
-from typing import Any, NoReturn
+from datetime import datetime
+from typing import Any
 
 import click
 
 from referral_watch import __version__
+from referral_watch.cli.context import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_LOCKED,
+    EXIT_OK,
+    Context,
+    fail,
+    now_utc,
+    print_config_problems,
+)
+from referral_watch.cli.sandbox import demo, sandbox
+from referral_watch.cli.state import report, state
+from referral_watch.cli.webhooks import webhooks
 from referral_watch.config import Config, parse_duration
 from referral_watch.config.loader import (
     config_text,
     environment,
     find_config_path,
     find_env_file,
-    load_config,
 )
 from referral_watch.errors import ConfigError, LockedError, ReferralWatchError, StateError
 from referral_watch.text import terminal
-
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_LOCKED = 0, 1, 2, 3
-
-
-class Context:
-    def __init__(
-        self, config_path: str | None, log_format: str, verbose: int, env_file: str | None = None
-    ) -> None:
-        self.config_path = config_path
-        self.env_file = env_file
-        self.log_format = log_format
-        self.verbose = verbose
-        self._config: Config | None = None
-
-    def config(self) -> Config:
-        if self._config is None:
-            self._config = self.load()
-        return self._config
-
-    def load(self) -> Config:
-        """Read the config file (and the env file) afresh: at start and at every reload."""
-        path = find_config_path(self.config_path)
-        return load_config(path, env=environment(find_env_file(self.env_file, path)))
-
-
-def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
-    click.echo(f"error: {terminal(message)}", err=True)  # it may quote Partner Center text
-    sys.exit(code)
-
-
-def now_utc() -> datetime:
-    return datetime.now(UTC)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -99,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         exc.show()
         sys.exit(EXIT_CONFIG if isinstance(exc, click.UsageError) else EXIT_FAILED)
     except ConfigError as exc:
-        _print_config_problems(exc)
+        print_config_problems(exc)
         sys.exit(EXIT_CONFIG)
     except LockedError as exc:
         fail(str(exc), EXIT_LOCKED)
@@ -108,16 +88,6 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else EXIT_OK)
-
-
-def _print_config_problems(exc: ConfigError) -> None:
-    if exc.path is None and len(exc.problems) == 1:  # e.g. the file is missing
-        click.echo(f"error: {exc.problems[0]}", err=True)
-        return
-    where = f" in {exc.path}" if exc.path else ""
-    click.echo(f"error: the configuration{where} is not valid:", err=True)
-    for problem in exc.problems:
-        click.echo(f"  - {problem}", err=True)
 
 
 # --- run ----------------------------------------------------------------------------------
@@ -354,7 +324,7 @@ def check_config(obj: Context, strict: bool) -> None:
         if problem:  # the file is fine; this user just cannot run it here yet
             found.warnings.append(f"state.path: {problem}")
     if found.errors:
-        _print_config_problems(ConfigError(found.errors, str(path)))
+        print_config_problems(ConfigError(found.errors, str(path)))
     for warning in found.warnings:
         click.echo(f"warning: {warning}", err=True)
     if config is not None and not found.errors:
@@ -562,364 +532,5 @@ def notify_resolved(config: Config, store: Any) -> str:
     return f"Told on_resolved ({result.delivered} message(s))."
 
 
-# --- state ---------------------------------------------------------------------------------
-
-
-@cli.group()
-def state() -> None:
-    """The state's storage: move it from the SQLite file into PostgreSQL."""
-
-
-@state.command("migrate")
-@click.option("--to", "url", required=True, metavar="URL", help="postgresql://... (empty).")
-@click.option("--from", "path", metavar="PATH", help="The SQLite file (default: state.path).")
-@click.pass_obj
-def state_migrate(obj: Context, url: str, path: str | None) -> None:
-    """Copy the SQLite state into an empty PostgreSQL database, then compare counts."""
-    from pathlib import Path
-
-    from referral_watch.redact import database_url
-    from referral_watch.state.dialect import is_url
-    from referral_watch.state.lock import InstanceLock
-    from referral_watch.state.migrate import migrate
-    from referral_watch.state.replica import OnceLock
-
-    if not is_url(url):
-        raise click.BadParameter("give a postgresql://user@host/database URL", param_hint="--to")
-    source = Path(path) if path else obj.config().state.path
-    shown = database_url(url)
-    try:
-        with InstanceLock(source.with_name(source.name + ".lock")), OnceLock(url, shown):
-            copied = migrate(source, url)
-    except LockedError as exc:  # a daemon still uses the file, or a replica the database
-        fail(str(exc))
-    for table in copied:
-        mark = "" if table.same else "  (differs)"
-        click.echo(f"{table.table:<20} {table.source:>9} -> {table.target:>9}{mark}")
-    if not all(table.same for table in copied):
-        fail(f"the row counts of {source} and {shown} differ: do not switch to the database")
-    rows = sum(table.source for table in copied)
-    click.echo(f"Copied {rows} rows from {source} to {shown}.")
-    click.echo("Now set [state] url to it (and remove path), then start the replicas.")
-
-
-# --- report -------------------------------------------------------------------------------
-
-
-@cli.command()
-@click.option(
-    "--since",
-    default="7d",
-    show_default=True,
-    metavar="DURATION",
-    help='The period to look back over, e.g. "7d" or "30d".',
-)
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["text", "markdown", "json", "csv"]),
-    default="text",
-    show_default=True,
-    help="text or markdown for people; json or csv for spreadsheets and BI tools.",
-)
-@click.pass_obj
-def report(obj: Context, since: str, fmt: str) -> None:
-    """Print the summary a [[reports]] entry sends: open, answered and expired leads."""
-    from referral_watch.render.report import render_report, summarize
-    from referral_watch.state.store import Store
-
-    try:
-        period = parse_duration(since)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--since") from None
-    if not period:
-        raise click.BadParameter("the period must be longer than 0s", param_hint="--since")
-    config = obj.config()
-    with Store(config.state.location, create=False) as store:
-        leads = store.leads(include_resolved=True)
-    summary = summarize(leads, now_utc(), period)
-    click.echo(render_report(summary, fmt, config.messages.timezone), nl=False)
-
-
-# --- webhooks -------------------------------------------------------------------------------
-
-
-@cli.group()
-def webhooks() -> None:
-    """Manage the Partner Center webhook registration (instant alerts, see docs/webhooks.md)."""
-
-
-def _registration(obj: Context) -> tuple[Config, Any]:
-    from referral_watch.partner_center.webhooks.registration import (
-        Registration,
-        registration_tokens,
-    )
-
-    config = obj.config()
-    return config, Registration(config, registration_tokens(config))
-
-
-@webhooks.command("register")
-@click.option(
-    "--replace",
-    is_flag=True,
-    help="Take the registration over from another integration, keeping its events "
-    "(`unregister` puts it back).",
-)
-@click.pass_obj
-def webhooks_register(obj: Context, replace: bool) -> None:
-    """Register {server.public_url}{webhooks.path} for referral-created, referral-updated and
-    test-created; refuses while another integration holds the company's registration."""
-    from referral_watch.partner_center.webhooks.registration import (
-        ReplacedMemory,
-        describe,
-        webhook_url,
-    )
-
-    config, api = _registration(obj)
-    target = webhook_url(config)
-    with api:
-        done = api.register(target, ReplacedMemory(config.state.location), replace=replace)
-    registered = done.registration
-    url = registered.get("WebhookUrl", target)
-    events = ", ".join(registered.get("WebhookEvents", []))
-    subscriber = registered.get("SubscriberId", "?")
-    if done.action == "unchanged":
-        click.echo(f"Already registered: {url} for {events} (subscriber {subscriber}).")
-        return
-    verb = {"created": "Registered", "updated": "Updated the registration of"}.get(
-        done.action, "Took over the registration for"
-    )
-    click.echo(f"{verb} {url} for {events} (subscriber {subscriber}).")
-    if done.replaced is not None:
-        click.echo(
-            f"Replaced {describe(done.replaced)}; it is kept in the state, and "
-            "`referral-watch webhooks unregister` puts it back."
-        )
-
-
-@webhooks.command("show")
-@click.pass_obj
-def webhooks_show(obj: Context) -> None:
-    """Show Partner Center's webhook registration and whether it is ours."""
-    from referral_watch.partner_center.webhooks.registration import (
-        ReplacedMemory,
-        describe,
-        same_url,
-        webhook_url,
-    )
-
-    config, api = _registration(obj)
-    with api:
-        registered = api.show()
-    try:
-        ours: str | None = webhook_url(config)
-    except ReferralWatchError:
-        ours = None
-    replaced = ReplacedMemory(config.state.location).get()
-    if registered is None:
-        click.echo("No webhook registration: run `referral-watch webhooks register`.")
-    else:
-        url = str(registered.get("WebhookUrl", "?"))
-        mine = ours is not None and same_url(registered, ours)
-        click.echo(f"URL:        {url}")
-        click.echo(f"Events:     {', '.join(registered.get('WebhookEvents', []))}")
-        click.echo(f"Subscriber: {registered.get('SubscriberId', '?')}")
-        click.echo(f"Ours:       {'yes' if mine else 'no'}")
-        if not mine and ours is not None:
-            click.echo(
-                f"Note: another integration holds it; this config would register {ours} "
-                "(`webhooks register` refuses; see its --replace)."
-            )
-    if replaced is not None:
-        click.echo(f"Replaced:   {describe(replaced)} (`webhooks unregister` puts it back)")
-
-
-@webhooks.command("unregister")
-@click.pass_obj
-def webhooks_unregister(obj: Context) -> None:
-    """Put back the registration `register --replace` took over, or delete ours (polling
-    carries on alone)."""
-    from referral_watch.partner_center.webhooks.registration import (
-        ReplacedMemory,
-        describe,
-        webhook_url,
-    )
-
-    config, api = _registration(obj)
-    target = webhook_url(config)
-    with api:
-        done = api.unregister(target, ReplacedMemory(config.state.location))
-    if done.restored is not None:
-        click.echo(f"Put back the registration it replaced: {describe(done.restored)}.")
-    elif done.action == "deleted":
-        click.echo("Unregistered.")
-    else:
-        click.echo("There was no webhook registration.")
-
-
-@webhooks.command("test")
-@click.pass_obj
-def webhooks_test(obj: Context) -> None:
-    """Ask Partner Center for a test event and wait (up to a minute) until it arrives here
-    and verifies; needs the daemon running on this state."""
-    from referral_watch.partner_center.webhooks.registration import (
-        TEST_WAIT,
-        wait_for_test_event,
-        webhook_url,
-    )
-
-    config, api = _registration(obj)
-    with api:
-        registered = api.ensure_test_event(webhook_url(config))
-        click.echo(
-            f"1. Registered: {registered.get('WebhookUrl', '?')} "
-            f"({', '.join(registered.get('WebhookEvents', []))})"
-        )
-        since = now_utc()
-        correlation = api.request_test()
-        click.echo(f"2. Asked Partner Center for a test event (correlation id {correlation}).")
-        click.echo(f"3. Waiting up to {TEST_WAIT:.0f}s for it to arrive and verify ...")
-        outcome = wait_for_test_event(
-            api,
-            correlation,
-            config.state.location,
-            since,
-            report=lambda line: click.echo(f"   {line}"),
-        )
-    if outcome.ok and outcome.arrived is not None:
-        click.echo(f"4. Arrived and verified at {outcome.arrived:%H:%M:%S} UTC: webhooks work.")
-        return
-    click.echo(
-        "4. FAILED: the test event did not arrive verified. Is `referral-watch run` up with "
-        "this state, is server.public_url reachable from the internet, and do the "
-        "daemon's logs show webhook.rejected?"
-    )
-    sys.exit(EXIT_FAILED)
-
-
-# --- demo ---------------------------------------------------------------------------------
-
-
-@cli.command()
-@click.option(
-    "--channel",
-    "extra_channel",
-    metavar="URL",
-    help="Also send every alert to this Apprise URL (e.g. your Teams workflow or Slack).",
-)
-@click.option(
-    "--console",
-    "with_console",
-    is_flag=True,
-    help="Afterwards keep the sandbox and the web console running (until Ctrl-C).",
-)
-@click.option(
-    "--port",
-    type=click.IntRange(1, 65535),
-    default=9464,
-    show_default=True,
-    help="The console's port on 127.0.0.1 (with --console).",
-)
-@click.option("--fast", is_flag=True, hidden=True, help="No pauses (for tests).")
-def demo(extra_channel: str | None, with_console: bool, port: int, fast: bool) -> None:
-    """Watch two weeks of leads in a few seconds against a built-in sandbox."""
-    from referral_watch import logs
-    from referral_watch.sandbox.demo import run_demo
-
-    logs.configure("console", quiet=True)
-    if extra_channel:
-        from referral_watch.config import ChannelConfig
-        from referral_watch.notify import check_channels
-
-        problems = check_channels({"yours": ChannelConfig.model_construct(url=extra_channel)})
-        if problems:
-            raise ConfigError(problems)
-    console = f"127.0.0.1:{port}" if with_console else None
-    if console is not None:
-        from referral_watch.config import ServerConfig
-        from referral_watch.web.server import bind
-
-        bind(ServerConfig(listen=console)).close()  # a port in use fails now, not after the story
-    sys.exit(run_demo(extra_channel=extra_channel, pause=0.0 if fast else None, console=console))
-
-
-# --- sandbox ------------------------------------------------------------------------------
-
-
-@cli.command()
-@click.option(
-    "--port",
-    type=click.IntRange(0, 65535),
-    default=8765,
-    show_default=True,
-    help="Port on 127.0.0.1 (0: any free one).",
-)
-@click.option(
-    "--leads",
-    type=click.IntRange(0, 100_000),
-    default=25,
-    show_default=True,
-    help="How many waiting referrals it holds.",
-)
-@click.option(
-    "--held-by",
-    metavar="URL",
-    help="Start with the company's webhook registration held by another integration at URL "
-    "(a CRM co-sell connector's events), to try `webhooks register` against.",
-)
-def sandbox(port: int, leads: int, held_by: str | None) -> None:
-    """Run the built-in fake Partner Center on 127.0.0.1, to try a config by hand."""
-    import signal
-    import tempfile
-    import threading
-    from pathlib import Path
-
-    from referral_watch.config import PartnerCenterConfig
-    from referral_watch.sandbox.records import sample_leads
-    from referral_watch.sandbox.server import CONNECTOR_EVENTS, Sandbox, holdings
-
-    token = "sandbox-token"
-    held = None if held_by is None else {"WebhookUrl": held_by, "WebhookEvents": CONNECTOR_EVENTS}
-    fake = Sandbox(
-        sample_leads(leads, now=now_utc()), token=token, port=port, held_registration=held
-    )
-    try:
-        fake.start()
-    except OSError as exc:
-        fail(f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc} (try another --port)")
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    # Its webhook events are signed as Microsoft signs them: the leaf alone, its issuing CA at
-    # an AIA URL on the sandbox's issuer host, the root in this trust file.
-    side = fake.webhooks
-    trust = Path(tempfile.mkdtemp(prefix="referral-watch-sandbox-")) / "sandbox-roots.pem"
-    trust.write_bytes(side.trust_roots_pem)
-    click.echo(
-        f"Partner Center sandbox at {fake.base_url} with "
-        f"{holdings(fake, PartnerCenterConfig().filter)}.\n"
-        f"Its bearer token is {token}. To try a config against it, set\n"
-        f'  [partner_center] base_url = "{fake.base_url}"\n'
-        '  [auth] method = "env" (token_env = "PARTNER_CENTER_TOKEN")\n'
-        f"and export PARTNER_CENTER_TOKEN={token}; then `referral-watch run --once`.\n"
-        "For its signed webhook events, also set\n"
-        f'  [webhooks] certificate_hosts = ["{side.certificate_host}"]\n'
-        f'             issuer_hosts = ["{side.issuer_host}"]\n'
-        f'             trust_roots = "{trust}"\n'
-        f"and export SSL_CERT_FILE={trust} (its certificate server's TLS has the same root).\n"
-        + (
-            ""
-            if held is None
-            else f"Its webhook registration API is {fake.registration_url} (token "
-            f"{fake.registration_token}), held by {held_by}.\n"
-        )
-        + "Ctrl-C stops it."
-    )
-    sys.stdout.flush()
-    try:
-        while not stop.wait(0.5):  # a timed wait: the signal handler runs between the waits
-            pass
-    finally:
-        fake.stop()
-    click.echo("Sandbox stopped.")
+for command in (webhooks, state, report, demo, sandbox):  # in modules of their own
+    cli.add_command(command)
