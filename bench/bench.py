@@ -54,7 +54,7 @@ from receiver import Sink
 from webhook_latency import WebhookFigures, measure_webhooks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from referral_watch.sandbox import server as sandbox_module
+from referral_watch.sandbox import handler as sandbox_handler
 from referral_watch.sandbox.records import make_referral
 from referral_watch.sandbox.server import Sandbox
 
@@ -124,7 +124,7 @@ SERVER = ServerClock()
 
 
 def _instrument() -> None:
-    handler: Any = sandbox_module._Handler
+    handler: Any = sandbox_handler._Handler
     original = handler.do_GET
 
     def timed(self: Any) -> None:

@@ -15,7 +15,7 @@ import pytest
 
 from referral_watch.sandbox.certificates import GOOD, ISSUER_PATH
 from referral_watch.sandbox.records import make_referral
-from referral_watch.sandbox.server import ITEM_PREFIX
+from referral_watch.sandbox.wire import ITEM_PREFIX
 
 from conftest import World, free_port, wait_until
 

@@ -20,18 +20,26 @@ import ssl
 import threading
 import time
 import uuid
-import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from datetime import UTC, datetime
+from http.server import ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
 
 from referral_watch.partner_center.odata import FilterError, Predicate, compile_filter
 from referral_watch.sandbox import answers as sandbox_answers
+from referral_watch.sandbox.handler import handler_for
 from referral_watch.sandbox.records import format_time, make_referral, sample_leads
 from referral_watch.sandbox.webhooks import REGISTRATION_PATH, SandboxWebhooks
+from referral_watch.sandbox.wire import (
+    API_PREFIX,
+    STREAM_FAULTS,
+    BadRequest,
+    Fault,
+    Headers,
+    Query,
+    RecordedRequest,
+)
 
 # What a CRM co-sell connector registers (Microsoft's connector pages), plus a billing event
 # another integration shares the registration with: `referral-watch sandbox --held-by URL`.
@@ -42,91 +50,10 @@ CONNECTOR_EVENTS = [
     "related-referral-updated",
     "invoice-ready",
 ]
-API_PREFIX = "/v1.0"
-LIST_PATHS = (f"{API_PREFIX}/engagements/referrals", f"{API_PREFIX}/referrals")
-ITEM_PREFIX = f"{API_PREFIX}/engagements/referrals/"
 DEFAULT_TOP = 100
 ORDER_KEYS = ("createdDateTime", "updatedDateTime")
 
-_ERROR_CODES = {
-    400: "invalidRequest",
-    401: "unauthenticated",
-    403: "accessDenied",
-    404: "itemNotFound",
-    409: "conflict",
-    412: "preconditionFailed",
-    429: "tooManyRequests",
-    500: "internalServerError",
-    502: "badGateway",
-    503: "serviceNotAvailable",
-    504: "gatewayTimeout",
-}
-
-
 # --- records ---------------------------------------------------------------------------------
-
-
-class Headers(dict[str, str]):
-    """Request headers, looked up case-insensitively (keys are stored lower-cased)."""
-
-    def __getitem__(self, key: str) -> str:
-        return super().__getitem__(key.lower())
-
-    def __contains__(self, key: object) -> bool:
-        return super().__contains__(key.lower() if isinstance(key, str) else key)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return super().get(key.lower(), default)
-
-
-@dataclass(frozen=True)
-class RecordedRequest:
-    method: str
-    path: str
-    query: dict[str, str]
-    headers: Headers
-    body: bytes = b""
-
-    def json(self) -> Any:
-        """The request body as JSON (a PATCH's JSON Patch document)."""
-        return json.loads(self.body)
-
-
-@dataclass
-class _Fault:
-    status: int
-    times: int
-    on: str
-    page: int | None
-    retry_after: float | None
-    body: bytes | None
-    delay: float
-    truncate: bool
-    hang: bool
-    kind: str | None = None  # one of STREAM_FAULTS: a hostile body instead of an answer
-    size: int = 0  # "huge": bytes in the page
-    headers: dict[str, str] | None = None  # extra headers; "{token}" becomes the caller's token
-
-    def matches(self, on: str, page: int | None) -> bool:
-        return self.on == on and (self.page is None or self.page == page)
-
-
-@dataclass
-class _Query:
-    filter: str | None
-    order: str | None
-    top: int
-    offset: int
-
-
-def _error_body(code: str, message: str) -> bytes:
-    return json.dumps({"error": {"code": code, "message": message}}).encode()
-
-
-class _BadRequest(Exception):
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
 
 
 @dataclass
@@ -185,7 +112,7 @@ class Sandbox:
         self._version = 0
         self._results: dict[tuple[str | None, str | None], _Result] = {}
         self._filters: dict[str, Predicate] = {}
-        self._faults: list[_Fault] = []
+        self._faults: list[Fault] = []
         self._stopping = threading.Event()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -198,7 +125,7 @@ class Sandbox:
         if self._server is not None:
             return self
         self._stopping.clear()
-        server = ThreadingHTTPServer((self.host, self.port), _handler_for(self))
+        server = ThreadingHTTPServer((self.host, self.port), handler_for(self))
         server.daemon_threads = True
         server.block_on_close = False  # a hanging fault must not block stop()
         if self.tls:
@@ -315,7 +242,7 @@ class Sandbox:
 
     def count(self, filter_text: str | None) -> int:
         """How many records a poll with this ``$filter`` gets, over all its pages."""
-        return len(self._matching_ids(_Query(filter_text, None, DEFAULT_TOP, 0)))
+        return len(self._matching_ids(Query(filter_text, None, DEFAULT_TOP, 0)))
 
     # -- faults
 
@@ -352,7 +279,7 @@ class Sandbox:
             raise ValueError(f"kind must be one of {', '.join(STREAM_FAULTS)}, not {kind!r}")
         with self._lock:
             self._faults.append(
-                _Fault(
+                Fault(
                     status, times, on, page, retry_after, body, delay, truncate, hang,
                     kind, size, headers,
                 )
@@ -362,7 +289,7 @@ class Sandbox:
         with self._lock:
             self._faults.clear()
 
-    def _take_fault(self, on: str, page: int | None) -> _Fault | None:
+    def _take_fault(self, on: str, page: int | None) -> Fault | None:
         with self._lock:
             for fault in self._faults:
                 if fault.matches(on, page):
@@ -411,13 +338,13 @@ class Sandbox:
             self._version += 1
         return updated
 
-    def _parse_query(self, query: dict[str, str]) -> _Query:
+    def _parse_query(self, query: dict[str, str]) -> Query:
         if "$skiptoken" in query:
             return _decode_skiptoken(query["$skiptoken"])
         top = DEFAULT_TOP
         if "$top" in query:
             if not query["$top"].isdigit() or int(query["$top"]) < 1:
-                raise _BadRequest(f"$top must be a positive integer, not {query['$top']!r}")
+                raise BadRequest(f"$top must be a positive integer, not {query['$top']!r}")
             top = int(query["$top"])
         if self.max_page_size is not None:
             top = min(top, self.max_page_size)
@@ -428,7 +355,7 @@ class Sandbox:
         # Microsoft documents the OData operators, not what a bad $filter/$top/$orderby gets:
         # the 400 invalidRequest answers are the sandbox's own.
         self._predicate(filter_text)
-        return _Query(filter_text, order, top, 0)
+        return Query(filter_text, order, top, 0)
 
     def _predicate(self, filter_text: str | None) -> Predicate:
         key = filter_text or ""
@@ -437,11 +364,11 @@ class Sandbox:
             try:
                 predicate = compile_filter(filter_text)
             except FilterError as exc:
-                raise _BadRequest(f"Invalid filter expression: {exc}") from None
+                raise BadRequest(f"Invalid filter expression: {exc}") from None
             self._filters[key] = predicate
         return predicate
 
-    def _matching_ids(self, query: _Query) -> list[str]:
+    def _matching_ids(self, query: Query) -> list[str]:
         key = (query.filter, query.order)
         with self._lock:
             cached = self._results.get(key)
@@ -456,7 +383,7 @@ class Sandbox:
             self._results[key] = _Result(self._version, ids)
             return ids
 
-    def _page_body(self, query: _Query) -> bytes:
+    def _page_body(self, query: Query) -> bytes:
         ids = self._matching_ids(query)
         chunk = ids[query.offset : query.offset + query.top]
         with self._lock:
@@ -465,7 +392,7 @@ class Sandbox:
         parts = [b'{"@odata.context":', json.dumps(context).encode(), b',"value":[', values, b"]"]
         end = query.offset + query.top
         if end < len(ids):
-            token = _encode_skiptoken(_Query(query.filter, query.order, query.top, end))
+            token = _encode_skiptoken(Query(query.filter, query.order, query.top, end))
             link = f"{self._link_base()}/referrals?$skiptoken={token}"
             parts += [b',"@odata.nextLink":', json.dumps(link).encode()]
         parts.append(b"}")
@@ -482,288 +409,31 @@ class Sandbox:
 def _order_key(order: str) -> tuple[str, bool]:
     words = order.split()
     if not words or len(words) > 2 or words[0] not in ORDER_KEYS:
-        raise _BadRequest(
+        raise BadRequest(
             f"$orderby {order!r} is not supported: use createdDateTime or updatedDateTime, "
             "optionally followed by asc or desc"
         )
     direction = words[1] if len(words) == 2 else "asc"
     if direction not in ("asc", "desc"):
-        raise _BadRequest(f"$orderby direction must be asc or desc, not {direction!r}")
+        raise BadRequest(f"$orderby direction must be asc or desc, not {direction!r}")
     return words[0], direction == "desc"
 
 
-def _encode_skiptoken(query: _Query) -> str:
+def _encode_skiptoken(query: Query) -> str:
     # What a $skiptoken holds is not documented (it is opaque to clients): the sandbox's own.
     data = json.dumps([query.filter, query.order, query.top, query.offset], separators=(",", ":"))
     return base64.urlsafe_b64encode(data.encode()).decode().rstrip("=")
 
 
-def _decode_skiptoken(token: str) -> _Query:
+def _decode_skiptoken(token: str) -> Query:
     try:
         padded = token + "=" * (-len(token) % 4)
         filter_text, order, top, offset = json.loads(base64.urlsafe_b64decode(padded))
         if not (isinstance(top, int) and top > 0 and isinstance(offset, int) and offset >= 0):
             raise ValueError("bad numbers")
-        return _Query(filter_text, order, top, offset)
+        return Query(filter_text, order, top, offset)
     except (ValueError, TypeError, binascii.Error):
-        raise _BadRequest("The $skiptoken is not valid.") from None
-
-
-# --- the request handler -------------------------------------------------------------------
-
-
-def _handler_for(sandbox: Sandbox) -> type[BaseHTTPRequestHandler]:
-    class Handler(_Handler):
-        pass
-
-    Handler.sandbox = sandbox
-    return Handler
-
-
-class _Handler(BaseHTTPRequestHandler):
-    sandbox: Sandbox
-    protocol_version = "HTTP/1.1"
-    server_version = "PartnerCenterSandbox/1.0"
-    # Headers and body go out in two writes: without this, Nagle + delayed ACK cost ~40 ms each.
-    disable_nagle_algorithm = True
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # quiet: the benchmark makes thousands of requests
-
-    def do_GET(self) -> None:
-        split = urlsplit(self.path)
-        query = {k: v[0] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
-        headers = Headers((k.lower(), v) for k, v in self.headers.items())
-        self.sandbox._record(RecordedRequest("GET", split.path, query, headers))
-        path = split.path.rstrip("/")
-        try:
-            if path == LIST_PATHS[1] and not self.sandbox.documented_next_path:
-                self._send(404, _error_body("resourceNotFound", f"No route for {split.path}."))
-            elif path in LIST_PATHS:
-                self._list(query, headers)
-            elif path.startswith(ITEM_PREFIX) and "/" not in path[len(ITEM_PREFIX) :]:
-                self._item(unquote(path[len(ITEM_PREFIX) :]), headers)
-            elif path.startswith(REGISTRATION_PATH):
-                self._webhook_api("GET", split.path, headers)
-            else:
-                self._send(404, _error_body("resourceNotFound", f"No route for {split.path}."))
-        except _BadRequest as exc:
-            self._send(400, _error_body("invalidRequest", exc.message))
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client gave up (e.g. its timeout): nothing to answer
-
-    def do_PATCH(self) -> None:
-        split = urlsplit(self.path)
-        headers = Headers((k.lower(), v) for k, v in self.headers.items())
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self.sandbox._record(RecordedRequest("PATCH", split.path, {}, headers, body))
-        path = split.path.rstrip("/")
-        if not path.startswith(ITEM_PREFIX) or "/" in path[len(ITEM_PREFIX) :]:
-            self._send(404, _error_body("resourceNotFound", f"No route for {split.path}."))
-            return
-        if self._fault("patch", None) or not self._check_token(headers):
-            return
-        try:
-            updated = self.sandbox._answer(unquote(path[len(ITEM_PREFIX) :]), headers, body)
-        except sandbox_answers.PatchRejected as exc:
-            self._send(exc.status, _error_body(exc.code, exc.message))
-            return
-        etag = {"ETag": str(updated["eTag"])}
-        if "return=representation" in (headers.get("prefer") or ""):
-            self._send(200, json.dumps(updated).encode(), etag)
-        else:
-            self._send(204, b"", etag)
-
-    def do_POST(self) -> None:
-        self._other_method("POST")
-
-    def do_PUT(self) -> None:
-        self._other_method("PUT")
-
-    def do_DELETE(self) -> None:
-        self._other_method("DELETE")
-
-    def _other_method(self, method: str) -> None:
-        """Only the webhook registration API takes POST, PUT and DELETE."""
-        split = urlsplit(self.path)
-        headers = Headers((k.lower(), v) for k, v in self.headers.items())
-        body = self._read_body(headers)
-        self.sandbox._record(RecordedRequest(method, split.path, {}, headers, body))
-        try:
-            if split.path.rstrip("/").startswith(REGISTRATION_PATH):
-                self._webhook_api(method, split.path, headers, body)
-            else:
-                self._send(405, _error_body("methodNotAllowed", f"{method} {split.path}."))
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-
-    def _read_body(self, headers: Headers) -> bytes:
-        length = headers.get("content-length", "0")
-        return self.rfile.read(int(length)) if length.isdigit() else b""
-
-    def _webhook_api(self, method: str, path: str, headers: Headers, body: bytes = b"") -> None:
-        status, answer = self.sandbox.webhooks.handle(method, path.rstrip("/"), headers, body)
-        if answer is None:
-            self.send_response(status)
-            self.send_header("Content-Length", "0")
-            self.send_header("Request-ID", str(uuid.uuid4()))
-            self.end_headers()
-            return
-        self._send(status, json.dumps(answer).encode())
-
-    def _list(self, query: dict[str, str], headers: Headers) -> None:
-        parsed = self.sandbox._parse_query(query)
-        page = parsed.offset // parsed.top
-        if self._fault("list", page) or not self._check_token(headers):
-            return
-        if self.sandbox.page_delay:
-            self.sandbox._stopping.wait(self.sandbox.page_delay)
-        self._send(200, self.sandbox._page_body(parsed))
-
-    def _item(self, referral_id: str, headers: Headers) -> None:
-        if self._fault("item", None) or not self._check_token(headers):
-            return
-        body = self.sandbox._item_body(referral_id)
-        if body is None:
-            message = f"Referral {referral_id} was not found."
-            self._send(404, _error_body("itemNotFound", message))
-        else:
-            self._send(200, body)
-
-    def _check_token(self, headers: Headers) -> bool:
-        if self.sandbox._authorized(headers):
-            return True
-        message = "The access token is missing, invalid or expired."
-        self._send(401, _error_body("unauthenticated", message), {"WWW-Authenticate": "Bearer"})
-        return False
-
-    def _fault(self, on: str, page: int | None) -> bool:
-        fault = self.sandbox._take_fault(on, page)
-        if fault is None:
-            return False
-        stopping = self.sandbox._stopping
-        if fault.hang:
-            stopping.wait()
-            self.close_connection = True
-            return True
-        if fault.kind is not None:
-            _StreamFault(self, fault).serve()
-            self.close_connection = True
-            return True
-        if fault.delay:
-            stopping.wait(fault.delay)
-        status = fault.status or 200
-        if fault.body is not None:
-            body = fault.body
-        elif fault.status == 0:
-            body = b'{"value": ['
-        else:
-            code = _ERROR_CODES.get(status, "error")
-            body = _error_body(code, f"Injected fault: {status} {code}.")
-        extra = {k: v.replace("{token}", self._token()) for k, v in (fault.headers or {}).items()}
-        if fault.retry_after is not None:
-            seconds = fault.retry_after
-            extra["Retry-After"] = str(int(seconds)) if seconds == int(seconds) else str(seconds)
-        if fault.truncate:
-            self._send(status, body, extra, length=len(body) + 100)
-            self.close_connection = True
-        else:
-            self._send(status, body, extra)
-        return True
-
-    def _token(self) -> str:
-        return self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-
-    def _send(
-        self,
-        status: int,
-        body: bytes,
-        extra: dict[str, str] | None = None,
-        *,
-        length: int | None = None,
-    ) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
-        self.send_header("Content-Length", str(len(body) if length is None else length))
-        self.send_header("Request-ID", str(uuid.uuid4()))
-        for name, value in (extra or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(body)
-        self.wfile.flush()
-
-
-STREAM_FAULTS = ("huge", "gzip_bomb", "endless_body", "endless_next", "slowloris")
-
-
-class _StreamFault:
-    """A hostile 200 answer, written as a chunked body until the client gives up (or the
-    sandbox stops): what a broken proxy or a malicious endpoint could send."""
-
-    def __init__(self, handler: _Handler, fault: _Fault) -> None:
-        self.handler = handler
-        self.fault = fault
-        self.stopping = handler.sandbox._stopping
-
-    def serve(self) -> None:
-        kind = self.fault.kind
-        headers = {"Transfer-Encoding": "chunked"}
-        if kind == "gzip_bomb":
-            headers["Content-Encoding"] = "gzip"
-        handler = self.handler
-        handler.send_response(200)
-        handler.send_header("Content-Type", "application/json; charset=utf-8")
-        for name, value in headers.items():
-            handler.send_header(name, value)
-        handler.end_headers()
-        try:
-            for chunk in getattr(self, f"_{kind}")():
-                if self.stopping.is_set():
-                    return
-                if chunk:
-                    handler.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-                    handler.wfile.flush()
-            handler.wfile.write(b"0\r\n\r\n")
-        except OSError:
-            pass  # the client hung up: that is what it should do
-
-    def _huge(self) -> Iterator[bytes]:
-        yield b'{"value": ['
-        created = datetime.now(UTC) - timedelta(hours=1)
-        sent, first = 11, True
-        while sent < self.fault.size:
-            record = make_referral(created=created, customer="Huge Page Customer")
-            chunk = (b"" if first else b",") + json.dumps(record).encode()
-            first = False
-            sent += len(chunk)
-            yield chunk
-        yield b"]}"
-
-    def _gzip_bomb(self) -> Iterator[bytes]:
-        packer = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS | 16)
-        yield packer.compress(b'{"value": [') + packer.flush(zlib.Z_SYNC_FLUSH)
-        spaces = b" " * (1 << 20)  # JSON whitespace: 1 MiB inflates from about 1 KiB
-        while True:
-            yield packer.compress(spaces) + packer.flush(zlib.Z_SYNC_FLUSH)
-
-    def _endless_body(self) -> Iterator[bytes]:
-        yield b'{"value": ['
-        created = datetime.now(UTC) - timedelta(hours=1)
-        record = json.dumps(make_referral(created=created, customer="Endless Customer")).encode()
-        while True:
-            yield (record + b",") * 64
-
-    def _endless_next(self) -> Iterator[bytes]:
-        link = f"{self.handler.sandbox._link_base()}/engagements/referrals?chain={uuid.uuid4()}"
-        yield json.dumps({"value": [], "@odata.nextLink": link}).encode()
-
-    def _slowloris(self) -> Iterator[bytes]:
-        yield b"{"
-        while not self.stopping.wait(self.fault.delay or 1.0):
-            yield b" "
-
-
-# --- standalone ----------------------------------------------------------------------------
+        raise BadRequest("The $skiptoken is not valid.") from None
 
 
 def holdings(sandbox: Sandbox, filter_text: str) -> str:
