@@ -25,6 +25,8 @@ from referral_watch import cli
 from referral_watch.sandbox.records import make_referral
 from referral_watch.sandbox.server import Sandbox
 
+from policies import tiers
+
 if TYPE_CHECKING:  # these import this module's helpers; the fixtures import them late
     from pgserver import PostgresServer
     from receivers import WebhookReceiver
@@ -245,27 +247,7 @@ def _collect(stream: IO[str], lines: list[str]) -> None:
         lines.append(line)
 
 
-TIERS = """
-[[policy.tiers]]
-name = "new"
-remaining = "14d"
-notify = ["team"]
-
-[[policy.tiers]]
-name = "reminder"
-remaining = "7d"
-notify = ["team"]
-
-[[policy.tiers]]
-name = "urgent"
-remaining = "2d"
-notify = ["team", "managers"]
-
-[[policy.tiers]]
-name = "final"
-remaining = "12h"
-notify = ["team", "managers"]
-"""
+TIERS = tiers(final_repeats=False)  # the end-to-end world's final tier is heard once
 
 
 @dataclass

@@ -6,7 +6,15 @@ from __future__ import annotations
 
 import json
 
-TIERS = """
+FINAL_REPEATS = """repeat = "4h"
+bypass_quiet = true
+"""
+
+
+def tiers(*, final_repeats: bool = True) -> str:
+    """The four tiers; the final one repeats every 4h through quiet hours unless told not to
+    (the end-to-end world's final tier is heard once)."""
+    return f"""
 [[policy.tiers]]
 name = "new"
 remaining = "14d"
@@ -26,13 +34,11 @@ notify = ["team", "managers"]
 name = "final"
 remaining = "12h"
 notify = ["team", "managers"]
-repeat = "4h"
-bypass_quiet = true
-"""
+{FINAL_REPEATS if final_repeats else ""}"""
 
 
 def policy(**settings: object) -> str:
     """The ``[policy]`` section with these settings (``digest_over=3``, ...) and the tiers."""
     lines = ["[policy]", *(f"{key} = {json.dumps(value)}" for key, value in settings.items())]
     lines += ['on_expired = ["managers"]', 'on_resolved = ["team"]']
-    return "\n".join(lines) + "\n" + TIERS
+    return "\n".join(lines) + "\n" + tiers()
