@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Iterable
@@ -256,6 +257,14 @@ def _optional_time(value: Any) -> datetime | None:
 def _solutions(items: Any) -> tuple[str, ...]:
     names = (_text(_get(_obj(s), "name")) or _text(_get(_obj(s), "id")) for s in _list(items))
     return tuple(name for name in names if name)
+
+
+def record_digest(raw: bytes | memoryview | str) -> str:
+    """The digest of a record's JSON exactly as served (its UTF-8 bytes): the state keeps it
+    beside the record, so a poll recognises an unchanged record without decoding it. SHA-256,
+    cut to 128 bits: any change, of one byte or many, makes another digest."""
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    return hashlib.sha256(data).hexdigest()[:32]
 
 
 def parse_referral(data: Any, raw: str | None = None) -> Referral:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from referral_watch.errors import LockedError, StateError
-from referral_watch.model import TIER, Alert, AuditEntry, parse_referral
+from referral_watch.model import TIER, Alert, AuditEntry, parse_referral, record_digest
 from referral_watch.state.journal import PollRecord
 from referral_watch.state.lock import InstanceLock
 from referral_watch.state.schema import SCHEMA_VERSION
@@ -193,10 +193,12 @@ def test_second_process_is_refused_by_the_lock(tmp_path: Path) -> None:
 def _back_to(where: Path | str, version: int, *statements: str) -> None:
     """Turn a current state back into one written at schema `version` (what a state left by
     an older referral-watch holds), so opening it runs the later migrations for real."""
-    # schema 6 added the relay queue, schema 5 the outbox claim columns
-    undo = [*statements, "DROP TABLE relay_queue"]
-    undo.append("ALTER TABLE outbox DROP COLUMN claim_owner")
-    undo.append("ALTER TABLE outbox DROP COLUMN claim_until")
+    undo = [*statements, "ALTER TABLE leads DROP COLUMN digest"]  # schema 7
+    if version < 6:  # schema 6 added the relay queue
+        undo.append("DROP TABLE relay_queue")
+    if version < 5:  # schema 5 the outbox claim columns
+        undo.append("ALTER TABLE outbox DROP COLUMN claim_owner")
+        undo.append("ALTER TABLE outbox DROP COLUMN claim_until")
     if isinstance(where, Path):
         db = sqlite3.connect(where)
         for statement in undo:
@@ -245,7 +247,23 @@ def test_a_state_from_before_the_audit_gains_it_and_keeps_its_leads(
         assert store.lead("old-lead").answered == entry  # type: ignore[union-attr]
         assert store.lead("old-lead").resolution == "accepted"  # type: ignore[union-attr]
         assert store.leads() == []  # resolved at once: no longer watched
-        assert _version(store) == SCHEMA_VERSION == 6
+        assert _version(store) == SCHEMA_VERSION == 7
+
+
+def test_a_state_from_before_the_digests_gains_them_and_keeps_its_leads(
+    state_location: Path | str,
+) -> None:
+    with Store(state_location) as store, store.transaction():
+        store.upsert([parse_referral(referral("old-lead"))], deadline, NOW)
+    _back_to(state_location, 6)
+    with Store(state_location) as store:
+        assert [lead.id for lead in store.leads()] == ["old-lead"]
+        assert store.digests() == [("old-lead", None)]  # read once more by the next poll
+        assert _version(store) == SCHEMA_VERSION
+        with store.transaction():
+            store.upsert([parse_referral(referral("old-lead"))], deadline, NOW)
+        [(_, digest)] = store.digests()
+        assert digest == record_digest(parse_referral(referral("old-lead")).raw)
 
 
 def test_a_state_from_before_the_claims_gains_them_and_keeps_its_outbox(
@@ -393,7 +411,10 @@ def test_lookups_by_id_prefix_and_summaries(state_location: Path | str) -> None:
         count, soonest = store.watched_summary()
         assert count == 3 and soonest == NOW - timedelta(days=1) + WINDOW
         assert set(store.lead_outlines(["abc-1", "abd-3"])) == {"abc-1", "abd-3"}
-        assert sorted(store.fingerprints().values()) == ["abc-1", "abc-2", "abd-3"]
+        digests = dict(store.digests())
+        assert sorted(digests) == ["abc-1", "abc-2", "abd-3"]
+        stored = store.lead("abc-1")
+        assert stored is not None and digests["abc-1"] == record_digest(stored.referral.raw)
         assert [lead.id for lead in store.leads(ids=["abd-3", "abc-1"])] == ["abc-1", "abd-3"]
 
 

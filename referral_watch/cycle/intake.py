@@ -20,8 +20,9 @@ from referral_watch.cycle.records import (
     decode,
     id_in_text,
     lead_id_of,
-    record_and_text,
+    record_and_bytes,
     record_key,
+    text_of,
     unparsable,
 )
 from referral_watch.cycle.result import CycleResult, crash_text, set_aside
@@ -32,6 +33,7 @@ from referral_watch.model import (
     Referral,
     deadline_of,
     parse_referral,
+    record_digest,
     usable_id,
 )
 from referral_watch.redact import scrub
@@ -65,9 +67,10 @@ class Intake:
         """Poll, store and decide in one transaction: a failed poll changes no lead."""
         try:
             with self.store.transaction(), Prefetch(self.api.pages) as pages:
-                # Fetching has begun: reading the stored texts overlaps the first request.
+                # Fetching has begun: reading the stored digests overlaps the first request.
                 self._held_back = self.store.quarantined_keys()
-                stored = self.store.fingerprints()
+                watched = self.store.digests()
+                stored = {digest: lead_id for lead_id, digest in watched if digest}
                 if not self._stored_deadlines_current():
                     stored = {}  # re-read every record: the deadlines need computing again
                 seen = Seen()
@@ -75,7 +78,8 @@ class Intake:
                     fresh, again = self._changed(page, result, now, stored, seen)
                     result.queued += self._store_fresh(fresh, now, result)
                     self._upsert(again, now, result)
-                self.lookups.conclude_absent(now, result, seen.ids)
+                among = [lead_id for lead_id, _ in watched]
+                self.lookups.conclude_absent(now, result, seen.ids, among)
                 self.store.mark_expired(now)
                 result.queued += self.decide.candidates(now, result)
                 result.poll_ok = True
@@ -114,52 +118,67 @@ class Intake:
         page: Any,
         result: CycleResult,
         now: datetime,
-        stored: dict[int, str],
+        stored: dict[str, str],
         seen: Seen,
     ) -> tuple[list[Referral], list[Referral]]:
         """The records of one page that need storing: (first seen in this poll, repeated).
 
-        A watched lead whose record has the same text as the stored one is only marked seen:
-        no decoding, no parsing, no rewriting. That is nearly every lead in a steady cycle.
-        A record that cannot be watched is set aside (quarantined) and the others go on.
+        A watched lead whose record has the digest of the stored one (the same bytes) is only
+        marked seen: no decoding, no parsing, no writing. That is nearly every lead in a steady
+        cycle. A record that cannot be watched is set aside (quarantined) and the others go on.
         """
-        texts: list[str] | None = getattr(page, "texts", None)
-        count = len(texts) if texts is not None else len(page.records)
+        count = len(page) if hasattr(page, "raw") else len(page.records)
         result.fetched += count
         fresh: list[Referral] = []
         again: list[Referral] = []
         for index in range(count):
-            record, raw = record_and_text(page, texts, index)
-            if raw is None:
+            record, data = record_and_bytes(page, index)
+            if data is None:
                 reason = "unreadable record (cannot be serialized)"
                 set_aside(
                     self.store, record_key(repr(record)[:10_000]), "parse", reason, now, result
                 )
                 continue
-            fingerprint = hash(raw)  # 64 bits: a false "unchanged" is not a practical risk
-            if fingerprint in seen.texts:
-                log.info("poll.duplicate", lead=seen.texts[fingerprint])  # paging shifted
+            digest = record_digest(data)
+            if digest in seen.digests:
+                log.info("poll.duplicate", lead=seen.digests[digest])  # paging shifted
                 continue
-            known = stored.get(fingerprint)
+            known = stored.get(digest)
             if known is not None and known not in seen.ids:
-                seen.note(fingerprint, known)  # unchanged: nothing to store
+                seen.note(digest, known)  # unchanged: nothing to store
                 continue
-            # (A stored text met after another copy of the lead rewrote it is stored again:
+            # (A stored record met after another copy of the lead rewrote it is stored again:
             # the last copy in the poll wins, whatever it is.)
-            problem = ""
-            if record is UNDECODED:
-                record, problem = decode(page, index)
-            lead_id = lead_id_of(record) if record is not None else id_in_text(raw)
-            if lead_id is None:
-                reason = problem or unparsable(record, raw)
-                set_aside(self.store, record_key(raw), "parse", reason, now, result, raw=raw)
-                continue
-            repeated = lead_id in seen.ids
-            seen.note(fingerprint, lead_id)  # seen, even when set aside: not "gone"
-            referral = self.admit(record, raw, lead_id, problem, now, result)
+            referral, repeated = self._read(page, index, record, data, digest, now, result, seen)
             if referral is not None:
                 (again if repeated else fresh).append(referral)
         return fresh, again
+
+    def _read(
+        self,
+        page: Any,
+        index: int,
+        record: Any,
+        data: bytes | memoryview,
+        digest: str,
+        now: datetime,
+        result: CycleResult,
+        seen: Seen,
+    ) -> tuple[Referral | None, bool]:
+        """A new or changed record of a page: (decoded and parsed, or None when it is set
+        aside; whether its lead came earlier in this poll)."""
+        raw, problem = text_of(page, index, data)
+        if record is UNDECODED and not problem:
+            record, problem = decode(page, index)
+        lead_id = lead_id_of(record) if record is not None else id_in_text(raw)
+        if lead_id is None:
+            reason = problem or unparsable(record, raw)
+            key = record_key(raw) if raw else "record:" + digest[:16]
+            set_aside(self.store, key, "parse", reason, now, result, raw=raw or None)
+            return None, False
+        repeated = lead_id in seen.ids
+        seen.note(digest, lead_id)  # seen, even when set aside: not "gone"
+        return self.admit(record, raw, lead_id, problem, now, result), repeated
 
     def parse(self, record: Any, raw: str | None, result: CycleResult) -> Referral | None:
         """One record from elsewhere than a poll's page (a webhook's lead): the referral, or

@@ -66,10 +66,15 @@ class Lookups:
     # --- after a complete poll ---------------------------------------------------------
 
     def conclude_absent(
-        self, now: datetime, result: CycleResult, seen: Collection[str] = ()
+        self,
+        now: datetime,
+        result: CycleResult,
+        seen: Collection[str] = (),
+        among: Sequence[str] | None = None,
     ) -> None:
-        """After a complete poll: ask about each watched lead that was not in it."""
-        for lead_id in self.store.absent_since(now, seen=seen):
+        """After a complete poll: ask about each watched lead that was not in it (``among``:
+        the leads watched when it began, see Store.absent_since)."""
+        for lead_id in self.store.absent_since(now, seen=seen, among=among):
             try:
                 record = self.api.get(lead_id)
             except ApiError as exc:

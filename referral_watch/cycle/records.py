@@ -14,30 +14,39 @@ from referral_watch.model import MalformedReferral, parse_referral
 
 @dataclass
 class Seen:
-    """What this poll has received so far: record texts (by hash) and lead ids."""
+    """What this poll has received so far: records (by digest) and lead ids."""
 
-    texts: dict[int, str] = field(default_factory=dict)
+    digests: dict[str, str] = field(default_factory=dict)
     ids: set[str] = field(default_factory=set)
 
-    def note(self, fingerprint: int, lead_id: str) -> None:
-        self.texts[fingerprint] = lead_id
+    def note(self, digest: str, lead_id: str) -> None:
+        self.digests[digest] = lead_id
         self.ids.add(lead_id)
 
 
 UNDECODED = object()
 
 
-def record_and_text(page: Any, texts: list[str] | None, index: int) -> tuple[Any, str | None]:
-    """(the record, or UNDECODED when only its text is at hand; its JSON text, or None when
-    it has none). Pages from PartnerCenter carry texts; other sources are serialized
-    canonically (the same text parse_referral would store)."""
-    if texts is not None:
-        return UNDECODED, texts[index]
+def record_and_bytes(page: Any, index: int) -> tuple[Any, bytes | memoryview | None]:
+    """(the record, or UNDECODED when only its JSON is at hand; its JSON as UTF-8 bytes, or
+    None when it has none). Pages from PartnerCenter carry each item's JSON as served; other
+    sources are serialized canonically (the same text parse_referral would store)."""
+    if hasattr(page, "raw"):
+        return UNDECODED, page.raw(index)
     record = page.records[index]
     try:
-        return record, json.dumps(record, separators=(",", ":"), sort_keys=True)
+        text = json.dumps(record, separators=(",", ":"), sort_keys=True)
     except (ValueError, TypeError, RecursionError):
         return record, None
+    return record, text.encode("utf-8", "surrogatepass")
+
+
+def text_of(page: Any, index: int, data: bytes | memoryview) -> tuple[str, str]:
+    """(the record's JSON text, "") or ("", why it cannot be read: not UTF-8)."""
+    try:
+        return (page.text(index) if hasattr(page, "text") else bytes(data).decode("utf-8")), ""
+    except UnicodeDecodeError as exc:
+        return "", f"unreadable record (not UTF-8: {exc.reason} at byte {exc.start})"
 
 
 def decode(page: Any, index: int) -> tuple[Any, str]:

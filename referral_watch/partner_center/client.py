@@ -72,7 +72,7 @@ class Page:
     def raw(self, index: int) -> bytes | memoryview:
         """The item's JSON as served (UTF-8 bytes, or a view of them): no copy, no decoding."""
         item = self._items[index]
-        return item.encode("utf-8") if isinstance(item, str) else memoryview(item)
+        return item.encode("utf-8", "surrogatepass") if isinstance(item, str) else memoryview(item)
 
     def text(self, index: int) -> str:
         """The item's JSON text; ValueError (UnicodeDecodeError) when it is not UTF-8."""

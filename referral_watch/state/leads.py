@@ -8,7 +8,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from referral_watch.model import AuditEntry, Lead, MalformedReferral, Referral, parse_referral
+from referral_watch.model import (
+    AuditEntry,
+    Lead,
+    MalformedReferral,
+    Referral,
+    parse_referral,
+    record_digest,
+)
 from referral_watch.state.db import Database, chunks, from_ts, ts
 from referral_watch.state.webhook_events import WEBHOOK_KEYS_KEPT
 
@@ -57,6 +64,7 @@ class Leads(Database):
                 rows[ref.id] = (
                     ref.id,
                     ref.raw,
+                    record_digest(ref.raw),
                     ref.customer,
                     ts(ref.created),
                     ts(deadline(ref)),
@@ -88,13 +96,13 @@ class Leads(Database):
         return [ref.id not in refused and first_seen.get(ref.id) == seen for ref in given]
 
     def _upsert_rows(self, chunk: Sequence[tuple[Any, ...]]) -> list[tuple[str, str]]:
-        marks = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
+        marks = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
         stored = self.db.execute(
-            f"""INSERT INTO leads (id, raw, customer, created, deadline, substatus,
+            f"""INSERT INTO leads (id, raw, digest, customer, created, deadline, substatus,
                                    first_seen, last_seen)
                 VALUES {marks}
                 ON CONFLICT (id) DO UPDATE SET
-                    raw = excluded.raw, customer = excluded.customer,
+                    raw = excluded.raw, digest = excluded.digest, customer = excluded.customer,
                     created = excluded.created, deadline = excluded.deadline,
                     substatus = excluded.substatus, last_seen = excluded.last_seen,
                     resolution = NULL, resolved_at = NULL, resolution_notified = 0
@@ -103,28 +111,63 @@ class Leads(Database):
         )
         return [(str(row[0]), str(row[1])) for row in stored]
 
-    def absent_since(self, moment: datetime, *, seen: Collection[str] = ()) -> list[str]:
+    def absent_since(
+        self,
+        moment: datetime,
+        *,
+        seen: Collection[str] = (),
+        among: Sequence[str] | None = None,
+    ) -> list[str]:
         """Watched leads that the poll which started at `moment` did not return: not stored by
-        it, and not in `seen` (the leads it found unchanged and so did not rewrite)."""
-        rows = self.db.execute(
-            "SELECT id FROM leads WHERE resolution IS NULL AND last_seen < ? ORDER BY deadline",
-            (ts(moment),),
-        )
-        return [row[0] for row in rows if row[0] not in seen]
+        it, and not in `seen` (the leads it found unchanged and so did not rewrite). ``among``:
+        the watched leads when the poll began (``digests()``): only those not seen are read
+        again, not every watched lead. Most urgent first."""
+        if among is None:
+            rows = self.db.execute(
+                "SELECT id FROM leads WHERE resolution IS NULL AND last_seen < ? ORDER BY deadline",
+                (ts(moment),),
+            )
+            return [row[0] for row in rows if row[0] not in seen]
+        absent: list[tuple[str, str]] = []
+        for chunk in chunks([lead_id for lead_id in among if lead_id not in seen]):
+            marks = ",".join("?" * len(chunk))
+            absent += self.db.execute(
+                f"SELECT deadline, id FROM leads WHERE id IN ({marks}) "
+                "AND resolution IS NULL AND last_seen < ?",
+                [*chunk, ts(moment)],
+            ).fetchall()
+        return [str(row[1]) for row in sorted(absent, key=lambda row: str(row[0]))]
 
     def refresh(self, referral: Referral, deadline: datetime) -> None:
         """A by-id fetch found the lead still waiting: keep its data current."""
         self.db.execute(
-            "UPDATE leads SET raw = ?, customer = ?, deadline = ?, substatus = ? WHERE id = ?",
-            (referral.raw, referral.customer, ts(deadline), referral.substatus, referral.id),
+            "UPDATE leads SET raw = ?, digest = ?, customer = ?, deadline = ?, substatus = ? "
+            "WHERE id = ?",
+            (
+                referral.raw,
+                record_digest(referral.raw),
+                referral.customer,
+                ts(deadline),
+                referral.substatus,
+                referral.id,
+            ),
         )
 
     def resolve(self, lead_id: str, resolution: str, now: datetime, raw: str | None = None) -> None:
         self.db.execute(
             """UPDATE leads SET resolution = ?, resolved_at = ?, raw = COALESCE(?, raw),
+                   digest = COALESCE(?, digest),
                    substatus = CASE WHEN ? = 'gone' THEN substatus ELSE ? END
                WHERE id = ?""",
-            (resolution, ts(now), raw, resolution, resolution.capitalize(), lead_id),
+            (
+                resolution,
+                ts(now),
+                raw,
+                None if raw is None else record_digest(raw),
+                resolution,
+                resolution.capitalize(),
+                lead_id,
+            ),
         )
         # A reminder still held (quiet hours, failing channel) is moot once the lead is answered.
         self.db.execute(
@@ -213,12 +256,13 @@ class Leads(Database):
                 outlines.rows[row[0]] = tuple(row)
         return outlines
 
-    def fingerprints(self) -> dict[int, str]:
-        """The watched leads' ids by hash() of their stored record text. A poll looks up what
-        it receives in this to recognise unchanged leads without decoding them (the hashes are
-        valid in this process only)."""
-        rows = self.db.execute("SELECT id, raw FROM leads WHERE resolution IS NULL")
-        return {hash(raw): lead_id for lead_id, raw in rows}
+    def digests(self) -> list[tuple[str, str | None]]:
+        """(id, digest of its stored record or None) of every watched lead, most urgent first.
+        A poll recognises an unchanged record by its digest, without reading stored texts."""
+        rows = self.db.execute(
+            "SELECT id, digest FROM leads WHERE resolution IS NULL ORDER BY deadline"
+        )
+        return [(str(row[0]), row[1]) for row in rows]
 
     def policy_candidates(
         self,

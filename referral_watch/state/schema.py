@@ -8,7 +8,7 @@ from referral_watch.errors import StateError
 from referral_watch.state.db import Database
 from referral_watch.state.dialect import Sqlite
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 
 MIGRATIONS: dict[int, str] = {
@@ -143,6 +143,12 @@ MIGRATIONS: dict[int, str] = {
         UNIQUE (event_key, target)
     );
     CREATE INDEX relay_queue_due ON relay_queue (state, next_attempt);
+    """,
+    # The digest of each lead's record as served (model.record_digest): a poll recognises an
+    # unchanged record by it without reading the stored text. NULL (written before): the next
+    # poll reads that record once more and stores its digest.
+    7: """
+    ALTER TABLE leads ADD COLUMN digest TEXT;
     """,
 }
 
