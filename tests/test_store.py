@@ -477,3 +477,25 @@ def test_a_writer_waiting_for_another_gives_up_as_busy(state_location: Path | st
             with pytest.raises(StateError, match="busy"), waiter.transaction():
                 waiter.set_meta("k", "waited")
         assert holder.get_meta("k") == "held"
+
+
+def test_a_page_is_stored_at_once_and_a_record_the_state_cannot_hold_alone_is_refused(
+    state_location: Path | str,
+) -> None:
+    """(On PostgreSQL a page goes in by COPY; a text it cannot take must not end the poll.)"""
+    page = [parse_referral(referral(f"page-{n}")) for n in range(5)]
+    odd = parse_referral(referral("odd-one"), raw='{"id": "odd-one", "note": "\ud800"}')
+    refused: list[str] = []
+    with Store(state_location) as store:
+        with store.transaction():
+            new = store.upsert_each(
+                [*page[:2], odd, *page[2:]],
+                deadline,
+                NOW,
+                rejected=lambda r, _: refused.append(r.id),
+            )
+        assert new == [True, True, False, True, True, True]
+        assert refused == ["odd-one"]
+        with store.transaction():  # the same page again: nothing new
+            assert store.upsert_each(page, deadline, NOW + timedelta(hours=1)) == [False] * 5
+        assert {lead.id for lead in store.leads()} >= {ref.id for ref in page}

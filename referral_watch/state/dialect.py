@@ -288,6 +288,18 @@ class _PgDb:
         except psycopg.Error as exc:
             raise StateError(explain_pg(self.shown, exc)) from None
 
+    def copy(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+        """COPY rows into a table (ours, never data: the names are constants of the store's).
+        Every value must already be text PostgreSQL takes (see Leads._upsert_rows)."""
+        import psycopg
+
+        try:
+            with self.conn.cursor().copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+        except psycopg.Error as exc:
+            raise StateError(explain_pg(self.shown, exc)) from None
+
     @property
     def in_transaction(self) -> bool:
         from psycopg.pq import TransactionStatus

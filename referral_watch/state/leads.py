@@ -17,6 +17,7 @@ from referral_watch.model import (
     record_digest,
 )
 from referral_watch.state.db import Database, chunks, from_ts, ts
+from referral_watch.state.dialect import Postgres
 from referral_watch.state.webhook_events import WEBHOOK_KEYS_KEPT
 
 
@@ -33,6 +34,28 @@ class Silence:
     customer: str
     deadline: datetime | None  # None when the lead has been pruned from the state
     resolution: str | None
+
+
+_UPSERT_COLUMNS = "id, raw, digest, customer, created, deadline, substatus, first_seen, last_seen"
+_ON_CONFLICT = """ON CONFLICT (id) DO UPDATE SET
+                    raw = excluded.raw, digest = excluded.digest, customer = excluded.customer,
+                    created = excluded.created, deadline = excluded.deadline,
+                    substatus = excluded.substatus, last_seen = excluded.last_seen,
+                    resolution = NULL, resolved_at = NULL, resolution_notified = 0"""
+
+
+def _all_text(rows: Sequence[tuple[Any, ...]]) -> bool:
+    """Whether every value is text PostgreSQL takes (UTF-8, no NUL): a COPY that fails on a
+    value would end the whole transaction, a bound statement only that row (set aside)."""
+    try:
+        for row in rows:
+            for value in row:
+                if "\x00" in value:
+                    return False
+                value.encode("utf-8")
+    except (UnicodeEncodeError, TypeError):
+        return False
+    return True
 
 
 class Leads(Database):
@@ -96,18 +119,32 @@ class Leads(Database):
         return [ref.id not in refused and first_seen.get(ref.id) == seen for ref in given]
 
     def _upsert_rows(self, chunk: Sequence[tuple[Any, ...]]) -> list[tuple[str, str]]:
+        if isinstance(self.dialect, Postgres) and len(chunk) > 1 and _all_text(chunk):
+            return self._upsert_copied(chunk)
         marks = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
         stored = self.db.execute(
-            f"""INSERT INTO leads (id, raw, digest, customer, created, deadline, substatus,
-                                   first_seen, last_seen)
+            f"""INSERT INTO leads ({_UPSERT_COLUMNS})
                 VALUES {marks}
-                ON CONFLICT (id) DO UPDATE SET
-                    raw = excluded.raw, digest = excluded.digest, customer = excluded.customer,
-                    created = excluded.created, deadline = excluded.deadline,
-                    substatus = excluded.substatus, last_seen = excluded.last_seen,
-                    resolution = NULL, resolved_at = NULL, resolution_notified = 0
+{_ON_CONFLICT}
                 RETURNING id, first_seen""",
             [value for row in chunk for value in row],
+        )
+        return [(str(row[0]), str(row[1])) for row in stored]
+
+    def _upsert_copied(self, chunk: Sequence[tuple[Any, ...]]) -> list[tuple[str, str]]:
+        """PostgreSQL: the rows COPYed into a temporary table, then one INSERT ... SELECT
+        ... ON CONFLICT: no statement text of thousands of parameters to send and parse."""
+        self.db.execute(
+            "CREATE TEMPORARY TABLE IF NOT EXISTS leads_in "
+            "(LIKE leads INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+        )
+        self.db.execute("TRUNCATE leads_in")
+        self.db.copy("leads_in", _UPSERT_COLUMNS.split(", "), chunk)
+        stored = self.db.execute(
+            f"""INSERT INTO leads ({_UPSERT_COLUMNS})
+                SELECT {_UPSERT_COLUMNS} FROM leads_in
+                {_ON_CONFLICT}
+                RETURNING id, first_seen"""
         )
         return [(str(row[0]), str(row[1])) for row in stored]
 
