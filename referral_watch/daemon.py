@@ -393,6 +393,8 @@ class Daemon(WebhookJobs):
                 if not self.progress.wait_idle(STOP_GRACE, SEND_WAIT):
                     exit_leaving_the_work_behind()
                 self.close()
+                if self.receiver is not None:
+                    self.receiver.close()
         log.info("daemon.stopped")
         return 0
 

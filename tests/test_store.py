@@ -193,7 +193,7 @@ def test_second_process_is_refused_by_the_lock(tmp_path: Path) -> None:
 def _back_to(where: Path | str, version: int, *statements: str) -> None:
     """Turn a current state back into one written at schema `version` (what a state left by
     an older referral-watch holds), so opening it runs the later migrations for real."""
-    undo = [*statements, "ALTER TABLE leads DROP COLUMN digest"]  # schema 7
+    undo = [*statements, "DROP INDEX leads_watched", "ALTER TABLE leads DROP COLUMN digest"]
     if version < 6:  # schema 6 added the relay queue
         undo.append("DROP TABLE relay_queue")
     if version < 5:  # schema 5 the outbox claim columns

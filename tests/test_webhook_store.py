@@ -4,9 +4,12 @@ taking `state_location` run on SQLite and on PostgreSQL)."""
 from __future__ import annotations
 
 import sqlite3
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from referral_watch.state.pool import POOL_SIZE, StorePool
 from referral_watch.state.store import Store
 from referral_watch.state.webhook_events import WEBHOOK_KEYS_KEPT, WebhookEvent
 
@@ -66,3 +69,36 @@ def test_the_first_test_event_since_a_moment_is_found(state_location: Path | str
         assert store.webhook_event_since("test-created", NOW + timedelta(seconds=1)) is None
         assert store.webhook_event_since("test-created", NOW) == NOW
         assert store.pending_webhook_leads() == []  # a test event needs no work
+
+
+def test_many_threads_share_a_few_state_connections(state_location: Path | str) -> None:
+    """The webhook receiver's threads (up to 40) borrow from a pool of POOL_SIZE connections."""
+    pool = StorePool(state_location, write_wait=5.0)
+    lent, most, lock = 0, 0, threading.Lock()
+    start = threading.Barrier(24)
+    connections: set[int] = set()
+
+    def one(n: int) -> None:
+        nonlocal lent, most
+        start.wait()
+        with pool.lend(30.0) as store:
+            with lock:
+                lent += 1
+                most = max(most, lent)
+                connections.add(id(getattr(store.db, "conn", store.db)))
+            assert store.add_webhook_event(event(f"e{n}", f"lead-{n}"), NOW)
+            time.sleep(0.02)
+            with lock:
+                lent -= 1
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(24)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    try:
+        assert 1 < most <= POOL_SIZE and len(connections) <= POOL_SIZE
+        with pool.lend(5.0) as store:
+            assert len(store.pending_webhook_leads()) == 24  # every event stored
+    finally:
+        pool.close()

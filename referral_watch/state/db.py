@@ -45,14 +45,21 @@ class Database:
     """One open state (a SQLite file, or a PostgreSQL database given by its URL). Not shared
     between threads: open one per thread. The table groups (leads, outbox, ...) build on it."""
 
-    def __init__(self, where: Path | str, *, create: bool = True, name: str | None = None) -> None:
+    def __init__(
+        self,
+        where: Path | str,
+        *,
+        create: bool = True,
+        name: str | None = None,
+        connection: Any = None,
+    ) -> None:
         """`where`: a SQLite file's path or a PostgreSQL URL; `name`: how the connection shows
         in PostgreSQL's pg_stat_activity (an active replica's work connections are fenced by
-        it on takeover)."""
+        it on takeover); `connection`: one already open (lent by a pool, see state.pool)."""
         self.dialect: Sqlite | Postgres = open_dialect(where, create=create)
         self.path = where
         self.shown = self.dialect.shown  # fit for messages: a URL without its password
-        self.db: Any = self.dialect.connect(name)
+        self.db: Any = self.dialect.connect(name) if connection is None else connection
 
     @property
     def owner(self) -> str:

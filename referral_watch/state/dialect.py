@@ -71,7 +71,8 @@ class Sqlite:
         self.shown = str(path)
         self.create = create
 
-    def connect(self, name: str | None = None) -> Any:
+    def connect(self, name: str | None = None, *, shared: bool = False) -> Any:
+        """``shared``: lent to one thread after another (never two at once: state.pool)."""
         if not self.create and not self.path.exists():
             raise StateError(
                 f"state file {self.path} does not exist yet: run `referral-watch run --once` first"
@@ -80,7 +81,9 @@ class Sqlite:
             private_folder(self.path.parent)
             if self.create:
                 _create_private(self.path)  # SQLite gives the WAL and SHM files the same mode
-            db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+            db = sqlite3.connect(
+                self.path, isolation_level=None, timeout=30, check_same_thread=not shared
+            )
         except (sqlite3.DatabaseError, OSError) as exc:
             raise StateError(f"cannot open state file {self.path}: {exc}") from None
         db.row_factory = sqlite3.Row
@@ -245,18 +248,29 @@ def connect_pg(url: str, shown: str, **options: Any) -> Any:
     index and by name like sqlite3.Row, Python booleans stored as 0/1 like SQLite does."""
     import psycopg
 
+    how = connect_options()
     try:
-        conn = psycopg.connect(
-            url,
-            autocommit=True,
-            row_factory=_row_factory,
-            connect_timeout=CONNECT_TIMEOUT,
-            **options,
-        )
+        conn = psycopg.connect(url, **how["kwargs"], **options)
     except psycopg.Error as exc:
         raise StateError(explain_pg(shown, exc)) from None
-    conn.adapters.register_dumper(bool, _bool_dumper())
+    how["configure"](conn)
     return conn
+
+
+def connect_options() -> dict[str, Any]:
+    """How every state connection to PostgreSQL is made: ``kwargs`` for psycopg.connect (or a
+    psycopg_pool's), then ``configure(conn)``."""
+
+    def configure(conn: Any) -> None:
+        conn.adapters.register_dumper(bool, _bool_dumper())
+
+    kwargs = {"autocommit": True, "row_factory": _row_factory, "connect_timeout": CONNECT_TIMEOUT}
+    return {"kwargs": kwargs, "configure": configure}
+
+
+def pg_db(conn: Any, shown: str) -> Any:
+    """The store's view of a psycopg connection (e.g. one lent by a pool)."""
+    return _PgDb(conn, shown)
 
 
 class _PgDb:

@@ -294,11 +294,9 @@ class Leads(Database):
         return outlines
 
     def digests(self) -> list[tuple[str, str | None]]:
-        """(id, digest of its stored record or None) of every watched lead, most urgent first.
-        A poll recognises an unchanged record by its digest, without reading stored texts."""
-        rows = self.db.execute(
-            "SELECT id, digest FROM leads WHERE resolution IS NULL ORDER BY deadline"
-        )
+        """(id, digest of its stored record or None) of every watched lead. A poll recognises
+        an unchanged record by its digest, without reading stored texts (an index holds both)."""
+        rows = self.db.execute("SELECT id, digest FROM leads WHERE resolution IS NULL")
         return [(str(row[0]), row[1]) for row in rows]
 
     def policy_candidates(

@@ -145,10 +145,11 @@ MIGRATIONS: dict[int, str] = {
     CREATE INDEX relay_queue_due ON relay_queue (state, next_attempt);
     """,
     # The digest of each lead's record as served (model.record_digest): a poll recognises an
-    # unchanged record by it without reading the stored text. NULL (written before): the next
-    # poll reads that record once more and stores its digest.
+    # unchanged record by it without reading the stored text (the index covers that read).
+    # NULL (written before): the next poll reads that record once more and stores its digest.
     7: """
     ALTER TABLE leads ADD COLUMN digest TEXT;
+    CREATE INDEX leads_watched ON leads (resolution, id, digest);
     """,
 }
 

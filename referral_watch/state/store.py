@@ -4,6 +4,7 @@ quarantine, webhook events, journal, console queries), opened with its schema cu
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from referral_watch.errors import StateError
 from referral_watch.state.console import Console
@@ -18,8 +19,18 @@ class Store(Journal, Console, Outbox, Quarantine, WebhookEvents):
     """One open state (a SQLite file, or a PostgreSQL database given by its URL). Not shared
     between threads: open one per thread."""
 
-    def __init__(self, where: Path | str, *, create: bool = True, name: str | None = None) -> None:
-        super().__init__(where, create=create, name=name)
+    def __init__(
+        self,
+        where: Path | str,
+        *,
+        create: bool = True,
+        name: str | None = None,
+        connection: Any = None,
+    ) -> None:
+        """``connection``: one already open whose schema is current (a pool's, state.pool)."""
+        super().__init__(where, create=create, name=name, connection=connection)
+        if connection is not None:
+            return
         try:
             prepare(self)  # the schema's version checked, then brought up to date
         except self.dialect.errors as exc:

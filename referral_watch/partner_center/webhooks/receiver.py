@@ -38,6 +38,7 @@ from referral_watch.partner_center.webhooks.verify import (
     lower_headers,
     parse_event,
 )
+from referral_watch.state.pool import StorePool
 from referral_watch.state.store import Store
 from referral_watch.web.server import REQUEST_TIMEOUT
 
@@ -91,20 +92,28 @@ class Receiver:
         self.count = count
         self.clock = clock
         self.last_event: datetime | None = None
-        self._local = threading.local()
+        self._pool: StorePool | None = None  # opened with the first event
+        self._pool_lock = threading.Lock()
         self._parked: list[_Parked] = []  # answered, not stored yet
         self._parked_lock = threading.Lock()
         self._verifying: anyio.CapacityLimiter | None = None  # made in the event loop
 
-    def _store(self) -> Store:
-        """This worker thread's own state file connection, kept open: opening and closing
-        the file for every event would also checkpoint its journal every time (~20 ms). It
-        waits at most LOCK_WAIT for the file's write lock (a poll holds it while it runs)."""
-        store: Store | None = getattr(self._local, "store", None)
-        if store is None:
-            store = self._local.store = Store(self.config.state.location)
-            store.wait_for_writers(LOCK_WAIT)
-        return store
+    def _stores(self) -> StorePool:
+        """A few state connections shared by the web server's threads (not one per thread),
+        kept open: opening and closing a SQLite file for every event would also checkpoint its
+        journal every time (~20 ms). Each waits at most LOCK_WAIT for the write lock (a poll
+        holds it while it runs), and an event waits as long for a free connection."""
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = StorePool(self.config.state.location, write_wait=LOCK_WAIT)
+            return self._pool
+
+    def close(self) -> None:
+        """Close the state connections (the daemon stops)."""
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
 
     def flush(self, store: Store) -> None:
         """Store the events answered while the state was busy (on the worker's thread)."""
@@ -171,7 +180,8 @@ class Receiver:
         self.last_event = now
         arrived = _Parked(event, now, relayed)
         try:
-            new = self._remember(self._store(), arrived)
+            with self._stores().lend(LOCK_WAIT) as store:
+                new = self._remember(store, arrived)
         except StateError as exc:
             # Busy (a long poll holds the write lock): answer now, the worker stores it.
             log.info("webhook.parked", webhook_event=event.name, reason=str(exc)[:120])
