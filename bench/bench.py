@@ -526,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table(hostile))
         print()
         checks += hostile_verdicts(hostile)
-    if TARGET_SIZE not in args.sizes and "cycles" in parts:
+    if TARGET_SIZE not in [*args.sizes, *(args.pg_sizes or [])] and "cycles" in parts:
         print(f"(the targets are judged at {TARGET_SIZE:,} leads)")
     for ok, text in checks:
         print(f"{'met   ' if ok else 'MISSED'} {text}")
