@@ -11,13 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from referral_watch.partner_center.webhooks.relay import (
-    RELAY_FOR,
-    RelayQueue,
-    backoff,
-    target_label,
-)
+from referral_watch.partner_center.webhooks.relay import target_label
 from referral_watch.sandbox.certificates import GOOD
+from referral_watch.state.relay_queue import RELAY_FOR, RelayQueue, backoff
 from referral_watch.state.store import Store
 
 from conftest import World, free_port, wait_until

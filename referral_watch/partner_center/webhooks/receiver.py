@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from referral_watch.config import Config
 from referral_watch.errors import ReferralWatchError, StateError
-from referral_watch.partner_center.webhooks.relay import RelayQueue, relayed_headers
+from referral_watch.partner_center.webhooks.relay import relayed_headers
 from referral_watch.partner_center.webhooks.verify import (
     DUPLICATE,
     IGNORED,
@@ -39,6 +39,7 @@ from referral_watch.partner_center.webhooks.verify import (
     parse_event,
 )
 from referral_watch.state.pool import StorePool
+from referral_watch.state.relay_queue import RelayQueue
 from referral_watch.state.store import Store
 from referral_watch.web.server import REQUEST_TIMEOUT
 
