@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from referral_watch.config import Config, console_problems
+from referral_watch.config import Config, claims_problems, console_problems
 from referral_watch.config.loader import key_path, read_config
 from referral_watch.errors import ConfigError, ReferralWatchError
 
@@ -110,6 +110,7 @@ _CROSS_CHECKS: list[tuple[tuple[str, ...], Callable[[Config], list[str]]]] = [
     (("channels",), _channel_problems),
     (("policy", "channels", "messages"), _template_problems),
     (("console", "server"), console_problems),
+    (("claims", "channels", "policy"), claims_problems),
     (("webhooks", "server"), _webhook_problems),
     (("reports",), _report_problems),
 ]

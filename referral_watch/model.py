@@ -339,6 +339,33 @@ class AuditEntry:
         return self.result in ("accepted", "declined")
 
 
+# How a claim was made or ended (audit actions, SPEC 17).
+CLAIM_ACTIONS = ("claim", "take-over", "unclaim", "lapse")
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Who took a lead without answering it yet (SPEC 17), and until when that holds."""
+
+    lead_id: str
+    email: str
+    name: str  # how to call them: "Ann de Vries" (the email when no name is known)
+    at: datetime
+    lapses_at: datetime
+    via: str  # "command" | "console" | "alert" (the Take-it link)
+    note: str = ""
+
+    def holds(self, now: datetime) -> bool:
+        """Still in force at ``now`` (not lapsed)."""
+        return now < self.lapses_at
+
+    @property
+    def first_name(self) -> str:
+        """'Ann' of 'Ann de Vries' (the notice "Ann's claim on Fabrikam lapsed")."""
+        words = self.name.split()
+        return words[0] if words else self.email.partition("@")[0]
+
+
 @dataclass(frozen=True)
 class Lead:
     """A referral as the state file knows it."""
@@ -356,6 +383,7 @@ class Lead:
     resolution_notified: bool = False
     tiers_sent: tuple[str, ...] = ()
     answered: AuditEntry | None = None  # the answer given through referral-watch, if any
+    claim: Claim | None = None  # the current claim, lapsed or not (see claimed())
 
     @property
     def id(self) -> str:
@@ -367,12 +395,20 @@ class Lead:
     def silenced(self, now: datetime) -> bool:
         return self.silenced_until is not None and self.silenced_until > now
 
+    def claimed(self, now: datetime) -> Claim | None:
+        """The claim in force at ``now``: none once it lapsed or the lead is answered."""
+        if self.claim is None or self.resolution is not None or not self.claim.holds(now):
+            return None
+        return self.claim
+
 
 # --- what policy decides and what has been sent ------------------------------------------
 
 TIER = "tier"
 EXPIRED = "expired"
 RESOLVED = "resolved"
+CLAIMED = "claimed"  # the team hears "Fabrikam taken by Ann de Vries" (SPEC 17)
+LAPSED = "lapsed"  # the team hears "Ann's claim on Fabrikam lapsed"
 
 
 @dataclass(frozen=True)
@@ -380,7 +416,7 @@ class Sent:
     """One row of the outbox/history, as far as the policy needs it."""
 
     lead_id: str
-    kind: str  # TIER | EXPIRED | RESOLVED
+    kind: str  # TIER | EXPIRED | RESOLVED | CLAIMED | LAPSED
     channel: str
     tier: str | None
     state: str  # "pending" | "delivered" | "skipped" | "superseded" | "dropped"

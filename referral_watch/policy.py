@@ -2,7 +2,9 @@
 
 No I/O and no clock: ``now`` is always an argument, so every rule can be tested at any instant.
 
-- ``due_alerts``: tiers (catch-up, repeat), expiry and resolution notices, silences, matches.
+- ``due_alerts``: tiers (catch-up, repeat), expiry and resolution notices, silences, matches,
+  claims (SPEC 17: who hears a claimed lead's tiers, the "taken by" and "lapsed" notices).
+- ``held_back``: the one rule saying why a tier's message may not reach a channel now.
 - ``delivery_batches``: which pending outbox rows go out now, held by quiet hours, and digests.
 - ``in_quiet_hours``: a channel's quiet hours in its local wall-clock time.
 """
@@ -18,7 +20,9 @@ from zoneinfo import ZoneInfo
 from referral_watch.config import ChannelConfig, Config, MatchConfig, PolicyConfig, TierConfig
 from referral_watch.model import (
     ANSWERS,
+    CLAIMED,
     EXPIRED,
+    LAPSED,
     RESOLVED,
     TIER,
     Alert,
@@ -61,6 +65,7 @@ def due_alerts(
     for lead in leads:
         rows = history.get(lead.id, ())
         alerts.extend(_notices(lead, rows, config, now))
+        alerts.extend(_claim_notices(lead, rows, config, now))
         alerts.extend(_tier_alerts(lead, rows, config, now))
     return alerts
 
@@ -80,7 +85,7 @@ def tier_points(config: Config, now: datetime) -> list[tuple[str, str, datetime,
         (channel, tier.name, now + tier.remaining, _repeat_after(tier, now))
         for tier in config.policy.tiers
         for channel in _unique(tier.notify)
-    ]
+    ]  # a claimed lead is always a candidate (Store.policy_candidates): no owner points
 
 
 def _repeat_after(tier: TierConfig, now: datetime) -> datetime | None:
@@ -154,23 +159,98 @@ def _tier_alerts(lead: Lead, rows: Sequence[Sent], config: Config, now: datetime
     if lead.resolution is not None or left < _ZERO:
         return []  # answered leads and expired ones get notices, never reminders
     tiers = config.policy.tiers
-    final_only = False
-    if lead.silenced(now):
-        if not _final_breaks_silence(lead):
-            return []
-        final_only = True
     alerts: list[Alert] = []
-    for channel in _unique(name for tier in tiers for name in tier.notify):
-        due = [
-            i for i, tier in enumerate(tiers) if channel in tier.notify and left <= tier.remaining
-        ]
-        if not due or (final_only and due[-1] != len(tiers) - 1):
+    for channel in _tier_channels(config):
+        # The tiers this channel hears for this lead now (a claim routes some to the owner).
+        heard = [i for i, tier in enumerate(tiers) if _routed(lead, channel, tier, config, now)]
+        due = [i for i in heard if left <= tiers[i].remaining]
+        if not due or held_back(lead, channel, tiers[due[-1]], config, now) is not None:
             continue
-        if not _matches(config, channel, lead.referral):
+        if channel != _owner_channel(config) and not _matches(config, channel, lead.referral):
             continue
         sent = [row for row in rows if row.kind == TIER and row.channel == channel]
         alerts.extend(_channel_tier_alerts(lead.id, channel, due, sent, config.policy, now))
     return alerts
+
+
+def _tier_channels(config: Config) -> list[str]:
+    """Every channel a tier can reach: the tiers' own, then the claims' owner channel."""
+    names = [name for tier in config.policy.tiers for name in tier.notify]
+    owner = _owner_channel(config)
+    return _unique([*names, owner] if owner else names)
+
+
+def _owner_channel(config: Config) -> str | None:
+    return config.claims.owner_channel if config.claims is not None else None
+
+
+def _routed(lead: Lead, channel: str, tier: TierConfig, config: Config, now: datetime) -> bool:
+    """Whether this tier goes to this channel for this lead at all: its own channels, or the
+    owner channel while the lead is claimed; ``held_back`` says whether it may go now."""
+    return channel in tier.notify or (
+        channel == _owner_channel(config) and _claim_hold(lead, channel, tier, config, now) is None
+    )
+
+
+def held_back(
+    lead: Lead, channel: str, tier: TierConfig, config: Config, now: datetime
+) -> str | None:
+    """THE rule for holding back a lead's tier message (Alertmanager's Muter): why this tier
+    may not reach this channel now, or None when it may. A claim routes the tier (to the
+    owner only, to its channels and the owner, or nowhere yet); a silence holds every tier,
+    except that the most severe one breaks a silence outlasting the deadline (unless meant to
+    last through it). Quiet hours hold a written message at delivery (``delivery_batches``)."""
+    claimed = _claim_hold(lead, channel, tier, config, now)
+    if claimed is not None:
+        return claimed
+    if lead.silenced(now):
+        last = tier is config.policy.tiers[-1]
+        if not (last and _final_breaks_silence(lead)):
+            return f"silenced until {lead.silenced_until:%Y-%m-%d %H:%M} UTC"
+    return None
+
+
+def _claim_hold(
+    lead: Lead, channel: str, tier: TierConfig, config: Config, now: datetime
+) -> str | None:
+    owner_channel = _owner_channel(config)
+    claim = lead.claimed(now) if config.claims is not None else None
+    mine = channel == owner_channel and channel not in tier.notify
+    if claim is None:
+        return "the owner channel hears claimed leads only" if mine else None
+    mode = tier.claimed
+    if mode == "skip":
+        return f"claimed by {claim.name or claim.email}: tier {tier.name} waits (when_claimed skip)"
+    if mode == "owner" and not mine and channel != owner_channel:
+        return f"claimed by {claim.name or claim.email}: tier {tier.name} goes to the owner only"
+    return None
+
+
+def team_channels(lead: Lead, config: Config, now: datetime) -> list[str]:
+    """Who hears that a lead was taken or that its claim lapsed: the channels of the tier the
+    lead is in (the first tier before any is due), the owner channel aside, match applied."""
+    tier = current_tier(lead, config, now) or config.policy.tiers[0]
+    owner = _owner_channel(config)
+    return [
+        name
+        for name in _unique(tier.notify)
+        if name != owner and _matches(config, name, lead.referral)
+    ]
+
+
+def _claim_notices(lead: Lead, rows: Sequence[Sent], config: Config, now: datetime) -> list[Alert]:
+    """ "Fabrikam taken by Ann de Vries" once per claim; "Ann's claim on Fabrikam lapsed" once
+    when it lapses unanswered (the store ends it in the same transaction)."""
+    claim = lead.claim
+    if config.claims is None or claim is None or lead.resolution is not None:
+        return []
+    if lead.remaining(now) < _ZERO:
+        return []  # the expired notice speaks for the lead now
+    kind = CLAIMED if claim.holds(now) else LAPSED
+    since = _aware(claim.at)
+    if any(row.kind == kind and _aware(row.created) >= since for row in rows):
+        return []
+    return [Alert(lead.id, kind, name) for name in team_channels(lead, config, now)]
 
 
 def _final_breaks_silence(lead: Lead) -> bool:
@@ -329,9 +409,9 @@ def delivery_batches(
         if row.lead_id is None:  # ops, test and report messages are never held nor batched
             batches.append(Batch(row.channel, row.kind, row.tier, (row.id,), ()))
             continue
-        if _held(row, config, now, quiet):
+        if _held(row, leads.get(row.lead_id), config, now, quiet):
             continue
-        key = (row.channel, row.kind, row.tier, _recipients(row, leads, config))
+        key = (row.channel, row.kind, row.tier, _recipients(row, leads, config, now))
         groups.setdefault(key, []).append(row)
     for key, members in groups.items():
         batches.extend(_group_batches(key, members, riders, leads, config.policy))
@@ -372,12 +452,18 @@ def _severity(policy: PolicyConfig, row: PendingRow) -> int:
     return policy.severity(row.tier) if row.tier is not None else -1
 
 
-def _held(row: PendingRow, config: Config, now: datetime, quiet: dict[str, bool]) -> bool:
+def _held(
+    row: PendingRow, lead: Lead | None, config: Config, now: datetime, quiet: dict[str, bool]
+) -> bool:
     channel = config.channels.get(row.channel)
     if channel is None:
         return False  # delivery reports the unknown channel; holding would hide it forever
     if row.kind == TIER and row.tier is not None:
         tier = config.policy.tier(row.tier)
+        if tier is not None and lead is not None and lead.claim is not None:
+            # claimed after the row was written: the claim's routing holds it (the one rule)
+            if _claim_hold(lead, row.channel, tier, config, now) is not None:
+                return True
         if tier is not None and tier.bypass_quiet:
             return False
     if row.channel not in quiet:
@@ -385,8 +471,16 @@ def _held(row: PendingRow, config: Config, now: datetime, quiet: dict[str, bool]
     return quiet[row.channel]
 
 
-def _recipients(row: PendingRow, leads: Mapping[str, Lead], config: Config) -> tuple[str, ...]:
-    """For to_assignees channels the lead's team; () means the URL's own recipients."""
+def _recipients(
+    row: PendingRow, leads: Mapping[str, Lead], config: Config, now: datetime
+) -> tuple[str, ...]:
+    """For to_assignees channels the lead's team, for the claims' owner channel the owner's
+    address; () means the URL's own recipients."""
+    if row.channel == _owner_channel(config) and row.lead_id is not None:
+        lead = leads.get(row.lead_id)
+        claim = lead.claimed(now) if lead is not None else None
+        if claim is not None:
+            return (claim.email,)
     channel = config.channels.get(row.channel)
     if channel is None or not channel.to_assignees or row.lead_id is None:
         return ()
@@ -410,7 +504,7 @@ def _group_batches(
     def row_ids(row: PendingRow) -> tuple[int, ...]:
         return (row.id, *riders.get(row.id, ()))
 
-    if len(members) <= policy.digest_over:
+    if len(members) <= policy.digest_over or kind in (CLAIMED, LAPSED):  # news of one person
         return [
             Batch(channel, kind, tier, row_ids(row), (_lead_id(row),), recipients=recipients)
             for row in members

@@ -1048,6 +1048,8 @@ _PLACEHOLDER = re.compile(r"\{(\w*)\}")
 WORDING_MODULES = (
     "render/messages.py",
     "render/notices.py",
+    "render/words.py",
+    "render/claims.py",
     "render/i18n.py",
     "web/views.py",
     "web/answer.py",

@@ -174,14 +174,24 @@ class TierConfig(Section):
     title: str | None = None  # Jinja2 template overriding the title
     body: str | None = None  # Jinja2 template overriding the Markdown body
     severity: Literal["info", "success", "warning", "failure"] | None = None  # Apprise's type
+    # While the lead is claimed (SPEC 17): "owner" (to the owner only), "all" (its channels
+    # too), "skip" (not sent). Default by rank: "all" for the last tier, "owner" for the others.
+    when_claimed: Literal["owner", "all", "skip"] | None = None
     _position: int = PrivateAttr(default=-1)  # index in the file, for problems' key paths
     _default_severity: str = PrivateAttr(default="info")  # by rank, set by PolicyConfig
+    _last: bool = PrivateAttr(default=False)  # the most severe tier, set by PolicyConfig
 
     @property
     def notify_type(self) -> str:
         """Apprise's notification type for this tier: ``severity``, else by its rank (the
         first tier info, the last failure, those between warning)."""
         return self.severity or self._default_severity
+
+    @property
+    def claimed(self) -> str:
+        """Where this tier goes while the lead is claimed: ``when_claimed``, else "all" for
+        the last (most severe) tier and "owner" for the others."""
+        return self.when_claimed or ("all" if self._last else "owner")
 
     @property
     def key(self) -> str:
@@ -211,6 +221,7 @@ class PolicyConfig(Section):
         for rank, tier in enumerate(ranked):
             last = rank == len(ranked) - 1
             tier._default_severity = "info" if rank == 0 else "failure" if last else "warning"
+            tier._last = last
         return ranked
 
     def severity(self, tier_name: str) -> int:
@@ -507,6 +518,51 @@ class HeartbeatConfig(Section):
     timeout: Duration = timedelta(seconds=10)
 
 
+class ClaimsConfig(Section):
+    """Taking ownership of a lead (SPEC 17). Without this section `claim` is refused and the
+    tiers go out as if nothing were claimed."""
+
+    owner_channel: str | None = None  # an email channel: its alerts go to the owner's address
+    lapse_after: Duration = timedelta(days=2)
+    add_to_team: bool = False  # also add the owner to the referral's team in Partner Center
+
+    @field_validator("lapse_after")
+    @classmethod
+    def _positive_lapse(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError("lapse_after must be longer than 0s")
+        return value
+
+
+def claims_problems(config: Config) -> list[str]:
+    """[claims] across sections: the owner channel exists and is an email channel, and tiers
+    that go to the owner have one."""
+    claims = config.claims
+    if claims is None:
+        return []
+    problems = []
+    name = claims.owner_channel
+    if name is not None:
+        channel = config.channels.get(name)
+        if channel is None:
+            known = ", ".join(sorted(config.channels)) or "none"
+            problems.append(f"claims.owner_channel: unknown channel {name!r} (known: {known})")
+        elif not re.match(r"mailtos?://", channel.url):
+            problems.append(
+                f"claims.owner_channel: channel {name!r} is not an email channel (mailto:// or "
+                "mailtos://): its alerts go to the owner's address"
+            )
+    owner_tiers = [tier for tier in config.policy.tiers if tier.claimed == "owner"]
+    if name is None and owner_tiers:
+        keys = ", ".join(tier.key for tier in sorted(owner_tiers, key=lambda t: t._position))
+        problems.append(
+            f"claims.owner_channel: required: {keys} go to the owner while claimed (when_claimed "
+            '"owner", the default for every tier but the last); name an email channel, or set '
+            'when_claimed = "all" or "skip" on those tiers'
+        )
+    return problems
+
+
 class Config(Section):
     partner_center: PartnerCenterConfig = PartnerCenterConfig()
     auth: AuthConfig
@@ -521,6 +577,7 @@ class Config(Section):
     heartbeat: HeartbeatConfig | None = None
     console: ConsoleConfig | None = None
     webhooks: WebhooksConfig | None = None
+    claims: ClaimsConfig | None = None
     source: Path | None = Field(default=None, exclude=True)
 
     @property

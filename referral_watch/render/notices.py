@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 from referral_watch.model import Message
 from referral_watch.render.channels import Style
 from referral_watch.render.i18n import time_left_text, translations
-from referral_watch.render.messages import Words, clip_title
+from referral_watch.render.words import Words, clip_title
 from referral_watch.text import Part, fit, md
 
 

@@ -10,8 +10,9 @@ from decimal import Decimal
 from referral_watch.config import Config, TierConfig
 from referral_watch.model import Lead, Referral, TeamMember
 from referral_watch.render.channels import Style, style_for
-from referral_watch.render.messages import Words, template_context
+from referral_watch.render.messages import template_context
 from referral_watch.render.templates import template_problem
+from referral_watch.render.words import Words
 
 _SAMPLE_NOW = datetime(2026, 3, 2, 9, 30, tzinfo=UTC)
 
