@@ -166,3 +166,37 @@ def _write_private(path: Path, text: str) -> None:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def cached_account(path: Path) -> tuple[str, str] | None:
+    """(username, name) of the account `referral-watch login` signed in, read from the cache
+    file alone (offline); None when nobody is signed in there."""
+    import msal
+
+    cache_file = CacheFile(path)
+    if not cache_file.path.exists() or cache_file.is_damaged():
+        return None
+    cache = msal.SerializableTokenCache()
+    cache_file.load_into(cache, tolerate_corrupt=True)
+    kinds = msal.TokenCache.CredentialType
+    accounts = list(cache.search(kinds.ACCOUNT))
+    if not accounts:
+        return None
+    home = accounts[0].get("home_account_id")
+    name = ""
+    for entry in cache.search(kinds.ID_TOKEN, query={"home_account_id": home}):
+        name = str(_jwt_claims(str(entry.get("secret") or "")).get("name") or "")
+        break
+    return str(accounts[0].get("username") or ""), name
+
+
+def _jwt_claims(token: str) -> dict[str, Any]:
+    """The (unverified) claims of an ID token from our own cache: only to show a name."""
+    import base64
+
+    try:
+        payload = token.split(".")[1]
+        data = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -144,4 +144,7 @@ def report_headings(locale: str, period: timedelta) -> dict[str, str]:
         "declined": _("declined"),
         "won": _("won"),
         "lost": _("lost"),
+        "claims": _("Claims: time to claim and to answer (median / 90th percentile)"),
+        "team": _("the whole team"),
+        "claim_line": _("{who}: {claimed} claimed ({to_claim}), {answered} answered ({to_answer})"),
     }

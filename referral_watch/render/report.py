@@ -29,8 +29,16 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from referral_watch.model import ANSWERS, Lead, Message
+from referral_watch.model import ANSWERS, AuditEntry, Lead, Message
 from referral_watch.render.channels import Style
+from referral_watch.render.claim_report import (
+    ClaimStats,
+    claim_stats,
+    claims_facts,
+    claims_json,
+    claims_rows,
+    percentile,
+)
 from referral_watch.render.i18n import money_text, time_left_text, when_text
 from referral_watch.render.notices import report_headings
 from referral_watch.text import Part, clip, columns, csv_cell, escaper, fit, iso_utc, terminal
@@ -102,6 +110,7 @@ class Summary:
     expired: tuple[LeadLine, ...]  # expired in the period, most recent first
     expired_value: tuple[tuple[str, Decimal], ...]
     per_assignee: tuple[tuple[str, int], ...]  # open leads, most first
+    claims: ClaimStats | None = None  # time to claim and to answer (SPEC 17); None: no claims
 
     @property
     def period(self) -> timedelta:
@@ -124,19 +133,14 @@ def expired_at(lead: Lead, now: datetime) -> datetime | None:
     return lead.deadline if lead.deadline < end else None
 
 
-def percentile(values: Sequence[timedelta], fraction: float) -> timedelta | None:
-    """Linear interpolation between closest ranks (numpy's default, Excel's PERCENTILE.INC)."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    position = fraction * (len(ordered) - 1)
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-def summarize(leads: Iterable[Lead], now: datetime, since: timedelta) -> Summary:
-    """The summary over the period [now - since, now]. Pass every lead, resolved ones too."""
+def summarize(
+    leads: Iterable[Lead],
+    now: datetime,
+    since: timedelta,
+    claim_events: Sequence[AuditEntry] = (),
+) -> Summary:
+    """The summary over the period [now - since, now]. Pass every lead, resolved ones too, and
+    the audit's claim events (``Store.claim_events``) for the claims part."""
     start = now - since
     all_leads = list(leads)
     waiting = _waiting(all_leads, now)
@@ -160,7 +164,21 @@ def summarize(leads: Iterable[Lead], now: datetime, since: timedelta) -> Summary
         expired=tuple(LeadLine.of(x) for x in expired),
         expired_value=_totals(expired),
         per_assignee=_per_assignee(waiting),
+        claims=_claims(all_leads, claim_events, start, now, answered),
     )
+
+
+def _claims(
+    leads: Sequence[Lead],
+    events: Sequence[AuditEntry],
+    start: datetime,
+    now: datetime,
+    answered: Sequence[Lead],
+) -> ClaimStats | None:
+    """The claims part: None when nobody has claimed anything."""
+    if not events:
+        return None
+    return claim_stats(leads, events, start, now, {x.id: _answered_moment(x) for x in answered})
 
 
 def _waiting(leads: Sequence[Lead], now: datetime) -> list[Lead]:
@@ -197,6 +215,10 @@ def _by_time_left(waiting: Sequence[Lead], now: datetime) -> tuple[int, int, int
 
 
 def _answer_time(lead: Lead) -> timedelta:
+    return max(timedelta(0), _answered_moment(lead) - lead.referral.created)
+
+
+def _answered_moment(lead: Lead) -> datetime:
     created = lead.referral.created
     answered = lead.resolved_at or created
     # The by-id fetch that found the answer stored that record: its updatedDateTime is when the
@@ -205,7 +227,7 @@ def _answer_time(lead: Lead) -> timedelta:
     updated = lead.referral.updated
     if updated is not None and lead.last_seen < updated <= answered:
         answered = updated
-    return max(timedelta(0), answered - created)
+    return answered
 
 
 def _between(moment: datetime | None, start: datetime, end: datetime) -> bool:
@@ -328,7 +350,27 @@ def _full_body(w: _Wording, s: Summary) -> str:
     if s.expired_value:
         parts.append(w.heads["expired_value"].format(values=w.values(s.expired_value)))
     parts.append(f"**{h['assignees']}**\n\n" + "\n".join(_assignee_lines(w, s, LIST_MAX)))
+    if s.claims is not None:
+        parts.append(_claims_part(w, s.claims))
     return "\n\n".join(parts)
+
+
+def _claims_part(w: _Wording, stats: ClaimStats) -> str:
+    """Claims: time to claim and to answer (median / 90th percentile), the team then people."""
+    rows = claims_rows(stats, w.span)[1:]
+    rows[0] = (w.heads["team"], *rows[0][1:])
+    lines = [
+        "- "
+        + w.heads["claim_line"].format(
+            who=w.esc(who),
+            claimed=claimed,
+            to_claim=to_claim,
+            answered=answered,
+            to_answer=to_answer,
+        )
+        for who, claimed, to_claim, answered, to_answer in rows
+    ]
+    return f"**{w.heads['claims']}**\n\n" + "\n".join(lines)
 
 
 def _compact_parts(w: _Wording, s: Summary) -> list[Part]:
@@ -437,6 +479,12 @@ def format_text(summary: Summary, timezone: str = "UTC") -> str:
     if s.expired_value:
         lines += _rows([("deal value lost", _cli_money(s.expired_value))])
     lines += ["", "Open leads per assignee:", *_rows([(n, str(c)) for n, c in s.per_assignee])]
+    if s.claims is not None:
+        lines += [
+            "",
+            "Claims: time to claim and to answer",
+            *_rows(claims_rows(s.claims, _cli_span)),
+        ]
     return terminal("\n".join(lines)) + "\n"
 
 
@@ -493,6 +541,7 @@ def as_json(summary: Summary) -> dict[str, Any]:
             "leads": [_lead_json(x, s.now) for x in s.expired],
         },
         "open_per_assignee": [{"assignee": n, "open": c} for n, c in s.per_assignee],
+        **({"claims": claims_json(s.claims)} if s.claims is not None else {}),
     }
 
 
@@ -518,6 +567,8 @@ def _csv_facts(s: Summary) -> list[tuple[str, str, Any]]:
     ]
     facts += [("expired_deal_value", c, _number(t)) for c, t in s.expired_value]
     facts += [("open_per_assignee", n, c) for n, c in s.per_assignee]
+    if s.claims is not None:
+        facts += claims_facts(s.claims)
     return facts
 
 

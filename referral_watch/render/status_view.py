@@ -44,7 +44,23 @@ def as_json(lead: Lead, now: datetime, quarantined: Quarantined | None = None) -
         "first_seen": _iso(lead.first_seen),
         "resolved_at": _iso(lead.resolved_at) if lead.resolved_at else None,
         "answered_by": _answered_by(lead.answered),
+        "claimed_by": claim_json(lead, now),
         "quarantined": _set_aside(quarantined),
+    }
+
+
+def claim_json(lead: Lead, now: datetime) -> dict[str, Any] | None:
+    """Who holds the lead now (SPEC 17: ``claimed_by``), or None (never claimed, lapsed,
+    unclaimed or answered)."""
+    claim = lead.claimed(now)
+    if claim is None:
+        return None
+    return {
+        "email": claim.email,
+        "name": claim.name,
+        "at": _iso(claim.at),
+        "lapses_at": _iso(claim.lapses_at),
+        "via": claim.via,
     }
 
 
@@ -142,6 +158,7 @@ def table(
         "DEADLINE",
         "LEFT",
         "TIERS SENT",
+        "OWNER",
         "SILENCE/STATE",
     )
     rows = [header]
@@ -161,6 +178,7 @@ def table(
                 f"{lead.deadline.astimezone(zone):%Y-%m-%d %H:%M}",
                 time_left_text(lead.deadline - now, CLI_LOCALE),
                 ",".join(lead.tiers_sent) or "-",
+                _owner(lead, now),
                 state or "-",
             )
         )
@@ -173,6 +191,40 @@ def table(
     lines.append(_poll_line(last))
     lines += quarantine_lines(quarantined)
     return terminal("\n".join(lines))  # Partner Center text never drives the terminal
+
+
+def _owner(lead: Lead, now: datetime) -> str:
+    claim = lead.claimed(now)
+    return clip(claim.name or claim.email, 24) if claim is not None else "-"
+
+
+def claim_lines(lead: Lead, config: Config, now: datetime) -> list[str]:
+    """Who holds the lead and where each tier goes meanwhile (`status --explain`)."""
+    claim = lead.claimed(now)
+    if claim is None:
+        if lead.claim is not None and config.claims is not None:
+            return [
+                f"  claim by {lead.claim.email} lapsed {lead.claim.lapses_at:%Y-%m-%d %H:%M} UTC"
+            ]
+        return []
+    who = claim.email if claim.name in ("", claim.email) else f"{claim.name} <{claim.email}>"
+    note = f": {claim.note}" if claim.note else ""
+    lines = [
+        f"  claimed by {who} via {claim.via} at {claim.at:%Y-%m-%d %H:%M} UTC, lapses "
+        f"{claim.lapses_at:%Y-%m-%d %H:%M} UTC unless answered{note}"
+    ]
+    owner = config.claims.owner_channel if config.claims is not None else None
+    for tier in config.policy.tiers:
+        mode = tier.claimed
+        if mode == "owner":
+            where = f"to the owner only (channel {owner}, to {claim.email})"
+        elif mode == "all":
+            extra = f" and the owner (channel {owner})" if owner else ""
+            where = f"to its channels ({', '.join(tier.notify)}){extra}, naming the owner"
+        else:
+            where = "waits until the claim ends"
+        lines.append(f"  while claimed, tier {tier.name} ({mode}): {where}")
+    return lines
 
 
 def _poll_line(last: PollRecord | None) -> str:
@@ -210,6 +262,7 @@ def explain(
             f"  silenced until {lead.silenced_until:%Y-%m-%d %H:%M} UTC: "
             f"{lead.silence_reason or 'no reason given'}"
         )
+    lines.extend(claim_lines(lead, config, now))
     lines.append(f"  {next_alert_line(lead, config, now)}")
     for name, channel in config.channels.items():
         verdict = _channel_verdict(name, policy.channel_matches(channel, ref), config)

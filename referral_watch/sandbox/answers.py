@@ -1,6 +1,8 @@
 """How the sandbox answers ``PATCH /engagements/referrals/{id}``: JSON Patch, transitions, eTags.
 
-The documented rules (reference: "Answering a referral"): only ``replace`` and ``add``; status
+The documented rules (reference: "Answering a referral"; Microsoft's "Update a lead or
+opportunity", https://learn.microsoft.com/en-us/partner-center/developer/patch-a-referral, which
+also adds a team member with ``add /team/-``): only ``replace`` and ``add``; status
 New may become New, Active or Closed; Active takes the substatus Accepted, Closed takes Won,
 Lost, Declined or Expired, New takes Pending or Received; a Closed referral is final. The
 record's ``eTag`` is a quoted string that changes on every update; ``If-Match`` with another
@@ -101,15 +103,40 @@ def _set(record: dict[str, Any], op: PatchOp) -> None:
     target: Any = record
     for step in op.path[:-1]:
         target = target.get(step) if isinstance(target, dict) else None
-        if not isinstance(target, dict):
+        if target is None and op.op == "add" and step == "team" and step == op.path[0]:
+            # A record without a team: `add /team/-` starts one. Microsoft documents the
+            # append, not a missing array: the sandbox's own choice.
+            target = record.setdefault("team", [])
+        if not isinstance(target, dict | list):
             raise PatchRejected(400, "invalidRequest", f"Path /{'/'.join(op.path)} does not exist.")
     leaf = op.path[-1]
-    if op.op == "replace" and leaf not in target:
-        raise PatchRejected(400, "invalidRequest", f"Path /{'/'.join(op.path)} does not exist.")
     # Which fields are read-only is not documented: the sandbox's own choice.
     if op.path[0] in ("id", "eTag", "createdDateTime", "direction"):
         raise PatchRejected(400, "invalidRequest", f"/{op.path[0]} cannot be changed.")
+    if isinstance(target, list):
+        _set_item(target, op, leaf)
+        return
+    if op.op == "replace" and leaf not in target:
+        raise PatchRejected(400, "invalidRequest", f"Path /{'/'.join(op.path)} does not exist.")
     target[leaf] = op.value
+
+
+def _set_item(items: list[Any], op: PatchOp, leaf: str) -> None:
+    """An array element (RFC 6902): `add /team/-` appends a member (Microsoft's "Update a lead
+    or opportunity" example), `add /team/0` inserts one, `replace /team/0` replaces one."""
+    if op.op == "add" and leaf == "-":
+        items.append(op.value)
+        return
+    if (
+        not leaf.isdigit()
+        or int(leaf) > len(items)
+        or (op.op == "replace" and int(leaf) == len(items))
+    ):
+        raise PatchRejected(400, "invalidRequest", f"Path /{'/'.join(op.path)} does not exist.")
+    if op.op == "add":
+        items.insert(int(leaf), op.value)
+    else:
+        items[int(leaf)] = op.value
 
 
 def _check_transition(before: dict[str, Any], after: dict[str, Any]) -> None:
