@@ -233,6 +233,7 @@ class Daemon(WebhookJobs):
         self.metrics.watched.set(watched)
         left = float("inf") if soonest is None else (soonest - self.clock()).total_seconds()
         self.metrics.most_urgent.set(left)
+        self.metrics.claimed.set(store.claimed_count(self.clock()))
 
     # --- scheduled reports -----------------------------------------------------------------
 

@@ -28,6 +28,11 @@ class Metrics:
             ["channel", "result"],
             registry=self.registry,
         )
+        self.claimed = Gauge(
+            "referral_watch_leads_claimed",
+            "Waiting leads someone has claimed, their claim still holding",
+            registry=self.registry,
+        )
         self.backlog = Gauge(
             "referral_watch_outbox_backlog",
             "Messages waiting in the outbox",

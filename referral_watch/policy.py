@@ -460,15 +460,22 @@ def _held(
         return False  # delivery reports the unknown channel; holding would hide it forever
     if row.kind == TIER and row.tier is not None:
         tier = config.policy.tier(row.tier)
-        if tier is not None and lead is not None and lead.claim is not None:
-            # claimed after the row was written: the claim's routing holds it (the one rule)
-            if _claim_hold(lead, row.channel, tier, config, now) is not None:
-                return True
+        # claimed after the row was written: the claim's routing holds it (the one rule)
+        if tier is not None and _claim_holds_row(lead, row.channel, tier, config, now):
+            return True
         if tier is not None and tier.bypass_quiet:
             return False
     if row.channel not in quiet:
         quiet[row.channel] = in_quiet_hours(channel, now, config.messages.timezone)
     return quiet[row.channel]
+
+
+def _claim_holds_row(
+    lead: Lead | None, channel: str, tier: TierConfig, config: Config, now: datetime
+) -> bool:
+    if lead is None or lead.claim is None:
+        return False
+    return _claim_hold(lead, channel, tier, config, now) is not None
 
 
 def _recipients(

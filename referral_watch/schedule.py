@@ -11,6 +11,7 @@ Also here: which scheduled run of a report is due, and the report's messages for
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
@@ -22,7 +23,7 @@ from referral_watch.errors import ConfigError
 
 if TYPE_CHECKING:
     from referral_watch.config import Config, ReportConfig
-    from referral_watch.model import Lead, Message
+    from referral_watch.model import AuditEntry, Lead, Message
     from referral_watch.state.store import Store
 
 # A report missed while the daemon was down is sent once at start if it is less late than this.
@@ -103,16 +104,22 @@ def queue_report(
     from referral_watch.state.db import ts
 
     leads = store.leads(include_resolved=True)
+    events = store.claim_events()
     rows = []
     for channel in report.notify:
-        message = _message(config, report, channel, leads, now)
+        message = _message(config, report, channel, leads, now, events)
         rows.append(store.enqueue_message("report", channel, message.title, message.body, now))
     store.set_meta(last_key(report), ts(due))
     return rows
 
 
 def _message(
-    config: Config, report: ReportConfig, channel: str, leads: list[Lead], now: datetime
+    config: Config,
+    report: ReportConfig,
+    channel: str,
+    leads: list[Lead],
+    now: datetime,
+    claim_events: Sequence[AuditEntry] = (),
 ) -> Message:
     from referral_watch import policy  # Jinja2 and Babel: only when a report is due
     from referral_watch.render import messages as render
@@ -121,5 +128,5 @@ def _message(
     settings = config.channels.get(channel)
     # A channel with `match` only hears about its own leads, in reports too.
     mine = [x for x in leads if settings is None or policy.channel_matches(settings, x.referral)]
-    summary = summarize(mine, now, report.since)
+    summary = summarize(mine, now, report.since, claim_events)
     return report_message(summary, render.style_for(config, channel))

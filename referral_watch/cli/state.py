@@ -86,6 +86,6 @@ def report(obj: Context, since: str, fmt: str) -> None:
         raise click.BadParameter("the period must be longer than 0s", param_hint="--since")
     config = obj.config()
     with Store(config.state.location, create=False) as store:
-        leads = store.leads(include_resolved=True)
-    summary = summarize(leads, now_utc(), period)
+        leads, events = store.leads(include_resolved=True), store.claim_events()
+    summary = summarize(leads, now_utc(), period, events)
     click.echo(render_report(summary, fmt, config.messages.timezone), nl=False)
