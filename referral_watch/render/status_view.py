@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo
 
 from referral_watch import policy
 from referral_watch.config import Config
-from referral_watch.model import AuditEntry, Lead
+from referral_watch.model import CLAIM_ACTIONS, AuditEntry, Lead
 from referral_watch.redact import scrub
 from referral_watch.render.i18n import money_text, time_left_text
 from referral_watch.state.journal import PollRecord
@@ -329,12 +329,15 @@ def _channel_verdict(name: str, matches: bool, config: Config) -> str:
 
 
 def audit_lines(audit: Sequence[AuditEntry]) -> list[str]:
-    """The answers given or tried through referral-watch, oldest first."""
-    lines = ["  answers:"] if audit else []
+    """The answers given or tried through referral-watch, and the claims, oldest first."""
+    claims = any(entry.action in CLAIM_ACTIONS for entry in audit)
+    lines = [f"  {'answers and claims' if claims else 'answers'}:"] if audit else []
     for entry in audit:
         who = entry.who if entry.name in ("", entry.who) else f"{entry.name} <{entry.who}>"
         reason = f" ({entry.reason})" if entry.reason else ""
         request = f", Partner Center request {entry.request_id}" if entry.request_id else ""
+        if entry.action in CLAIM_ACTIONS and entry.detail:
+            request = f" ({entry.detail})"
         lines.append(
             f"    {entry.at:%Y-%m-%d %H:%M} UTC {entry.action}{reason} by {who} via {entry.via}: "
             f"{entry.result}{request}"
