@@ -94,13 +94,13 @@ def _waiting_lead(store: ClaimStore, lead_id: str, now: datetime) -> Lead:
 
 
 def _person_name(lead: Lead, person: Person, email: str) -> str:
-    """The name given, else the referral team member's with this address, else the address."""
+    """The name given, else the referral team member's with this address, else none ("")."""
     if person.name.strip() and person.name.strip().lower() != email:
         return " ".join(person.name.split())
     for member in lead.referral.team:
         if member.email.strip().lower() == email and member.name:
             return member.name
-    return email
+    return ""
 
 
 def claim_lead(
@@ -182,7 +182,7 @@ def unclaim_lead(
 
 def team_member(claim: Claim) -> dict[str, Any]:
     """The team member to add: Microsoft's member shape (email, firstName, lastName)."""
-    first, _, last = claim.name.partition(" ") if claim.name != claim.email else ("", "", "")
+    first, _, last = claim.name.partition(" ")
     return {"email": claim.email, "firstName": first, "lastName": last}
 
 

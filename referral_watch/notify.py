@@ -306,7 +306,9 @@ class Notifier:
         if config is None:
             return Delivery(False, "unknown channel")
         url = config.url
-        addresses = valid_recipients(recipients) if config.to_assignees else []
+        # to_assignees: the lead team's addresses; the claims' owner channel: the owner's
+        email = channel_kind(config.url) == "email"
+        addresses = valid_recipients(recipients) if recipients and email else []
         try:
             result = self._within_time(channel, config, message, addresses)
         except Exception as exc:  # one channel's surprise must not stop the others

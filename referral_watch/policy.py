@@ -163,6 +163,10 @@ def _tier_alerts(lead: Lead, rows: Sequence[Sent], config: Config, now: datetime
     for channel in _tier_channels(config):
         # The tiers this channel hears for this lead now (a claim routes some to the owner).
         heard = [i for i, tier in enumerate(tiers) if _routed(lead, channel, tier, config, now)]
+        if channel == _owner_channel(config) and lead.claim is not None:
+            # The owner was on the team: what it heard before the claim is not said again.
+            told = _told_before(rows, lead.claim.at)
+            heard = [i for i in heard if tiers[i].name not in told]
         due = [i for i in heard if left <= tiers[i].remaining]
         if not due or held_back(lead, channel, tiers[due[-1]], config, now) is not None:
             continue
@@ -171,6 +175,19 @@ def _tier_alerts(lead: Lead, rows: Sequence[Sent], config: Config, now: datetime
         sent = [row for row in rows if row.kind == TIER and row.channel == channel]
         alerts.extend(_channel_tier_alerts(lead.id, channel, due, sent, config.policy, now))
     return alerts
+
+
+def _told_before(rows: Sequence[Sent], moment: datetime) -> set[str]:
+    """The tiers any channel heard (or holds in the outbox) before ``moment``."""
+    since = _aware(moment)
+    return {
+        row.tier
+        for row in rows
+        if row.kind == TIER
+        and row.tier
+        and row.state != SKIPPED_ROW
+        and _aware(row.created) < since
+    }
 
 
 def _tier_channels(config: Config) -> list[str]:

@@ -68,4 +68,6 @@ class Decide:
             leads = self.store.leads(for_policy=True, ids=chunk)
             alerts = self.due(leads, self.store.history(chunk), now, result)
             queued += self.store.record(alerts, now)
+            if self.config.claims is not None:  # their lapse notices are in: end those claims
+                self.store.lapse_claims(chunk, now, self.config.claims.owner_channel)
         return queued

@@ -36,21 +36,29 @@ class Written:
 
 def claim_from(row: Any, prefix: str = "") -> Claim | None:
     """A Claim from a row holding the claim columns (``prefix``ed), or None when it has none."""
-    if row[f"{prefix}email"] is None:
+    names = [f"{prefix}{name.strip()}" for name in _COLUMNS.split(",")]
+    return claim_of_values(tuple(row[name] for name in names))
+
+
+def claim_of_values(values: Sequence[Any]) -> Claim | None:
+    """A Claim from the claim columns' values in _COLUMNS order; None when they are NULL (a
+    LEFT JOIN that found no claim)."""
+    lead_id, email, name, at, lapses_at, via, note = values
+    if email is None:
         return None
     return Claim(
-        lead_id=row[f"{prefix}lead_id"],
-        email=row[f"{prefix}email"],
-        name=row[f"{prefix}name"] or "",
-        at=datetime.fromisoformat(row[f"{prefix}at"]),
-        lapses_at=datetime.fromisoformat(row[f"{prefix}lapses_at"]),
-        via=row[f"{prefix}via"] or "",
-        note=row[f"{prefix}note"] or "",
+        lead_id=lead_id,
+        email=email,
+        name=name or "",
+        at=datetime.fromisoformat(at),
+        lapses_at=datetime.fromisoformat(lapses_at),
+        via=via or "",
+        note=note or "",
     )
 
 
-# For the leads' query: the claim's columns as c_<column> (LEFT JOIN claims c).
-JOINED = ", ".join(f"c.{name.strip()} AS c_{name.strip()}" for name in _COLUMNS.split(","))
+# For the leads' queries: the claim's columns as c_<column> (LEFT JOIN claims c).
+CLAIM_COLUMNS = ", ".join(f"c.{name.strip()} AS c_{name.strip()}" for name in _COLUMNS.split(","))
 
 
 class Claims(Database):
@@ -154,7 +162,18 @@ class Claims(Database):
             params,
         )
         return [
-            AuditEntry(r[0], from_ts(r[1]) or datetime.min, *r[2:8], detail=r[8], request_id=r[9])
+            AuditEntry(
+                lead_id=r[0],
+                at=from_ts(r[1]) or datetime.min,
+                who=r[2],
+                name=r[3],
+                via=r[4],
+                action=r[5],
+                result=r[6],
+                reason=r[7],
+                detail=r[8],
+                request_id=r[9],
+            )
             for r in rows
         ]
 

@@ -16,6 +16,7 @@ from referral_watch.model import (
     parse_referral,
     record_digest,
 )
+from referral_watch.state.claims import CLAIM_COLUMNS, claim_from, claim_of_values
 from referral_watch.state.db import Database, chunks, from_ts, ts
 from referral_watch.state.dialect import Postgres
 from referral_watch.state.webhook_events import WEBHOOK_KEYS_KEPT
@@ -264,8 +265,9 @@ class Leads(Database):
                          AS tiers_sent,
                        a.at AS a_at, a.who AS a_who, a.name AS a_name, a.via AS a_via,
                        a.action AS a_action, a.result AS a_result, a.reason AS a_reason,
-                       a.request_id AS a_request_id
+                       a.request_id AS a_request_id, {CLAIM_COLUMNS}
                 FROM leads l LEFT JOIN silences s ON s.lead_id = l.id
+                LEFT JOIN claims c ON c.lead_id = l.id
                 LEFT JOIN audit a ON a.id = (
                     SELECT max(id) FROM audit WHERE lead_id = l.id
                       AND result IN ('accepted', 'declined'))
@@ -285,8 +287,9 @@ class Leads(Database):
         for chunk in chunks(list(ids)):
             marks = ",".join("?" * len(chunk))
             rows = self.db.execute(
-                "SELECT id, customer, created, deadline, first_seen, last_seen, resolution "
-                f"FROM leads WHERE id IN ({marks})",
+                "SELECT id, customer, created, deadline, first_seen, last_seen, resolution, "
+                f"{CLAIM_COLUMNS} FROM leads l LEFT JOIN claims c ON c.lead_id = l.id "
+                f"WHERE id IN ({marks})",
                 chunk,
             )
             for row in rows:
@@ -324,7 +327,7 @@ class Leads(Database):
             for value in (channel, tier, ts(cutoff), ts(repeat_after) if repeat_after else None)
         ]
         moment = ts(now)
-        params += [moment, int(expired_notices), moment, int(resolved_notices)]
+        params += [moment, int(expired_notices), moment, int(resolved_notices), moment]
         rows = self.db.execute(
             f"""WITH points (channel, tier, cutoff, repeat_after) AS (VALUES {values})
                 SELECT l.id FROM leads l
@@ -345,6 +348,8 @@ class Leads(Database):
                             OR l.resolution = 'expired'))
                    OR (? = 1 AND l.resolution_notified = 0
                        AND l.resolution NOT IN ('expired', 'gone'))
+                   OR (l.resolution IS NULL AND l.deadline >= ? AND EXISTS (
+                         SELECT 1 FROM claims c WHERE c.lead_id = l.id))
                 ORDER BY l.deadline""",
             params,
         )
@@ -382,6 +387,7 @@ class Leads(Database):
                 self.db.execute("DELETE FROM outbox WHERE lead_id = ?", (lead_id,))
                 self.db.execute("DELETE FROM audit WHERE lead_id = ?", (lead_id,))
                 self.db.execute("DELETE FROM silences WHERE lead_id = ?", (lead_id,))
+                self.db.execute("DELETE FROM claims WHERE lead_id = ?", (lead_id,))
                 self.db.execute("DELETE FROM leads WHERE id = ?", (lead_id,))
             self.db.execute(
                 "DELETE FROM outbox WHERE lead_id IS NULL AND state != 'pending' AND created < ?",
@@ -460,7 +466,8 @@ class LeadOutlines(Mapping[str, Lead]):
     def __getitem__(self, lead_id: str) -> Lead:
         if lead_id in self.whole:
             return self.whole[lead_id]
-        _, customer, created, deadline, first, last, resolution = self.rows[lead_id]
+        row = self.rows[lead_id]
+        _, customer, created, deadline, first, last, resolution = row[:7]
         return Lead(
             referral=Referral(
                 id=lead_id, name="", customer=customer, created=datetime.fromisoformat(created)
@@ -469,6 +476,7 @@ class LeadOutlines(Mapping[str, Lead]):
             first_seen=datetime.fromisoformat(first),
             last_seen=datetime.fromisoformat(last),
             resolution=resolution,
+            claim=claim_of_values(row[7:]),
         )
 
     def __iter__(self) -> Iterator[str]:
@@ -498,6 +506,7 @@ def _lead(row: Any) -> Lead | None:
         resolution_notified=bool(row["resolution_notified"]),
         tiers_sent=tiers,
         answered=_answered(row),
+        claim=claim_from(row, "c_"),
     )
 
 

@@ -8,7 +8,7 @@ from referral_watch.errors import StateError
 from referral_watch.state.db import Database
 from referral_watch.state.dialect import Sqlite
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 
 MIGRATIONS: dict[int, str] = {
@@ -150,6 +150,20 @@ MIGRATIONS: dict[int, str] = {
     7: """
     ALTER TABLE leads ADD COLUMN digest TEXT;
     CREATE INDEX leads_watched ON leads (resolution, id, digest);
+    """,
+    # Claims (SPEC 17): who took each lead, until when; the row stays after a lapse (lapsed_at
+    # set) for the lapse notice's wording. Claims, take-overs, lapses, unclaims: in the audit.
+    8: """
+    CREATE TABLE claims (
+        lead_id TEXT PRIMARY KEY,
+        email TEXT NOT NULL,
+        name TEXT NOT NULL DEFAULT '',
+        at TEXT NOT NULL,
+        lapses_at TEXT NOT NULL,
+        via TEXT NOT NULL,
+        note TEXT NOT NULL DEFAULT '',
+        lapsed_at TEXT
+    );
     """,
 }
 

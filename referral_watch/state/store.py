@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from referral_watch.errors import StateError
+from referral_watch.state.claims import Claims
 from referral_watch.state.console import Console
 from referral_watch.state.journal import Journal
 from referral_watch.state.outbox import Outbox
@@ -15,7 +16,7 @@ from referral_watch.state.schema import prepare
 from referral_watch.state.webhook_events import WebhookEvents
 
 
-class Store(Journal, Console, Outbox, Quarantine, WebhookEvents):
+class Store(Journal, Console, Outbox, Quarantine, WebhookEvents, Claims):
     """One open state (a SQLite file, or a PostgreSQL database given by its URL). Not shared
     between threads: open one per thread."""
 
