@@ -306,9 +306,7 @@ class Notifier:
         if config is None:
             return Delivery(False, "unknown channel")
         url = config.url
-        # to_assignees: the lead team's addresses; the claims' owner channel: the owner's
-        email = channel_kind(config.url) == "email"
-        addresses = valid_recipients(recipients) if recipients and email else []
+        addresses = valid_recipients(recipients) if config.addressed else []
         try:
             result = self._within_time(channel, config, message, addresses)
         except Exception as exc:  # one channel's surprise must not stop the others

@@ -290,6 +290,13 @@ class ChannelConfig(Section):
     match: MatchConfig | None = None
     to_assignees: bool = False
     assignee_domains: StrList = []  # our people: team members with these email domains
+    _owner: bool = PrivateAttr(default=False)  # the claims' owner channel, set by Config
+
+    @property
+    def addressed(self) -> bool:
+        """Each message names its own recipients (the lead team's, or a claim's owner) in
+        place of the URL's: to_assignees, or the channel [claims] owner_channel names."""
+        return self.to_assignees or self._owner
 
     @field_validator("assignee_domains")
     @classmethod
@@ -579,6 +586,13 @@ class Config(Section):
     webhooks: WebhooksConfig | None = None
     claims: ClaimsConfig | None = None
     source: Path | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _mark_owner_channel(self) -> Config:
+        owner = self.claims.owner_channel if self.claims is not None else None
+        if owner is not None and owner in self.channels:
+            self.channels[owner]._owner = True
+        return self
 
     @property
     def cache_path(self) -> Path:
