@@ -430,6 +430,9 @@ _console_printer: ConsolePrinter | None = None
 def _console_send(body: str, title: str, notify_type: str, *args: Any, **kwargs: Any) -> bool:
     meta = kwargs.get("meta") or {}
     channel = str(meta.get("host") or "console")  # console://team -> "team"
+    to = (meta.get("qsd") or {}).get("to")  # a claims owner channel: the owner's address
+    if to:
+        channel = f"{channel} → {to}"
     title, body = terminal(title), terminal(body)  # a terminal: no control character reaches it
     if _console_printer is not None:
         _console_printer(channel, title, body, notify_type)

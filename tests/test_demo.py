@@ -55,6 +55,23 @@ def test_demo_shows_the_whole_story_and_exits_0() -> None:
     assert f"  {sys.executable} -m referral_watch --config config/referral-watch.toml" in out
 
 
+def test_the_demo_lead_taken_by_ann_escalates_only_to_her_and_she_answers_it() -> None:
+    lines = demo_output(datetime(2026, 3, 2, 9, 0, tzinfo=UTC)).splitlines()
+    taken = lines.index(
+        "» through referral-watch: Ann de Vries clicks Take it in the alert for Litware Inc: "
+        "its reminders go to her alone now"
+    )
+    answered = lines.index(
+        "» through referral-watch: Ann de Vries clicks Accept in her reminder for Litware Inc"
+    )
+    assert lines[taken + 1] == "  ▸ team      Litware Inc taken by Ann de Vries"
+    between = [line for line in lines[taken + 2 : answered] if "Litware Inc" in line]
+    assert len(between) == 1, between  # the reminder went to Ann alone, not to the team
+    assert between[0].startswith("  ▸ owner → ann.devries@contoso.example Lead expires in 6d")
+    assert lines[answered + 1] == "  ▸ team      Lead accepted: Litware Inc"
+    assert not any("Litware" in line for line in lines[answered + 3 :] if "▸" in line)
+
+
 BURST = ["Alpine Ski House", "Bellows College", "Coho Winery", "Datum Systems", "Fourth Coffee"]
 
 

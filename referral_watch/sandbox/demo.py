@@ -11,11 +11,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, ClassVar, TextIO
 
+from referral_watch.claiming import claim_lead
 from referral_watch.config import Config
 from referral_watch.config.loader import parse_config
 from referral_watch.cycle.runner import Cycle
@@ -74,7 +75,12 @@ repeat = "4h"
 [channels]
 team = "console://team"
 managers = "console://managers"
+owner = "console://owner"
 {extra_channel}
+
+[claims]
+owner_channel = "owner"   # (a real one is an email channel: the owner's address gets it)
+lapse_after = "9d"
 """
 
 
@@ -100,6 +106,7 @@ class Event:
     act: Callable[[Sandbox], None]
     done: bool = False
     accept: str | None = None  # a lead accepted through referral-watch's answer path instead
+    claim: str | None = None  # a lead Ann takes through referral-watch's claim path instead
 
 
 @dataclass
@@ -115,6 +122,8 @@ def story(start: datetime) -> Story:
         return make_referral(customer=customer, created=start - age, **fields)
 
     fabrikam = lead("Fabrikam Customer Inc", timedelta(hours=1), deal_value=25000)
+    # Ann takes it on day 1; its reminder goes to her alone; she accepts it on day 8.
+    litware = lead("Litware Inc", timedelta(hours=2), deal_value=30000, country="NL")
     northwind = lead(
         "Northwind Traders",
         timedelta(days=8),
@@ -162,7 +171,7 @@ def story(start: datetime) -> Story:
         )
     ]
     return Story(
-        leads=[fabrikam, northwind, tailspin, adatum, woodgrove, malformed],
+        leads=[fabrikam, northwind, tailspin, adatum, woodgrove, malformed, litware],
         events=[
             Event(
                 timedelta(0),
@@ -184,6 +193,19 @@ def story(start: datetime) -> Story:
                 "(referral-watch PATCHes the referral with If-Match)",
                 lambda sb: None,
                 accept=adatum["id"],
+            ),
+            Event(
+                timedelta(days=1, hours=5),
+                "Ann de Vries clicks Take it in the alert for Litware Inc: its reminders go "
+                "to her alone now",
+                lambda sb: None,
+                claim=litware["id"],
+            ),
+            Event(
+                timedelta(days=8),
+                "Ann de Vries clicks Accept in her reminder for Litware Inc",
+                lambda sb: None,
+                accept=litware["id"],
             ),
             Event(
                 timedelta(days=2, hours=1),
@@ -260,9 +282,12 @@ def run_demo(
             def accept(lead_id: str) -> None:
                 answer_lead(store, api, lead_id, "accept", "", ANN, clock.now)
 
+            def take(lead_id: str) -> None:
+                claim_lead(store, config, lead_id, replace(ANN, via="alert"), clock.now)
+
             while True:
                 printer.header = _cycle_header(stream, clock.now, start)
-                _happen(plot, clock.now - start, sandbox, printer, accept)
+                _happen(plot, clock.now - start, sandbox, printer, accept, take)
                 hooks.handle(cycle, printer, clock)  # at once, before the poll
                 cycle.run()
                 if clock.now + step > start + timedelta(days=days):
@@ -361,7 +386,8 @@ def _intro(stream: TextIO, sandbox: Sandbox, plot: Story, days: float, step: tim
         f"{len(plot.leads)} waiting referrals (one of them malformed on purpose).\n"
         f"The real poll → store → decide → deliver cycle runs every {hours:g} simulated hours; "
         f"{days:g} days pass in about {days * DAY_SECONDS:.0f} seconds.\n"
-        "Alerts for the `team` and `managers` channels print below.\n\n"
+        "Alerts for the `team` and `managers` channels, and for Ann once she takes a lead "
+        "(`owner`), print below.\n\n"
     )
 
 
@@ -377,11 +403,15 @@ def _happen(
     sandbox: Sandbox,
     printer: ConsolePrinter,
     accept: Callable[[str], None],
+    take: Callable[[str], None],
 ) -> None:
     for event in plot.events:
         if not event.done and elapsed >= event.at:
             if event.accept:
                 accept(event.accept)
+                where = "through referral-watch"
+            elif event.claim:
+                take(event.claim)
                 where = "through referral-watch"
             else:
                 event.act(sandbox)
