@@ -236,3 +236,19 @@ def test_claim_without_as_and_without_a_signed_in_account_says_so(
     refused = world.cli("claim", lead)
     assert refused.code == 1
     assert "--as EMAIL" in refused.err
+
+
+def test_on_postgresql_the_claim_is_in_the_shared_state_the_active_replica_reads(
+    claims: tuple[World, SmtpReceiver], pg_url: str
+) -> None:
+    world, smtp = claims
+    world.state_url = pg_url
+    lead = world.add_lead(age=H, customer="Replicated Ltd")
+    assert world.cli("run", "--once").code == 0
+    taken = world.cli("claim", lead, "--as", ANN)
+    assert taken.code == 0, taken.err
+    due_in(world, lead, 6 * D)
+    assert world.cli("run", "--once").code == 0
+    assert titles(world.team)[1] == f"Replicated Ltd taken by {ANN}"
+    assert smtp.wait_for(1)[0].rcpt_tos == (ANN,)
+    assert world.cli("status", "--json").json()[0]["claimed_by"]["email"] == ANN
