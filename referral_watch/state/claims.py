@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from referral_watch.model import CLAIMED, TIER, AuditEntry, Claim
-from referral_watch.state.db import Database, chunks, from_ts, ts
+from referral_watch.model import CLAIMED, TIER, Claim
+from referral_watch.state.db import Database, chunks, ts
 
 # The claim columns, in Claim's order.
 _COLUMNS = "lead_id, email, name, at, lapses_at, via, note"
@@ -147,35 +147,6 @@ class Claims(Database):
             (ts(now), ts(now)),
         ).fetchone()
         return int(row[0])
-
-    def claim_events(self, since: datetime | None = None) -> list[AuditEntry]:
-        """Every claim, take-over, unclaim and lapse in the audit (since ``since``), oldest
-        first: the report's time to claim and time to answer."""
-        where = "action IN (?, ?, ?, ?)"
-        params: list[Any] = list(RESULTS)
-        if since is not None:
-            where += " AND at >= ?"
-            params.append(ts(since))
-        rows = self.db.execute(
-            "SELECT lead_id, at, who, name, via, action, result, reason, detail, request_id "
-            f"FROM audit WHERE {where} ORDER BY id",
-            params,
-        )
-        return [
-            AuditEntry(
-                lead_id=r[0],
-                at=from_ts(r[1]) or datetime.min,
-                who=r[2],
-                name=r[3],
-                via=r[4],
-                action=r[5],
-                result=r[6],
-                reason=r[7],
-                detail=r[8],
-                request_id=r[9],
-            )
-            for r in rows
-        ]
 
     def _drop_pending(self, lead_id: str, owner_channel: str | None, *, notices: bool) -> None:
         if owner_channel is not None:

@@ -3,10 +3,11 @@ through referral-watch (the audit, SPEC 14)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from referral_watch.model import AuditEntry
+from referral_watch.model import CLAIM_ACTIONS, AuditEntry
 from referral_watch.state.db import from_ts, ts
 from referral_watch.state.leads import Leads
 
@@ -105,9 +106,22 @@ class Journal(Leads):
             )
 
     def audit(self, lead_id: str) -> list[AuditEntry]:
-        """Every answer and refusal recorded for one lead, oldest first."""
+        """Every answer and refusal (and claim, SPEC 17) recorded for one lead, oldest first."""
+        return self._audit_where("lead_id = ?", (lead_id,))
+
+    def claim_events(self, since: datetime | None = None) -> list[AuditEntry]:
+        """Every claim, take-over, unclaim and lapse in the audit (since ``since``), oldest
+        first: the report's time to claim and time to answer."""
+        where = f"action IN ({', '.join('?' * len(CLAIM_ACTIONS))})"
+        params: list[str] = list(CLAIM_ACTIONS)
+        if since is not None:
+            where += " AND at >= ?"
+            params.append(ts(since))
+        return self._audit_where(where, params)
+
+    def _audit_where(self, where: str, params: Sequence[str]) -> list[AuditEntry]:
         rows = self.db.execute(
-            f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE lead_id = ? ORDER BY id", (lead_id,)
+            f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE {where} ORDER BY id", params
         )
         return [
             AuditEntry(
