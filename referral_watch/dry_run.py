@@ -65,12 +65,12 @@ class PreviewSender:
 
 def recipients_text(channel: ChannelConfig, recipients: Sequence[str] = ()) -> str:
     """Who a message on this channel reaches, fit to print: the email addresses for an email
-    channel (a to_assignees channel's lead team when it has one), else the URL, secrets
-    masked."""
+    channel (a to_assignees channel's lead team when it has one, a claimed lead's owner on the
+    claims' owner channel), else the URL, secrets masked."""
     if channel_kind(channel.url) == "email":
         from referral_watch.notify import valid_recipients
 
-        chosen = valid_recipients(recipients) if channel.to_assignees else []
+        chosen = valid_recipients(recipients) if channel.addressed else []
         addresses = chosen or _email_targets(channel.url)
         if addresses:
             return ", ".join(addresses)
