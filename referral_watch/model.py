@@ -474,4 +474,4 @@ class Batch:
     lead_ids: tuple[str, ...]  # most urgent first; a digest lists at most digest_limit of them
     digest: bool = False
     more: int = 0  # leads in the digest beyond digest_limit
-    recipients: tuple[str, ...] = ()  # to_assignees: the lead team's; the owner channel: the owner's
+    recipients: tuple[str, ...] = ()  # to_assignees: the lead team's; owner channel: the owner's
