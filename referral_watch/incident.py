@@ -2,9 +2,10 @@
 
 Each message becomes one JSON event per lead, shaped as PagerDuty's Events API v2 event
 (https://developer.pagerduty.com/docs/events-API-v2/overview/): a tier alert *triggers* the
-lead's incident, the answered and expired notices *resolve* it, and every event of one lead
-carries the same `dedup_key`, so PagerDuty, Opsgenie's and Grafana OnCall's PagerDuty-compatible
-intakes, or any webhook receiver can de-duplicate and auto-resolve. Apprise's json:// cannot
+lead's incident, the answered and expired notices *resolve* it, a claim's "taken by" notice
+*acknowledges* it (a lapse triggers it again), and every event of one lead carries the same
+`dedup_key`, so PagerDuty, Opsgenie's and Grafana OnCall's PagerDuty-compatible intakes, or any
+webhook receiver can de-duplicate and auto-resolve. Apprise's json:// cannot
 do this: its extra payload fields are fixed per URL, not per lead.
 
 `?routing_key=...` in the URL goes into the body (PagerDuty's integration key), never into the
@@ -18,7 +19,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from referral_watch.model import EXPIRED, RESOLVED, Lead, Message
+from referral_watch.model import CLAIMED, EXPIRED, RESOLVED, Lead, Message
 from referral_watch.text import iso_utc
 
 SCHEME_PREFIX = "referral-watch+"
@@ -74,7 +75,13 @@ def events(message: Message, now: datetime, routing_key: str | None = None) -> l
                 ),
             }
         ]
-    action = "resolve" if message.kind in RESOLVING else "trigger"
+    action = (
+        "resolve"
+        if message.kind in RESOLVING
+        else "acknowledge"
+        if message.kind == CLAIMED
+        else "trigger"
+    )
     single = len(message.about) == 1
     out = []
     for lead, link in message.about:

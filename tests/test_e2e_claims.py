@@ -252,3 +252,22 @@ def test_on_postgresql_the_claim_is_in_the_shared_state_the_active_replica_reads
     assert titles(world.team)[1] == f"Replicated Ltd taken by {ANN}"
     assert smtp.wait_for(1)[0].rcpt_tos == (ANN,)
     assert world.cli("status", "--json").json()[0]["claimed_by"]["email"] == ANN
+
+
+def test_an_incident_channel_acknowledges_the_leads_incident_when_it_is_taken(
+    claims: tuple[World, SmtpReceiver],
+) -> None:
+    from receivers import WebhookReceiver
+
+    world, _ = claims
+    with WebhookReceiver("/v2/enqueue") as pager:
+        world.channels["team"] = f"referral-watch+http://127.0.0.1:{pager.port}/v2/enqueue"
+        lead = world.add_lead(age=H, customer="Paged Ltd")
+        assert world.cli("run", "--once").code == 0
+        assert world.cli("claim", lead, "--as", ANN).code == 0
+        assert world.cli("run", "--once").code == 0
+        trigger, acknowledge = (request.json for request in pager.wait_for(2))
+    assert trigger["event_action"] == "trigger"
+    assert acknowledge["event_action"] == "acknowledge"  # as PagerDuty's own acknowledge
+    assert acknowledge["dedup_key"] == trigger["dedup_key"] == f"referral-watch/{lead}"
+    assert acknowledge["payload"]["summary"] == f"Paged Ltd taken by {ANN}"
