@@ -119,6 +119,13 @@ def next_alert(lead: Lead, config: Config, now: datetime) -> tuple[datetime, str
     if upcoming:
         tier = upcoming[0]  # least severe first: the first one not due yet comes next
         names, when, what = tier.notify, lead.deadline - tier.remaining, f"tier {tier.name}"
+        if lead.claimed(now) is not None:  # while it holds: where the claim routes the tier
+            names = [
+                name
+                for name in _tier_channels(config)
+                if _routed(lead, name, tier, config, now)
+                and _claim_hold(lead, name, tier, config, now) is None
+            ]
     elif left >= _ZERO and not lead.expired_notified and config.policy.on_expired:
         names, when, what = config.policy.on_expired, lead.deadline, "the expired notice"
     else:

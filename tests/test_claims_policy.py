@@ -324,3 +324,13 @@ def test_owner_tiers_never_reach_team_channels_while_the_claim_holds(
                 assert alert.channel == "owners", (alert, now)
             if tier.claimed == "skip":
                 pytest.fail(f"a skip tier was sent while claimed: {alert}")
+
+
+def test_the_next_alert_of_a_claimed_lead_names_the_owner_channel() -> None:
+    from referral_watch.policy import next_alert
+
+    upcoming = next_alert(lead(8 * D, ann()), CONFIG, NOW)
+    assert upcoming is not None and upcoming[1:] == ("tier reminder", ["owners"])
+    last = next_alert(lead(1 * D, ann()), CONFIG, NOW)
+    assert last is not None and last[1:] == ("tier final", ["team", "managers", "owners"])
+    assert next_alert(lead(8 * D), CONFIG, NOW)[1:] == ("tier reminder", ["team"])  # type: ignore[index]
