@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from referral_watch.sandbox.server import format_time
+from referral_watch.sandbox.records import format_time
 
 from conftest import World, faketime_env
 from receivers import SmtpReceiver
