@@ -71,7 +71,7 @@ typecheck: $(VENV)/.dev
 
 # Coverage floors: the whole package (the demo and the daemon run in subprocesses, which are
 # not measured), and higher for the pure core that decides and words every message.
-PURE_CORE := referral_watch/policy.py,referral_watch/render/messages.py,referral_watch/render/notices.py,referral_watch/render/template_check.py,referral_watch/render/i18n.py,referral_watch/render/channels.py,referral_watch/render/templates.py,referral_watch/text.py,referral_watch/model.py,referral_watch/ops.py,referral_watch/render/report.py
+PURE_CORE := referral_watch/policy.py,referral_watch/render/messages.py,referral_watch/render/words.py,referral_watch/render/claims.py,referral_watch/render/claim_report.py,referral_watch/render/notices.py,referral_watch/render/template_check.py,referral_watch/render/i18n.py,referral_watch/render/channels.py,referral_watch/render/templates.py,referral_watch/text.py,referral_watch/model.py,referral_watch/ops.py,referral_watch/render/report.py
 
 unit: $(VENV)/.dev
 	$(BIN)/pytest -q --cov --cov-report=term:skip-covered --cov-fail-under=85

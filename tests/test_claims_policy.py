@@ -29,33 +29,12 @@ from referral_watch.policy import delivery_batches, due_alerts, held_back
 from referral_watch.render.channels import Style
 from referral_watch.render.messages import render_alert
 
-BASE = """
-[auth]
-method = "env"
+from policies import policy
 
-[policy]
-on_resolved = ["team"]
-
-[[policy.tiers]]
-name = "new"
-remaining = "14d"
-notify = ["team"]
-
-[[policy.tiers]]
-name = "reminder"
-remaining = "7d"
-notify = ["team"]
-
-[[policy.tiers]]
-name = "urgent"
-remaining = "2d"
-notify = ["team", "managers"]
-
-[[policy.tiers]]
-name = "final"
-remaining = "12h"
-notify = ["team", "managers"]
-
+BASE = (
+    '[auth]\nmethod = "env"\n\n'
+    + policy()
+    + """
 [channels]
 team = "json://127.0.0.1:9/team"
 managers = "json://127.0.0.1:9/managers"
@@ -65,6 +44,7 @@ owners = "mailtos://u:p@127.0.0.1:9?to=sales@contoso.com"
 owner_channel = "owners"
 lapse_after = "2d"
 """
+)
 
 CONFIG = parse_config(BASE, env={})
 NOW = datetime(2026, 5, 4, 12, 0, tzinfo=UTC)

@@ -174,19 +174,25 @@ def test_a_lapsed_claim_resumes_escalation(claims: tuple[World, SmtpReceiver]) -
     assert again.returncode == 0 and len(world.team.bodies) == 4  # each told once
 
 
-def test_add_to_team_patches_the_referral_once_and_leaves_its_status(world: World) -> None:
-    with SmtpReceiver() as smtp:
-        world.channels["owners"] = smtp.mailto_url(to="sales@example.com")
-        world.extra = '[claims]\nowner_channel = "owners"\nadd_to_team = true\n'
-        lead = world.add_lead(age=H, customer="Team Player Ltd")
-        assert world.cli("run", "--once").code == 0
-        before = world.sandbox.get_record(lead)
-        assert before is not None
-        world.sandbox.requests.clear()
+def waiting_lead_with_add_to_team(world: World, customer: str) -> str:
+    world.extra += "add_to_team = true\n"
+    lead = world.add_lead(age=H, customer=customer)
+    assert world.cli("run", "--once").code == 0
+    return lead
 
-        done = world.cli("claim", lead, "--as", "Ann.de.Vries@contoso.com")
-        assert done.code == 0, done.err
-        assert "added to the referral's team in Partner Center" in done.out
+
+def test_add_to_team_patches_the_referral_once_and_leaves_its_status(
+    claims: tuple[World, SmtpReceiver],
+) -> None:
+    world, _ = claims
+    lead = waiting_lead_with_add_to_team(world, "Team Player Ltd")
+    before = world.sandbox.get_record(lead)
+    assert before is not None
+    world.sandbox.requests.clear()
+
+    done = world.cli("claim", lead, "--as", "Ann.de.Vries@contoso.com")
+    assert done.code == 0, done.err
+    assert "added to the referral's team in Partner Center" in done.out
 
     patches = [r for r in world.sandbox.requests if r.method == "PATCH"]
     assert len(patches) == 1
@@ -204,14 +210,13 @@ def test_add_to_team_patches_the_referral_once_and_leaves_its_status(world: Worl
     assert [m["email"] for m in after["team"]] == ["ann.de.vries@contoso.com"]
 
 
-def test_a_refusal_in_partner_center_is_shown_and_the_claim_holds(world: World) -> None:
-    with SmtpReceiver() as smtp:
-        world.channels["owners"] = smtp.mailto_url(to="sales@example.com")
-        world.extra = '[claims]\nowner_channel = "owners"\nadd_to_team = true\n'
-        lead = world.add_lead(age=H, customer="Locked Ltd")
-        assert world.cli("run", "--once").code == 0
-        world.sandbox.fail(403, on="patch")
-        done = world.cli("claim", lead, "--as", ANN)
+def test_a_refusal_in_partner_center_is_shown_and_the_claim_holds(
+    claims: tuple[World, SmtpReceiver],
+) -> None:
+    world, _ = claims
+    lead = waiting_lead_with_add_to_team(world, "Locked Ltd")
+    world.sandbox.fail(403, on="patch")
+    done = world.cli("claim", lead, "--as", ANN)
     assert done.code == 0, done.err
     assert "warning: Partner Center refused to add ann@contoso.com" in done.out
     assert world.cli("status", "--json").json()[0]["claimed_by"]["email"] == ANN
