@@ -122,3 +122,19 @@ def test_prometheus_sees_that_someone_must_sign_in_until_someone_does(
     assert login_subprocess(world).returncode == 0
     assert gauge_after_a_cycle() == "0.0"
     assert world.team.wait_for(1)
+
+
+def test_claim_without_as_makes_the_signed_in_account_the_owner(world: World, idp: FakeIdP) -> None:
+    """`referral-watch claim ID` without --as: the account `login` signed in (its username and
+    name, read from the token cache without a network call)."""
+    msal_world(world, idp)
+    world.channels = {"owners": "mailto://127.0.0.1:9?from=rw@example.com&to=sales@example.com"}
+    world.extra = '[claims]\nowner_channel = "owners"\n'
+    assert login_subprocess(world).returncode == 0
+    lead = world.add_lead(age=timedelta(hours=1), customer="Mine Ltd")
+    assert world.cli("run", "--once").code == 0
+    taken = world.cli("claim", lead)
+    assert taken.code == 0, taken.err
+    claimed_by = world.cli("status", "--json").json()[0]["claimed_by"]
+    assert claimed_by["email"] == idp.username
+    assert claimed_by["name"] == idp.name
