@@ -276,3 +276,17 @@ def test_an_incident_channel_acknowledges_the_leads_incident_when_it_is_taken(
     assert acknowledge["event_action"] == "acknowledge"  # as PagerDuty's own acknowledge
     assert acknowledge["dedup_key"] == trigger["dedup_key"] == f"referral-watch/{lead}"
     assert acknowledge["payload"]["summary"] == f"Paged Ltd taken by {ANN}"
+
+
+def test_check_config_wants_an_email_owner_channel_for_owner_tiers(world: World) -> None:
+    world.extra = '[claims]\nlapse_after = "1d"\n'
+    missing = world.cli("check-config")
+    assert missing.code == 2
+    assert "claims.owner_channel: required: policy.tiers[0], policy.tiers[1], policy.tiers[2]" in (
+        missing.err
+    )
+    world.extra = '[claims]\nowner_channel = "team"\n'
+    webhook = world.cli("check-config")
+    assert webhook.code == 2
+    assert "claims.owner_channel: channel 'team' is not an email channel" in webhook.err
+    assert world.cli("run", "--once").code == 2  # run refuses it too
