@@ -22,7 +22,8 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from referral_watch.config import Config, claims_problems, console_problems
+from referral_watch.config import Config, console_problems
+from referral_watch.config.claims import claims_problems
 from referral_watch.config.loader import key_path, read_config
 from referral_watch.errors import ConfigError, ReferralWatchError
 

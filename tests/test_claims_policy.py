@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from referral_watch.config import Config, claims_problems
+from referral_watch.config import Config
+from referral_watch.config.claims import claims_problems
 from referral_watch.config.loader import parse_config
 from referral_watch.model import (
     CLAIMED,

@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from referral_watch import __version__
+from referral_watch.cli.claims import claim, unclaim
 from referral_watch.cli.context import (
     EXIT_CONFIG,
     EXIT_FAILED,
@@ -24,6 +25,7 @@ from referral_watch.cli.context import (
     fail,
     now_utc,
     print_config_problems,
+    resolve_id,
 )
 from referral_watch.cli.sandbox import demo, sandbox
 from referral_watch.cli.state import report, state
@@ -287,21 +289,6 @@ def explain_routing(config: Config, store: Any, lead_id: str, now: datetime) -> 
     return str(status_view.explain(store.lead(full_id), config, now, store.audit(full_id)))
 
 
-def resolve_id(store: Any, given: str) -> str:
-    """A full referral id, or a unique prefix of one (ids are long GUIDs)."""
-    if store.known(given):
-        return given
-    matches: list[str] = store.ids_starting(given)
-    if len(matches) == 1 and len(given) >= 4:
-        return matches[0]
-    if len(matches) > 1:
-        fail(f"{given!r} matches {len(matches)} leads: give more of the id")
-    fail(
-        f"no lead with id {given!r} in the state file "
-        "(`referral-watch status --all` shows every lead's id)"
-    )
-
-
 # --- check-config / test-notify --------------------------------------------------------
 
 
@@ -481,92 +468,6 @@ def unsilence(obj: Context, lead_id: str) -> None:
             click.echo(terminal(f"{full_id} was not silenced."))
 
 
-# --- claims (SPEC 17) -----------------------------------------------------------------------
-
-
-@cli.command()
-@click.argument("lead_id", metavar="ID")
-@click.option(
-    "--as",
-    "email",
-    metavar="EMAIL",
-    help="The owner's email address (default: the account `referral-watch login` signed in).",
-)
-@click.option("--note", default="", help="Why, or what happens next (in the audit and notice).")
-@click.option(
-    "--take-over", is_flag=True, help="Take the lead over from the person who holds it now."
-)
-@click.pass_obj
-def claim(obj: Context, lead_id: str, email: str | None, note: str, take_over: bool) -> None:
-    """Take ownership of a lead without answering it yet: its reminders go to you."""
-    from referral_watch.claiming import NO_CLAIMS, claim_lead
-    from referral_watch.partner_center.answering import Person
-    from referral_watch.state.store import Store
-
-    config = obj.config()
-    if config.claims is None:
-        fail(NO_CLAIMS)
-    person = Person(*_owner(config, email), "command")
-    with Store(config.state.location, create=False) as store:
-        full_id = resolve_id(store, lead_id)
-        if config.claims.add_to_team:
-            from referral_watch.partner_center.auth import token_provider
-            from referral_watch.partner_center.client import PartnerCenter
-
-            with PartnerCenter(config.partner_center, token_provider(config)) as api:
-                outcome = claim_lead(
-                    store, config, full_id, person, now_utc(), note=note, take_over=take_over,
-                    api=api,
-                )  # fmt: skip
-        else:
-            outcome = claim_lead(
-                store, config, full_id, person, now_utc(), note=note, take_over=take_over
-            )
-    if not outcome.ok:
-        fail(outcome.message)
-    click.echo(terminal(f"{outcome.message}."))
-    if outcome.team is not None:
-        line = outcome.team.message if outcome.team.ok else f"warning: {outcome.team.message}"
-        click.echo(terminal(f"{line} (the claim holds here either way)."))
-
-
-def _owner(config: Config, email: str | None) -> tuple[str, str]:
-    """(email, name) of who claims: --as, else the account `login` signed in."""
-    if email:
-        return email, ""
-    if config.auth.method == "msal":
-        from referral_watch.partner_center.token_cache import cached_account
-
-        account = cached_account(config.cache_path)
-        if account is not None and "@" in account[0]:
-            return account
-    fail(
-        "whose claim? give --as EMAIL (nobody is signed in with `referral-watch login` whose "
-        "address could be used)"
-    )
-
-
-@cli.command()
-@click.argument("lead_id", metavar="ID")
-@click.pass_obj
-def unclaim(obj: Context, lead_id: str) -> None:
-    """End a lead's claim: its reminders go to the team again."""
-    import getpass
-
-    from referral_watch.claiming import unclaim_lead
-    from referral_watch.partner_center.answering import Person
-    from referral_watch.state.store import Store
-
-    config = obj.config()
-    operator = getpass.getuser()
-    with Store(config.state.location, create=False) as store:
-        full_id = resolve_id(store, lead_id)
-        outcome = unclaim_lead(
-            store, config, full_id, Person(operator, operator, "command"), now_utc()
-        )
-    click.echo(terminal(f"{outcome.message}."))
-
-
 # --- answer -------------------------------------------------------------------------------
 
 
@@ -618,5 +519,5 @@ def notify_resolved(config: Config, store: Any) -> str:
     return f"Told on_resolved ({result.delivered} message(s))."
 
 
-for command in (webhooks, state, report, demo, sandbox):  # in modules of their own
+for command in (webhooks, state, report, demo, sandbox, claim, unclaim):  # modules of their own
     cli.add_command(command)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 from datetime import UTC, datetime
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import click
 
@@ -60,3 +60,18 @@ def print_config_problems(exc: ConfigError) -> None:
     click.echo(f"error: the configuration{where} is not valid:", err=True)
     for problem in exc.problems:
         click.echo(f"  - {problem}", err=True)
+
+
+def resolve_id(store: Any, given: str) -> str:
+    """A full referral id, or a unique prefix of one (ids are long GUIDs)."""
+    if store.known(given):
+        return given
+    matches: list[str] = store.ids_starting(given)
+    if len(matches) == 1 and len(given) >= 4:
+        return matches[0]
+    if len(matches) > 1:
+        fail(f"{given!r} matches {len(matches)} leads: give more of the id")
+    fail(
+        f"no lead with id {given!r} in the state file "
+        "(`referral-watch status --all` shows every lead's id)"
+    )

@@ -174,8 +174,7 @@ class TierConfig(Section):
     title: str | None = None  # Jinja2 template overriding the title
     body: str | None = None  # Jinja2 template overriding the Markdown body
     severity: Literal["info", "success", "warning", "failure"] | None = None  # Apprise's type
-    # While the lead is claimed (SPEC 17): "owner" (to the owner only), "all" (its channels
-    # too), "skip" (not sent). Default by rank: "all" for the last tier, "owner" for the others.
+    # While claimed (SPEC 17): "owner" (to the owner only), "all" (channels too), "skip"
     when_claimed: Literal["owner", "all", "skip"] | None = None
     _position: int = PrivateAttr(default=-1)  # index in the file, for problems' key paths
     _default_severity: str = PrivateAttr(default="info")  # by rank, set by PolicyConfig
@@ -189,8 +188,7 @@ class TierConfig(Section):
 
     @property
     def claimed(self) -> str:
-        """Where this tier goes while the lead is claimed: ``when_claimed``, else "all" for
-        the last (most severe) tier and "owner" for the others."""
+        """``when_claimed``, else "all" for the last (most severe) tier, "owner" for others."""
         return self.when_claimed or ("all" if self._last else "owner")
 
     @property
@@ -294,8 +292,7 @@ class ChannelConfig(Section):
 
     @property
     def addressed(self) -> bool:
-        """Each message names its own recipients (the lead team's, or a claim's owner) in
-        place of the URL's: to_assignees, or the channel [claims] owner_channel names."""
+        """Messages name their recipients (to_assignees; the claims' owner channel)."""
         return self.to_assignees or self._owner
 
     @field_validator("assignee_domains")
@@ -526,48 +523,11 @@ class HeartbeatConfig(Section):
 
 
 class ClaimsConfig(Section):
-    """Taking ownership of a lead (SPEC 17). Without this section `claim` is refused and the
-    tiers go out as if nothing were claimed."""
+    """Taking a lead (SPEC 17); without it `claim` is refused and tiers go out as ever."""
 
     owner_channel: str | None = None  # an email channel: its alerts go to the owner's address
-    lapse_after: Duration = timedelta(days=2)
+    lapse_after: Duration = Field(timedelta(days=2), gt=timedelta(0))
     add_to_team: bool = False  # also add the owner to the referral's team in Partner Center
-
-    @field_validator("lapse_after")
-    @classmethod
-    def _positive_lapse(cls, value: timedelta) -> timedelta:
-        if value <= timedelta(0):
-            raise ValueError("lapse_after must be longer than 0s")
-        return value
-
-
-def claims_problems(config: Config) -> list[str]:
-    """[claims] across sections: the owner channel exists and is an email channel, and tiers
-    that go to the owner have one."""
-    claims = config.claims
-    if claims is None:
-        return []
-    problems = []
-    name = claims.owner_channel
-    if name is not None:
-        channel = config.channels.get(name)
-        if channel is None:
-            known = ", ".join(sorted(config.channels)) or "none"
-            problems.append(f"claims.owner_channel: unknown channel {name!r} (known: {known})")
-        elif not re.match(r"mailtos?://", channel.url):
-            problems.append(
-                f"claims.owner_channel: channel {name!r} is not an email channel (mailto:// or "
-                "mailtos://): its alerts go to the owner's address"
-            )
-    owner_tiers = [tier for tier in config.policy.tiers if tier.claimed == "owner"]
-    if name is None and owner_tiers:
-        keys = ", ".join(tier.key for tier in sorted(owner_tiers, key=lambda t: t._position))
-        problems.append(
-            f"claims.owner_channel: required: {keys} go to the owner while claimed (when_claimed "
-            '"owner", the default for every tier but the last); name an email channel, or set '
-            'when_claimed = "all" or "skip" on those tiers'
-        )
-    return problems
 
 
 class Config(Section):
