@@ -448,6 +448,9 @@ class Message:
     kind: str = ""
     tier: str | None = None
     about: tuple[tuple[Lead, str], ...] = field(default=(), compare=False)
+    # Buttons (label, URL) for channels that draw them (a Teams card: Accept, Decline, Take it,
+    # Open); the body then leaves those links out. Other channels get the links in the body.
+    actions: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

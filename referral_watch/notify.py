@@ -21,7 +21,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 import structlog
 
-from referral_watch import incident
+from referral_watch import incident, teams_card
 from referral_watch.config import ChannelConfig
 from referral_watch.model import Message
 from referral_watch.redact import MASK, Redaction, channel_url, masked_query
@@ -285,6 +285,12 @@ def _url_with_recipients(url: str, recipients: Sequence[str]) -> str:
     return f"{parts.scheme}://{parts.netloc}?{'&'.join(kept)}{fragment}"
 
 
+def _draws_cards(target: Any) -> bool:
+    """Whether the channel posts an Adaptive Card from a template (Apprise's Workflows plugin,
+    i.e. Teams): a message's actions become the card's buttons there."""
+    return "workflows" in getattr(target[0], "secure_protocol", ())
+
+
 def _notify_type(apprise: Any, name: str) -> Any:
     """Apprise's NotifyType for 'info', 'success', 'warning' or 'failure' (else info)."""
     try:
@@ -357,6 +363,7 @@ class Notifier:
             return Delivery(error is None, error)
         apprise = _apprise()
         with _captured() as captured:
+            body = message.body
             if addresses:
                 # Recipients differ per lead: a short-lived target, not the cached one.
                 url = _url_with_recipients(config.url, addresses)
@@ -364,11 +371,16 @@ class Notifier:
             else:
                 url = config.url
                 target = self._target(apprise, channel, url)
+            if target is not None and message.actions:
+                if _draws_cards(target):  # buttons differ per lead: a short-lived target too
+                    target = self._build(apprise, teams_card.with_buttons(url, message.actions))
+                else:
+                    body = f"{body}\n\n" + " · ".join(f"[{t}]({u})" for t, u in message.actions)
             if target is None:
                 reason = _apprise_reason(captured.getvalue(), config.url)
                 return Delivery(False, f"Apprise cannot use this channel URL: {reason}")
             ok = target.notify(
-                body=message.body,
+                body=body,
                 title=message.title,
                 body_format=apprise.NotifyFormat.MARKDOWN,
                 notify_type=_notify_type(apprise, message.notify_type),

@@ -93,13 +93,19 @@ class WebhookReceiver:
     ``fail_next(n, status=500)`` makes the next n requests fail (they are still recorded);
     ``delay`` seconds pass before each answer (a slow channel); with ``port`` it listens
     there, so it can be stopped and started again at the same address (a target that is down
-    for a while).
+    for a while); ``tls=True`` serves https with a throw-away CA (``ca_path``).
     """
 
-    def __init__(self, path: str = "/hook", *, delay: float = 0.0, port: int = 0) -> None:
+    def __init__(
+        self, path: str = "/hook", *, delay: float = 0.0, port: int = 0, tls: bool = False
+    ) -> None:
         self.path = path
         self.delay = delay
         self.fixed_port = port  # 0: any free one; else the same port again after a restart
+        self.tls = (
+            tls  # https with a throw-away CA (``ca_path``), for plugins that speak only https
+        )
+        self.ca_path: str | None = None
         self.requests: list[ReceivedRequest] = []
         self._lock = threading.Lock()
         self._answering = threading.Event()  # set on stop: no slow answer outlives the receiver
@@ -111,14 +117,36 @@ class WebhookReceiver:
     def start(self) -> WebhookReceiver:
         self._answering.clear()
         self._server = _HookServer(self)
+        if self.tls:
+            self._serve_tls(self._server)
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         )
         self._thread.start()
         return self
 
+    def _serve_tls(self, server: _HookServer) -> None:
+        import os
+        import ssl
+        import tempfile
+
+        import trustme
+
+        ca = trustme.CA()
+        handle, self.ca_path = tempfile.mkstemp(prefix="receiver-ca-", suffix=".pem")
+        os.close(handle)
+        ca.cert_pem.write_to_path(self.ca_path)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert(LOOPBACK).configure_cert(context)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+
     def stop(self) -> None:
         self._answering.set()
+        if self.ca_path is not None:
+            import os
+
+            os.unlink(self.ca_path)
+            self.ca_path = None
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

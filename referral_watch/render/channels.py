@@ -85,6 +85,9 @@ class Style:
     link_template: str = DEFAULT_LINK
     markup: str = "markdown"  # "markdown", "teams" or "slack": how outside text is escaped
     answer_base: str = ""  # the console's public URL when Accept/Decline links are on (SPEC 14)
+    claim_base: str = ""  # the console's public URL when Take-it links are on (SPEC 17)
+    owner_channel: bool = False  # claims.owner_channel: its alerts about a claimed lead go to
+    # the owner, who needs no Take-it link
     team_domains: tuple[str, ...] = ()  # "Assigned team" shows only these; () shows everyone
 
 
@@ -103,6 +106,8 @@ def style_for(config: Config, channel: str) -> Style:
         markup=markup_of(kind),
         team_domains=_our_domains(config, settings),
         answer_base=answer_base(config),
+        claim_base=claim_base(config),
+        owner_channel=config.claims is not None and config.claims.owner_channel == channel,
     )
 
 
@@ -118,5 +123,14 @@ def answer_base(config: Config) -> str:
     answers (``console.answer``), else '' (no links)."""
     server, console = config.server, config.console
     if server is None or not server.public_url or console is None or not console.answer:
+        return ""
+    return server.public_url
+
+
+def claim_base(config: Config) -> str:
+    """Where Take-it links point (SPEC 17): ``server.public_url`` when the console is on and
+    claims are set up (``[claims]``), else '' (no links)."""
+    server = config.server
+    if server is None or not server.public_url or config.console is None or config.claims is None:
         return ""
     return server.public_url

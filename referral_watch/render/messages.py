@@ -56,6 +56,8 @@ __all__ = [
 ]
 
 NOTES_MAX = 280
+# A card's four button URLs together stay far below Teams' 28 KB per message (4 x 2,000)
+BUTTON_URL_MAX = 2000
 CUSTOMER_MAX = 150  # in bodies; a longer "name" is data gone wrong, not information
 COMPACT_CUSTOMER_MAX = 60
 
@@ -201,12 +203,13 @@ def _full_parts(w: Words, lead: Lead, kind: str) -> list[Part]:
     assigned = w.capped(team) if team else w._("nobody assigned")
     parts.append(Part(w.field(N_("Assigned team"), assigned), essential=False))
     parts.append(Part(w.field(N_("Referral id"), w.esc(ref.id))))
-    parts.extend([Part(""), Part(w.links(ref.id, kind))])
+    parts.extend([Part(""), Part(w.links(lead, kind))])
     return parts
 
 
-def _compact_parts(w: Words, lead: Lead, kind: str) -> list[Part]:
-    """Teams: the deadline, the customer and the link first; the rest only as space allows."""
+def _compact_parts(w: Words, lead: Lead, kind: str, buttons: bool = False) -> list[Part]:
+    """Teams: the deadline, the customer and the link first; the rest only as space allows.
+    ``buttons``: the card shows the links as buttons, so the body leaves them out."""
     ref = lead.referral
     remaining = lead.remaining(w.now)
     if kind == RESOLVED:
@@ -226,8 +229,7 @@ def _compact_parts(w: Words, lead: Lead, kind: str) -> list[Part]:
         Part(w.field(N_("Deal value"), f"{value} · {w.kind(ref)}" if value else w.kind(ref))),
         Part(w.field(N_("Assigned team"), w.capped(team, 3) or w._("nobody assigned")), False),
         Part(w.field(N_("Referral id"), w.esc(ref.id)), essential=False),
-        Part(""),
-        Part(w.links(ref.id, kind)),
+        *([] if buttons else [Part(""), Part(w.links(lead, kind))]),
     ]
     if ref.notes.strip() and kind != RESOLVED:
         parts.append(Part("", essential=False))
@@ -235,12 +237,28 @@ def _compact_parts(w: Words, lead: Lead, kind: str) -> list[Part]:
     return parts
 
 
+def _buttons(w: Words, lead: Lead, kind: str) -> tuple[tuple[str, str], ...]:
+    """The card's buttons (label, URL) for a Teams tier alert that offers more than Open:
+    Accept, Decline, Take it, Open. () elsewhere (the links stay in the body), and for a lead
+    whose links are too long to keep the card within Teams' size limit."""
+    if w.style.markup != "teams" or kind != TIER:
+        return ()
+    actions = w.actions(lead, kind)
+    if len(actions) < 2 or any(len(url) > BUTTON_URL_MAX for _, url in actions):
+        return ()
+    return tuple(actions)
+
+
 def _default_alert(w: Words, lead: Lead, kind: str, reserve: int = 0) -> Message:
     """The standard wording; ``reserve`` keeps room for text appended afterwards."""
     title = _alert_title(w, lead, kind)
-    parts = _compact_parts(w, lead, kind) if w.style.compact else _full_parts(w, lead, kind)
+    buttons = _buttons(w, lead, kind)
+    if w.style.compact:
+        parts = _compact_parts(w, lead, kind, buttons=bool(buttons))
+    else:
+        parts = _full_parts(w, lead, kind)
     limit = None if w.style.max_length is None else w.style.max_length - reserve
-    return Message(title, fit(title, parts, limit))
+    return Message(title, fit(title, parts, limit), actions=buttons)
 
 
 def notify_type(kind: str, tier: TierConfig | None) -> str:
@@ -280,7 +298,8 @@ def _render_alert(
         return _with_template_note(w, lead)
     title = clip_title(title) or default.title
     budget = None if style.max_length is None else style.max_length - len(title)
-    return Message(title, body.strip() if budget is None else cut(body.strip(), budget))
+    text = body.strip() if budget is None else cut(body.strip(), budget)
+    return Message(title, text, actions=default.actions)
 
 
 def _with_template_note(w: Words, lead: Lead) -> Message:
@@ -288,7 +307,7 @@ def _with_template_note(w: Words, lead: Lead) -> Message:
     text = w._("The custom template for this reminder failed; this is the standard wording.")
     note = f"\n\n_{text}_"
     standard = _default_alert(w, lead, TIER, reserve=len(note))
-    return Message(standard.title, standard.body + note)
+    return Message(standard.title, standard.body + note, actions=standard.actions)
 
 
 # --- digests ---------------------------------------------------------------------------------
@@ -338,6 +357,9 @@ def _digest_line(w: Words, lead: Lead, kind: str) -> str:
         accept, decline = w._("accept"), w._("decline")
         pieces.append(f"[{accept}]({w.answer_url(ref.id, 'accept')})")
         pieces.append(f"[{decline}]({w.answer_url(ref.id, 'decline')})")
+    take = w.take_label(lead, inline=True) if kind == TIER else None
+    if take:
+        pieces.append(f"[{take}]({w.claim_url(ref.id)})")
     return "- " + " · ".join(pieces)
 
 

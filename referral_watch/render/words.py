@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from urllib.parse import quote
 
-from referral_watch.model import TIER, Referral
+from referral_watch.model import TIER, Lead, Referral
 from referral_watch.render.channels import DEFAULT_LINK, Style
 from referral_watch.render.i18n import (
     N_,
@@ -99,15 +99,42 @@ class Words:
         lead = quote(referral_id, safe="", errors="replace")
         return f"{self.style.answer_base}/leads/{lead}/answer?action={action}"
 
-    def links(self, referral_id: str, kind: str) -> str:
-        """'Open in Partner Center', and for a tier alert with answering on, Accept / Decline."""
-        opened = self.open_link(self.link(referral_id))
-        if kind != TIER or not self.style.answer_base:
-            return opened
-        accept, decline = self._("Accept"), self._("Decline")
-        accept_url = self.answer_url(referral_id, "accept")
-        decline_url = self.answer_url(referral_id, "decline")
-        return f"{opened} · [{accept}]({accept_url}) · [{decline}]({decline_url})"
+    def claim_url(self, referral_id: str) -> str:
+        """The console's claim page for one lead (SPEC 17): a plain link, no secret in it."""
+        lead = quote(referral_id, safe="", errors="replace")
+        return f"{self.style.claim_base}/leads/{lead}/claim"
+
+    def take_label(self, lead: Lead, *, inline: bool = False) -> str | None:
+        """'Take it', 'Take over' when someone holds the lead, None when there is no link:
+        claims off, or the owner's own channel (the owner holds it already). ``inline``: the
+        lower-case words of a digest line."""
+        if not self.style.claim_base:
+            return None
+        if lead.claimed(self.now) is None:
+            return self._("take it") if inline else self._("Take it")
+        if self.style.owner_channel:
+            return None
+        return self._("take over") if inline else self._("Take over")
+
+    def actions(self, lead: Lead, kind: str) -> list[tuple[str, str]]:
+        """What a person can do from this message, as (label, URL): Accept, Decline and Take
+        it for a tier alert (when the console offers them), and Open in Partner Center."""
+        ref_id = lead.referral.id
+        found: list[tuple[str, str]] = []
+        if kind == TIER and self.style.answer_base:
+            found.append((self._("Accept"), self.answer_url(ref_id, "accept")))
+            found.append((self._("Decline"), self.answer_url(ref_id, "decline")))
+        take = self.take_label(lead) if kind == TIER else None
+        if take:
+            found.append((take, self.claim_url(ref_id)))
+        found.append((self._("Open in Partner Center"), self.link(ref_id)))
+        return found
+
+    def links(self, lead: Lead, kind: str) -> str:
+        """'Open in Partner Center', and for a tier alert Accept / Decline / Take it (when the
+        console offers them), as Markdown links on one line."""
+        *doing, (open_text, open_url) = self.actions(lead, kind)
+        return " · ".join(f"[{text}]({url})" for text, url in [(open_text, open_url), *doing])
 
     def capped(self, items: Sequence[str], limit: int = LIST_MAX) -> str:
         shown = [self.esc(clip(item, 80)) for item in items[:limit]]
