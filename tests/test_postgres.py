@@ -127,7 +127,11 @@ def test_a_standby_serves_the_console_read_only(pg_world: World, pg_url: str) ->
 
     lead = pg_world.add_lead(age=timedelta(days=1), customer="Seen From A Standby")
     assert pg_world.cli("run", "--once").code == 0
-    pg_world.extra = '[server]\nlisten = "127.0.0.1:9464"\n[console]\nsign_in = "none"\n'
+    pg_world.extra = (
+        '[server]\nlisten = "127.0.0.1:9464"\n[console]\nsign_in = "none"\n'
+        '[claims]\nowner_channel = "owners"\n'
+    )
+    pg_world.channels["owners"] = "mailto://u:p@localhost?to=sales@example.com"
     daemon = Daemon(load_config(pg_world.write_config()))
     active = Leadership(pg_url, "the active replica")
     assert active.check()
@@ -145,6 +149,11 @@ def test_a_standby_serves_the_console_read_only(pg_world: World, pg_url: str) ->
         )
         assert refused.status_code == 409 and "standby" in refused.text
         assert pg_world.cli("status", "--json").json()[0]["silenced_until"] is None
+        for action in ("claim", "unclaim"):  # claims too (SPEC 17): the active one writes
+            form = {"csrf": token.group(1), "via": "console"}
+            refused = client.post(f"/leads/{lead}/{action}", data=form)
+            assert refused.status_code == 409 and "standby" in refused.text, action
+        assert pg_world.cli("status", "--json").json()[0]["claimed_by"] is None
     finally:
         daemon.leadership.stop()
         active.stop()

@@ -1053,6 +1053,7 @@ WORDING_MODULES = (
     "render/i18n.py",
     "web/views.py",
     "web/answer.py",
+    "web/claim.py",
 )  # where msgids live
 WORDING_TEMPLATES = "web/templates/*.html"  # the console's pages (Babel's jinja2 extractor)
 

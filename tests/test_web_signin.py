@@ -31,8 +31,12 @@ def idp(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeIdP]:
         yield fake
 
 
-def entra(world: World, idp: FakeIdP, allowed_users: str = '["contoso.example"]') -> TestClient:
-    world.extra = f"""
+def entra(
+    world: World, idp: FakeIdP, allowed_users: str = '["contoso.example"]', extra: str = ""
+) -> TestClient:
+    world.extra = (
+        extra
+        + f"""
 [server]
 listen = "127.0.0.1:9464"
 public_url = "https://leads.contoso.example"
@@ -45,6 +49,7 @@ authority = "{idp.url}"
 allowed = {allowed_users}
 session_secret = "{SESSION_SECRET}"
 """
+    )
     daemon = Daemon(load_config(world.write_config()))
     return TestClient(build_app(daemon), base_url="https://leads.contoso.example")
 

@@ -73,7 +73,7 @@ def build_app(
     """
     from starlette.middleware.sessions import SessionMiddleware
 
-    from referral_watch.web import answer, console, signin
+    from referral_watch.web import answer, claim, console, signin
 
     identity = Identity()  # one MSAL application for the process's sign-ins
     sessions = signin.Sessions(forget_account=identity.forget)
@@ -82,6 +82,7 @@ def build_app(
             *routes,
             *_operations_routes(host),
             *answer.routes(),  # the answer page (SPEC 14) is part of the console
+            *claim.routes(),  # and so is the claim page (SPEC 17)
             *console.routes(),
             *signin.auth_routes(),
         ],

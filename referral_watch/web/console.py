@@ -160,6 +160,7 @@ def index(request: Request) -> Response:
         closed=[views.row(lead, config, now, _) for lead in closed],
         set_aside=views.set_aside(quarantined, config),
         total=total,
+        claims=config.claims is not None,
         query=query,
         number=number,
         pages=pages,
@@ -184,6 +185,9 @@ def lead_page(request: Request) -> Response:
         audit = store.audit(lead_id)
         last_poll = store.last_success()
     answering = config.console is not None and config.console.answer and config.server is not None
+    waiting = lead.resolution is None and lead.remaining(now) > timedelta(0)
+    from referral_watch.web.claim import holder_view  # the claim page's view of the owner
+
     return page(
         request,
         "lead.html",
@@ -191,7 +195,10 @@ def lead_page(request: Request) -> Response:
         messages=views.message_lines(messages, config, _),
         error=request.query_params.get("error", "") == "duration",
         answers=views.audit_lines(audit, config, _),
-        can_answer=answering and lead.resolution is None and lead.remaining(now) > timedelta(0),
+        can_answer=answering and waiting,
+        holder=holder_view(lead.claimed(now), config, now),
+        can_claim=waiting and config.claims is not None,
+        team_refused=request.query_params.get("team", "") == "refused",
     )
 
 

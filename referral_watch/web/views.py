@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
@@ -90,6 +90,35 @@ class Row:
     tiers_sent: list[str]
     resolution: str
     search: str  # lower-case text the search box matches
+    claims: bool = False  # [claims] is set: the owner column and its buttons show
+    owner: str = ""  # who holds the lead now (SPEC 17), by name
+    owner_email: str = ""
+    owner_for: str = ""  # how long they have held it: '2h 5m'
+    unclaimed_for: str = ""  # '3d 4h' for a lead waiting UNCLAIMED_WARN or longer with no owner
+
+
+UNCLAIMED_WARN = timedelta(days=3)  # the console shows "unclaimed for 3d" in amber from here
+
+
+def age(delta: timedelta, config: Config) -> str:
+    """A duration as the console writes time left: '3d 4h', '2h 5m'."""
+    return time_left_text(delta, config.messages.locale)
+
+
+def _claim_fields(lead: Lead, config: Config, now: datetime) -> dict[str, Any]:
+    """The owner and how long they have held the lead, or how long it has waited unclaimed."""
+    if config.claims is None:
+        return {}
+    fields: dict[str, Any] = {"claims": True}
+    claim = lead.claimed(now)
+    if claim is not None:
+        fields.update(owner=claim.name or claim.email, owner_email=claim.email)
+        fields["owner_for"] = age(now - claim.at, config)
+    elif lead.resolution is None and lead.remaining(now) > timedelta(0):
+        waited = now - lead.referral.created
+        if waited >= UNCLAIMED_WARN:
+            fields["unclaimed_for"] = age(waited, config)
+    return fields
 
 
 def row(lead: Lead, config: Config, now: datetime, _: Gettext) -> Row:
@@ -117,6 +146,7 @@ def row(lead: Lead, config: Config, now: datetime, _: Gettext) -> Row:
         tiers_sent=sorted(lead.tiers_sent, key=config.policy.severity),  # in escalation order
         resolution=_resolution(lead, now, _),
         search=" ".join([ref.customer, ref.country, *products, ref.name]).lower(),
+        **_claim_fields(lead, config, now),
     )
 
 
@@ -310,7 +340,14 @@ class AnswerLine:
 
 
 def audit_lines(entries: Sequence[AuditEntry], config: Config, _: Gettext) -> list[AnswerLine]:
-    actions = {"accept": _("accept"), "decline": _("decline")}
+    actions = {
+        "accept": _("accept"),
+        "decline": _("decline"),
+        "claim": _("take it"),
+        "take-over": _("take over"),
+        "unclaim": _("give up"),
+        "lapse": _("claim lapsed"),
+    }
     results = {
         "accepted": _("accepted"),
         "declined": _("declined"),
@@ -319,8 +356,12 @@ def audit_lines(entries: Sequence[AuditEntry], config: Config, _: Gettext) -> li
         "gone": _("gone from Partner Center"),
         "already": _("already answered"),
         "failed": _("failed"),
+        "claimed": _("taken"),
+        "taken over": _("taken over"),
+        "unclaimed": _("given up"),
+        "lapsed": _("lapsed unanswered"),
     }
-    vias = {"console": _("console"), "command": _("command line")}
+    vias = {"console": _("console"), "command": _("command line"), "alert": _("alert link")}
     return [
         AnswerLine(
             at=when(entry.at, config),
