@@ -429,3 +429,60 @@ def test_accept_from_the_alert_link_answers_with_the_persons_own_token(
     # the answer is logged with the person's email, never with a token
     assert '"event": "answer.done"' in log and "alice@contoso.example" in log
     assert all(issued not in log for issued in idp.issued_access_tokens)
+
+
+# --- taking a lead from an alert's link (SPEC 17) ---------------------------------------------
+
+
+def test_take_it_from_the_alert_link_makes_the_person_the_owner_and_the_team_hears_it(
+    world: World, browser: Any, idp: Any
+) -> None:
+    from receivers import SmtpReceiver
+
+    lead = world.add_lead(age=timedelta(days=3), customer="Take Me BV")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with SmtpReceiver() as owners:
+        world.channels["owners"] = owners.mailto_url(to="sales@example.com")
+        world.extra = (
+            f'[schedule]\ninterval = "1h"\njitter = "0s"\n'
+            f'[server]\nlisten = "127.0.0.1:{port}"\npublic_url = "{base}"\n'
+            f'[claims]\nowner_channel = "owners"\n[console]\n{entra_console(idp)}'
+        )
+        world.write_config()
+        since = datetime.now(UTC)
+        daemon = Daemon(world, {"REQUESTS_CA_BUNDLE": str(idp.ca_path)})
+        try:
+            wait_until(lambda: _polled_since(base, since), what="the daemon's first poll")
+            wait_until(lambda: len(world.team.bodies) >= 1, what="the reminder")
+            # the link as the team's channel received it
+            found = re.search(r"\[Take it\]\(([^)]+)\)", str(world.team.bodies[0]["message"]))
+            assert found is not None
+            link = found.group(1)
+            assert link == f"{base}/leads/{lead}/claim"  # plain: no secret in it
+
+            context = browser.new_context(ignore_https_errors=True)  # the fake's throw-away CA
+            page = context.new_page()
+            page.goto(link)  # signs in at the fake identity endpoint, back on the claim page
+            assert page.url == link
+            assert page.locator("#claim-customer").inner_text() == "Take Me BV"
+            assert world.cli("status", "--json").json()[0]["claimed_by"] is None
+            page.click("#confirm")
+            page.wait_for_url(f"{base}/leads/{lead}")
+            assert "Taken by Alice Example" in page.locator("#owner-state").inner_text()
+            page.goto(base + "/")  # the list shows the owner too
+            owner = page.locator("#waiting tbody tr td.owner-cell").first.inner_text()
+            assert "Alice Example" in owner
+
+            def told() -> bool:
+                return any(
+                    "Take Me BV taken by Alice Example" in str(body["title"])
+                    for body in world.team.bodies
+                )
+
+            wait_until(told, what="the team hearing who took it")
+            claimed = world.cli("status", "--json").json()[0]["claimed_by"]
+            assert claimed["email"] == "alice@contoso.example" and claimed["via"] == "alert"
+            context.close()
+        finally:
+            daemon.stop()
