@@ -11,7 +11,7 @@ replica (state.url) refuses with 409, as for silences and answers.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 from urllib.parse import quote
 
@@ -24,7 +24,7 @@ from starlette.routing import BaseRoute, Route
 
 from referral_watch.claiming import HELD, ClaimOutcome, ClaimRefused, claim_lead, unclaim_lead
 from referral_watch.config import Config, ConsoleConfig
-from referral_watch.model import Claim, Lead
+from referral_watch.model import Lead
 from referral_watch.partner_center.answering import Person
 from referral_watch.partner_center.client import PartnerCenter
 from referral_watch.web import signin, views
@@ -80,20 +80,6 @@ def _via(value: str | None) -> str:
     return value if value in VIAS else "alert"
 
 
-def holder_view(claim: Claim | None, config: Config, now: datetime) -> dict[str, str] | None:
-    """Who holds a lead, for the pages: name, email, since (date and how long), until."""
-    if claim is None:
-        return None
-    return {
-        "name": claim.name or claim.email,
-        "email": claim.email,
-        "since": views.when(claim.at, config),
-        "for": views.age(now - claim.at, config),
-        "until": views.when(claim.lapses_at, config),
-        "note": claim.note,
-    }
-
-
 def _show(
     request: Request,
     lead: Lead,
@@ -115,7 +101,7 @@ def _show(
         "claim.html",
         status=status,
         lead=views.detail(lead, config, now, _),
-        holder=holder_view(holder, config, now),
+        holder=views.holder_view(holder, config, now),
         mine=mine,
         via=via,
         notice=notice,

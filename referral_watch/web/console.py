@@ -186,8 +186,6 @@ def lead_page(request: Request) -> Response:
         last_poll = store.last_success()
     answering = config.console is not None and config.console.answer and config.server is not None
     waiting = lead.resolution is None and lead.remaining(now) > timedelta(0)
-    from referral_watch.web.claim import holder_view  # the claim page's view of the owner
-
     return page(
         request,
         "lead.html",
@@ -196,7 +194,7 @@ def lead_page(request: Request) -> Response:
         error=request.query_params.get("error", "") == "duration",
         answers=views.audit_lines(audit, config, _),
         can_answer=answering and waiting,
-        holder=holder_view(lead.claimed(now), config, now),
+        holder=views.holder_view(lead.claimed(now), config, now),
         can_claim=waiting and config.claims is not None,
         team_refused=request.query_params.get("team", "") == "refused",
     )

@@ -15,7 +15,7 @@ from babel.dates import format_datetime
 
 from referral_watch import policy
 from referral_watch.config import Config
-from referral_watch.model import AuditEntry, Lead
+from referral_watch.model import AuditEntry, Claim, Lead
 from referral_watch.render.i18n import babel_locale, money_text, time_left_text, zone
 from referral_watch.state.journal import PollRecord
 
@@ -119,6 +119,20 @@ def _claim_fields(lead: Lead, config: Config, now: datetime) -> dict[str, Any]:
         if waited >= UNCLAIMED_WARN:
             fields["unclaimed_for"] = age(waited, config)
     return fields
+
+
+def holder_view(claim: Claim | None, config: Config, now: datetime) -> dict[str, str] | None:
+    """Who holds a lead, for the pages: name, email, since (date and how long), until."""
+    if claim is None:
+        return None
+    return {
+        "name": claim.name or claim.email,
+        "email": claim.email,
+        "since": when(claim.at, config),
+        "for": age(now - claim.at, config),
+        "until": when(claim.lapses_at, config),
+        "note": claim.note,
+    }
 
 
 def row(lead: Lead, config: Config, now: datetime, _: Gettext) -> Row:
