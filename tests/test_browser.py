@@ -369,19 +369,17 @@ def test_with_entra_a_user_outside_allowed_gets_403(
     context.close()
 
 
-# --- answering from an alert's link (SPEC 14) -------------------------------------------------
-
-
-def test_accept_from_the_alert_link_answers_with_the_persons_own_token(
-    world: World, browser: Any, idp: Any
-) -> None:
-    lead = world.add_lead(age=timedelta(days=10), customer="Answer Me BV")
+def daemon_with_links(
+    world: World, idp: Any, label: str, extra: str = ""
+) -> tuple[str, Daemon, str]:
+    """A daemon whose console signs in at the fake identity endpoint, after its first reminder:
+    its base URL, the daemon, and the ``label`` link as the team's JSON webhook received it."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     world.extra = (
         f'[schedule]\ninterval = "1h"\njitter = "0s"\n'
         f'[server]\nlisten = "127.0.0.1:{port}"\npublic_url = "{base}"\n'
-        f"[console]\n{entra_console(idp)}"
+        f"{extra}[console]\n{entra_console(idp)}"
     )
     world.write_config()
     since = datetime.now(UTC)
@@ -389,10 +387,23 @@ def test_accept_from_the_alert_link_answers_with_the_persons_own_token(
     try:
         wait_until(lambda: _polled_since(base, since), what="the daemon's first poll")
         wait_until(lambda: len(world.team.bodies) >= 1, what="the reminder")
-        # the link as the team's JSON webhook received it
-        found = re.search(r"\[Accept\]\(([^)]+)\)", str(world.team.bodies[0]["message"]))
-        assert found is not None
-        link = found.group(1)
+    except BaseException:
+        daemon.stop()
+        raise
+    found = re.search(rf"\[{label}\]\(([^)]+)\)", str(world.team.bodies[0]["message"]))
+    assert found is not None, world.team.bodies[0]
+    return base, daemon, found.group(1)
+
+
+# --- answering from an alert's link (SPEC 14) -------------------------------------------------
+
+
+def test_accept_from_the_alert_link_answers_with_the_persons_own_token(
+    world: World, browser: Any, idp: Any
+) -> None:
+    lead = world.add_lead(age=timedelta(days=10), customer="Answer Me BV")
+    base, daemon, link = daemon_with_links(world, idp, "Accept")
+    try:
         assert link == f"{base}/leads/{lead}/answer?action=accept"  # plain: no secret in it
 
         context = browser.new_context(ignore_https_errors=True)  # the fake's throw-away CA
@@ -440,25 +451,11 @@ def test_take_it_from_the_alert_link_makes_the_person_the_owner_and_the_team_hea
     from receivers import SmtpReceiver
 
     lead = world.add_lead(age=timedelta(days=3), customer="Take Me BV")
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     with SmtpReceiver() as owners:
         world.channels["owners"] = owners.mailto_url(to="sales@example.com")
-        world.extra = (
-            f'[schedule]\ninterval = "1h"\njitter = "0s"\n'
-            f'[server]\nlisten = "127.0.0.1:{port}"\npublic_url = "{base}"\n'
-            f'[claims]\nowner_channel = "owners"\n[console]\n{entra_console(idp)}'
-        )
-        world.write_config()
-        since = datetime.now(UTC)
-        daemon = Daemon(world, {"REQUESTS_CA_BUNDLE": str(idp.ca_path)})
+        claims = '[claims]\nowner_channel = "owners"\n'
+        base, daemon, link = daemon_with_links(world, idp, "Take it", extra=claims)
         try:
-            wait_until(lambda: _polled_since(base, since), what="the daemon's first poll")
-            wait_until(lambda: len(world.team.bodies) >= 1, what="the reminder")
-            # the link as the team's channel received it
-            found = re.search(r"\[Take it\]\(([^)]+)\)", str(world.team.bodies[0]["message"]))
-            assert found is not None
-            link = found.group(1)
             assert link == f"{base}/leads/{lead}/claim"  # plain: no secret in it
 
             context = browser.new_context(ignore_https_errors=True)  # the fake's throw-away CA
