@@ -57,7 +57,8 @@ class PreviewSender:
         if config is None:
             return _Kept(False, "unknown channel")
         to = recipients_text(config, recipients)
-        preview = Preview(channel, to, message.title, message.body, message.notify_type)
+        body = message.body_with_links()  # a Teams card's buttons, shown as links
+        preview = Preview(channel, to, message.title, body, message.notify_type)
         with self._lock:
             self.previews.append(preview)
         return _Kept()

@@ -452,6 +452,13 @@ class Message:
     # Open); the body then leaves those links out. Other channels get the links in the body.
     actions: tuple[tuple[str, str], ...] = ()
 
+    def body_with_links(self) -> str:
+        """The body with the actions as Markdown links, for what draws no buttons (a channel
+        that is not a Teams card, the dry run)."""
+        if not self.actions:
+            return self.body
+        return f"{self.body}\n\n" + " · ".join(f"[{text}]({url})" for text, url in self.actions)
+
 
 @dataclass(frozen=True)
 class PendingRow:

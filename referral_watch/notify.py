@@ -375,7 +375,7 @@ class Notifier:
                 if _draws_cards(target):  # buttons differ per lead: a short-lived target too
                     target = self._build(apprise, teams_card.with_buttons(url, message.actions))
                 else:
-                    body = f"{body}\n\n" + " · ".join(f"[{t}]({u})" for t, u in message.actions)
+                    body = message.body_with_links()
             if target is None:
                 reason = _apprise_reason(captured.getvalue(), config.url)
                 return Delivery(False, f"Apprise cannot use this channel URL: {reason}")

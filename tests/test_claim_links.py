@@ -162,3 +162,15 @@ def test_a_lead_too_long_for_buttons_keeps_links_instead() -> None:
     message = render_alert(lead, TIER, None, NOW, CARD)
     assert message.actions == ()
     assert "[Open in Partner Center](" in message.body
+
+
+def test_the_dry_run_shows_a_cards_buttons_as_links() -> None:
+    from referral_watch.dry_run import PreviewSender
+
+    lead = make_lead()
+    message = render_alert(lead, TIER, None, NOW, CARD)
+    sender = PreviewSender({"team": ChannelConfig(url="workflows://h.logic.azure.com/a/b")})
+    assert sender.send("team", message).ok
+    [preview] = sender.previews
+    assert f"[Take it]({claim_url(lead)})" in preview.body
+    assert "[Accept](" in preview.body and "[Open in Partner Center](" in preview.body
