@@ -80,14 +80,21 @@ def _answering(request: Request) -> ConsoleConfig:
 
 
 def _person(request: Request, console: ConsoleConfig) -> Person | None:
-    """The signed-in, allowed person; None without a Microsoft sign-in (sign_in = "none")."""
+    return signed_in_person(request, console, doing="answer")
+
+
+def signed_in_person(
+    request: Request, console: ConsoleConfig, *, doing: str, via: str = "console"
+) -> Person | None:
+    """The signed-in, allowed person who is ``doing`` something to a lead (answer, claim);
+    None without a Microsoft sign-in (sign_in = "none"); 403 outside ``console.allowed``."""
     viewer = getattr(request.state, "viewer", None)
     if console.sign_in != "entra" or viewer is None or not viewer.email:
         return None
     if not signin.allowed(viewer.email, console.allowed):  # `allowed` may shrink on a reload
-        log.warning("answer.refused", who=viewer.email, why="not in console.allowed")
-        raise HTTPException(403, f"{viewer.email} may not answer leads here (console.allowed).")
-    return Person(viewer.email, viewer.name or viewer.email, "console")
+        log.warning(f"{doing}.refused", who=viewer.email, why="not in console.allowed")
+        raise HTTPException(403, f"{viewer.email} may not {doing} leads here (console.allowed).")
+    return Person(viewer.email, viewer.name or viewer.email, via)
 
 
 def _action(value: str | None, *, exact: bool = True) -> str:
@@ -183,7 +190,7 @@ async def confirm(request: Request) -> Response:
     if action == DECLINE and not reason:
         problem = _("Choose or write a reason to decline.")
         return _show(request, lead, action, problem=problem, status=400)
-    token = await run_in_threadpool(_person_token, request, console)
+    token = await run_in_threadpool(person_token, request, console)
     if token is None:
         here = f"/leads/{quote(lead_id, safe='')}/answer?action={action}"
         login = f"/auth/login?next={quote(here, safe='')}"
@@ -192,7 +199,7 @@ async def confirm(request: Request) -> Response:
     now = now_of(request)
     outcome = await run_in_threadpool(_answer, config, lead_id, action, reason, person, token, now)
     if outcome.ok:
-        _tell_resolved(request)
+        tell_now(request)
     if outcome.settled:
         return RedirectResponse(f"/leads/{quote(lead_id, safe='')}", status_code=303)
     with open_store(config) as store:
@@ -210,7 +217,7 @@ def _reason(form: dict[str, str]) -> str:
     return chosen if chosen in REASONS else typed
 
 
-def _person_token(request: Request, console: ConsoleConfig) -> str | None:
+def person_token(request: Request, console: ConsoleConfig) -> str | None:
     """The person's delegated Partner Center token from the console's MSAL cache, refreshed
     silently when it has expired; None when there is none (they must sign in and consent)."""
     viewer = request.state.viewer
@@ -226,7 +233,7 @@ def _person_token(request: Request, console: ConsoleConfig) -> str | None:
         return None
 
 
-class _PersonOnly:
+class PersonOnly:
     """The token provider of the client the page uses: the person's token is passed to each
     call, so the daemon's own sign-in must never be asked for one here."""
 
@@ -243,16 +250,17 @@ def _answer(
     token: str,
     now: Any,
 ) -> Outcome:
-    with open_store(config) as store, PartnerCenter(config.partner_center, _PersonOnly()) as api:
+    with open_store(config) as store, PartnerCenter(config.partner_center, PersonOnly()) as api:
         try:
             return answer_lead(store, api, lead_id, action, reason, person, now, token=token)
         except AnswerRefused as exc:
             raise HTTPException(400, str(exc)) from None
 
 
-def _tell_resolved(request: Request) -> None:
-    """`on_resolved` hears at once, delivered by the daemon (one deliverer per outbox), in the
-    background so the page answers without waiting for the channels."""
+def tell_now(request: Request) -> None:
+    """The daemon decides and delivers at once (`on_resolved` hears an answer, the team hears
+    who took a lead), one deliverer per outbox, in the background so the page answers without
+    waiting for the channels."""
     notify_now = getattr(request.app.state.host, "notify_now", None)
     if notify_now is not None:
         threading.Thread(target=notify_now, name="answer-notify", daemon=True).start()

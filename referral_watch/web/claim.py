@@ -27,8 +27,8 @@ from referral_watch.config import Config, ConsoleConfig
 from referral_watch.model import Lead
 from referral_watch.partner_center.answering import Person
 from referral_watch.partner_center.client import PartnerCenter
-from referral_watch.web import signin, views
-from referral_watch.web.answer import _person_token, _PersonOnly, _tell_resolved
+from referral_watch.web import views
+from referral_watch.web.answer import PersonOnly, person_token, signed_in_person, tell_now
 from referral_watch.web.console import (
     checked_form,
     config_of,
@@ -66,14 +66,7 @@ def _console(request: Request) -> ConsoleConfig:
 
 
 def _person(request: Request, console: ConsoleConfig, via: str) -> Person | None:
-    """The signed-in, allowed person; None without a Microsoft sign-in (sign_in = "none")."""
-    viewer = getattr(request.state, "viewer", None)
-    if console.sign_in != "entra" or viewer is None or not viewer.email:
-        return None
-    if not signin.allowed(viewer.email, console.allowed):  # `allowed` may shrink on a reload
-        log.warning("claim.refused", who=viewer.email, why="not in console.allowed")
-        raise HTTPException(403, f"{viewer.email} may not claim leads here (console.allowed).")
-    return Person(viewer.email, viewer.name or viewer.email, via)
+    return signed_in_person(request, console, doing="claim", via=via)
 
 
 def _via(value: str | None) -> str:
@@ -139,13 +132,13 @@ async def confirm(request: Request) -> Response:
         raise HTTPException(404)
     token = None
     if config.claims is not None and config.claims.add_to_team:
-        token = await run_in_threadpool(_person_token, request, console)
+        token = await run_in_threadpool(person_token, request, console)
     take_over = form.get("take_over") == "1"
     note = form.get("note", "")[:500]
     now = now_of(request)
     outcome = await run_in_threadpool(_claim, config, lead_id, person, now, note, take_over, token)
     if outcome.code != HELD:
-        _tell_resolved(request)  # the team hears "taken by" now, not at the next poll
+        tell_now(request)  # the team hears "taken by" now, not at the next poll
         target = f"/leads/{quote(lead_id, safe='')}"
         if outcome.team is not None and not outcome.team.ok:
             target += "?team=refused"
@@ -175,7 +168,7 @@ def _claim(
                 return claim_lead(
                     store, config, lead_id, person, now, note=note, take_over=take_over
                 )
-            with PartnerCenter(config.partner_center, _PersonOnly()) as api:
+            with PartnerCenter(config.partner_center, PersonOnly()) as api:
                 return claim_lead(
                     store,
                     config,
