@@ -9,7 +9,8 @@ churn one (1% of the leads edited, 0.1% new: what a 15-minute interval brings; n
 
 Figures, per cycle:
   wall     the subprocess from spawn to exit
-  start    spawn until the cycle begins (interpreter, CLI module, config)
+  start    spawn until the cycle begins (interpreter, CLI module, config, and the modules a
+           cycle uses: what a daemon loads once, not at every poll)
   server   time the sandbox spent answering (its own handler time, the 20 ms delays included)
   ratio    (wall - start) / server: what the client adds on top of the API's own time
   cpu      the subprocess's CPU time after start; us/lead = cpu / leads; cpu/server = cpu /
