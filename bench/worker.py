@@ -39,7 +39,9 @@ def main() -> None:
     from referral_watch.config.loader import load_config
 
     logs.configure("json", 0)
-    config = load_config(config_path)
+    # As `run --once` does before its cycle: the config checked beyond the schema (every
+    # channel URL through Apprise, which loads its plugins; every template rendered).
+    config = cli.checked(load_config(config_path))
     # What a daemon imports once at its start, not at each poll: part of "start" here too.
     import referral_watch.daemon
     import referral_watch.partner_center.auth

@@ -460,7 +460,7 @@ class Message:
         return f"{self.body}\n\n" + " · ".join(f"[{text}]({url})" for text, url in self.actions)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a first cycle holds tens of thousands of rows
 class PendingRow:
     """An outbox row waiting for delivery."""
 

@@ -429,16 +429,21 @@ def delivery_batches(
     quiet: dict[str, bool] = {}
     heads, riders = _fold_superseded(rows, config.policy)
     groups: dict[tuple[str, str, str | None, tuple[str, ...]], list[PendingRow]] = {}
+    # Each lead is looked up once per row (a first cycle has tens of thousands of rows, and
+    # the outlines build a Lead at each lookup); its deadline is kept for ordering digests.
+    deadlines: dict[str, datetime] = {}
     for row in heads:
         if row.lead_id is None:  # ops, test and report messages are never held nor batched
             batches.append(Batch(row.channel, row.kind, row.tier, (row.id,), ()))
             continue
-        if _held(row, leads.get(row.lead_id), config, now, quiet):
+        lead = leads.get(row.lead_id)
+        if _held(row, lead, config, now, quiet):
             continue
-        key = (row.channel, row.kind, row.tier, _recipients(row, leads, config, now))
+        deadlines[row.lead_id] = _aware(lead.deadline) if lead is not None else NEVER
+        key = (row.channel, row.kind, row.tier, _recipients(row, lead, config, now))
         groups.setdefault(key, []).append(row)
     for key, members in groups.items():
-        batches.extend(_group_batches(key, members, riders, leads, config.policy))
+        batches.extend(_group_batches(key, members, riders, deadlines, config.policy))
     return batches
 
 
@@ -503,19 +508,17 @@ def _claim_holds_row(
 
 
 def _recipients(
-    row: PendingRow, leads: Mapping[str, Lead], config: Config, now: datetime
+    row: PendingRow, lead: Lead | None, config: Config, now: datetime
 ) -> tuple[str, ...]:
     """For to_assignees channels the lead's team, for the claims' owner channel the owner's
-    address; () means the URL's own recipients."""
+    address; () means the URL's own recipients. ``lead``: the row's lead (None: not known)."""
     if row.channel == _owner_channel(config) and row.lead_id is not None:
-        lead = leads.get(row.lead_id)
         claim = lead.claimed(now) if lead is not None else None
         if claim is not None:
             return (claim.email,)
     channel = config.channels.get(row.channel)
     if channel is None or not channel.to_assignees or row.lead_id is None:
         return ()
-    lead = leads.get(row.lead_id)
     if lead is None:
         return ()
     ours = our_members(lead.referral.team, channel.assignee_domains)
@@ -527,7 +530,7 @@ def _group_batches(
     key: tuple[str, str, str | None, tuple[str, ...]],
     members: list[PendingRow],
     riders: Mapping[int, list[int]],
-    leads: Mapping[str, Lead],
+    deadlines: Mapping[str, datetime],
     policy: PolicyConfig,
 ) -> list[Batch]:
     channel, kind, tier, recipients = key
@@ -541,7 +544,7 @@ def _group_batches(
             for row in members
         ]
     # Most urgent first; leads already pruned from the state have no deadline and go last.
-    ordered = sorted(members, key=lambda row: (_deadline(row, leads), row.id))
+    ordered = sorted(members, key=lambda row: (deadlines[_lead_id(row)], row.id))
     lead_ids = _unique(_lead_id(row) for row in ordered)
     shown = tuple(lead_ids[: policy.digest_limit])
     every_row = tuple(row_id for row in members for row_id in row_ids(row))
@@ -562,11 +565,6 @@ def _group_batches(
 def _lead_id(row: PendingRow) -> str:
     assert row.lead_id is not None  # rows about no lead never reach grouping
     return row.lead_id
-
-
-def _deadline(row: PendingRow, leads: Mapping[str, Lead]) -> datetime:
-    lead = leads.get(_lead_id(row))
-    return _aware(lead.deadline) if lead is not None else NEVER
 
 
 # --- small helpers -----------------------------------------------------------------------

@@ -27,6 +27,20 @@ def from_ts(text: str | None) -> datetime | None:
     return datetime.fromisoformat(text) if text else None
 
 
+class Times:
+    """Stored timestamps read into datetimes, each distinct text once and into one shared
+    object: the many rows one poll wrote (tens of thousands in a first cycle) share theirs."""
+
+    def __init__(self) -> None:
+        self._read: dict[str, datetime] = {}
+
+    def __call__(self, text: str) -> datetime:
+        found = self._read.get(text)
+        if found is None:
+            found = self._read[text] = datetime.fromisoformat(text)
+        return found
+
+
 def printable(text: str) -> str:
     """Text SQLite (and a terminal) can take: a lone surrogate becomes its escape, \\ud800."""
     try:

@@ -17,7 +17,7 @@ from referral_watch.model import (
     record_digest,
 )
 from referral_watch.state.claims import CLAIM_COLUMNS, claim_from, claim_of_values
-from referral_watch.state.db import Database, chunks, from_ts, ts
+from referral_watch.state.db import Database, Times, chunks, from_ts, ts
 from referral_watch.state.dialect import Postgres
 from referral_watch.state.webhook_events import WEBHOOK_KEYS_KEPT
 
@@ -284,6 +284,9 @@ class Leads(Database):
         """Leads with only id, customer, created, deadline and resolution filled in, without
         reading their stored JSON: enough to order and group outbox rows, never to render."""
         outlines = LeadOutlines()
+        # first_seen and last_seen: one object each for the many leads one poll stored.
+        at = Times()
+        read = datetime.fromisoformat
         for chunk in chunks(list(ids)):
             marks = ",".join("?" * len(chunk))
             rows = self.db.execute(
@@ -293,7 +296,10 @@ class Leads(Database):
                 chunk,
             )
             for row in rows:
-                outlines.rows[row[0]] = tuple(row)
+                lead_id, customer, created, deadline, first, last, resolution = row[:7]
+                outline = (customer, read(created), read(deadline), at(first), at(last), resolution)
+                claim = claim_of_values(row[7:])  # rare: no room kept for it in the others
+                outlines.rows[lead_id] = outline if claim is None else (*outline, claim)
         return outlines
 
     def digests(self) -> list[tuple[str, str | None]]:
@@ -467,16 +473,14 @@ class LeadOutlines(Mapping[str, Lead]):
         if lead_id in self.whole:
             return self.whole[lead_id]
         row = self.rows[lead_id]
-        _, customer, created, deadline, first, last, resolution = row[:7]
+        customer, created, deadline, first, last, resolution = row[:6]
         return Lead(
-            referral=Referral(
-                id=lead_id, name="", customer=customer, created=datetime.fromisoformat(created)
-            ),
-            deadline=datetime.fromisoformat(deadline),
-            first_seen=datetime.fromisoformat(first),
-            last_seen=datetime.fromisoformat(last),
+            referral=Referral(id=lead_id, name="", customer=customer, created=created),
+            deadline=deadline,
+            first_seen=first,
+            last_seen=last,
             resolution=resolution,
-            claim=claim_of_values(row[7:]),
+            claim=row[6] if len(row) > 6 else None,
         )
 
     def __iter__(self) -> Iterator[str]:

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from referral_watch.model import EXPIRED, RESOLVED, TIER, Alert, PendingRow, Sent
-from referral_watch.state.db import Database, chunks, from_ts, ts
+from referral_watch.state.db import Database, Times, chunks, from_ts, ts
 
 # Meta key: when the oldest due delivery still undelivered was queued (unset: none stuck).
 STUCK_META = "delivery.stuck_since"
@@ -106,9 +106,11 @@ class Outbox(Database):
             "SELECT id, lead_id, kind, channel, tier, created, attempts FROM outbox "
             "WHERE state = 'pending' ORDER BY id"
         )
-        # Channel, kind and tier repeat on every row: share one string each (a first cycle
-        # has tens of thousands of rows).
+        # Channel, kind, tier and the time a row was written repeat on many rows: share one
+        # object each (a first cycle has tens of thousands of rows, written at one moment).
         same: dict[Any, Any] = {}
+        at = Times()
+
         return [
             PendingRow(
                 r[0],
@@ -116,7 +118,7 @@ class Outbox(Database):
                 same.setdefault(r[2], r[2]),
                 same.setdefault(r[3], r[3]),
                 same.setdefault(r[4], r[4]),
-                datetime.fromisoformat(r[5]),
+                at(r[5]),
                 r[6],
             )
             for r in rows
