@@ -413,8 +413,14 @@ def delivery_batches(
     leads: Mapping[str, Lead],
     config: Config,
     now: datetime,
+    deadlines: Mapping[str, datetime] | None = None,
 ) -> list[Batch]:
     """What to send now from the pending outbox rows; rows left out are held (quiet hours).
+
+    ``leads``: the leads the rows are about (one that is not given has no claim and, unless
+    ``deadlines`` gives it, no deadline: it goes last in a digest). ``deadlines``: the rows'
+    leads' deadlines, when ``leads`` holds only those whose claim or team matters (a first
+    cycle delivers tens of thousands of rows).
 
     Every row id appears in at most one batch, and every row id of a batch is settled by that
     one message. Rows about no lead come first, then one batch per alert, or one digest for a
@@ -431,7 +437,7 @@ def delivery_batches(
     groups: dict[tuple[str, str, str | None, tuple[str, ...]], list[PendingRow]] = {}
     # Each lead is looked up once per row (a first cycle has tens of thousands of rows, and
     # the outlines build a Lead at each lookup); its deadline is kept for ordering digests.
-    deadlines: dict[str, datetime] = {}
+    order: dict[str, datetime] = {}
     for row in heads:
         if row.lead_id is None:  # ops, test and report messages are never held nor batched
             batches.append(Batch(row.channel, row.kind, row.tier, (row.id,), ()))
@@ -439,11 +445,11 @@ def delivery_batches(
         lead = leads.get(row.lead_id)
         if _held(row, lead, config, now, quiet):
             continue
-        deadlines[row.lead_id] = _aware(lead.deadline) if lead is not None else NEVER
+        order[row.lead_id] = _deadline(row.lead_id, lead, deadlines)
         key = (row.channel, row.kind, row.tier, _recipients(row, lead, config, now))
         groups.setdefault(key, []).append(row)
     for key, members in groups.items():
-        batches.extend(_group_batches(key, members, riders, deadlines, config.policy))
+        batches.extend(_group_batches(key, members, riders, order, config.policy))
     return batches
 
 
@@ -560,6 +566,16 @@ def _group_batches(
             recipients=recipients,
         )
     ]
+
+
+def _deadline(
+    lead_id: str, lead: Lead | None, deadlines: Mapping[str, datetime] | None
+) -> datetime:
+    """The lead's deadline (NEVER for a lead not known: pruned from the state)."""
+    if lead is not None:
+        return _aware(lead.deadline)
+    known = deadlines.get(lead_id) if deadlines is not None else None
+    return _aware(known) if known is not None else NEVER
 
 
 def _lead_id(row: PendingRow) -> str:

@@ -411,7 +411,11 @@ def test_lookups_by_id_prefix_and_summaries(state_location: Path | str) -> None:
         assert store.known("abd-3") and not store.known("zzz")
         count, soonest = store.watched_summary()
         assert count == 3 and soonest == NOW - timedelta(days=1) + WINDOW
-        assert set(store.lead_outlines(["abc-1", "abd-3"])) == {"abc-1", "abd-3"}
+        outlines = store.lead_outlines(["abc-1", "abd-3", "zzz"])
+        assert outlines.deadlines == {"abc-1": NOW - timedelta(days=1) + WINDOW} | {
+            "abd-3": outlines.deadlines["abd-3"]
+        }
+        assert outlines.leads == {}  # none of them is claimed
         digests = dict(store.digests())
         assert sorted(digests) == ["abc-1", "abc-2", "abd-3"]
         stored = store.lead("abc-1")

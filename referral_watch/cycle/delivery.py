@@ -17,7 +17,8 @@ from referral_watch.cycle.recorder import Failure, Recorder
 from referral_watch.cycle.result import CycleResult
 from referral_watch.cycle.sender import Dispatch
 from referral_watch.errors import ReferralWatchError
-from referral_watch.model import Batch, Lead, Message, PendingRow
+from referral_watch.model import Batch, Message, PendingRow
+from referral_watch.state.leads import LeadOutlines
 from referral_watch.state.store import Store
 
 log = structlog.get_logger(__name__)
@@ -51,8 +52,16 @@ class Delivery:
             if only is None:
                 self.recorder.note_stuck(None)
             return
-        leads = self._delivery_leads(rows) if only is None else {}
-        batches, held = plan.batches(rows, leads, self.config, now, news_only=only is not None)
+        outlines = self._delivery_leads(rows) if only is None else LeadOutlines()
+        batches, held = plan.batches(
+            rows,
+            outlines.leads,
+            self.config,
+            now,
+            news_only=only is not None,
+            deadlines=outlines.deadlines,
+        )
+        del outlines  # a first cycle's: tens of thousands of deadlines
         if only is None:
             result.held = held
         if self.stop.is_set():
@@ -114,9 +123,10 @@ class Delivery:
         known = [found[i] for i in batch.lead_ids if i in found]
         return plan.message_for(batch, known, ("", ""), self.config, now)
 
-    def _delivery_leads(self, rows: Sequence[PendingRow]) -> Mapping[str, Lead]:
-        """What delivery_batches needs to order and address the rows: outlines (no JSON read),
-        and whole leads only where the recipients come from the lead (to_assignees)."""
+    def _delivery_leads(self, rows: Sequence[PendingRow]) -> LeadOutlines:
+        """What delivery_batches needs to order and address the rows: deadlines and outlines
+        of claimed leads (no JSON read), and whole leads only where the recipients come from
+        the lead (to_assignees)."""
         ids = {row.lead_id for row in rows if row.lead_id is not None}
         outlines = self.store.lead_outlines(ids)
         assignees = {
@@ -127,5 +137,5 @@ class Delivery:
             and channel.to_assignees
         }
         for lead in self.store.leads(include_resolved=True, ids=sorted(assignees)):
-            outlines.whole[lead.id] = lead
+            outlines.leads[lead.id] = lead
         return outlines

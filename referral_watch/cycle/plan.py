@@ -21,13 +21,15 @@ def batches(
     now: datetime,
     *,
     news_only: bool = False,
+    deadlines: Mapping[str, datetime] | None = None,
 ) -> tuple[list[Batch], int]:
     """(the messages to send, how many rows are held back): the policy batches and holds lead
     alerts; news for operations (``news_only``: a report, an ops alert) is never held nor
-    batched, and independent of lead logic."""
+    batched, and independent of lead logic. ``leads`` and ``deadlines``: as
+    policy.delivery_batches takes them."""
     if news_only:
         return [Batch(r.channel, r.kind, r.tier, (r.id,), ()) for r in rows], 0
-    found = policy.delivery_batches(rows, leads, config, now)
+    found = policy.delivery_batches(rows, leads, config, now, deadlines)
     return found, len(rows) - sum(len(b.row_ids) for b in found)
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,7 +17,7 @@ from referral_watch.model import (
     record_digest,
 )
 from referral_watch.state.claims import CLAIM_COLUMNS, claim_from, claim_of_values
-from referral_watch.state.db import Database, Times, chunks, from_ts, ts
+from referral_watch.state.db import Database, chunks, from_ts, ts
 from referral_watch.state.dialect import Postgres
 from referral_watch.state.webhook_events import WEBHOOK_KEYS_KEPT
 
@@ -281,25 +281,33 @@ class Leads(Database):
         return found[0] if found else None
 
     def lead_outlines(self, ids: Iterable[str]) -> LeadOutlines:
-        """Leads with only id, customer, created, deadline and resolution filled in, without
-        reading their stored JSON: enough to order and group outbox rows, never to render."""
+        """What ordering and addressing outbox rows needs of these leads, without reading their
+        stored JSON: each one's deadline, and an outline (id, customer, created, deadline,
+        resolution, claim; never enough to render) of each one with a claim. A first cycle
+        delivers tens of thousands of rows and only a few of its leads are claimed."""
         outlines = LeadOutlines()
-        # first_seen and last_seen: one object each for the many leads one poll stored.
-        at = Times()
         read = datetime.fromisoformat
         for chunk in chunks(list(ids)):
             marks = ",".join("?" * len(chunk))
-            rows = self.db.execute(
+            rows = self.db.execute(f"SELECT id, deadline FROM leads WHERE id IN ({marks})", chunk)
+            outlines.deadlines.update((lead_id, read(deadline)) for lead_id, deadline in rows)
+            claimed = self.db.execute(
                 "SELECT id, customer, created, deadline, first_seen, last_seen, resolution, "
-                f"{CLAIM_COLUMNS} FROM leads l LEFT JOIN claims c ON c.lead_id = l.id "
+                f"{CLAIM_COLUMNS} FROM leads l JOIN claims c ON c.lead_id = l.id "
                 f"WHERE id IN ({marks})",
                 chunk,
             )
-            for row in rows:
+            for row in claimed:
                 lead_id, customer, created, deadline, first, last, resolution = row[:7]
-                outline = (customer, read(created), read(deadline), at(first), at(last), resolution)
-                claim = claim_of_values(row[7:])  # rare: no room kept for it in the others
-                outlines.rows[lead_id] = outline if claim is None else (*outline, claim)
+                referral = Referral(id=lead_id, name="", customer=customer, created=read(created))
+                outlines.leads[lead_id] = Lead(
+                    referral=referral,
+                    deadline=read(deadline),
+                    first_seen=read(first),
+                    last_seen=read(last),
+                    resolution=resolution,
+                    claim=claim_of_values(row[7:]),
+                )
         return outlines
 
     def digests(self) -> list[tuple[str, str | None]]:
@@ -461,33 +469,12 @@ class Leads(Database):
         ]
 
 
-class LeadOutlines(Mapping[str, Lead]):
-    """Lead outlines by id, built on each lookup from their columns: a first cycle delivers
-    tens of thousands of rows, and a Lead object for each at once would weigh ten times more."""
+@dataclass
+class LeadOutlines:
+    """What delivery needs of the leads its outbox rows are about (Leads.lead_outlines)."""
 
-    def __init__(self) -> None:
-        self.rows: dict[str, tuple[Any, ...]] = {}
-        self.whole: dict[str, Lead] = {}  # whole leads given instead of outlines
-
-    def __getitem__(self, lead_id: str) -> Lead:
-        if lead_id in self.whole:
-            return self.whole[lead_id]
-        row = self.rows[lead_id]
-        customer, created, deadline, first, last, resolution = row[:6]
-        return Lead(
-            referral=Referral(id=lead_id, name="", customer=customer, created=created),
-            deadline=deadline,
-            first_seen=first,
-            last_seen=last,
-            resolution=resolution,
-            claim=row[6] if len(row) > 6 else None,
-        )
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.rows)
-
-    def __len__(self) -> int:
-        return len(self.rows)
+    deadlines: dict[str, datetime] = field(default_factory=dict)  # every lead found
+    leads: dict[str, Lead] = field(default_factory=dict)  # outlines of claimed leads, whole ones
 
 
 def _lead(row: Any) -> Lead | None:
