@@ -24,6 +24,7 @@ import structlog
 from referral_watch import __version__
 from referral_watch.config import PartnerCenterConfig, format_duration
 from referral_watch.errors import ApiError, AuthError
+from referral_watch.partner_center import connection
 from referral_watch.partner_center.auth import TokenProvider
 from referral_watch.partner_center.responses import (
     RetryHook,
@@ -130,8 +131,11 @@ class PartnerCenter:
         self._base = httpx.URL(config.base_url.rstrip("/"))
         self._token: str | None = None  # fetched per poll; providers cache and refresh it
         self._deadline = float("inf")  # monotonic time the current poll must end by
+        # The API's connections: ours (http.client, kept alive), or httpx's own where the
+        # environment names a proxy (None): see connection.py.
+        self._transport = transport or connection.for_environment()
         self._client = httpx.Client(
-            transport=transport,
+            transport=self._transport,
             # connect, each read, each write: a silent server fails after `timeout`; one that
             # dribbles is stopped by the poll's deadline (poll_timeout)
             timeout=config.timeout.total_seconds(),
@@ -410,7 +414,7 @@ class PartnerCenter:
             "GET", url, params=params, headers=self._headers(correlation)
         )
         try:
-            response = self._client.send(request, stream=True)
+            response = self._send(request)
         except httpx.TransportError as exc:
             raise Transient(self._scrub(describe(exc)), refused=refused(exc)) from None
         try:
@@ -433,6 +437,16 @@ class PartnerCenter:
                 retry_after=retry_after(response),
             )
         return body
+
+    def _send(self, request: httpx.Request) -> httpx.Response:
+        """A GET, its body still to read. Where the transport is ours (no proxy), straight to
+        it: httpx's client layers (auth, redirects, cookies, event hooks) have nothing to do
+        for these requests and cost a poll about 0.1 ms of CPU per page."""
+        if self._transport is None:
+            return self._client.send(request, stream=True)
+        response = self._transport.handle_request(request)
+        response.request = request
+        return response
 
     def _body(self, response: httpx.Response) -> httpx.Response:
         """The response with its whole body read: inflated step by step, counted as it

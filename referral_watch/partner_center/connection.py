@@ -1,0 +1,226 @@
+"""The Partner Center API's HTTP/1.1 connections, kept alive, on the standard library's
+http.client, as an httpx transport.
+
+A poll asks for its pages one after another (each page's nextLink names the next), so whatever a
+request costs on our side adds to the poll's time. httpx's own connection layer (httpcore and h11,
+pure Python) spent about 1 ms of CPU per page of 100 leads here; http.client, which parses the
+status line and headers in C-backed buffered reads, about a third of that (`make bench`). Everything
+above the connection (URLs, headers, timeouts, streaming, the bounded reading of bodies in
+client.py) stays httpx's.
+
+Used only where the environment names no proxy: with HTTP(S)_PROXY or ALL_PROXY set, httpx's own
+transport and its proxy support carry the requests (see ``for_environment``). TLS: the context httpx
+itself would build (SSL_CERT_FILE / SSL_CERT_DIR, else certifi), made at the first https request.
+"""
+
+from __future__ import annotations
+
+import http.client
+import select
+import socket
+import ssl
+import threading
+import urllib.request
+from collections.abc import Iterator
+
+import httpx
+
+# Idle connections kept per host; a poll uses one, answers from the console may add a few.
+MAX_IDLE = 4
+CHUNK = 64 * 1024
+
+Key = tuple[str, str, int]
+
+
+def for_environment() -> httpx.BaseTransport | None:
+    """The transport for the API: this one, or None (httpx's own) where a proxy is configured."""
+    return None if urllib.request.getproxies() else KeptAlive()
+
+
+class KeptAlive(httpx.BaseTransport):
+    """httpx transport: one http.client connection per request in flight, kept for the next."""
+
+    def __init__(self) -> None:
+        self._idle: dict[Key, list[http.client.HTTPConnection]] = {}
+        self._lock = threading.Lock()
+        self._tls: ssl.SSLContext | None = None
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        if url.scheme not in ("http", "https"):
+            raise httpx.UnsupportedProtocol(f"unsupported URL scheme {url.scheme!r}")
+        key = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
+        timeouts = request.extensions.get("timeout", {})
+        connection = self._take(key)
+        if connection is not None:
+            try:
+                return self._exchange(key, connection, request, timeouts)
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                connection.close()  # closed by the server as we reused it: nothing was read
+                if request.method != "GET":
+                    raise httpx.RemoteProtocolError(
+                        "the server closed the connection", request=request
+                    ) from None
+        connection = self._open(key, timeouts.get("connect"))
+        try:
+            connection.connect()
+        except Exception as exc:
+            connection.close()
+            raise _as_httpx(exc, request, connecting=True) from exc
+        try:
+            return self._exchange(key, connection, request, timeouts)
+        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
+            connection.close()
+            raise _as_httpx(exc, request, connecting=False) from exc
+
+    def _exchange(
+        self,
+        key: Key,
+        connection: http.client.HTTPConnection,
+        request: httpx.Request,
+        timeouts: dict[str, float | None],
+    ) -> httpx.Response:
+        """One request and its answer's head on ``connection``; the body streams after."""
+        try:
+            connection.putrequest(
+                request.method,
+                request.url.raw_path.decode("ascii"),
+                skip_host=True,  # httpx's headers carry Host and Accept-Encoding
+                skip_accept_encoding=True,
+            )
+            for name, value in request.headers.raw:
+                connection.putheader(name.decode("latin-1"), value.decode("latin-1"))
+            if connection.sock is not None:
+                connection.sock.settimeout(timeouts.get("read"))
+            connection.endheaders(request.read() or None)
+            answer = connection.getresponse()
+        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+            raise  # handle_request decides: a stale kept-alive connection, or a failure
+        except Exception as exc:
+            connection.close()
+            raise _as_httpx(exc, request, connecting=False) from exc
+        return httpx.Response(
+            answer.status,
+            headers=answer.getheaders(),
+            stream=_Body(self, key, connection, answer, request),
+            extensions={
+                "http_version": b"HTTP/1.1",
+                "reason_phrase": answer.reason.encode("latin-1", "replace"),
+            },
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for connections in idle.values():
+            for connection in connections:
+                connection.close()
+
+    # -- the pool
+
+    def _take(self, key: Key) -> http.client.HTTPConnection | None:
+        while True:
+            with self._lock:
+                connections = self._idle.get(key)
+                if not connections:
+                    return None
+                connection = connections.pop()
+            if _usable(connection):
+                return connection
+            connection.close()  # the server closed it while it was idle
+
+    def give_back(self, key: Key, connection: http.client.HTTPConnection) -> None:
+        with self._lock:
+            connections = self._idle.setdefault(key, [])
+            if len(connections) < MAX_IDLE:
+                connections.append(connection)
+                return
+        connection.close()
+
+    def _open(self, key: Key, timeout: float | None) -> http.client.HTTPConnection:
+        scheme, host, port = key
+        if scheme == "https":
+            if self._tls is None:
+                self._tls = httpx.create_ssl_context()  # what httpx would verify against
+            return http.client.HTTPSConnection(host, port, timeout=timeout, context=self._tls)
+        return http.client.HTTPConnection(host, port, timeout=timeout)
+
+
+class _Body(httpx.SyncByteStream):
+    """A response's body as it arrives; the connection goes back to the pool once the body has
+    been read to its end, and is closed when the reader stops early."""
+
+    def __init__(
+        self,
+        pool: KeptAlive,
+        key: Key,
+        connection: http.client.HTTPConnection,
+        answer: http.client.HTTPResponse,
+        request: httpx.Request,
+    ) -> None:
+        self._pool = pool
+        self._key = key
+        self._connection: http.client.HTTPConnection | None = connection
+        self._answer = answer
+        self._request = request
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            while chunk := self._answer.read1(CHUNK):
+                yield chunk
+            missing = self._answer.length
+            if missing:  # read1 ends quietly when the server closes before Content-Length
+                raise http.client.IncompleteRead(b"", missing)
+            if missing == 0:  # read1 leaves a complete answer open: close it (b"") so the
+                self._answer.read()  # connection can be kept
+        except BaseException as exc:
+            self._drop()
+            raise _as_httpx(exc, self._request, connecting=False) from exc
+
+    def close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        if self._answer.isclosed() and not self._answer.will_close:
+            self._pool.give_back(self._key, connection)  # read to its end: reusable
+        else:
+            self._answer.close()
+            connection.close()
+
+    def _drop(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
+
+
+def _usable(connection: http.client.HTTPConnection) -> bool:
+    """An idle connection the server has not closed: nothing to read on it (a closed one reads
+    as end of file; any bytes on an idle connection would be a protocol error)."""
+    sock = connection.sock
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return not readable
+
+
+def _as_httpx(exc: BaseException, request: httpx.Request, *, connecting: bool) -> BaseException:
+    """The httpx exception for what http.client or the socket raised, so the callers' handling
+    (retries, messages) is the same whichever transport carried the request."""
+    if not isinstance(exc, Exception):
+        return exc  # KeyboardInterrupt and the like pass as they are
+    text = str(exc) or type(exc).__name__
+    kind: type[httpx.TransportError]
+    if isinstance(exc, socket.timeout | TimeoutError):
+        kind = httpx.ConnectTimeout if connecting else httpx.ReadTimeout
+    elif isinstance(exc, http.client.HTTPException):  # bad status line, too many headers, cut off
+        kind = httpx.RemoteProtocolError
+    elif isinstance(exc, ssl.SSLError | ConnectionRefusedError | socket.gaierror):
+        kind = httpx.ConnectError
+    elif isinstance(exc, OSError):
+        kind = httpx.ConnectError if connecting else httpx.ReadError
+    else:
+        return exc
+    return kind(text, request=request)
