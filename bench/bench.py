@@ -9,12 +9,14 @@ churn one (1% of the leads edited, 0.1% new: what a 15-minute interval brings; n
 
 Figures, per cycle:
   wall     the subprocess from spawn to exit
+  exit     from the cycle's end (`run --once` returned: state and connections closed) to the
+           process's exit (the interpreter's teardown: what a daemon pays once, like start)
   start    spawn until the cycle begins (interpreter, CLI module, config, and the modules a
            cycle uses: what a daemon loads once, not at every poll)
   server   time the sandbox spent answering (its own handler time, the 20 ms delays included)
-  ratio    (wall - start) / server: what the client adds on top of the API's own time
-  cpu      the subprocess's CPU time after start; us/lead = cpu / leads; cpu/server = cpu /
-           server (a ratio against the same run's server time, like the wall ratio)
+  ratio    (wall - start - exit) / server: the cycle's time over the API's own time
+  cpu      the subprocess's CPU time in the cycle (from ready to its end); us/lead = cpu /
+           leads; cpu/server = cpu / server (a ratio against the same run's server time)
   rss      the subprocess's peak resident set size (its VmHWM: a child's ru_maxrss starts
            from the parent's size at fork, and this parent holds the sandbox's data)
   msgs     messages that reached the channels (team + managers)
@@ -185,6 +187,7 @@ class Figures:
     cycle: str
     wall: float
     start: float
+    exit: float
     server: float
     pages: int
     cpu: float
@@ -196,7 +199,12 @@ class Figures:
 
     @property
     def ratio(self) -> float:
-        return (self.wall - self.start) / self.server if self.server else float("inf")
+        return self.cycle_s / self.server if self.server else float("inf")
+
+    @property
+    def cycle_s(self) -> float:
+        """The cycle's own time: from ready to `run --once` returning."""
+        return self.wall - self.start - self.exit
 
     @property
     def cpu_us_per_lead(self) -> float:
@@ -236,9 +244,10 @@ def run_cycle(size: int, name: str, config: Path, work: Path, sinks: dict[str, S
         cycle=name,
         wall=ended - began,
         start=report["ready"] - began,
+        exit=ended - report["done"],
         server=server - before_server,
         pages=requests - before_requests,
-        cpu=usage.ru_utime + usage.ru_stime - report["ready_cpu"],
+        cpu=report["done_cpu"] - report["ready_cpu"],
         rss_mib=(report["peak_rss_kib"] or usage.ru_maxrss) / 1024,
         messages={ch: sink.count() - before_msgs[ch] for ch, sink in sinks.items()},
         fetched=int(report["fetched"]),
@@ -361,6 +370,7 @@ def _churn(api: Sandbox, size: int, now: datetime) -> None:
 def table(rows: list[Figures]) -> str:
     head = (
         f"| {'state':<10} | {'leads':>6} | {'cycle':<9} | {'wall s':>6} | {'start s':>7} "
+        f"| {'exit s':>6} "
         f"| {'server s':>8} "
         f"| {'ratio':>5} | {'cpu s':>5} | {'cpu/server':>10} | {'cpu us/lead':>11} "
         f"| {'peak RSS MiB':>12} "
@@ -372,6 +382,7 @@ def table(rows: list[Figures]) -> str:
         msgs = f"{r.messages.get('team', 0)}+{r.messages.get('managers', 0)}"
         lines.append(
             f"| {r.backend:<10} | {r.size:>6} | {r.cycle:<9} | {r.wall:>6.2f} | {r.start:>7.2f} "
+            f"| {r.exit:>6.2f} "
             f"| {r.server:>8.2f} "
             f"| {r.ratio:>5.2f} | {r.cpu:>5.2f} | {r.cpu_ratio:>10.2f} "
             f"| {r.cpu_us_per_lead:>11.1f} "

@@ -51,7 +51,7 @@ def main() -> None:
 
     ready, ready_cpu = time.time(), _cpu()
     result = cli.run_once(config)  # the same function `referral-watch run --once` calls
-    done = time.time()
+    done, done_cpu = time.time(), _cpu()
     peak = _peak_rss_kib()
     out.write_text(
         json.dumps(
@@ -59,6 +59,7 @@ def main() -> None:
                 "ready": ready,
                 "ready_cpu": ready_cpu,
                 "done": done,
+                "done_cpu": done_cpu,
                 "peak_rss_kib": peak,
                 "ok": result.ok,
                 "fetched": result.fetched,

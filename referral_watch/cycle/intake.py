@@ -131,15 +131,20 @@ class Intake:
         result.fetched += count
         fresh: list[Referral] = []
         again: list[Referral] = []
+        digests = page.digests if hasattr(page, "digests") else None  # all at once: cheaper
         for index in range(count):
-            record, data = record_and_bytes(page, index)
-            if data is None:
-                reason = "unreadable record (cannot be serialized)"
-                set_aside(
-                    self.store, record_key(repr(record)[:10_000]), "parse", reason, now, result
-                )
-                continue
-            digest = record_digest(data)
+            record: Any = UNDECODED
+            data: bytes | memoryview | None = None
+            if digests is not None:
+                digest = digests[index]
+            else:
+                record, data = record_and_bytes(page, index)
+                if data is None:
+                    reason = "unreadable record (cannot be serialized)"
+                    key = record_key(repr(record)[:10_000])
+                    set_aside(self.store, key, "parse", reason, now, result)
+                    continue
+                digest = record_digest(data)
             if digest in seen.digests:
                 log.info("poll.duplicate", lead=seen.digests[digest])  # paging shifted
                 continue
@@ -149,6 +154,8 @@ class Intake:
                 continue
             # (A stored record met after another copy of the lead rewrote it is stored again:
             # the last copy in the poll wins, whatever it is.)
+            if data is None:
+                data = page.raw(index)
             referral, repeated = self._read(page, index, record, data, digest, now, result, seen)
             if referral is not None:
                 (again if repeated else fresh).append(referral)

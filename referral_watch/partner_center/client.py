@@ -24,6 +24,7 @@ import structlog
 from referral_watch import __version__
 from referral_watch.config import PartnerCenterConfig, format_duration
 from referral_watch.errors import ApiError, AuthError
+from referral_watch.model import record_digest
 from referral_watch.partner_center import connection
 from referral_watch.partner_center.auth import TokenProvider
 from referral_watch.partner_center.responses import (
@@ -79,6 +80,11 @@ class Page:
         """The item's JSON text; ValueError (UnicodeDecodeError) when it is not UTF-8."""
         item = self._items[index]
         return item if isinstance(item, str) else bytes(item).decode("utf-8")
+
+    @cached_property
+    def digests(self) -> list[str]:
+        """Each item's ``model.record_digest`` (of its bytes as served), the page at once."""
+        return [record_digest(item) for item in self._items]  # str, bytes or a buffer
 
     @cached_property
     def texts(self) -> list[str]:
