@@ -458,12 +458,17 @@ def histories(
 
 
 @FUZZ
-@given(tier_configs, histories(), st.booleans())
+@given(tier_configs, histories(), st.booleans(), st.integers(-24, 72), st.integers(0, 10))
 def test_candidates_never_hide_a_lead_that_is_due(
     tiers: list[tuple[int, int | None, set[str]]],
     history: tuple[list[tuple[int, str | None]], list[tuple[int, str, str, str, int]]],
     notices: bool,
+    looked_before: int,
+    rows_before: int,
 ) -> None:
+    """Also when the leads were looked at before (`looked_before` hours earlier, with the
+    first `rows_before` rows written then): what the store remembers from that look never
+    hides a lead that is due now."""
     cfg = _policy_config(tiers, notices)
     leads, rows = history
     with tempfile.TemporaryDirectory() as tmp, Store(Path(tmp) / "state.db") as store:
@@ -473,12 +478,17 @@ def test_candidates_never_hide_a_lead_that_is_due(
                 store.upsert([ref], lambda _r, h=hours: NOW + timedelta(hours=h), NOW)
                 if resolution:
                     store.resolve(ref.id, resolution, NOW)
-            for lead, channel, tier, state, age in rows:
+            earlier = NOW - timedelta(hours=looked_before)
+            for n, (lead, channel, tier, state, age) in enumerate(rows):
+                if n == rows_before:
+                    store.policy_candidates(policy.tier_points(cfg, earlier), earlier)
                 store.db.execute(
                     "INSERT INTO outbox (lead_id, kind, channel, tier, severity, state, created)"
                     " VALUES (?, ?, ?, ?, 0, ?, ?)",
                     (f"lead-{lead}", TIER, channel, tier, state, ts(NOW - timedelta(hours=age))),
                 )
+            if rows_before >= len(rows):
+                store.policy_candidates(policy.tier_points(cfg, earlier), earlier)
         everyone = store.leads(for_policy=True)
         expected = policy.due_alerts(everyone, store.history(), cfg, NOW)
         chosen = store.policy_candidates(

@@ -193,8 +193,11 @@ def test_second_process_is_refused_by_the_lock(tmp_path: Path) -> None:
 def _back_to(where: Path | str, version: int, *statements: str) -> None:
     """Turn a current state back into one written at schema `version` (what a state left by
     an older referral-watch holds), so opening it runs the later migrations for real."""
-    undo = [*statements, "DROP TABLE claims"]  # schema 8 added the claims of leads
-    undo += ["DROP INDEX leads_watched", "ALTER TABLE leads DROP COLUMN digest"]  # schema 7
+    undo = [*statements, "DROP TABLE lead_quiet"]  # schema 9: when the next tier falls due
+    if version < 8:  # schema 8 added the claims of leads
+        undo.append("DROP TABLE claims")
+    if version < 7:  # schema 7 the digests
+        undo += ["DROP INDEX leads_watched", "ALTER TABLE leads DROP COLUMN digest"]
     if version < 6:  # schema 6 added the relay queue
         undo.append("DROP TABLE relay_queue")
     if version < 5:  # schema 5 the outbox claim columns
@@ -248,7 +251,7 @@ def test_a_state_from_before_the_audit_gains_it_and_keeps_its_leads(
         assert store.lead("old-lead").answered == entry  # type: ignore[union-attr]
         assert store.lead("old-lead").resolution == "accepted"  # type: ignore[union-attr]
         assert store.leads() == []  # resolved at once: no longer watched
-        assert _version(store) == SCHEMA_VERSION == 8
+        assert _version(store) == SCHEMA_VERSION == 9
 
 
 def test_a_state_from_before_the_digests_gains_them_and_keeps_its_leads(

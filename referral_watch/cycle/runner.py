@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import structlog
 
@@ -23,6 +23,10 @@ from referral_watch.state.outbox import STUCK_META
 from referral_watch.state.store import Store
 
 log = structlog.get_logger(__name__)
+
+# Forgetting answered leads (state.keep_resolved) is not urgent: a cycle prunes the state only
+# when the last prune was this long ago (or the clock went back), not at every poll.
+PRUNE_EVERY = timedelta(hours=1)
 
 
 class Cycle:
@@ -129,6 +133,9 @@ class Cycle:
         return result
 
     def _prune(self, now: datetime) -> None:
+        last = self.store.pruned_at()
+        if last is not None and last <= now < last + PRUNE_EVERY:
+            return
         pruned = self.store.prune(now, self.config.state.keep_resolved)
         if pruned:
             log.info("state.pruned", leads=pruned)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from referral_watch.model import (
@@ -16,8 +16,9 @@ from referral_watch.model import (
     parse_referral,
     record_digest,
 )
+from referral_watch.state.candidates import Candidates
 from referral_watch.state.claims import CLAIM_COLUMNS, claim_from, claim_of_values
-from referral_watch.state.db import Database, chunks, from_ts, ts
+from referral_watch.state.db import chunks, from_ts, ts
 from referral_watch.state.dialect import Postgres
 from referral_watch.state.webhook_events import WEBHOOK_KEYS_KEPT
 
@@ -59,7 +60,10 @@ def _all_text(rows: Sequence[tuple[Any, ...]]) -> bool:
     return True
 
 
-class Leads(Database):
+PRUNED_META = "state.pruned_at"
+
+
+class Leads(Candidates):
     def upsert(
         self, referrals: Iterable[Referral], deadline: Callable[[Referral], datetime], now: datetime
     ) -> int:
@@ -121,16 +125,21 @@ class Leads(Database):
 
     def _upsert_rows(self, chunk: Sequence[tuple[Any, ...]]) -> list[tuple[str, str]]:
         if isinstance(self.dialect, Postgres) and len(chunk) > 1 and _all_text(chunk):
-            return self._upsert_copied(chunk)
-        marks = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
-        stored = self.db.execute(
-            f"""INSERT INTO leads ({_UPSERT_COLUMNS})
-                VALUES {marks}
+            stored = self._upsert_copied(chunk)
+        else:
+            marks = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
+            rows = self.db.execute(
+                f"""INSERT INTO leads ({_UPSERT_COLUMNS})
+                    VALUES {marks}
 {_ON_CONFLICT}
-                RETURNING id, first_seen""",
-            [value for row in chunk for value in row],
-        )
-        return [(str(row[0]), str(row[1])) for row in stored]
+                    RETURNING id, first_seen""",
+                [value for row in chunk for value in row],
+            )
+            stored = [(str(row[0]), str(row[1])) for row in rows]
+        # New or changed (its deadline too, perhaps): when its next tier falls due is worked
+        # out again before the policy's candidates are chosen (state.candidates).
+        self.unsettle([lead_id for lead_id, _ in stored])
+        return stored
 
     def _upsert_copied(self, chunk: Sequence[tuple[Any, ...]]) -> list[tuple[str, str]]:
         """PostgreSQL: the rows COPYed into a temporary table, then one INSERT ... SELECT
@@ -190,6 +199,7 @@ class Leads(Database):
                 referral.id,
             ),
         )
+        self.unsettle([referral.id])  # its deadline may have moved
 
     def resolve(self, lead_id: str, resolution: str, now: datetime, raw: str | None = None) -> None:
         self.db.execute(
@@ -207,6 +217,7 @@ class Leads(Database):
                 lead_id,
             ),
         )
+        self.db.execute("DELETE FROM lead_quiet WHERE lead_id = ?", (lead_id,))  # not watched
         # A reminder still held (quiet hours, failing channel) is moot once the lead is answered.
         self.db.execute(
             "UPDATE outbox SET state = 'superseded' "
@@ -316,59 +327,6 @@ class Leads(Database):
         rows = self.db.execute("SELECT id, digest FROM leads WHERE resolution IS NULL")
         return [(str(row[0]), row[1]) for row in rows]
 
-    def policy_candidates(
-        self,
-        points: Sequence[tuple[str, str, datetime, datetime | None]],
-        now: datetime,
-        *,
-        expired_notices: bool = True,
-        resolved_notices: bool = True,
-    ) -> list[str]:
-        """Ids of the leads the policy may have something to say about at ``now``, most urgent
-        first: a superset of those ``policy.due_alerts`` returns alerts for.
-
-        ``points`` are (channel, tier, cutoff, repeat_after) from ``policy.tier_points``: the
-        tier is due for a lead whose deadline <= cutoff. A watched lead is a candidate when a due
-        tier has no outbox row yet for that channel, or the tier repeats and no row of it that
-        was not skipped is newer than repeat_after. Every other lead has heard all that is due,
-        so a steady cycle reads (and parses) none of them.
-        """
-        points = list(points) or [("", "", datetime.min.replace(tzinfo=UTC), None)]
-        values = ",".join("(?, ?, ?, ?)" for _ in points)
-        params: list[Any] = [
-            value
-            for channel, tier, cutoff, repeat_after in points
-            for value in (channel, tier, ts(cutoff), ts(repeat_after) if repeat_after else None)
-        ]
-        moment = ts(now)
-        params += [moment, int(expired_notices), moment, int(resolved_notices), moment]
-        rows = self.db.execute(
-            f"""WITH points (channel, tier, cutoff, repeat_after) AS (VALUES {values})
-                SELECT l.id FROM leads l
-                WHERE (l.resolution IS NULL AND l.deadline >= ? AND EXISTS (
-                         SELECT 1 FROM points p
-                         WHERE l.deadline <= p.cutoff AND (
-                           NOT EXISTS (
-                             SELECT 1 FROM outbox o
-                             WHERE o.lead_id = l.id AND o.channel = p.channel
-                               AND o.kind = 'tier' AND o.tier = p.tier)
-                           OR (p.repeat_after IS NOT NULL AND NOT EXISTS (
-                             SELECT 1 FROM outbox o
-                             WHERE o.lead_id = l.id AND o.channel = p.channel
-                               AND o.kind = 'tier' AND o.tier = p.tier
-                               AND o.state != 'skipped' AND o.created > p.repeat_after)))))
-                   OR (? = 1 AND l.expired_notified = 0
-                       AND ((l.resolution IS NULL AND l.deadline < ?)
-                            OR l.resolution = 'expired'))
-                   OR (? = 1 AND l.resolution_notified = 0
-                       AND l.resolution NOT IN ('expired', 'gone'))
-                   OR (l.resolution IS NULL AND l.deadline >= ? AND EXISTS (
-                         SELECT 1 FROM claims c WHERE c.lead_id = l.id))
-                ORDER BY l.deadline""",
-            params,
-        )
-        return [row[0] for row in rows]
-
     def ids_starting(self, prefix: str) -> list[str]:
         """Lead ids (any state) that begin with `prefix`, case-sensitive, without parsing leads."""
         rows = self.db.execute(
@@ -387,9 +345,16 @@ class Leads(Database):
         ).fetchone()
         return int(count), from_ts(soonest)
 
+    def pruned_at(self) -> datetime | None:
+        """When the state was last pruned (None: never)."""
+        return from_ts(self.get_meta(PRUNED_META))
+
     def prune(self, now: datetime, keep_resolved: timedelta) -> int:
+        """Forget leads resolved longer than keep_resolved ago, with their outbox rows, audit,
+        silence and claim, and old polls, webhook keys and quarantined records."""
         cutoff = ts(now - keep_resolved)
         with self.transaction():
+            self.set_meta(PRUNED_META, ts(now))
             gone = [
                 row[0]
                 for row in self.db.execute(
@@ -402,6 +367,7 @@ class Leads(Database):
                 self.db.execute("DELETE FROM audit WHERE lead_id = ?", (lead_id,))
                 self.db.execute("DELETE FROM silences WHERE lead_id = ?", (lead_id,))
                 self.db.execute("DELETE FROM claims WHERE lead_id = ?", (lead_id,))
+                self.db.execute("DELETE FROM lead_quiet WHERE lead_id = ?", (lead_id,))
                 self.db.execute("DELETE FROM leads WHERE id = ?", (lead_id,))
             self.db.execute(
                 "DELETE FROM outbox WHERE lead_id IS NULL AND state != 'pending' AND created < ?",

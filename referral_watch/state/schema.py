@@ -8,7 +8,7 @@ from referral_watch.errors import StateError
 from referral_watch.state.db import Database
 from referral_watch.state.dialect import Sqlite
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 
 MIGRATIONS: dict[int, str] = {
@@ -164,6 +164,15 @@ MIGRATIONS: dict[int, str] = {
         note TEXT NOT NULL DEFAULT '',
         lapsed_at TEXT
     );
+    """,
+    # When the next tier point of each watched lead can fall due, worked out from its deadline
+    # and outbox rows ('' = not yet: every lead stored or changed since): a steady poll looks
+    # only at the leads whose moment has come (state.candidates), not at every lead. Its own
+    # narrow table: writing it does not rewrite the lead's row.
+    9: """
+    CREATE TABLE lead_quiet (lead_id TEXT PRIMARY KEY, until TEXT NOT NULL);
+    CREATE INDEX lead_quiet_until ON lead_quiet (until);
+    INSERT INTO lead_quiet (lead_id, until) SELECT id, '' FROM leads WHERE resolution IS NULL;
     """,
 }
 

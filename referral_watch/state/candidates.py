@@ -1,0 +1,221 @@
+"""Which leads the policy may have something to say about at a moment (the steady cycle's
+shortcut), without looking at every watched lead.
+
+Each watched lead has a row in ``lead_quiet``: ``until``, the first moment at which one of its
+tier points can be due, worked out from its deadline and its outbox rows (every row ever written
+for it). The rows only grow (a row never becomes 'skipped' later; rows are deleted only with
+their lead), so until something else changes, the lead needs no look before then. Whatever
+changes the answer sets it back to unknown (''), and the next call works it out again:
+
+- the lead is stored or changed by a poll (its deadline may move), or read again by id
+  (``Leads`` upsert and refresh call ``unsettle``);
+- the policy's tier points change (their fingerprint in ``meta``);
+- the lead is a candidate now: the policy decides for it and may write rows.
+
+Unknown sorts before every moment, so such a lead is never missed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from referral_watch.state.db import Database, chunks, ts
+from referral_watch.state.dialect import Postgres
+
+Point = tuple[str, str, datetime, datetime | None]  # policy.tier_points: channel, tier, ...
+Step = tuple[str, str, timedelta, timedelta | None]  # ... as durations: remaining, repeat
+
+POINTS_META = "candidates.tier_points"  # the tier points lead_quiet was worked out for
+UNKNOWN = ""
+NEVER = ts(datetime.max.replace(tzinfo=UTC))
+_EARLIEST = datetime.min.replace(tzinfo=UTC)
+_LATEST = datetime.max.replace(tzinfo=UTC)
+
+
+class Candidates(Database):
+    def policy_candidates(
+        self,
+        points: Sequence[Point],
+        now: datetime,
+        *,
+        expired_notices: bool = True,
+        resolved_notices: bool = True,
+    ) -> list[str]:
+        """Ids of the leads the policy may have something to say about at ``now``, most urgent
+        first: a superset of those ``policy.due_alerts`` returns alerts for.
+
+        ``points`` are (channel, tier, cutoff, repeat_after) from ``policy.tier_points``: the
+        tier is due for a lead whose deadline <= cutoff. A watched lead is a candidate when a due
+        tier has no outbox row yet for that channel, or the tier repeats and no row of it that
+        was not skipped is newer than repeat_after; a lead with a claim always is, and so is a
+        lead whose expired or resolved notice is still owed. Every other lead has heard all that
+        is due, so a steady cycle reads (and parses) none of them: their ``lead_quiet.until`` is
+        later than now. Writes lead_quiet: call inside the cycle's transaction.
+        """
+        if not self.dialect.in_transaction(self.db):  # it writes: all of it or nothing
+            with self.transaction():
+                return self.policy_candidates(
+                    points,
+                    now,
+                    expired_notices=expired_notices,
+                    resolved_notices=resolved_notices,
+                )
+        moment = ts(now)
+        self._settle(_steps(points, now))
+        # (SQLite: CROSS JOIN keeps the index that finds few rows outermost, not every lead)
+        tier_due = self.db.execute(
+            "SELECT l.id, l.deadline FROM lead_quiet q CROSS JOIN leads l WHERE q.until <= ? "
+            "AND l.id = q.lead_id AND l.resolution IS NULL AND l.deadline >= ?",
+            (moment, moment),
+        ).fetchall()
+        selects = [
+            "SELECT l.id, l.deadline FROM claims c CROSS JOIN leads l "
+            "WHERE l.id = c.lead_id AND l.resolution IS NULL AND l.deadline >= ?"
+        ]
+        params: list[Any] = [moment]
+        if expired_notices:
+            selects += [
+                "SELECT id, deadline FROM leads "
+                "WHERE resolution IS NULL AND deadline < ? AND expired_notified = 0",
+                "SELECT id, deadline FROM leads "
+                "WHERE resolution = 'expired' AND expired_notified = 0",
+            ]
+            params.append(moment)
+        if resolved_notices:
+            selects.append(  # (resolution >= '': not NULL, through the index)
+                "SELECT id, deadline FROM leads WHERE resolution >= '' "
+                "AND resolution NOT IN ('expired', 'gone') AND resolution_notified = 0"
+            )
+        # The policy decides for these now and may write rows for them: worked out again next
+        # time, from the rows as they will be then.
+        self.unsettle([str(row[0]) for row in tier_due])
+        found = {str(row[0]): str(row[1]) for row in tier_due}
+        found.update(
+            (str(row[0]), str(row[1])) for row in self.db.execute(" UNION ".join(selects), params)
+        )
+        return sorted(found, key=lambda lead_id: (found[lead_id], lead_id))
+
+    def unsettle(self, lead_ids: Sequence[str]) -> None:
+        """These leads were stored or changed, or are decided for now: when their next tier
+        point falls due is worked out again at the next call."""
+        for chunk in chunks(lead_ids):
+            marks = ", ".join([f"(?, '{UNKNOWN}')"] * len(chunk))
+            self.db.execute(
+                f"INSERT INTO lead_quiet (lead_id, until) VALUES {marks} "
+                f"ON CONFLICT (lead_id) DO UPDATE SET until = '{UNKNOWN}'",
+                chunk,
+            )
+
+    def _settle(self, steps: list[Step]) -> None:
+        """Work out lead_quiet.until for the watched leads where it is unknown (all of them
+        when the tier points changed)."""
+        fingerprint = json.dumps(
+            [
+                [c, t, r.total_seconds(), None if p is None else p.total_seconds()]
+                for c, t, r, p in steps
+            ]
+        )
+        if self.get_meta(POINTS_META) != fingerprint:
+            self.db.execute("UPDATE lead_quiet SET until = ? WHERE until != ?", (UNKNOWN, UNKNOWN))
+            self.set_meta(POINTS_META, fingerprint)
+        unknown = self.db.execute(  # (the LEFT JOIN keeps the few unknown rows outermost)
+            "SELECT q.lead_id, l.deadline, l.resolution "
+            "FROM lead_quiet q LEFT JOIN leads l ON l.id = q.lead_id WHERE q.until = ?",
+            (UNKNOWN,),
+        ).fetchall()
+        if not unknown:
+            return
+        gone = [str(row[0]) for row in unknown if row[1] is None or row[2] is not None]
+        for chunk in chunks(gone):  # answered or pruned meanwhile: nothing to work out
+            marks = ",".join("?" * len(chunk))
+            self.db.execute(f"DELETE FROM lead_quiet WHERE lead_id IN ({marks})", chunk)
+        watched = [
+            (str(row[0]), str(row[1])) for row in unknown if row[1] is not None and row[2] is None
+        ]
+        sent: dict[str, dict[tuple[str, str], str | None]] = {lead_id: {} for lead_id, _ in watched}
+        rows = self.db.execute(  # (the unknown rows outermost, through their index)
+            """SELECT o.lead_id, o.channel, o.tier,
+                      max(CASE WHEN o.state != 'skipped' THEN o.created END)
+               FROM lead_quiet q CROSS JOIN outbox o
+               WHERE q.until = ? AND o.lead_id = q.lead_id AND o.kind = 'tier'
+               GROUP BY o.lead_id, o.channel, o.tier""",
+            (UNKNOWN,),
+        )
+        for lead_id, channel, tier, last in rows:
+            if lead_id in sent:
+                sent[lead_id][(channel, tier)] = last
+        plan = _Plan(steps)
+        settled = [
+            (lead_id, plan.quiet_until(deadline, sent[lead_id])) for lead_id, deadline in watched
+        ]
+        self._write(settled)
+
+    def _write(self, settled: list[tuple[str, str]]) -> None:
+        if isinstance(self.dialect, Postgres):  # one UPDATE from a COPY: no statement per 500
+            self.db.execute(
+                "CREATE TEMPORARY TABLE IF NOT EXISTS lead_quiet_in "
+                "(LIKE lead_quiet) ON COMMIT DELETE ROWS"
+            )
+            self.db.execute("TRUNCATE lead_quiet_in")
+            self.db.copy("lead_quiet_in", ["lead_id", "until"], settled)
+            self.db.execute(
+                "UPDATE lead_quiet SET until = i.until FROM lead_quiet_in i "
+                "WHERE lead_quiet.lead_id = i.lead_id"
+            )
+            return
+        for part in chunks(settled):
+            marks = ", ".join(["(?, ?)"] * len(part))
+            self.db.execute(
+                f"""INSERT INTO lead_quiet (lead_id, until) VALUES {marks}
+                    ON CONFLICT (lead_id) DO UPDATE SET until = excluded.until""",
+                [value for row in part for value in row],
+            )
+
+
+class _Plan:
+    """quiet_until for many leads: what depends only on which points have rows is worked out
+    once per set of points."""
+
+    def __init__(self, steps: list[Step]) -> None:
+        self.steps = steps
+        self.plans: dict[frozenset[tuple[str, str]], tuple[timedelta | None, list[Step]]] = {}
+
+    def quiet_until(self, deadline: str, sent: dict[tuple[str, str], str | None]) -> str:
+        """The first moment a tier point can be due for a watched lead with this deadline
+        whose outbox holds rows for the (channel, tier) keys of ``sent`` (each with the time
+        of its newest row that was not skipped, or None): NEVER when none can be before the
+        deadline. A point is due at t when deadline <= t + remaining and either no row of it
+        exists, or it repeats and no row that was not skipped is newer than t - repeat."""
+        keys = frozenset(sent)
+        plan = self.plans.get(keys)
+        if plan is None:
+            missing = [step[2] for step in self.steps if step[:2] not in keys]
+            repeating = [step for step in self.steps if step[:2] in keys and step[3] is not None]
+            plan = self.plans[keys] = (max(missing) if missing else None, repeating)
+        longest, repeating = plan
+        end = datetime.fromisoformat(deadline)
+        soonest = _LATEST if longest is None else _shifted(end, -longest)
+        for channel, tier, remaining, repeat in repeating:
+            due = _shifted(end, -remaining)
+            last = sent[(channel, tier)]
+            if last is not None and repeat is not None:
+                due = max(due, _shifted(datetime.fromisoformat(last), repeat))
+            soonest = min(soonest, due)
+        return NEVER if soonest > end else ts(soonest)
+
+
+def _steps(points: Sequence[Point], now: datetime) -> list[Step]:
+    return [
+        (channel, tier, cutoff - now, None if repeat_after is None else now - repeat_after)
+        for channel, tier, cutoff, repeat_after in points
+    ]
+
+
+def _shifted(moment: datetime, by: timedelta) -> datetime:
+    try:
+        return moment + by
+    except OverflowError:
+        return _LATEST if by > timedelta(0) else _EARLIEST
