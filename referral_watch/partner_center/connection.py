@@ -44,6 +44,7 @@ class KeptAlive(httpx.BaseTransport):
         self._idle: dict[Key, list[http.client.HTTPConnection]] = {}
         self._lock = threading.Lock()
         self._tls: ssl.SSLContext | None = None
+        self._closed = False
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
@@ -111,6 +112,7 @@ class KeptAlive(httpx.BaseTransport):
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True  # an answer still being read closes its connection after
             idle, self._idle = self._idle, {}
         for connections in idle.values():
             for connection in connections:
@@ -132,7 +134,7 @@ class KeptAlive(httpx.BaseTransport):
     def give_back(self, key: Key, connection: http.client.HTTPConnection) -> None:
         with self._lock:
             connections = self._idle.setdefault(key, [])
-            if len(connections) < MAX_IDLE:
+            if not self._closed and len(connections) < MAX_IDLE:
                 connections.append(connection)
                 return
         connection.close()
@@ -199,11 +201,12 @@ def _usable(connection: http.client.HTTPConnection) -> bool:
     sock = connection.sock
     if sock is None:
         return False
+    poller = select.poll()  # not select(): any descriptor number
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
+        poller.register(sock, select.POLLIN)
+        return not poller.poll(0)
     except (OSError, ValueError):
         return False
-    return not readable
 
 
 def _as_httpx(exc: BaseException, request: httpx.Request, *, connecting: bool) -> BaseException:
