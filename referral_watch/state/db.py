@@ -80,6 +80,14 @@ class Database:
         """Who this process is in outbox claims."""
         return self.dialect.owner
 
+    def one_of(self, column: str, values: Sequence[Any]) -> tuple[str, list[Any]]:
+        """SQL saying ``column`` holds one of ``values`` (a chunk), and its parameters: one
+        array on PostgreSQL (psycopg parses a statement of more than 50 parameters anew each
+        time it runs), one parameter per value on SQLite."""
+        if isinstance(self.dialect, Postgres):
+            return f"{column} = ANY(?)", [list(values)]
+        return f"{column} IN ({','.join('?' * len(values))})", list(values)
+
     def close(self) -> None:
         self.db.close()
 

@@ -299,14 +299,13 @@ class Leads(Candidates):
         outlines = LeadOutlines()
         read = datetime.fromisoformat
         for chunk in chunks(list(ids)):
-            marks = ",".join("?" * len(chunk))
-            rows = self.db.execute(f"SELECT id, deadline FROM leads WHERE id IN ({marks})", chunk)
+            these, params = self.one_of("id", chunk)
+            rows = self.db.execute(f"SELECT id, deadline FROM leads WHERE {these}", params)
             outlines.deadlines.update((lead_id, read(deadline)) for lead_id, deadline in rows)
             claimed = self.db.execute(
                 "SELECT id, customer, created, deadline, first_seen, last_seen, resolution, "
-                f"{CLAIM_COLUMNS} FROM leads l JOIN claims c ON c.lead_id = l.id "
-                f"WHERE id IN ({marks})",
-                chunk,
+                f"{CLAIM_COLUMNS} FROM leads l JOIN claims c ON c.lead_id = l.id WHERE {these}",
+                params,
             )
             for row in claimed:
                 lead_id, customer, created, deadline, first, last, resolution = row[:7]

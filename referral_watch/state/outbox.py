@@ -9,6 +9,7 @@ from typing import Any
 
 from referral_watch.model import EXPIRED, RESOLVED, TIER, Alert, PendingRow, Sent
 from referral_watch.state.db import Database, Times, chunks, from_ts, ts
+from referral_watch.state.dialect import Postgres
 
 # Meta key: when the oldest due delivery still undelivered was queued (unset: none stuck).
 STUCK_META = "delivery.stuck_since"
@@ -16,6 +17,10 @@ STUCK_META = "delivery.stuck_since"
 
 # How long a claim on an outbox row keeps other processes off it: longer than one send takes.
 CLAIM_LEASE = timedelta(seconds=30)
+
+
+# The columns Outbox.record writes, in its rows' order.
+_RECORD_COLUMNS = ("lead_id", "kind", "channel", "tier", "severity", "state", "created")
 
 
 class Outbox(Database):
@@ -76,11 +81,15 @@ class Outbox(Database):
             )
             for alert in alerts
         ]
+        if isinstance(self.dialect, Postgres) and len(rows) > 1:
+            # COPY: psycopg parses a statement of more than 50 parameters anew each time, and
+            # the values are the state's own (stored lead ids, the config's names).
+            self.db.copy("outbox", _RECORD_COLUMNS, rows)
+            rows = []
         for part in chunks(rows, 300):
             marks = ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(part))
             self.db.execute(
-                "INSERT INTO outbox (lead_id, kind, channel, tier, severity, state, created) "
-                f"VALUES {marks}",
+                f"INSERT INTO outbox ({', '.join(_RECORD_COLUMNS)}) VALUES {marks}",
                 [value for row in part for value in row],
             )
         for kind, column in ((EXPIRED, "expired_notified"), (RESOLVED, "resolution_notified")):
@@ -137,33 +146,32 @@ class Outbox(Database):
         with self.transaction():
             free = 0
             for chunk in chunks(ids):
-                marks = ",".join("?" * len(chunk))
+                these, params = self.one_of("id", chunk)
                 rows = self.db.execute(
-                    f"""SELECT id FROM outbox WHERE id IN ({marks}) AND state = 'pending'
+                    f"""SELECT id FROM outbox WHERE {these} AND state = 'pending'
                           AND (claim_owner IS NULL OR claim_owner = ? OR claim_until < ?)
                         {self.dialect.for_update}""",
-                    (*chunk, self.owner, ts(now)),
+                    (*params, self.owner, ts(now)),
                 )
                 free += len(rows.fetchall())
             if free < len(ids):
                 return False
             for chunk in chunks(ids):
-                marks = ",".join("?" * len(chunk))
+                these, params = self.one_of("id", chunk)
                 self.db.execute(
-                    f"UPDATE outbox SET claim_owner = ?, claim_until = ? WHERE id IN ({marks})",
-                    (self.owner, ts(now + lease), *chunk),
+                    f"UPDATE outbox SET claim_owner = ?, claim_until = ? WHERE {these}",
+                    (self.owner, ts(now + lease), *params),
                 )
         return True
 
     def delivered(self, row_ids: Sequence[int], now: datetime) -> None:
         with self.transaction():
             for chunk in chunks(list(row_ids)):  # a first cycle's digest covers thousands
-                marks = ",".join("?" * len(chunk))
+                these, params = self.one_of("id", chunk)
                 self.db.execute(
                     "UPDATE outbox SET state = 'delivered', delivered_at = ?, last_error = NULL, "
-                    "claim_owner = NULL, claim_until = NULL "
-                    f"WHERE id IN ({marks}) AND state = 'pending'",
-                    (ts(now), *chunk),
+                    f"claim_owner = NULL, claim_until = NULL WHERE {these} AND state = 'pending'",
+                    (ts(now), *params),
                 )
 
     def failed(
