@@ -49,6 +49,9 @@ def main() -> None:
     import referral_watch.state.replica
     import referral_watch.state.store  # noqa: F401
 
+    if config.state.url is not None:  # the state in PostgreSQL: its driver, loaded at the
+        import psycopg  # noqa: F401  first connection and kept (SQLite's is in the stdlib)
+
     ready, ready_cpu = time.time(), _cpu()
     result = cli.run_once(config)  # the same function `referral-watch run --once` calls
     done, done_cpu = time.time(), _cpu()

@@ -323,8 +323,10 @@ class Leads(Candidates):
     def digests(self) -> list[tuple[str, str | None]]:
         """(id, digest of its stored record or None) of every watched lead. A poll recognises
         an unchanged record by its digest, without reading stored texts (an index holds both)."""
-        rows = self.db.execute("SELECT id, digest FROM leads WHERE resolution IS NULL")
-        return [(str(row[0]), row[1]) for row in rows]
+        sql = "SELECT id, digest FROM leads WHERE resolution IS NULL"
+        if isinstance(self.dialect, Postgres):  # plain tuples: a third of the time at 20,000
+            return self.db.tuples(sql)  # type: ignore[no-any-return]
+        return [(str(row[0]), row[1]) for row in self.db.execute(sql)]
 
     def ids_starting(self, prefix: str) -> list[str]:
         """Lead ids (any state) that begin with `prefix`, case-sensitive, without parsing leads."""
