@@ -21,6 +21,11 @@ Figures, per cycle:
            from the parent's size at fork, and this parent holds the sandbox's data)
   msgs     messages that reached the channels (team + managers)
 
+Floor (SQLite runs only, once per size, after the steady cycle): bench/floor.py reads the same
+pages with a bare http.client loop and the client's own msgspec decoder, and stores nothing: about
+the least a Python client can spend per page here. Its ratio and CPU are what the cycles' figures
+read against; the targets are judged on the cycles alone.
+
 Per unchanged lead: the steady cycle's CPU is mostly fixed costs at 20,000 leads (the imports
 the cycle makes, the HTTP client's TLS context, the state's setup); what one more unchanged lead
 costs is the slope between the two sizes: (cpu at 100,000 - cpu at 20,000) / 80,000.
@@ -215,9 +220,22 @@ class Figures:
         return self.cpu / self.server if self.server else float("inf")
 
 
-def run_cycle(size: int, name: str, config: Path, work: Path, sinks: dict[str, Sink]) -> Figures:
+def run_cycle(
+    size: int,
+    name: str,
+    config: Path,
+    work: Path,
+    sinks: dict[str, Sink],
+    floor_of: str | None = None,
+) -> Figures:
+    """One cycle in a fresh process (worker.py); with ``floor_of`` (the API's base URL), the
+    floor's bare reading of the same pages instead (floor.py)."""
     out = work / f"{name}.json"
     log = work / f"{name}.log"
+    if floor_of is None:
+        argv = [str(HERE / "worker.py"), str(config), str(out)]
+    else:
+        argv = [str(HERE / "floor.py"), floor_of, TOKEN, str(out)]
     before_server, before_requests = SERVER.reading()
     before_msgs = {channel: sink.count() for channel, sink in sinks.items()}
     env = {**os.environ, TOKEN_ENV: TOKEN}
@@ -225,7 +243,7 @@ def run_cycle(size: int, name: str, config: Path, work: Path, sinks: dict[str, S
     began = time.time()
     with log.open("wb") as stderr:
         child = subprocess.Popen(
-            [sys.executable, str(HERE / "worker.py"), str(config), str(out)],
+            [sys.executable, *argv],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=stderr,
@@ -238,8 +256,9 @@ def run_cycle(size: int, name: str, config: Path, work: Path, sinks: dict[str, S
     time.sleep(0.05)  # let the receivers finish counting the last message
     report = json.loads(out.read_text())
     server, requests = SERVER.reading()
+    backend = "postgresql" if "\n[state]\nurl = " in config.read_text() else "sqlite"
     return Figures(
-        backend="postgresql" if "\n[state]\nurl = " in config.read_text() else "sqlite",
+        backend="none" if floor_of else backend,
         size=size,
         cycle=name,
         wall=ended - began,
@@ -279,6 +298,8 @@ def measure(size: int, database: str | None = None) -> list[Figures]:
         config.write_text(text)
         sinks = {"team": team, "managers": managers}
         rows = [run_cycle(size, name, config, work, sinks) for name in ("first", "steady")]
+        if database is None:  # the same pages read bare, once per size
+            rows.append(run_cycle(size, "floor", config, work, sinks, floor_of=api.base_url))
         _churn(api, size, now)
         rows.append(run_cycle(size, "churn", config, work, sinks))
         return rows
