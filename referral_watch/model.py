@@ -146,14 +146,24 @@ def parse_time(value: Any) -> datetime | None:
     if not isinstance(value, str):
         raise ValueError(f"not a timestamp: {str(value)[:40]!r}")
     text = value.strip()
-    # fromisoformat takes at most 6 fractional digits before 3.11's relaxed parser; trim to be safe
-    head, dot, rest = text.partition(".")
-    if dot:
-        digits = "".join(ch for ch in rest if ch.isdigit())
-        suffix = rest[len(digits) :]
-        text = f"{head}.{digits[:6]}{suffix}"
+    if (
+        len(text) == 28
+        and text.find(".") == 19
+        and text[27] == "Z"
+        and text[20:27].isdigit()
+        and "Z" not in text[:19]
+    ):  # Partner Center's own shape (7 digits, Z): the text the lines below make of it, sooner
+        text = text[:26] + "+00:00"
+    else:
+        # fromisoformat takes at most 6 fractional digits before 3.11's relaxed parser; trim
+        head, dot, rest = text.partition(".")
+        if dot:
+            digits = "".join(ch for ch in rest if ch.isdigit())
+            suffix = rest[len(digits) :]
+            text = f"{head}.{digits[:6]}{suffix}"
+        text = text.replace("Z", "+00:00")
     try:
-        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        parsed = datetime.fromisoformat(text)
         if parsed.tzinfo is None:
             parsed = parsed.replace(tzinfo=UTC)
         parsed = parsed.astimezone(UTC)
@@ -232,7 +242,8 @@ def _deal_value(value: Any) -> Decimal | None:
 
 
 def _ids(items: Any, key: str = "id") -> tuple[str, ...]:
-    return tuple(_text(_get(_obj(item), key)) for item in _list(items) if _get(_obj(item), key))
+    values = (_get(_obj(item), key) for item in _list(items))
+    return tuple(_text(value) for value in values if value)
 
 
 def _member(item: Any) -> TeamMember | None:
@@ -289,10 +300,11 @@ def parse_referral(data: Any, raw: str | None = None) -> Referral:
     requirements = _obj(_get(details, "requirements"))
     members = tuple(m for m in (_member(i) for i in _list(_get(data, "team"))) if m is not None)
     invited_by = _obj(_get(_obj(_get(data, "inviteContext")), "invitedBy"))
+    name = _text(_get(data, "name"))
     return Referral(
         id=ref_id.strip(),
-        name=_text(_get(data, "name")),
-        customer=_text(_get(profile, "name")) or _text(_get(data, "name")) or "(unnamed customer)",
+        name=name,
+        customer=_text(_get(profile, "name")) or name or "(unnamed customer)",
         created=created,
         expiration=_optional_time(_get(data, "expirationDateTime")),
         updated=_optional_time(_get(data, "updatedDateTime")),
