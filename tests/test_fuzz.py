@@ -28,6 +28,8 @@ from hypothesis import strategies as st
 from referral_watch import policy
 from referral_watch.config import DURATION_LIMIT, Config, format_duration, parse_duration
 from referral_watch.config.loader import parse_config
+from referral_watch.cycle.decide import Decide
+from referral_watch.cycle.result import CycleResult
 from referral_watch.cycle.runner import Cycle
 from referral_watch.errors import ApiError, ConfigError
 from referral_watch.model import TIER, Alert, MalformedReferral, Referral, parse_referral
@@ -499,6 +501,33 @@ def test_candidates_never_hide_a_lead_that_is_due(
         )
         shortcut = policy.due_alerts(
             store.leads(for_policy=True, ids=chosen), store.history(chosen), cfg, NOW
+        )
+    assert _keyed(shortcut) == _keyed(expected)
+
+
+@FUZZ
+@given(
+    tier_configs,
+    st.lists(st.integers(-3 * 24, 21 * 24), min_size=1, max_size=6),  # deadlines, hours
+    st.integers(0, 15 * 24),  # hours after the first cycle
+)
+def test_new_leads_decided_at_once_are_not_hidden_later(
+    tiers: list[tuple[int, int | None, set[str]]], deadlines: list[int], later_hours: int
+) -> None:
+    """A first cycle decides new leads from the referrals in hand and notes when each one's
+    next tier falls due from those decisions: no lead due later is hidden by that note."""
+    cfg = _policy_config(tiers, True)
+    later = NOW + timedelta(hours=later_hours)
+    with tempfile.TemporaryDirectory() as tmp, Store(Path(tmp) / "state.db") as store:
+        with store.transaction():
+            for n, hours in enumerate(deadlines):
+                ref = parse_referral(make_referral(id=f"lead-{n}", created=NOW - timedelta(days=1)))
+                store.upsert([ref], lambda _r, h=hours: NOW + timedelta(hours=h), NOW)
+            Decide(cfg, store).new_leads(store.leads(for_policy=True), NOW, CycleResult())
+        expected = policy.due_alerts(store.leads(for_policy=True), store.history(), cfg, later)
+        chosen = store.policy_candidates(policy.tier_points(cfg, later), later)
+        shortcut = policy.due_alerts(
+            store.leads(for_policy=True, ids=chosen), store.history(chosen), cfg, later
         )
     assert _keyed(shortcut) == _keyed(expected)
 

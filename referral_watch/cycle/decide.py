@@ -45,7 +45,12 @@ class Decide:
         """Decide at once for leads first stored now: they have no history, silence or notice
         yet, so the leads in hand are all the policy needs. Returns the rows to deliver."""
         leads.sort(key=lambda lead: lead.deadline)  # most urgent first, as candidates are
-        return self.store.record(self.due(leads, {}, now, result), now, new_leads=True)
+        alerts = self.due(leads, {}, now, result)
+        queued = self.store.record(alerts, now, new_leads=True)
+        # Their next tier's moment from these alerts (their only rows), not read back later.
+        deadlines = {lead.id: lead.deadline for lead in leads}
+        self.store.settle_new(policy.tier_points(self.config, now), now, deadlines, alerts)
+        return queued
 
     def candidates(self, now: datetime, result: CycleResult) -> int:
         """Decide for the leads that may need an alert (a poll). Returns the rows to deliver.

@@ -18,10 +18,11 @@ Unknown sorts before every moment, so such a lead is never missed.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from referral_watch.model import TIER, Alert
 from referral_watch.state.db import Database, chunks, ts
 from referral_watch.state.dialect import Postgres
 
@@ -109,9 +110,35 @@ class Candidates(Database):
                 chunk,
             )
 
-    def _settle(self, steps: list[Step]) -> None:
-        """Work out lead_quiet.until for the watched leads where it is unknown (all of them
-        when the tier points changed)."""
+    def settle_new(
+        self,
+        points: Sequence[Point],
+        now: datetime,
+        deadlines: Mapping[str, datetime],
+        alerts: Sequence[Alert],
+    ) -> None:
+        """Leads first stored in this transaction and decided just now (``deadlines``, by id):
+        when their next tier point falls due, from the alerts in hand, which ``record`` wrote
+        as their only outbox rows (one each, created ``now``), without reading them back."""
+        steps = _steps(points, now)
+        self._same_points(steps)
+        created = ts(now)
+        sent: dict[str, dict[tuple[str, str], str | None]] = {lead_id: {} for lead_id in deadlines}
+        for alert in alerts:
+            if alert.kind == TIER and alert.lead_id in sent and alert.tier is not None:
+                heard = sent[alert.lead_id]
+                key = (alert.channel, alert.tier)
+                heard[key] = created if not alert.skipped else heard.get(key)
+        plan = _Plan(steps)
+        self._write(
+            [
+                (lead_id, plan.quiet_until(deadline, sent[lead_id]))
+                for lead_id, deadline in deadlines.items()
+            ]
+        )
+
+    def _same_points(self, steps: list[Step]) -> None:
+        """When the tier points changed since the moments were worked out: all unknown."""
         fingerprint = json.dumps(
             [
                 [c, t, r.total_seconds(), None if p is None else p.total_seconds()]
@@ -121,6 +148,11 @@ class Candidates(Database):
         if self.get_meta(POINTS_META) != fingerprint:
             self.db.execute("UPDATE lead_quiet SET until = ? WHERE until != ?", (UNKNOWN, UNKNOWN))
             self.set_meta(POINTS_META, fingerprint)
+
+    def _settle(self, steps: list[Step]) -> None:
+        """Work out lead_quiet.until for the watched leads where it is unknown (all of them
+        when the tier points changed)."""
+        self._same_points(steps)
         unknown = self.db.execute(  # (the LEFT JOIN keeps the few unknown rows outermost)
             "SELECT q.lead_id, l.deadline, l.resolution "
             "FROM lead_quiet q LEFT JOIN leads l ON l.id = q.lead_id WHERE q.until = ?",
@@ -149,7 +181,8 @@ class Candidates(Database):
                 sent[lead_id][(channel, tier)] = last
         plan = _Plan(steps)
         settled = [
-            (lead_id, plan.quiet_until(deadline, sent[lead_id])) for lead_id, deadline in watched
+            (lead_id, plan.quiet_until(datetime.fromisoformat(deadline), sent[lead_id]))
+            for lead_id, deadline in watched
         ]
         self._write(settled)
 
@@ -183,8 +216,8 @@ class _Plan:
         self.steps = steps
         self.plans: dict[frozenset[tuple[str, str]], tuple[timedelta | None, list[Step]]] = {}
 
-    def quiet_until(self, deadline: str, sent: dict[tuple[str, str], str | None]) -> str:
-        """The first moment a tier point can be due for a watched lead with this deadline
+    def quiet_until(self, end: datetime, sent: dict[tuple[str, str], str | None]) -> str:
+        """The first moment a tier point can be due for a watched lead with deadline ``end``
         whose outbox holds rows for the (channel, tier) keys of ``sent`` (each with the time
         of its newest row that was not skipped, or None): NEVER when none can be before the
         deadline. A point is due at t when deadline <= t + remaining and either no row of it
@@ -196,7 +229,6 @@ class _Plan:
             repeating = [step for step in self.steps if step[:2] in keys and step[3] is not None]
             plan = self.plans[keys] = (max(missing) if missing else None, repeating)
         longest, repeating = plan
-        end = datetime.fromisoformat(deadline)
         soonest = _LATEST if longest is None else _shifted(end, -longest)
         for channel, tier, remaining, repeat in repeating:
             due = _shifted(end, -remaining)
