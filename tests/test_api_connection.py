@@ -99,6 +99,17 @@ def test_a_certificate_nobody_trusts_fails_the_poll_saying_so(
         assert not [r for r in sandbox.requests if r.path.endswith("/referrals")]
 
 
+def test_a_cookie_partner_center_sets_is_never_sent_back() -> None:
+    with Sandbox([lead(1)]) as sandbox, client(sandbox.base_url) as api:
+        sticky = {"Set-Cookie": "ARRAffinity=sticky; Path=/"}
+        sandbox.fail(0, on="item", body=json.dumps(lead(1)).encode(), headers=sticky)
+        assert api.current("lead-001") is not None  # (the answering path's read)
+        assert api.current("lead-001") is not None
+        assert lead_ids(api) == ["lead-001"]
+    assert len(sandbox.requests) == 3
+    assert [r.headers.get("Cookie") for r in sandbox.requests] == [None, None, None]
+
+
 class _ClosingServer(ThreadingHTTPServer):
     """Answers every request as keep-alive, then closes the connection anyway (what a load
     balancer does to a connection idle for too long)."""

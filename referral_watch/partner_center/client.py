@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -142,6 +143,9 @@ class PartnerCenter:
         self._transport = transport or connection.for_environment()
         self._client = httpx.Client(
             transport=self._transport,
+            # No cookies kept: the API is stateless (a bearer token and the nextLink carry all),
+            # and the poll's requests go straight to the transport, past httpx's cookie jar.
+            cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
             # connect, each read, each write: a silent server fails after `timeout`; one that
             # dribbles is stopped by the poll's deadline (poll_timeout)
             timeout=config.timeout.total_seconds(),
