@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote
