@@ -80,6 +80,9 @@ class Intake:
                     self._upsert(again, now, result)
                 among = [lead_id for lead_id, _ in watched]
                 self.lookups.conclude_absent(now, result, seen.ids, among)
+                # What the poll kept of every lead (a first cycle's tens of thousands of ids and
+                # digests) is done with: its memory serves the decisions below.
+                del watched, stored, seen, among
                 self.store.mark_expired(now)
                 result.queued += self.decide.candidates(now, result)
                 result.poll_ok = True
