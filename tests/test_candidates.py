@@ -104,3 +104,21 @@ def test_a_state_from_before_the_shortcut_looks_at_its_leads_once(
         heard(store, "b", "new")
         assert candidates(store, NOW) == []
         assert candidates(store, NOW + 2 * D) == ["b"]  # b's reminder; a's comes a day later
+
+
+def test_a_new_lead_decided_at_once_waits_for_its_next_tier_unless_stored_again(
+    state_location: Path | str,
+) -> None:
+    with Store(state_location) as store:
+        with store.transaction():  # a first cycle: stored, decided from the referral in hand
+            store.upsert([parse_referral(referral("a"))], lambda _r: NOW + 10 * D, NOW)
+            store.upsert([parse_referral(referral("b"))], lambda _r: NOW + 10 * D, NOW)
+            alerts = [Alert(lead, TIER, "team", "new", 0) for lead in ("a", "b")]
+            store.record(alerts, NOW, new_leads=True)
+            store.settle_new(tiers(NOW), NOW, {"a": NOW + 10 * D, "b": NOW + 10 * D}, alerts)
+            # a later page brings b again, changed: its reminder is due by the new deadline
+            store.upsert([parse_referral(referral("b"))], lambda _r: NOW + 5 * D, NOW)
+            assert store.policy_candidates(tiers(NOW), NOW) == ["b"]
+            store.record([Alert("b", TIER, "team", "reminder", 0)], NOW)
+        assert candidates(store, NOW + 3 * D - H) == []
+        assert candidates(store, NOW + 3 * D) == ["a"]

@@ -18,7 +18,8 @@ Unknown sorts before every moment, so such a lead is never missed.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -37,6 +38,17 @@ _LATEST = datetime.max.replace(tzinfo=UTC)
 
 
 class Candidates(Database):
+    @contextmanager
+    def transaction(self) -> Iterator[Any]:
+        """As Database's; the moments of new leads decided in it (``settle_new``) are kept
+        until the candidates are chosen in the same transaction, never past its end."""
+        self._decided: dict[str, tuple[str, str]] = {}
+        try:
+            with super().transaction() as db:
+                yield db
+        finally:
+            self._decided = {}
+
     def policy_candidates(
         self,
         points: Sequence[Point],
@@ -102,6 +114,9 @@ class Candidates(Database):
     def unsettle(self, lead_ids: Sequence[str]) -> None:
         """These leads were stored or changed, or are decided for now: when their next tier
         point falls due is worked out again at the next call."""
+        decided = self.__dict__.get("_decided", {})
+        for lead_id in lead_ids:
+            decided.pop(lead_id, None)
         for chunk in chunks(lead_ids):
             marks = ", ".join([f"(?, '{UNKNOWN}')"] * len(chunk))
             self.db.execute(
@@ -119,9 +134,13 @@ class Candidates(Database):
     ) -> None:
         """Leads first stored in this transaction and decided just now (``deadlines``, by id):
         when their next tier point falls due, from the alerts in hand, which ``record`` wrote
-        as their only outbox rows (one each, created ``now``), without reading them back."""
+        as their only outbox rows (one each, created ``now``), without reading them back.
+        Kept in memory and written when the candidates are chosen in this transaction (one
+        statement, not one per page); a lead stored again meanwhile is unknown again."""
+        if not self.dialect.in_transaction(self.db):
+            return  # nothing to keep them in: their rows stay unknown, worked out later
         steps = _steps(points, now)
-        self._same_points(steps)
+        fingerprint = _fingerprint(steps)
         created = ts(now)
         sent: dict[str, dict[tuple[str, str], str | None]] = {lead_id: {} for lead_id in deadlines}
         for alert in alerts:
@@ -130,24 +149,21 @@ class Candidates(Database):
                 key = (alert.channel, alert.tier)
                 heard[key] = created if not alert.skipped else heard.get(key)
         plan = _Plan(steps)
-        self._write(
-            [
-                (lead_id, plan.quiet_until(deadline, sent[lead_id]))
-                for lead_id, deadline in deadlines.items()
-            ]
-        )
+        decided = self.__dict__.setdefault("_decided", {})
+        for lead_id, deadline in deadlines.items():
+            decided[lead_id] = (fingerprint, plan.quiet_until(deadline, sent[lead_id]))
 
     def _same_points(self, steps: list[Step]) -> None:
-        """When the tier points changed since the moments were worked out: all unknown."""
-        fingerprint = json.dumps(
-            [
-                [c, t, r.total_seconds(), None if p is None else p.total_seconds()]
-                for c, t, r, p in steps
-            ]
-        )
+        """When the tier points changed since the moments were worked out: all unknown. Then
+        the moments of the new leads decided in this transaction (for these points) go in."""
+        fingerprint = _fingerprint(steps)
         if self.get_meta(POINTS_META) != fingerprint:
             self.db.execute("UPDATE lead_quiet SET until = ? WHERE until != ?", (UNKNOWN, UNKNOWN))
             self.set_meta(POINTS_META, fingerprint)
+        decided, self._decided = self.__dict__.get("_decided", {}), {}
+        self._write(
+            [(lead_id, until) for lead_id, (f, until) in decided.items() if f == fingerprint]
+        )
 
     def _settle(self, steps: list[Step]) -> None:
         """Work out lead_quiet.until for the watched leads where it is unknown (all of them
@@ -187,8 +203,9 @@ class Candidates(Database):
         self._write(settled)
 
     def _write(self, settled: list[tuple[str, str]]) -> None:
-        if isinstance(self.dialect, Postgres):  # one UPDATE from a COPY: no statement per 500
-            self.db.execute(
+        """These moments into the rows there are (a lead answered meanwhile has none)."""
+        if isinstance(self.dialect, Postgres) and len(settled) > 1000:
+            self.db.execute(  # one UPDATE from a COPY: no statement per 500
                 "CREATE TEMPORARY TABLE IF NOT EXISTS lead_quiet_in "
                 "(LIKE lead_quiet) ON COMMIT DELETE ROWS"
             )
@@ -202,8 +219,9 @@ class Candidates(Database):
         for part in chunks(settled):
             marks = ", ".join(["(?, ?)"] * len(part))
             self.db.execute(
-                f"""INSERT INTO lead_quiet (lead_id, until) VALUES {marks}
-                    ON CONFLICT (lead_id) DO UPDATE SET until = excluded.until""",
+                f"""WITH settled (lead_id, until) AS (VALUES {marks})
+                    UPDATE lead_quiet SET until = settled.until
+                    FROM settled WHERE lead_quiet.lead_id = settled.lead_id""",
                 [value for row in part for value in row],
             )
 
@@ -237,6 +255,15 @@ class _Plan:
                 due = max(due, _shifted(datetime.fromisoformat(last), repeat))
             soonest = min(soonest, due)
         return NEVER if soonest > end else ts(soonest)
+
+
+def _fingerprint(steps: list[Step]) -> str:
+    return json.dumps(
+        [
+            [c, t, r.total_seconds(), None if p is None else p.total_seconds()]
+            for c, t, r, p in steps
+        ]
+    )
 
 
 def _steps(points: Sequence[Point], now: datetime) -> list[Step]:
