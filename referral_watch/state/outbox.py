@@ -23,6 +23,10 @@ CLAIM_LEASE = timedelta(seconds=30)
 _RECORD_COLUMNS = ("lead_id", "kind", "channel", "tier", "severity", "state", "created")
 
 
+class _NotAllFree(Exception):
+    """A claim found a row delivered or claimed by another process: nothing is claimed."""
+
+
 class Outbox(Database):
     def history(self, lead_ids: Sequence[str] | None = None) -> dict[str, list[Sent]]:
         """Every lead alert row ever written, by lead id (only for ``lead_ids`` when given)."""
@@ -143,25 +147,26 @@ class Outbox(Database):
         are this process's now; False when one was delivered meanwhile or another process
         holds a claim on it whose lease still runs (then nothing is claimed)."""
         ids = list(dict.fromkeys(row_ids))
-        with self.transaction():
-            free = 0
-            for chunk in chunks(ids):
-                these, params = self.one_of("id", chunk)
-                rows = self.db.execute(
-                    f"""SELECT id FROM outbox WHERE {these} AND state = 'pending'
-                          AND (claim_owner IS NULL OR claim_owner = ? OR claim_until < ?)
-                        {self.dialect.for_update}""",
-                    (*params, self.owner, ts(now)),
-                )
-                free += len(rows.fetchall())
-            if free < len(ids):
-                return False
-            for chunk in chunks(ids):
-                these, params = self.one_of("id", chunk)
-                self.db.execute(
-                    f"UPDATE outbox SET claim_owner = ?, claim_until = ? WHERE {these}",
-                    (self.owner, ts(now + lease), *params),
-                )
+        try:
+            with self.transaction():
+                # One pass: each row taken where it is free; a row that was not means none is
+                # (the transaction is rolled back). Looking first, then writing, went over
+                # every row twice (a first cycle's digest has thousands).
+                taken = 0
+                for chunk in chunks(ids):
+                    these, params = self.one_of("id", chunk)
+                    rows = self.db.execute(
+                        f"""UPDATE outbox SET claim_owner = ?, claim_until = ?
+                            WHERE {these} AND state = 'pending'
+                              AND (claim_owner IS NULL OR claim_owner = ? OR claim_until < ?)
+                            RETURNING id""",
+                        (self.owner, ts(now + lease), *params, self.owner, ts(now)),
+                    )
+                    taken += len(rows.fetchall())
+                if taken < len(ids):
+                    raise _NotAllFree
+        except _NotAllFree:
+            return False
         return True
 
     def delivered(self, row_ids: Sequence[int], now: datetime) -> None:
