@@ -78,17 +78,16 @@ class Candidates(Database):
                 )
         moment = ts(now)
         self._settle(_steps(points, now))
-        # (SQLite: CROSS JOIN keeps the index that finds few rows outermost, not every lead)
-        tier_due = self.db.execute(
-            "SELECT l.id, l.deadline FROM lead_quiet q CROSS JOIN leads l WHERE q.until <= ? "
-            "AND l.id = q.lead_id AND l.resolution IS NULL AND l.deadline >= ?",
-            (moment, moment),
-        ).fetchall()
-        selects = [
-            "SELECT l.id, l.deadline FROM claims c CROSS JOIN leads l "
-            "WHERE l.id = c.lead_id AND l.resolution IS NULL AND l.deadline >= ?"
+        # The few ids first (lead_quiet's and the claims' own index), then those leads by id:
+        # no plan ever starts from every watched lead, with or without a table's statistics.
+        due = [
+            str(row[0])
+            for row in self.db.execute("SELECT lead_id FROM lead_quiet WHERE until <= ?", (moment,))
         ]
-        params: list[Any] = [moment]
+        tier_due = self._watched(due, "AND deadline >= ?", (moment,))
+        claimed = [str(row[0]) for row in self.db.execute("SELECT lead_id FROM claims")]
+        selects: list[str] = []
+        params: list[Any] = []
         if expired_notices:
             selects += [
                 "SELECT id, deadline FROM leads "
@@ -104,11 +103,12 @@ class Candidates(Database):
             )
         # The policy decides for these now and may write rows for them: worked out again next
         # time, from the rows as they will be then.
-        self.unsettle([str(row[0]) for row in tier_due])
-        found = {str(row[0]): str(row[1]) for row in tier_due}
-        found.update(
-            (str(row[0]), str(row[1])) for row in self.db.execute(" UNION ".join(selects), params)
-        )
+        self.unsettle([lead_id for lead_id, _ in tier_due])
+        found = dict(tier_due)
+        found.update(self._watched(claimed, "AND deadline >= ?", (moment,)))
+        if selects:
+            rows = self.db.execute(" UNION ".join(selects), params)
+            found.update((str(row[0]), str(row[1])) for row in rows)
         return sorted(found, key=lambda lead_id: (found[lead_id], lead_id))
 
     def unsettle(self, lead_ids: Sequence[str]) -> None:
@@ -169,31 +169,28 @@ class Candidates(Database):
         """Work out lead_quiet.until for the watched leads where it is unknown (all of them
         when the tier points changed)."""
         self._same_points(steps)
-        unknown = self.db.execute(  # (the LEFT JOIN keeps the few unknown rows outermost)
-            "SELECT q.lead_id, l.deadline, l.resolution "
-            "FROM lead_quiet q LEFT JOIN leads l ON l.id = q.lead_id WHERE q.until = ?",
-            (UNKNOWN,),
-        ).fetchall()
+        unknown = [
+            str(row[0])
+            for row in self.db.execute("SELECT lead_id FROM lead_quiet WHERE until = ?", (UNKNOWN,))
+        ]
         if not unknown:
             return
-        gone = [str(row[0]) for row in unknown if row[1] is None or row[2] is not None]
+        watched = self._watched(unknown, "", ())
+        gone = list(set(unknown) - {lead_id for lead_id, _ in watched})
         for chunk in chunks(gone):  # answered or pruned meanwhile: nothing to work out
             marks = ",".join("?" * len(chunk))
             self.db.execute(f"DELETE FROM lead_quiet WHERE lead_id IN ({marks})", chunk)
-        watched = [
-            (str(row[0]), str(row[1])) for row in unknown if row[1] is not None and row[2] is None
-        ]
         sent: dict[str, dict[tuple[str, str], str | None]] = {lead_id: {} for lead_id, _ in watched}
-        rows = self.db.execute(  # (the unknown rows outermost, through their index)
-            """SELECT o.lead_id, o.channel, o.tier,
-                      max(CASE WHEN o.state != 'skipped' THEN o.created END)
-               FROM lead_quiet q CROSS JOIN outbox o
-               WHERE q.until = ? AND o.lead_id = q.lead_id AND o.kind = 'tier'
-               GROUP BY o.lead_id, o.channel, o.tier""",
-            (UNKNOWN,),
-        )
-        for lead_id, channel, tier, last in rows:
-            if lead_id in sent:
+        for chunk in chunks(list(sent)):
+            marks = ",".join("?" * len(chunk))
+            rows = self.db.execute(
+                f"""SELECT lead_id, channel, tier,
+                           max(CASE WHEN state != 'skipped' THEN created END)
+                    FROM outbox WHERE lead_id IN ({marks}) AND kind = 'tier'
+                    GROUP BY lead_id, channel, tier""",
+                chunk,
+            )
+            for lead_id, channel, tier, last in rows:
                 sent[lead_id][(channel, tier)] = last
         plan = _Plan(steps)
         settled = [
@@ -201,6 +198,21 @@ class Candidates(Database):
             for lead_id, deadline in watched
         ]
         self._write(settled)
+
+    def _watched(
+        self, lead_ids: Sequence[str], where: str, params: Sequence[Any]
+    ) -> list[tuple[str, str]]:
+        """(id, deadline) of those of these leads that are watched and meet ``where``."""
+        found: list[tuple[str, str]] = []
+        for chunk in chunks(lead_ids):
+            marks = ",".join("?" * len(chunk))
+            rows = self.db.execute(
+                f"SELECT id, deadline FROM leads WHERE id IN ({marks}) "
+                f"AND resolution IS NULL {where}",
+                [*chunk, *params],
+            )
+            found += [(str(row[0]), str(row[1])) for row in rows]
+        return found
 
     def _write(self, settled: list[tuple[str, str]]) -> None:
         """These moments into the rows there are (a lead answered meanwhile has none)."""
