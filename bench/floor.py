@@ -5,19 +5,18 @@ the standard library's http.client on one kept-alive connection, finding each pa
 with the same msgspec decoder the client uses; it digests, parses and stores nothing. That is
 about as little as a Python client can do per page on this machine, so the cycles' ratios read
 against it: what is left between the two is referral-watch's own work. Writes the same JSON
-fields as worker.py.
+fields as worker.py (its ``report``).
 """
 
 from __future__ import annotations
 
 import http.client
-import json
 import sys
 import time
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit
 
-from worker import _cpu, _peak_rss_kib
+from worker import _cpu, report
 
 from referral_watch.config import PartnerCenterConfig
 from referral_watch.partner_center.client import ORDER_BY
@@ -42,20 +41,7 @@ def main() -> None:
         link = urlsplit(page.next_link) if page.next_link else None
         target = f"{link.path}?{link.query}" if link else None
     connection.close()
-    done, done_cpu = time.time(), _cpu()
-    out.write_text(
-        json.dumps(
-            {
-                "ready": ready,
-                "ready_cpu": ready_cpu,
-                "done": done,
-                "done_cpu": done_cpu,
-                "peak_rss_kib": _peak_rss_kib(),
-                "ok": True,
-                "fetched": fetched,
-            }
-        )
-    )
+    report(out, ready, ready_cpu, ok=True, fetched=fetched)
 
 
 if __name__ == "__main__":

@@ -54,26 +54,26 @@ def main() -> None:
 
     ready, ready_cpu = time.time(), _cpu()
     result = cli.run_once(config)  # the same function `referral-watch run --once` calls
-    done, done_cpu = time.time(), _cpu()
-    peak = _peak_rss_kib()
-    out.write_text(
-        json.dumps(
-            {
-                "ready": ready,
-                "ready_cpu": ready_cpu,
-                "done": done,
-                "done_cpu": done_cpu,
-                "peak_rss_kib": peak,
-                "ok": result.ok,
-                "fetched": result.fetched,
-                "new": result.new,
-                "queued": result.queued,
-                "delivered": result.delivered,
-                "failed": result.failed,
-                "error": result.error,
-            }
-        )
+    report(
+        out,
+        ready,
+        ready_cpu,
+        ok=result.ok,
+        fetched=result.fetched,
+        new=result.new,
+        queued=result.queued,
+        delivered=result.delivered,
+        failed=result.failed,
+        error=result.error,
     )
+
+
+def report(out: Path, ready: float, ready_cpu: float, **result: object) -> None:
+    """Write OUT, right after the timed work ended: when it began and ended (wall and CPU),
+    this process's peak RSS, and what the work reports."""
+    done, done_cpu = time.time(), _cpu()
+    figures = {"ready": ready, "ready_cpu": ready_cpu, "done": done, "done_cpu": done_cpu}
+    out.write_text(json.dumps({**figures, "peak_rss_kib": _peak_rss_kib(), **result}))
 
 
 if __name__ == "__main__":
