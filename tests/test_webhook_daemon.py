@@ -181,42 +181,20 @@ def _without_retry_waits(factory: Callable[..., object]) -> Callable[..., object
 
 
 def test_a_signed_event_through_the_web_app_alerts_and_shows_in_healthz(
-    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    world: World, webhook_daemon: tuple[Daemon, TestClient]
 ) -> None:
-    side = world.sandbox.webhooks
-    tls = tmp_path / "tls.pem"
-    tls.write_bytes(side.tls_roots_pem)
-    roots = tmp_path / "roots.pem"
-    roots.write_bytes(side.trust_roots_pem)
-    monkeypatch.setenv("SSL_CERT_FILE", str(tls))
-    daemon = daemon_for(world, f'trust_roots = "{roots}"\nissuer_hosts = ["{side.issuer_host}"]\n')
-    daemon._start_webhooks()
-    try:
-        lead = make_referral(customer="Via The App", created=datetime.now(UTC))
-        world.sandbox.add(lead)
-        body = _event_body("referral-created", lead["id"], None)
-        headers = {
-            "Authorization": f"Signature {side.certificates.sign(body, GOOD)}",
-            "X-MS-Certificate-Url": side.certificates.url(GOOD),
-            "X-MS-Signature-Algorithm": "rsa-sha256",
-        }
-        client = TestClient(build_app(daemon, routes=daemon.web_routes()), base_url=LOCAL)
-        assert (
-            client.post("/webhooks/partner-center", content=body, headers=headers).status_code
-            == 200
-        )
-        assert "Via The App" in world.team.wait_for(1)[0].json["title"]
-        health = client.get("/healthz").json()
-        assert health["last_webhook_event"] is not None
-        metrics = client.get("/metrics").text
-        assert (
-            'referral_watch_webhook_events_total{event="referral-created",result="ok"} 1.0'
-            in metrics
-        )
-    finally:
-        daemon.stop.set()
-        daemon.webhook_worker.stop()
-        daemon.close()
+    _, client = webhook_daemon
+    lead = make_referral(customer="Via The App", created=datetime.now(UTC))
+    world.sandbox.add(lead)
+    body, headers = signed_event(world, "referral-created", lead["id"])
+    assert client.post("/webhooks/partner-center", content=body, headers=headers).status_code == 200
+    assert "Via The App" in world.team.wait_for(1)[0].json["title"]
+    health = client.get("/healthz").json()
+    assert health["last_webhook_event"] is not None
+    metrics = client.get("/metrics").text
+    assert (
+        'referral_watch_webhook_events_total{event="referral-created",result="ok"} 1.0' in metrics
+    )
 
 
 def signed_event(world: World, event: str, lead_id: str) -> tuple[bytes, dict[str, str]]:
