@@ -17,10 +17,10 @@ from referral_watch.cycle.prefetch import Prefetch
 from referral_watch.cycle.records import (
     UNDECODED,
     Seen,
+    canonical_bytes,
     decode,
     id_in_text,
     lead_id_of,
-    record_and_bytes,
     record_key,
     text_of,
     unparsable,
@@ -130,18 +130,20 @@ class Intake:
         marked seen: no decoding, no parsing, no writing. That is nearly every lead in a steady
         cycle. A record that cannot be watched is set aside (quarantined) and the others go on.
         """
-        count = len(page) if hasattr(page, "raw") else len(page.records)
+        served = hasattr(page, "digests")  # a PartnerCenter page: its items' bytes as served
+        count = len(page) if served else len(page.records)
         result.fetched += count
         fresh: list[Referral] = []
         again: list[Referral] = []
-        digests = page.digests if hasattr(page, "digests") else None  # all at once: cheaper
+        digests: list[str] = page.digests if served else []  # the page's at once: cheaper
         for index in range(count):
             record: Any = UNDECODED
             data: bytes | memoryview | None = None
-            if digests is not None:
+            if served:
                 digest = digests[index]
             else:
-                record, data = record_and_bytes(page, index)
+                record = page.records[index]
+                data = canonical_bytes(record)
                 if data is None:
                     reason = "unreadable record (cannot be serialized)"
                     key = record_key(repr(record)[:10_000])

@@ -27,18 +27,15 @@ class Seen:
 UNDECODED = object()
 
 
-def record_and_bytes(page: Any, index: int) -> tuple[Any, bytes | memoryview | None]:
-    """(the record, or UNDECODED when only its JSON is at hand; its JSON as UTF-8 bytes, or
-    None when it has none). Pages from PartnerCenter carry each item's JSON as served; other
-    sources are serialized canonically (the same text parse_referral would store)."""
-    if hasattr(page, "raw"):
-        return UNDECODED, page.raw(index)
-    record = page.records[index]
+def canonical_bytes(record: Any) -> bytes | None:
+    """The JSON of a record from a source that keeps no bytes as served (not a PartnerCenter
+    page), serialized canonically: the same text parse_referral would store, as UTF-8; None
+    when it cannot be serialized."""
     try:
         text = json.dumps(record, separators=(",", ":"), sort_keys=True)
     except (ValueError, TypeError, RecursionError):
-        return record, None
-    return record, text.encode("utf-8", "surrogatepass")
+        return None
+    return text.encode("utf-8", "surrogatepass")
 
 
 def text_of(page: Any, index: int, data: bytes | memoryview) -> tuple[str, str]:
