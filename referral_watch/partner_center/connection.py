@@ -30,6 +30,12 @@ MAX_IDLE = 4
 CHUNK = 64 * 1024
 
 Key = tuple[str, str, int]
+# What a kept-alive connection the server closed meanwhile raises at its next request.
+_CLOSED_BY_SERVER = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
+
+
+class _Stale(Exception):
+    """A reused connection the server had closed: the request may go again on a new one."""
 
 
 def for_environment() -> httpx.BaseTransport | None:
@@ -55,9 +61,8 @@ class KeptAlive(httpx.BaseTransport):
         connection = self._take(key)
         if connection is not None:
             try:
-                return self._exchange(key, connection, request, timeouts)
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-                connection.close()  # closed by the server as we reused it: nothing was read
+                return self._exchange(key, connection, request, timeouts, reused=True)
+            except _Stale:  # the server closed it as we reused it: nothing was read
                 if request.method != "GET":
                     raise httpx.RemoteProtocolError(
                         "the server closed the connection", request=request
@@ -68,11 +73,7 @@ class KeptAlive(httpx.BaseTransport):
         except Exception as exc:
             connection.close()
             raise _as_httpx(exc, request, connecting=True) from exc
-        try:
-            return self._exchange(key, connection, request, timeouts)
-        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
-            connection.close()
-            raise _as_httpx(exc, request, connecting=False) from exc
+        return self._exchange(key, connection, request, timeouts, reused=False)
 
     def _exchange(
         self,
@@ -80,8 +81,11 @@ class KeptAlive(httpx.BaseTransport):
         connection: http.client.HTTPConnection,
         request: httpx.Request,
         timeouts: dict[str, float | None],
+        *,
+        reused: bool,
     ) -> httpx.Response:
-        """One request and its answer's head on ``connection``; the body streams after."""
+        """One request and its answer's head on ``connection``; the body streams after.
+        _Stale when a ``reused`` connection turns out closed by the server."""
         try:
             connection.putrequest(
                 request.method,
@@ -95,10 +99,10 @@ class KeptAlive(httpx.BaseTransport):
                 connection.sock.settimeout(timeouts.get("read"))
             connection.endheaders(request.read() or None)
             answer = connection.getresponse()
-        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-            raise  # handle_request decides: a stale kept-alive connection, or a failure
         except Exception as exc:
             connection.close()
+            if reused and isinstance(exc, _CLOSED_BY_SERVER):
+                raise _Stale from exc
             raise _as_httpx(exc, request, connecting=False) from exc
         return httpx.Response(
             answer.status,
