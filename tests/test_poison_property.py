@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import structlog
 from hypothesis import HealthCheck, given, settings
@@ -25,6 +26,7 @@ from referral_watch.config import Config
 from referral_watch.config.loader import parse_config
 from referral_watch.cycle.runner import Cycle
 from referral_watch.partner_center.client import Page
+from referral_watch.partner_center.responses import read_page
 from referral_watch.render import status_view
 from referral_watch.sandbox.records import make_referral
 from referral_watch.state.db import printable
@@ -232,3 +234,26 @@ def test_the_deep_page_splitter_reads_as_json_would(
     assert {key: json.loads(value) for key, value in members.items()} == json.loads(text)
     items = [json.loads(item) for item in jsontext.array_items(members["value"])]
     assert json.dumps(items) == json.dumps(page["value"])  # (NaN != NaN, text compares)
+
+
+# --- a served item decoded ------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(pages, st.booleans())
+def test_each_served_item_decodes_to_what_the_json_module_makes_of_its_text(
+    page: dict[str, Any], ascii_only: bool
+) -> None:
+    """Page.record decodes an item with msgspec where it can and with json where msgspec
+    refuses (inf, NaN, lone surrogates): a lead's fields are the same either way."""
+    body = json.dumps(page, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+    items, _ = read_page(httpx.Response(200, content=body), 0)
+    served = Page(items, 0, None)
+    for index in range(len(served)):
+        try:
+            expected = json.dumps(json.loads(served.text(index)), sort_keys=True)
+        except ValueError as exc:  # not UTF-8 (a lone surrogate written raw): the same error
+            with pytest.raises(type(exc)):
+                served.record(index)
+            continue
+        assert json.dumps(served.record(index), sort_keys=True) == expected  # NaN compares

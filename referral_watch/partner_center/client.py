@@ -7,7 +7,6 @@ The bearer token is only ever sent to the configured base URL's host and port (S
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -31,6 +30,7 @@ from referral_watch.partner_center.auth import TokenProvider
 from referral_watch.partner_center.responses import (
     RetryHook,
     Transient,
+    decoded_item,
     describe,
     error_code,
     error_message,
@@ -97,7 +97,7 @@ class Page:
         return [self.record(index) for index in range(len(self._items))]
 
     def record(self, index: int) -> Any:
-        return json.loads(self.text(index))
+        return decoded_item(self._items[index])
 
 
 @dataclass(frozen=True)
