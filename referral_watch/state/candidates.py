@@ -111,12 +111,15 @@ class Candidates(Database):
             found.update((str(row[0]), str(row[1])) for row in rows)
         return sorted(found, key=lambda lead_id: (found[lead_id], lead_id))
 
-    def unsettle(self, lead_ids: Sequence[str]) -> None:
+    def unsettle(self, lead_ids: Sequence[str], *, written: bool = False) -> None:
         """These leads were stored or changed, or are decided for now: when their next tier
-        point falls due is worked out again at the next call."""
+        point falls due is worked out again at the next call (``written``: their rows were
+        already set unknown by the statement that stored them)."""
         decided = self.__dict__.get("_decided", {})
         for lead_id in lead_ids:
             decided.pop(lead_id, None)
+        if written:
+            return
         for chunk in chunks(lead_ids):
             marks = ", ".join([f"(?, '{UNKNOWN}')"] * len(chunk))
             self.db.execute(

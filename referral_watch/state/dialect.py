@@ -262,7 +262,12 @@ def connect_options() -> dict[str, Any]:
     psycopg_pool's), then ``configure(conn)``."""
 
     def configure(conn: Any) -> None:
+        from psycopg.types.array import ListBinaryDumper
+
         conn.adapters.register_dumper(bool, _bool_dumper())
+        # A list parameter (an array: ``= ANY(?)``, ``unnest(?::text[])``) goes in binary: no
+        # text to quote value by value here and parse there (a page's leads are ~130 KB).
+        conn.adapters.register_dumper(list, ListBinaryDumper)
 
     kwargs = {"autocommit": True, "row_factory": _row_factory, "connect_timeout": CONNECT_TIMEOUT}
     return {"kwargs": kwargs, "configure": configure}

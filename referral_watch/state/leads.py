@@ -16,7 +16,7 @@ from referral_watch.model import (
     parse_referral,
     record_digest,
 )
-from referral_watch.state.candidates import Candidates
+from referral_watch.state.candidates import UNKNOWN, Candidates
 from referral_watch.state.claims import CLAIM_COLUMNS, claim_from, claim_of_values
 from referral_watch.state.db import chunks, from_ts, ts
 from referral_watch.state.dialect import Postgres
@@ -47,8 +47,8 @@ _ON_CONFLICT = """ON CONFLICT (id) DO UPDATE SET
 
 
 def _all_text(rows: Sequence[tuple[Any, ...]]) -> bool:
-    """Whether every value is text PostgreSQL takes (UTF-8, no NUL): a COPY that fails on a
-    value would end the whole transaction, a bound statement only that row (set aside)."""
+    """Whether every value is text PostgreSQL takes (UTF-8, no NUL): the page's arrays failing
+    on a value would end the whole transaction, a bound statement only that row (set aside)."""
     try:
         for row in rows:
             for value in row:
@@ -124,39 +124,43 @@ class Leads(Candidates):
         return [ref.id not in refused and first_seen.get(ref.id) == seen for ref in given]
 
     def _upsert_rows(self, chunk: Sequence[tuple[Any, ...]]) -> list[tuple[str, str]]:
-        if isinstance(self.dialect, Postgres) and len(chunk) > 1 and _all_text(chunk):
-            stored = self._upsert_copied(chunk)
-        else:
-            marks = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
-            rows = self.db.execute(
-                f"""INSERT INTO leads ({_UPSERT_COLUMNS})
-                    VALUES {marks}
+        if isinstance(self.dialect, Postgres) and _all_text(chunk):
+            stored = self._upsert_arrays(chunk)
+            self.unsettle([lead_id for lead_id, _ in stored], written=True)
+            return stored
+        marks = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
+        rows = self.db.execute(
+            f"""INSERT INTO leads ({_UPSERT_COLUMNS})
+                VALUES {marks}
 {_ON_CONFLICT}
-                    RETURNING id, first_seen""",
-                [value for row in chunk for value in row],
-            )
-            stored = [(str(row[0]), str(row[1])) for row in rows]
+                RETURNING id, first_seen""",
+            [value for row in chunk for value in row],
+        )
+        stored = [(str(row[0]), str(row[1])) for row in rows]
         # New or changed (its deadline too, perhaps): when its next tier falls due is worked
         # out again before the policy's candidates are chosen (state.candidates).
         self.unsettle([lead_id for lead_id, _ in stored])
         return stored
 
-    def _upsert_copied(self, chunk: Sequence[tuple[Any, ...]]) -> list[tuple[str, str]]:
-        """PostgreSQL: the rows COPYed into a temporary table, then one INSERT ... SELECT
-        ... ON CONFLICT: no statement text of thousands of parameters to send and parse."""
-        self.db.execute(
-            "CREATE TEMPORARY TABLE IF NOT EXISTS leads_in "
-            "(LIKE leads INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+    def _upsert_arrays(self, chunk: Sequence[tuple[Any, ...]]) -> list[tuple[str, str]]:
+        """PostgreSQL: one statement for the slice, each column one array (sent in binary), and
+        the leads' next tier moments made unknown in the same statement (``unsettle``): one
+        round trip, where a temporary table, its COPY and the inserts took five. (The ids
+        are distinct: ``upsert_each`` keeps the last copy of a lead.)"""
+        arrays = ", ".join(["?::text[]"] * len(chunk[0]))
+        rows = self.db.execute(
+            f"""WITH stored AS (
+                    INSERT INTO leads ({_UPSERT_COLUMNS})
+                    SELECT * FROM unnest({arrays})
+                    {_ON_CONFLICT}
+                    RETURNING id, first_seen),
+                unknown AS (
+                    INSERT INTO lead_quiet (lead_id, until) SELECT id, '{UNKNOWN}' FROM stored
+                    ON CONFLICT (lead_id) DO UPDATE SET until = '{UNKNOWN}')
+                SELECT id, first_seen FROM stored""",
+            [list(column) for column in zip(*chunk, strict=True)],
         )
-        self.db.execute("TRUNCATE leads_in")
-        self.db.copy("leads_in", _UPSERT_COLUMNS.split(", "), chunk)
-        stored = self.db.execute(
-            f"""INSERT INTO leads ({_UPSERT_COLUMNS})
-                SELECT {_UPSERT_COLUMNS} FROM leads_in
-                {_ON_CONFLICT}
-                RETURNING id, first_seen"""
-        )
-        return [(str(row[0]), str(row[1])) for row in stored]
+        return [(str(row[0]), str(row[1])) for row in rows]
 
     def absent_since(
         self,
