@@ -219,17 +219,14 @@ class Candidates(Database):
 
     def _write(self, settled: list[tuple[str, str]]) -> None:
         """These moments into the rows there are (a lead answered meanwhile has none)."""
-        if isinstance(self.dialect, Postgres) and len(settled) > 1000:
-            self.db.execute(  # one UPDATE from a COPY: no statement per 500
-                "CREATE TEMPORARY TABLE IF NOT EXISTS lead_quiet_in "
-                "(LIKE lead_quiet) ON COMMIT DELETE ROWS"
-            )
-            self.db.execute("TRUNCATE lead_quiet_in")
-            self.db.copy("lead_quiet_in", ["lead_id", "until"], settled)
-            self.db.execute(
-                "UPDATE lead_quiet SET until = i.until FROM lead_quiet_in i "
-                "WHERE lead_quiet.lead_id = i.lead_id"
-            )
+        if isinstance(self.dialect, Postgres):
+            if settled:  # one statement, the moments as two arrays: no statement per 500
+                self.db.execute(
+                    "UPDATE lead_quiet SET until = s.until "
+                    "FROM unnest(?::text[], ?::text[]) AS s (lead_id, until) "
+                    "WHERE lead_quiet.lead_id = s.lead_id",
+                    [list(column) for column in zip(*settled, strict=True)],
+                )
             return
         for part in chunks(settled):
             marks = ", ".join(["(?, ?)"] * len(part))

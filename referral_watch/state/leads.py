@@ -304,7 +304,7 @@ class Leads(Candidates):
         read = datetime.fromisoformat
         for chunk in chunks(list(ids)):
             these, params = self.one_of("id", chunk)
-            rows = self.db.execute(f"SELECT id, deadline FROM leads WHERE {these}", params)
+            rows = self.tuples(f"SELECT id, deadline FROM leads WHERE {these}", params)
             outlines.deadlines.update((lead_id, read(deadline)) for lead_id, deadline in rows)
             claimed = self.db.execute(
                 "SELECT id, customer, created, deadline, first_seen, last_seen, resolution, "
@@ -327,10 +327,8 @@ class Leads(Candidates):
     def digests(self) -> list[tuple[str, str | None]]:
         """(id, digest of its stored record or None) of every watched lead. A poll recognises
         an unchanged record by its digest, without reading stored texts (an index holds both)."""
-        sql = "SELECT id, digest FROM leads WHERE resolution IS NULL"
-        if isinstance(self.dialect, Postgres):  # plain tuples: a third of the time at 20,000
-            return self.db.tuples(sql)  # type: ignore[no-any-return]
-        return [(str(row[0]), row[1]) for row in self.db.execute(sql)]
+        # Plain tuples: on PostgreSQL a third of the time at 20,000.
+        return self.tuples("SELECT id, digest FROM leads WHERE resolution IS NULL")
 
     def ids_starting(self, prefix: str) -> list[str]:
         """Lead ids (any state) that begin with `prefix`, case-sensitive, without parsing leads."""

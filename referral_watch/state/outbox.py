@@ -115,7 +115,7 @@ class Outbox(Database):
         return row_id
 
     def pending(self, *, kinds: Sequence[str] | None = None) -> list[PendingRow]:
-        rows = self.db.execute(
+        rows = self.tuples(
             "SELECT id, lead_id, kind, channel, tier, created, attempts FROM outbox "
             "WHERE state = 'pending' ORDER BY id"
         )
