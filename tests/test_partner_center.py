@@ -232,7 +232,7 @@ def test_a_retry_after_beyond_the_request_time_cap_fails_at_once(
 
 
 def _retry_after_hook(client: PartnerCenter, hook: RetryHook) -> Iterator[Page]:
-    import referral_watch.partner_center.client as module
+    import referral_watch.partner_center.reading as module
 
     real = module.RetryHook
     module.RetryHook = lambda started, budget: hook  # type: ignore[assignment, misc]

@@ -4,9 +4,9 @@ http.client, as an httpx transport.
 A poll asks for its pages one after another (each page's nextLink names the next), so whatever a
 request costs on our side adds to the poll's time. httpx's own connection layer (httpcore and h11,
 pure Python) spent about 1 ms of CPU per page of 100 leads here; http.client, which parses the
-status line and headers in C-backed buffered reads, about a third of that (`make bench`). Everything
-above the connection (URLs, headers, timeouts, streaming, the bounded reading of bodies in
-client.py) stays httpx's.
+status line and headers in C-backed buffered reads, about a third of that (`make bench`). The
+poll's GETs ask ``send`` directly, with text and no httpx models (reading.py); everything else
+(answers, lookups through ``handle_request``) goes through httpx's URLs, requests and responses.
 
 Used only where the environment names no proxy: with HTTP(S)_PROXY or ALL_PROXY set, httpx's own
 transport and its proxy support carry the requests (see ``for_environment``). TLS: the context httpx
@@ -57,13 +57,52 @@ class KeptAlive(httpx.BaseTransport):
         if url.scheme not in ("http", "https"):
             raise httpx.UnsupportedProtocol(f"unsupported URL scheme {url.scheme!r}")
         key = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
-        timeouts = request.extensions.get("timeout", {})
+        headers = [
+            (name.decode("latin-1"), value.decode("latin-1")) for name, value in request.headers.raw
+        ]
+        body = self.send(
+            key,
+            request.method,
+            url.raw_path.decode("ascii"),
+            headers,
+            request.read() or None,
+            request.extensions.get("timeout", {}),
+            request=request,
+        )
+        answer = body.answer
+        return httpx.Response(
+            answer.status,
+            headers=answer.getheaders(),
+            stream=body,
+            extensions={
+                "http_version": b"HTTP/1.1",
+                "reason_phrase": answer.reason.encode("latin-1", "replace"),
+            },
+        )
+
+    def send(
+        self,
+        key: Key,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        content: bytes | None,
+        timeouts: dict[str, float | None],
+        *,
+        request: httpx.Request | None = None,
+    ) -> Body:
+        """One request (``target``: the path and query, ``headers`` with Host) on a kept
+        connection to ``key``, or a new one; its answer's head read (``Body.answer``), the body
+        to read from the Body after. The client's poll asks this directly, without httpx's
+        models; every failure is httpx's error for it (``request`` is named in it when given)."""
         connection = self._take(key)
         if connection is not None:
             try:
-                return self._exchange(key, connection, request, timeouts, reused=True)
+                return self._exchange(
+                    key, connection, method, target, headers, content, timeouts, request, True
+                )
             except _Stale:  # the server closed it as we reused it: nothing was read
-                if request.method != "GET":
+                if method != "GET":
                     raise httpx.RemoteProtocolError(
                         "the server closed the connection", request=request
                     ) from None
@@ -73,46 +112,43 @@ class KeptAlive(httpx.BaseTransport):
         except Exception as exc:
             connection.close()
             raise _as_httpx(exc, request, connecting=True) from exc
-        return self._exchange(key, connection, request, timeouts, reused=False)
+        return self._exchange(
+            key, connection, method, target, headers, content, timeouts, request, False
+        )
 
     def _exchange(
         self,
         key: Key,
         connection: http.client.HTTPConnection,
-        request: httpx.Request,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        content: bytes | None,
         timeouts: dict[str, float | None],
-        *,
+        request: httpx.Request | None,
         reused: bool,
-    ) -> httpx.Response:
+    ) -> Body:
         """One request and its answer's head on ``connection``; the body streams after.
         _Stale when a ``reused`` connection turns out closed by the server."""
         try:
             connection.putrequest(
-                request.method,
-                request.url.raw_path.decode("ascii"),
-                skip_host=True,  # httpx's headers carry Host and Accept-Encoding
+                method,
+                target,
+                skip_host=True,  # the headers carry Host and Accept-Encoding
                 skip_accept_encoding=True,
             )
-            for name, value in request.headers.raw:
-                connection.putheader(name.decode("latin-1"), value.decode("latin-1"))
+            for name, value in headers:
+                connection.putheader(name, value)
             if connection.sock is not None:
                 connection.sock.settimeout(timeouts.get("read"))
-            connection.endheaders(request.read() or None)
+            connection.endheaders(content)
             answer = connection.getresponse()
         except Exception as exc:
             connection.close()
             if reused and isinstance(exc, _CLOSED_BY_SERVER):
                 raise _Stale from exc
             raise _as_httpx(exc, request, connecting=False) from exc
-        return httpx.Response(
-            answer.status,
-            headers=answer.getheaders(),
-            stream=_Body(self, key, connection, answer, request),
-            extensions={
-                "http_version": b"HTTP/1.1",
-                "reason_phrase": answer.reason.encode("latin-1", "replace"),
-            },
-        )
+        return Body(self, key, connection, answer, request)
 
     def close(self) -> None:
         with self._lock:
@@ -152,9 +188,10 @@ class KeptAlive(httpx.BaseTransport):
         return http.client.HTTPConnection(host, port, timeout=timeout)
 
 
-class _Body(httpx.SyncByteStream):
-    """A response's body as it arrives; the connection goes back to the pool once the body has
-    been read to its end, and is closed when the reader stops early."""
+class Body(httpx.SyncByteStream):
+    """A response's body as it arrives (``answer``: its status and headers); the connection goes
+    back to the pool once the body has been read to its end, and is closed when the reader stops
+    early."""
 
     def __init__(
         self,
@@ -162,23 +199,23 @@ class _Body(httpx.SyncByteStream):
         key: Key,
         connection: http.client.HTTPConnection,
         answer: http.client.HTTPResponse,
-        request: httpx.Request,
+        request: httpx.Request | None,
     ) -> None:
         self._pool = pool
         self._key = key
         self._connection: http.client.HTTPConnection | None = connection
-        self._answer = answer
+        self.answer = answer
         self._request = request
 
     def __iter__(self) -> Iterator[bytes]:
         try:
-            while chunk := self._answer.read1(CHUNK):
+            while chunk := self.answer.read1(CHUNK):
                 yield chunk
-            missing = self._answer.length
+            missing = self.answer.length
             if missing:  # read1 ends quietly when the server closes before Content-Length
                 raise http.client.IncompleteRead(b"", missing)
             if missing == 0:  # read1 leaves a complete answer open: close it (b"") so the
-                self._answer.read()  # connection can be kept
+                self.answer.read()  # connection can be kept
         except BaseException as exc:
             self._drop()
             raise _as_httpx(exc, self._request, connecting=False) from exc
@@ -187,10 +224,10 @@ class _Body(httpx.SyncByteStream):
         connection, self._connection = self._connection, None
         if connection is None:
             return
-        if self._answer.isclosed() and not self._answer.will_close:
+        if self.answer.isclosed() and not self.answer.will_close:
             self._pool.give_back(self._key, connection)  # read to its end: reusable
         else:
-            self._answer.close()
+            self.answer.close()
             connection.close()
 
     def _drop(self) -> None:
@@ -213,7 +250,9 @@ def _usable(connection: http.client.HTTPConnection) -> bool:
         return False
 
 
-def _as_httpx(exc: BaseException, request: httpx.Request, *, connecting: bool) -> BaseException:
+def _as_httpx(
+    exc: BaseException, request: httpx.Request | None, *, connecting: bool
+) -> BaseException:
     """The httpx exception for what http.client or the socket raised, so the callers' handling
     (retries, messages) is the same whichever transport carried the request."""
     if not isinstance(exc, Exception):

@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import msgspec
@@ -27,7 +27,19 @@ _INFLATE_STEP = 1024 * 1024
 _DETAIL_LIMIT = 300  # characters of a server's error message worth repeating
 
 
-def read_page(response: httpx.Response, number: int) -> tuple[Sequence[Any], Any]:
+class Served(Protocol):
+    """An answer whose body was read: an httpx.Response, or the client's own Answer."""
+
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def content(self) -> bytes: ...
+
+    def json(self) -> Any: ...
+
+
+def read_page(response: Served, number: int) -> tuple[Sequence[Any], Any]:
     """(the `value` items, each its JSON as served, the @odata.nextLink or None) of one page.
 
     msgspec finds the items without decoding them (each a view of the body's bytes), so the
@@ -46,7 +58,7 @@ def read_page(response: httpx.Response, number: int) -> tuple[Sequence[Any], Any
     return shape.value, shape.next_link
 
 
-def split_deep_page(response: httpx.Response, number: int) -> tuple[Sequence[Any], Any]:
+def split_deep_page(response: Served, number: int) -> tuple[Sequence[Any], Any]:
     try:
         members = jsontext.top_level(response.content.decode("utf-8"))
         texts = list(jsontext.array_items(members.get("value", "")))
@@ -62,7 +74,7 @@ def split_deep_page(response: httpx.Response, number: int) -> tuple[Sequence[Any
     return texts, link
 
 
-def page_body(response: httpx.Response, number: int) -> dict[str, Any]:
+def page_body(response: Served, number: int) -> dict[str, Any]:
     """The page as JSON, or an ApiError saying why it cannot be read."""
     problem = ""
     try:
@@ -208,20 +220,17 @@ def refused(exc: httpx.TransportError) -> bool:
     return isinstance(exc, httpx.ConnectError)
 
 
-def inflated(response: httpx.Response) -> Iterator[bytes]:
-    """The body as it arrives, gzip or deflate inflated at most _INFLATE_STEP at a time."""
-    if response.is_stream_consumed:  # read already (a transport that answers in memory)
-        yield response.content
-        return
-    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+def inflated(encoding: str, chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """The body as it arrives (``chunks``, as sent in ``encoding``: the Content-Encoding,
+    stripped and lowercased), gzip or deflate inflated at most _INFLATE_STEP at a time."""
     if encoding in ("", "identity"):
-        yield from response.iter_raw()
+        yield from chunks
         return
     if encoding not in ("gzip", "deflate"):
         raise ApiError(f"Partner Center sent an answer in an unknown encoding {encoding!r}")
     inflater = zlib.decompressobj(zlib.MAX_WBITS | 32)  # gzip or zlib, by the header
     try:
-        for raw in response.iter_raw():
+        for raw in chunks:
             data = raw
             while data:
                 yield inflater.decompress(data, _INFLATE_STEP)
