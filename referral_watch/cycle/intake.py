@@ -76,8 +76,10 @@ class Intake:
                 seen = Seen()
                 for page in pages:
                     fresh, again = self._changed(page, result, now, stored, seen)
-                    result.queued += self._store_fresh(fresh, now, result)
-                    self._upsert(again, now, result)
+                    if fresh:  # (a steady poll's page seldom has any: nothing to write)
+                        result.queued += self._store_fresh(fresh, now, result)
+                    if again:
+                        self._upsert(again, now, result)
                 among = [lead_id for lead_id, _ in watched]
                 self.lookups.conclude_absent(now, result, seen.ids, among)
                 # What the poll kept of every lead (a first cycle's tens of thousands of ids and
@@ -135,14 +137,17 @@ class Intake:
         result.fetched += count
         fresh: list[Referral] = []
         again: list[Referral] = []
-        digests: list[str] = page.digests if served else []  # the page's at once: cheaper
+        # The page's digests at once (cheaper); a record page's bytes are its canonical JSON.
+        digests: list[str] = page.digests if served else []
+        records: list[Any] = [] if served else page.records
+        unchanged = seen.unchanged  # the same lead's same bytes: only marked seen
         for index in range(count):
             record: Any = UNDECODED
             data: bytes | memoryview | None = None
             if served:
                 digest = digests[index]
             else:
-                record = page.records[index]
+                record = records[index]
                 data = canonical_bytes(record)
                 if data is None:
                     reason = "unreadable record (cannot be serialized)"
@@ -150,12 +155,10 @@ class Intake:
                     set_aside(self.store, key, "parse", reason, now, result)
                     continue
                 digest = record_digest(data)
+            if unchanged(digest, stored):
+                continue
             if digest in seen.digests:
                 log.info("poll.duplicate", lead=seen.digests[digest])  # paging shifted
-                continue
-            known = stored.get(digest)
-            if known is not None and known not in seen.ids:
-                seen.note(digest, known)  # unchanged: nothing to store
                 continue
             # (A stored record met after another copy of the lead rewrote it is stored again:
             # the last copy in the poll wins, whatever it is.)

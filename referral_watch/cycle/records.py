@@ -23,6 +23,16 @@ class Seen:
         self.digests[digest] = lead_id
         self.ids.add(lead_id)
 
+    def unchanged(self, digest: str, stored: dict[str, str]) -> bool:
+        """Whether a record is a watched lead's, unchanged (``stored``: its digest -> the lead)
+        and met first in this poll: then it is noted seen, and nothing else is to be done."""
+        lead_id = stored.get(digest)
+        if lead_id is None or digest in self.digests or lead_id in self.ids:
+            return False
+        self.digests[digest] = lead_id
+        self.ids.add(lead_id)
+        return True
+
 
 UNDECODED = object()
 
