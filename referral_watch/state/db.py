@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from referral_watch.errors import StateError
+from referral_watch.state.checkpoint import Checkpoints
 from referral_watch.state.dialect import Postgres, Sqlite, open_dialect
 
 _T = TypeVar("_T")
@@ -74,6 +75,11 @@ class Database:
         self.path = where
         self.shown = self.dialect.shown  # fit for messages: a URL without its password
         self.db: Any = self.dialect.connect(name) if connection is None else connection
+        # SQLite's log checkpointed off the committing thread (a pool's lent connection keeps
+        # SQLite's own checkpoints: it commits small transactions only).
+        self._checkpoints: Checkpoints | None = None
+        if isinstance(self.dialect, Sqlite) and connection is None:
+            self._checkpoints = Checkpoints(self.dialect.path, self.db)
 
     @property
     def owner(self) -> str:
@@ -98,6 +104,8 @@ class Database:
         return cursor.execute(sql, params).fetchall()  # type: ignore[no-any-return]
 
     def close(self) -> None:
+        if self._checkpoints is not None:
+            self._checkpoints.close()
         self.db.close()
 
     def __enter__(self: _T) -> _T:
@@ -133,6 +141,8 @@ class Database:
         except StateError:
             self._rollback()
             raise
+        if self._checkpoints is not None:
+            self._checkpoints.committed()
 
     def _rollback(self) -> None:
         # SQLite may already have rolled back by itself (SQLITE_FULL, SQLITE_IOERR ...);
