@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import structlog
@@ -25,7 +26,8 @@ from referral_watch.cycle.records import (
     text_of,
     unparsable,
 )
-from referral_watch.cycle.result import CycleResult, crash_text, set_aside
+from referral_watch.cycle.result import Aside, CycleResult, crash_text, set_aside
+from referral_watch.cycle.writer import Writer
 from referral_watch.errors import ApiError, AuthError, StateError
 from referral_watch.model import (
     Lead,
@@ -74,12 +76,11 @@ class Intake:
                 if not self._stored_deadlines_current():
                     stored = {}  # re-read every record: the deadlines need computing again
                 seen = Seen()
-                for page in pages:
-                    fresh, again = self._changed(page, result, now, stored, seen)
-                    if fresh:  # (a steady poll's page seldom has any: nothing to write)
-                        result.queued += self._store_fresh(fresh, now, result)
-                    if again:
-                        self._upsert(again, now, result)
+                with Writer() as writer:  # this thread reads a page while it stores the last
+                    for page in pages:
+                        fresh, again, asides = self._changed(page, result, now, stored, seen)
+                        if fresh or again or asides:  # (a steady page seldom has any)
+                            writer.submit(partial(self._store, fresh, again, asides, now, result))
                 among = [lead_id for lead_id, _ in watched]
                 self.lookups.conclude_absent(now, result, seen.ids, among)
                 # What the poll kept of every lead (a first cycle's tens of thousands of ids and
@@ -125,8 +126,9 @@ class Intake:
         now: datetime,
         stored: dict[str, str],
         seen: Seen,
-    ) -> tuple[list[Referral], list[Referral]]:
-        """The records of one page that need storing: (first seen in this poll, repeated).
+    ) -> tuple[list[Referral], list[Referral], list[Aside]]:
+        """The records of one page that need storing: (first seen in this poll, repeated, to
+        set aside). Writes nothing: the page is stored by the poll's writer (``_store``).
 
         A watched lead whose record has the digest of the stored one (the same bytes) is only
         marked seen: no decoding, no parsing, no writing. That is nearly every lead in a steady
@@ -137,6 +139,7 @@ class Intake:
         result.fetched += count
         fresh: list[Referral] = []
         again: list[Referral] = []
+        asides: list[Aside] = []
         # The page's digests at once (cheaper); a record page's bytes are its canonical JSON.
         digests: list[str] = page.digests if served else []
         records: list[Any] = [] if served else page.records
@@ -151,8 +154,7 @@ class Intake:
                 data = canonical_bytes(record)
                 if data is None:
                     reason = "unreadable record (cannot be serialized)"
-                    key = record_key(repr(record)[:10_000])
-                    set_aside(self.store, key, "parse", reason, now, result)
+                    asides.append(Aside(record_key(repr(record)[:10_000]), "parse", reason))
                     continue
                 digest = record_digest(data)
             if unchanged(digest, stored):
@@ -164,10 +166,28 @@ class Intake:
             # the last copy in the poll wins, whatever it is.)
             if data is None:
                 data = page.raw(index)
-            referral, repeated = self._read(page, index, record, data, digest, now, result, seen)
-            if referral is not None:
-                (again if repeated else fresh).append(referral)
-        return fresh, again
+            found, repeated = self._read(page, index, record, data, digest, seen)
+            if isinstance(found, Aside):
+                asides.append(found)
+            else:
+                (again if repeated else fresh).append(found)
+        return fresh, again, asides
+
+    def _store(
+        self,
+        fresh: list[Referral],
+        again: list[Referral],
+        asides: list[Aside],
+        now: datetime,
+        result: CycleResult,
+    ) -> None:
+        """A page's writes: its records set aside, then its leads stored and decided."""
+        for aside in asides:
+            aside.apply(self.store, now, result)
+        if fresh:
+            result.queued += self._store_fresh(fresh, now, result)
+        if again:
+            self._upsert(again, now, result)
 
     def _read(
         self,
@@ -176,12 +196,10 @@ class Intake:
         record: Any,
         data: bytes | memoryview,
         digest: str,
-        now: datetime,
-        result: CycleResult,
         seen: Seen,
-    ) -> tuple[Referral | None, bool]:
-        """A new or changed record of a page: (decoded and parsed, or None when it is set
-        aside; whether its lead came earlier in this poll)."""
+    ) -> tuple[Referral | Aside, bool]:
+        """A new or changed record of a page: (decoded and parsed, or what to set aside;
+        whether its lead came earlier in this poll)."""
         raw, problem = text_of(page, index, data)
         if record is UNDECODED and not problem:
             record, problem = decode(page, index)
@@ -189,11 +207,10 @@ class Intake:
         if lead_id is None:
             reason = problem or unparsable(record, raw)
             key = record_key(raw) if raw else "record:" + digest[:16]
-            set_aside(self.store, key, "parse", reason, now, result, raw=raw or None)
-            return None, False
+            return Aside(key, "parse", reason, raw=raw or None), False
         repeated = lead_id in seen.ids
         seen.note(digest, lead_id)  # seen, even when set aside: not "gone"
-        return self.admit(record, raw, lead_id, problem, now, result), repeated
+        return self.read(record, raw, lead_id, problem), repeated
 
     def parse(self, record: Any, raw: str | None, result: CycleResult) -> Referral | None:
         """One record from elsewhere than a poll's page (a webhook's lead): the referral, or
@@ -219,6 +236,14 @@ class Intake:
         self, record: Any, raw: str, lead_id: str, problem: str, now: datetime, result: CycleResult
     ) -> Referral | None:
         """The referral, when the record can be watched; else it is set aside (with why)."""
+        found = self.read(record, raw, lead_id, problem)
+        if isinstance(found, Aside):
+            found.apply(self.store, now, result)
+            return None
+        return found
+
+    def read(self, record: Any, raw: str, lead_id: str, problem: str) -> Referral | Aside:
+        """The referral, when the record can be watched; else what to set aside, and why."""
         stage = "parse"
         if not usable_id(lead_id):
             problem = f"record has an id that is not usable text: {lead_id[:40]!r}"
@@ -237,8 +262,7 @@ class Intake:
                     return referral
                 except (OverflowError, ValueError) as exc:
                     stage, problem = "deadline", f"no deadline can be computed ({exc})"
-        set_aside(self.store, lead_id, stage, problem, now, result, lead_id=lead_id, raw=raw)
-        return None
+        return Aside(lead_id, stage, problem, lead_id=lead_id, raw=raw)
 
     def _upsert(self, referrals: list[Referral], now: datetime, result: CycleResult) -> list[bool]:
         """Store referrals; one the state file cannot hold is set aside, not the whole poll."""

@@ -78,6 +78,30 @@ def set_aside(
     store.quarantine(key, stage, reason, now, lead_id=lead_id, raw=raw)
 
 
+@dataclass(frozen=True)
+class Aside:
+    """A record to set aside, found while reading a page: set aside (``apply``) with the
+    page's writes, by whichever thread does them (cycle.writer)."""
+
+    key: str
+    stage: str
+    reason: str
+    lead_id: str | None = None
+    raw: str | None = None
+
+    def apply(self, store: Quarantine, now: datetime, result: CycleResult) -> None:
+        set_aside(
+            store,
+            self.key,
+            self.stage,
+            self.reason,
+            now,
+            result,
+            lead_id=self.lead_id,
+            raw=self.raw,
+        )
+
+
 def crash_text(stage: str, exc: BaseException) -> str:
     detail = scrub(str(exc))[:200]
     what = STAGE_WORDS.get(stage, stage)

@@ -57,8 +57,9 @@ def chunks(items: Sequence[_T], size: int = 500) -> list[Sequence[_T]]:
 
 
 class Database:
-    """One open state (a SQLite file, or a PostgreSQL database given by its URL). Not shared
-    between threads: open one per thread. The table groups (leads, outbox, ...) build on it."""
+    """One open state (a SQLite file, or a PostgreSQL database given by its URL), used by one
+    thread at a time: open one per thread (a cycle lends its own to the poll's writer while it
+    waits: cycle.writer). The table groups (leads, outbox, ...) build on it."""
 
     def __init__(
         self,

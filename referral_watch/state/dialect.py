@@ -71,8 +71,10 @@ class Sqlite:
         self.shown = str(path)
         self.create = create
 
-    def connect(self, name: str | None = None, *, shared: bool = False) -> Any:
-        """``shared``: lent to one thread after another (never two at once: state.pool)."""
+    def connect(self, name: str | None = None) -> Any:
+        """A connection any thread may use, one thread at a time (never two at once): a
+        pool's is lent to one thread after another (state.pool), a cycle's to its poll's
+        writer while the cycle waits (cycle.writer)."""
         if not self.create and not self.path.exists():
             raise StateError(
                 f"state file {self.path} does not exist yet: run `referral-watch run --once` first"
@@ -82,7 +84,7 @@ class Sqlite:
             if self.create:
                 _create_private(self.path)  # SQLite gives the WAL and SHM files the same mode
             db = sqlite3.connect(
-                self.path, isolation_level=None, timeout=30, check_same_thread=not shared
+                self.path, isolation_level=None, timeout=30, check_same_thread=False
             )
         except (sqlite3.DatabaseError, OSError) as exc:
             raise StateError(f"cannot open state file {self.path}: {exc}") from None

@@ -110,6 +110,6 @@ class StorePool:
 def _shared_sqlite(where: Path | str) -> Any:
     """A connection to the SQLite file that one thread after another may use."""
     dialect = Sqlite(Path(where), create=False)
-    db = dialect.connect(shared=True)
+    db = dialect.connect()
     dialect.tune(db)
     return db
