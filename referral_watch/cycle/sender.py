@@ -33,6 +33,13 @@ log = structlog.get_logger(__name__)
 # Channels delivered to at the same time (each channel still gets one message at a time).
 PARALLEL_CHANNELS = 4
 
+# The shortest claim lease: longer than a standby takes to replace a paused active one (up to
+# ~10 s: the server ends a lock session 8 s after its last check, standbys try every 2 s). So
+# the message a paused active had in flight is still its own when the standby takes over, and
+# the paused one, woken, records it as sent before the lease lets the new active take it. (At
+# 5 s, the new active's first cycle raced the woken one's record, and sent it again.)
+LEASE_FLOOR = timedelta(seconds=15)
+
 
 @dataclass
 class Claim:
@@ -175,8 +182,9 @@ class Dispatch:
     @property
     def _lease(self) -> timedelta:
         """A claim's lease: long enough for one send, and never longer than an interval (so a
-        message claimed by a replica that died is sent by the next one at its next cycle)."""
-        return max(timedelta(seconds=5), min(CLAIM_LEASE, self.config.schedule.interval))
+        message claimed by a replica that died is sent by the next one at its next cycle),
+        but at least LEASE_FLOOR."""
+        return max(LEASE_FLOOR, min(CLAIM_LEASE, self.config.schedule.interval))
 
     def _still_ours(self, claim: Claim) -> bool:
         """Right before a send: this replica may still send, and its claim is young enough
