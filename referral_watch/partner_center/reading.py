@@ -135,7 +135,7 @@ class Reader:
         base = httpx.URL(config.base_url.rstrip("/"))
         self.origin = f"{base.scheme}://{base.netloc.decode('ascii')}"
         # Ours, spoken to directly: the connection's key and what httpx would send every time
-        # (Host, Accept, Accept-Encoding, Connection, User-Agent, in its order) and its timeouts.
+        # (Host, Connection, Accept, Accept-Encoding, User-Agent, in its order) and its timeouts.
         self._ours = transport if isinstance(transport, KeptAlive) and not base.userinfo else None
         self._key = (base.scheme, base.host, port_of(base))
         fixed = client.build_request("GET", base)
