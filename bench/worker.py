@@ -52,7 +52,6 @@ def main() -> None:
     if config.state.url is not None:  # the state in PostgreSQL: its driver, loaded at the
         import psycopg  # noqa: F401  first connection and kept (SQLite's is in the stdlib)
 
-    cli.settle_heap()  # as `run` does once it has started
     ready, ready_cpu = time.time(), _cpu()
     result = cli.run_once(config)  # the same function `referral-watch run --once` calls
     report(

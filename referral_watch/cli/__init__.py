@@ -6,7 +6,6 @@ so `--help` and `status --check` stay fast.
 
 from __future__ import annotations
 
-import gc
 import json
 import sys
 from collections import Counter
@@ -113,7 +112,6 @@ def run(obj: Context, once: bool, dry_run: bool) -> None:
 
         logs.configure(obj.log_format, obj.verbose, one_shot=True)
     config = checked(obj.config())
-    settle_heap()
     if dry_run:
         sys.exit(run_dry(config))
     if once:
@@ -139,14 +137,6 @@ def checked(config: Config) -> Config:
     if problems:
         raise ConfigError(problems, str(config.source) if config.source else None)
     return config
-
-
-def settle_heap() -> None:
-    """What the process loaded to start (modules, Apprise's plugins, the config) stays for its
-    life: moved out of the garbage collector's sight, so no collection during a cycle walks it
-    again (a first cycle of 20,000 leads runs a few full ones)."""
-    gc.collect()  # what start-up left unreachable is freed, not kept for ever
-    gc.freeze()
 
 
 def run_once(config: Config) -> Any:
