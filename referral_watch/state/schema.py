@@ -204,14 +204,17 @@ def check_version(database: Database) -> None:
 
 
 def migrate(database: Database) -> None:
-    for target in range(1, SCHEMA_VERSION + 1):
-        with database.transaction():
-            # Read again under the write lock: another process may have migrated meanwhile.
-            if database.dialect.version(database.db) >= target:
-                continue
+    """Every migration the state lacks, in one transaction (a new state's first cycle waited
+    for one commit per migration): all of them, or none."""
+    with database.transaction():
+        # Read again under the write lock: another process may have migrated meanwhile.
+        current = database.dialect.version(database.db)
+        if current >= SCHEMA_VERSION:
+            return
+        for target in range(current + 1, SCHEMA_VERSION + 1):
             for statement in _statements(database.dialect.ddl(MIGRATIONS[target])):
                 database.db.execute(statement)
-            database.dialect.set_version(database.db, target)
+        database.dialect.set_version(database.db, SCHEMA_VERSION)
 
 
 def _statements(script: str) -> list[str]:
