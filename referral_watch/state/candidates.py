@@ -219,6 +219,21 @@ class Candidates(Database):
 
     def _write(self, settled: list[tuple[str, str]]) -> None:
         """These moments into the rows there are (a lead answered meanwhile has none)."""
+        if isinstance(self.dialect, Postgres) and len(settled) > 1000:
+            # A first cycle's tens of thousands: COPYed (psycopg writes the rows in C, as they
+            # come; two arrays of them cost ~90 ms of Python and ~7 MiB at 20,000), then one
+            # UPDATE from the copy.
+            self.db.execute(
+                "CREATE TEMPORARY TABLE IF NOT EXISTS lead_quiet_in "
+                "(LIKE lead_quiet) ON COMMIT DELETE ROWS"
+            )
+            self.db.execute("TRUNCATE lead_quiet_in")
+            self.db.copy("lead_quiet_in", ["lead_id", "until"], settled)
+            self.db.execute(
+                "UPDATE lead_quiet SET until = i.until FROM lead_quiet_in i "
+                "WHERE lead_quiet.lead_id = i.lead_id"
+            )
+            return
         if isinstance(self.dialect, Postgres):
             if settled:  # one statement, the moments as two arrays: no statement per 500
                 self.db.execute(
