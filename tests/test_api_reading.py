@@ -7,6 +7,7 @@ import gzip
 import http.server
 import json
 import threading
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -138,3 +139,46 @@ def test_a_corrupt_gzip_page_is_asked_for_again(server: Server) -> None:
     server.answers = [(200, {"Content-Encoding": "gzip"}, b"not gzip at all"), server.page(["a"])]
     assert poll(server) == ["a"]
     assert server.targets == [LIST, LIST]
+
+
+def test_the_next_page_is_asked_for_while_this_one_is_handed_over(server: Server) -> None:
+    """A poll's pages come one after another (each nextLink names the next): the next page's
+    GET goes out before the caller has this page, so the API works on it meanwhile."""
+    asked_for_second = threading.Event()
+    served = server.answers
+    link = f"http://{server.netloc}/v1.0/referrals?$skiptoken=2"
+    served += [server.page(["a"], link), server.page(["b"])]
+
+    class Watching(list[Answer]):
+        def pop(self, index: int = -1) -> Answer:
+            if len(server.targets) == 2:
+                asked_for_second.set()
+            return super().pop(index)
+
+    server.answers = Watching(served)
+    config = PartnerCenterConfig(base_url=server.base_url)
+    with PartnerCenter(config, Tokens()) as client:
+        pages = client.pages()
+        first = next(pages)
+        assert asked_for_second.wait(5), "the second page was not asked for ahead"
+        assert [r["id"] for r in first.records] == ["a"]
+        assert [r["id"] for page in pages for r in page.records] == ["b"]
+    assert server.targets == [LIST, "/v1.0/referrals?$skiptoken=2"]
+
+
+def test_a_page_asked_for_ahead_and_never_read_leaves_no_answer_behind(server: Server) -> None:
+    """A poll left after its first page (the caller stopped): the next page, asked for ahead,
+    is dropped with its connection; the next poll starts clean on a new one."""
+    link = f"http://{server.netloc}/v1.0/referrals?$skiptoken=2"
+    server.answers = [server.page(["a"], link), server.page(["b"]), server.page(["c"])]
+    config = PartnerCenterConfig(base_url=server.base_url)
+    with PartnerCenter(config, Tokens()) as client:
+        pages = client.pages()
+        assert [r["id"] for r in next(pages).records] == ["a"]
+        pages.close()  # the caller stops: page b was asked for, never read
+        for _ in range(500):  # (the server answers b to no one before the next poll asks)
+            if len(server.targets) == 2:
+                break
+            time.sleep(0.01)
+        assert server.targets[1] == "/v1.0/referrals?$skiptoken=2"
+        assert [r["id"] for page in client.pages() for r in page.records] == ["c"]

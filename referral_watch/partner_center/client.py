@@ -175,32 +175,48 @@ class PartnerCenter:
         requested: set[str] = set()
         number = 0
         moved: str | None = None  # a nextLink path that 404s, answered on the list path instead
-        while True:
-            if moved is not None and httpx.URL(url).path == moved:
-                url = str(httpx.URL(url).copy_with(path=list_url.path))
-            answer = reader.request(url, correlation)
-            if answer.status_code == 404 and number > 0:
-                answer, moved = self._next_on_list_path(url, list_url, correlation, answer)
-            answer = reader.checked(answer, page=number)
-            requested.add(answer.url)
-            items, link = read_page(answer, number)
-            yield Page(items, number, answer.header("Request-ID"))
-            if link is None or link == "":
-                return
-            url = self._next_url(link, number)
-            if url in requested:
-                raise ApiError(
-                    f"Partner Center sent a paging loop: page {number + 1} links back to a page "
-                    "already read in this poll; the poll is incomplete",
-                    code="nextLinkLoop",
-                )
-            number += 1
-            if number >= self._max_pages:
-                raise ApiError(
-                    f"Partner Center sent more than {self._max_pages} pages in one poll (a "
-                    "next-page chain without end?); the poll is incomplete",
-                    code="tooManyPages",
-                )
+        try:
+            while True:
+                answer = reader.request(url, correlation)
+                if answer.status_code == 404 and number > 0:
+                    answer, moved = self._next_on_list_path(url, list_url, correlation, answer)
+                answer = reader.checked(answer, page=number)
+                requested.add(answer.url)
+                items, link = read_page(answer, number)
+                page = Page(items, number, answer.header("Request-ID"))
+                if link is None or link == "":
+                    yield page
+                    return
+                try:
+                    url = self._following(link, number, requested)
+                except ApiError:
+                    yield page  # this page is good: what fails is the next one
+                    raise
+                number += 1
+                if moved is not None and httpx.URL(url).path == moved:
+                    url = str(httpx.URL(url).copy_with(path=list_url.path))
+                reader.ahead(url, correlation)  # the next page on its way while this one is
+                yield page  # handed over (its nextLink names it)
+        finally:
+            reader.drop_ahead()  # a poll left early: the next page, if asked for, is not read
+
+    def _following(self, link: Any, number: int, requested: set[str]) -> str:
+        """The URL of the page after page ``number`` (its nextLink made safe): not one read
+        already in this poll, nor past MAX_PAGES."""
+        url = self._next_url(link, number)
+        if url in requested:
+            raise ApiError(
+                f"Partner Center sent a paging loop: page {number + 1} links back to a page "
+                "already read in this poll; the poll is incomplete",
+                code="nextLinkLoop",
+            )
+        if number + 1 >= self._max_pages:
+            raise ApiError(
+                f"Partner Center sent more than {self._max_pages} pages in one poll (a "
+                "next-page chain without end?); the poll is incomplete",
+                code="tooManyPages",
+            )
+        return url
 
     def _next_on_list_path(
         self, url: str, list_url: httpx.URL, correlation: str, refused: Answer
@@ -353,6 +369,7 @@ class PartnerCenter:
         raise AnswerError(message, status=status, code=code, request_id=request_id)
 
     def close(self) -> None:
+        self._reader.drop_ahead()
         self._client.close()
 
     def __enter__(self) -> PartnerCenter:

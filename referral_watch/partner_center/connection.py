@@ -80,6 +80,26 @@ class KeptAlive(httpx.BaseTransport):
             },
         )
 
+    def ahead(
+        self,
+        key: Key,
+        target: str,
+        headers: list[tuple[str, str]],
+        timeouts: dict[str, float | None],
+    ) -> Ahead | None:
+        """A GET sent now on a kept connection, its answer read later by ``send(...,
+        ahead=)``; None when no kept connection is free or it could not be sent (the GET then
+        goes as usual, when asked for)."""
+        connection = self._take(key)
+        if connection is None:
+            return None
+        try:
+            _put(connection, "GET", target, headers, None, timeouts)
+        except Exception:
+            connection.close()
+            return None
+        return Ahead(key, target, connection)
+
     def send(
         self,
         key: Key,
@@ -90,13 +110,22 @@ class KeptAlive(httpx.BaseTransport):
         timeouts: dict[str, float | None],
         *,
         request: httpx.Request | None = None,
+        ahead: Ahead | None = None,
     ) -> Body:
         """One request (``target``: the path and query, ``headers`` with Host) on a kept
         connection to ``key``, or a new one; its answer's head read (``Body.answer``), the body
         to read from the Body after. The client's poll asks this directly, without httpx's
-        models; every failure is httpx's error for it (``request`` is named in it when given)."""
-        connection = self._take(key)
-        if connection is not None:
+        models; every failure is httpx's error for it (``request`` is named in it when given).
+        ``ahead``: the same GET, already sent (see ``ahead``): only its answer is read."""
+        if ahead is not None and (ahead.key, ahead.target, method) != (key, target, "GET"):
+            ahead.close()  # sent for another request: not this one's answer
+            ahead = None
+        if ahead is not None:
+            try:
+                return self._answer(key, ahead.connection, request, True)
+            except _Stale:  # the server had closed the connection: again, on a new one
+                pass
+        elif (connection := self._take(key)) is not None:
             try:
                 return self._exchange(
                     key, connection, method, target, headers, content, timeouts, request, True
@@ -131,23 +160,23 @@ class KeptAlive(httpx.BaseTransport):
         """One request and its answer's head on ``connection``; the body streams after.
         _Stale when a ``reused`` connection turns out closed by the server."""
         try:
-            connection.putrequest(
-                method,
-                target,
-                skip_host=True,  # the headers carry Host and Accept-Encoding
-                skip_accept_encoding=True,
-            )
-            for name, value in headers:
-                connection.putheader(name, value)
-            if connection.sock is not None:
-                connection.sock.settimeout(timeouts.get("read"))
-            connection.endheaders(content)
+            _put(connection, method, target, headers, content, timeouts)
+        except Exception as exc:
+            raise _failed(connection, exc, request, reused) from exc
+        return self._answer(key, connection, request, reused)
+
+    def _answer(
+        self,
+        key: Key,
+        connection: http.client.HTTPConnection,
+        request: httpx.Request | None,
+        reused: bool,
+    ) -> Body:
+        """The head of the answer to the request sent on ``connection``."""
+        try:
             answer = connection.getresponse()
         except Exception as exc:
-            connection.close()
-            if reused and isinstance(exc, _CLOSED_BY_SERVER):
-                raise _Stale from exc
-            raise _as_httpx(exc, request, connecting=False) from exc
+            raise _failed(connection, exc, request, reused) from exc
         return Body(self, key, connection, answer, request)
 
     def close(self) -> None:
@@ -186,6 +215,56 @@ class KeptAlive(httpx.BaseTransport):
                 self._tls = httpx.create_ssl_context()  # what httpx would verify against
             return http.client.HTTPSConnection(host, port, timeout=timeout, context=self._tls)
         return http.client.HTTPConnection(host, port, timeout=timeout)
+
+
+class Ahead:
+    """A GET sent before its answer is wanted: the poll's next page, asked for while the page
+    before it is handed over (the page's nextLink names it), so the API works on it meanwhile."""
+
+    def __init__(self, key: Key, target: str, connection: http.client.HTTPConnection) -> None:
+        self.key = key
+        self.target = target
+        self.connection = connection
+
+    def close(self) -> None:
+        """Never read: the connection goes, its answer unread."""
+        self.connection.close()
+
+
+def _put(
+    connection: http.client.HTTPConnection,
+    method: str,
+    target: str,
+    headers: list[tuple[str, str]],
+    content: bytes | None,
+    timeouts: dict[str, float | None],
+) -> None:
+    """A request sent on ``connection`` (its answer not read)."""
+    connection.putrequest(
+        method,
+        target,
+        skip_host=True,  # the headers carry Host and Accept-Encoding
+        skip_accept_encoding=True,
+    )
+    for name, value in headers:
+        connection.putheader(name, value)
+    if connection.sock is not None:
+        connection.sock.settimeout(timeouts.get("read"))
+    connection.endheaders(content)
+
+
+def _failed(
+    connection: http.client.HTTPConnection,
+    exc: Exception,
+    request: httpx.Request | None,
+    reused: bool,
+) -> BaseException:
+    """What a failed exchange raises: _Stale when a ``reused`` connection turns out closed by
+    the server, else httpx's error; the connection is closed either way."""
+    connection.close()
+    if reused and isinstance(exc, _CLOSED_BY_SERVER):
+        return _Stale()
+    return _as_httpx(exc, request, connecting=False)
 
 
 class Body(httpx.SyncByteStream):

@@ -27,7 +27,7 @@ import structlog
 from referral_watch.config import PartnerCenterConfig, format_duration
 from referral_watch.errors import ApiError, AuthError
 from referral_watch.partner_center.auth import TokenProvider
-from referral_watch.partner_center.connection import Body, KeptAlive
+from referral_watch.partner_center.connection import Ahead, Body, KeptAlive
 from referral_watch.partner_center.responses import (
     RetryHook,
     Transient,
@@ -141,11 +141,29 @@ class Reader:
         fixed = client.build_request("GET", base)
         self._fixed = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in fixed.headers.raw]
         self._timeouts: dict[str, float | None] = fixed.extensions["timeout"]
+        self._ahead: Ahead | None = None  # a GET already sent, its answer not yet read
 
     def begin(self) -> None:
         """A poll (or a lookup) starts: its deadline, and the token it sends."""
+        self.drop_ahead()
         self.deadline = time.monotonic() + self._config.poll_timeout.total_seconds()
         self.token = self._tokens.get_token()
+
+    def ahead(self, url: str, correlation: str) -> None:
+        """Ask for ``url`` now, its answer read by the next ``request`` of it (that request's
+        first attempt): a poll's next page is on its way while the page before it is handed
+        over. Only on our own connections; elsewhere the GET goes when it is asked for."""
+        self.drop_ahead()
+        if self._ours is not None and self._lean(url):
+            headers = [*self._fixed, *self._headers(correlation).items()]
+            target = url[len(self.origin) :]
+            self._ahead = self._ours.ahead(self._key, target, headers, self._timeouts)
+
+    def drop_ahead(self) -> None:
+        """A GET sent ahead and not wanted after all: its connection goes, unread."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead.close()
 
     def request(self, url: str, correlation: str) -> Answer:
         """Send a GET, retrying transient failures; on 401 one fresh token and one more try
@@ -234,15 +252,15 @@ class Reader:
     def _sent(self, url: str, correlation: str) -> _Head:
         """The GET sent, its answer's head read. To our transport directly where the URL is on
         the base URL's origin (every URL of a poll is); else through httpx's models."""
-        if (
-            self._ours is not None
-            and url.startswith(self.origin + "/")
-            and (self.token or "").isascii()  # else httpx refuses it, as it always has
-        ):
+        if self._ours is not None and self._lean(url):
             headers = [*self._fixed, *self._headers(correlation).items()]
             target = url[len(self.origin) :]
-            body = self._ours.send(self._key, "GET", target, headers, None, self._timeouts)
+            ahead, self._ahead = self._ahead, None  # (sent for another URL: dropped by send)
+            body = self._ours.send(
+                self._key, "GET", target, headers, None, self._timeouts, ahead=ahead
+            )
             return _lean_head(body)
+        self.drop_ahead()
         request = self._client.build_request("GET", url, headers=self._headers(correlation))
         if self._transport is None:
             response = self._client.send(request, stream=True)
@@ -252,6 +270,12 @@ class Reader:
             response = self._transport.handle_request(request)
             response.request = request
         return _httpx_head(response)
+
+    def _lean(self, url: str) -> bool:
+        """Whether ``url`` goes to our connections as text: on the base URL's origin (every
+        URL of a poll is), with a token httpx would send too (else httpx refuses it, as it
+        always has)."""
+        return url.startswith(self.origin + "/") and (self.token or "").isascii()
 
     def _body(self, head: _Head, url: str) -> bytes:
         """The whole body: inflated step by step, counted as it arrives, within the poll's
