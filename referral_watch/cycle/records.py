@@ -29,8 +29,7 @@ class Seen:
         lead_id = stored.get(digest)
         if lead_id is None or digest in self.digests or lead_id in self.ids:
             return False
-        self.digests[digest] = lead_id
-        self.ids.add(lead_id)
+        self.note(digest, lead_id)
         return True
 
 
