@@ -154,9 +154,8 @@ class Reader:
         first attempt): a poll's next page is on its way while the page before it is handed
         over. Only on our own connections; elsewhere the GET goes when it is asked for."""
         self.drop_ahead()
-        if self._ours is not None and self._lean(url):
-            headers = [*self._fixed, *self._headers(correlation).items()]
-            target = url[len(self.origin) :]
+        if self._ours is not None and (wire := self._on_ours(url, correlation)) is not None:
+            target, headers = wire
             self._ahead = self._ours.ahead(self._key, target, headers, self._timeouts)
 
     def drop_ahead(self) -> None:
@@ -252,9 +251,8 @@ class Reader:
     def _sent(self, url: str, correlation: str) -> _Head:
         """The GET sent, its answer's head read. To our transport directly where the URL is on
         the base URL's origin (every URL of a poll is); else through httpx's models."""
-        if self._ours is not None and self._lean(url):
-            headers = [*self._fixed, *self._headers(correlation).items()]
-            target = url[len(self.origin) :]
+        if self._ours is not None and (wire := self._on_ours(url, correlation)) is not None:
+            target, headers = wire
             ahead, self._ahead = self._ahead, None  # (sent for another URL: dropped by send)
             body = self._ours.send(
                 self._key, "GET", target, headers, None, self._timeouts, ahead=ahead
@@ -271,11 +269,13 @@ class Reader:
             response.request = request
         return _httpx_head(response)
 
-    def _lean(self, url: str) -> bool:
-        """Whether ``url`` goes to our connections as text: on the base URL's origin (every
-        URL of a poll is), with a token httpx would send too (else httpx refuses it, as it
-        always has)."""
-        return url.startswith(self.origin + "/") and (self.token or "").isascii()
+    def _on_ours(self, url: str, correlation: str) -> tuple[str, list[tuple[str, str]]] | None:
+        """(the target, the headers) of a GET of ``url`` on our connections as text, or None
+        where it goes through httpx: a URL off the base URL's origin (no URL of a poll is),
+        or a token httpx would refuse (as it always has)."""
+        if not url.startswith(self.origin + "/") or not (self.token or "").isascii():
+            return None
+        return url[len(self.origin) :], [*self._fixed, *self._headers(correlation).items()]
 
     def _body(self, head: _Head, url: str) -> bytes:
         """The whole body: inflated step by step, counted as it arrives, within the poll's
