@@ -193,8 +193,8 @@ class PartnerCenter:
                     yield page  # this page is good: what fails is the next one
                     raise
                 number += 1
-                if moved is not None and httpx.URL(url).path == moved:
-                    url = str(httpx.URL(url).copy_with(path=list_url.path))
+                if moved is not None and (following := httpx.URL(url)).path == moved:
+                    url = str(following.copy_with(path=list_url.path))
                 reader.ahead(url, correlation)  # the next page on its way while this one is
                 yield page  # handed over (its nextLink names it)
         finally:
