@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Iterable
@@ -10,6 +9,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
+
+import xxhash
 
 from referral_watch.text import clean_line, clean_notes, currency_code
 
@@ -272,10 +273,25 @@ def _solutions(items: Any) -> tuple[str, ...]:
 
 def record_digest(raw: bytes | memoryview | str) -> str:
     """The digest of a record's JSON exactly as served (its UTF-8 bytes): the state keeps it
-    beside the record, so a poll recognises an unchanged record without decoding it. SHA-256,
-    cut to 128 bits: any change, of one byte or many, makes another digest."""
-    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
-    return hashlib.sha256(data).hexdigest()[:32]
+    beside the record, so a poll recognises an unchanged record without decoding it.
+
+    XXH3-128 (xxhash): a change of one byte, or of many by chance, makes another digest
+    (two different records share one with odds of 2^-128). It is not a cryptographic hash:
+    someone who could choose a whole record's bytes could make two alike, but every record
+    carries Microsoft's own id, dates and eTag, which a sender can neither choose nor
+    foresee, and what a digest decides is only whether a record is read again. It is
+    about 15 times as fast as SHA-256 (until 0.3; a stored SHA-256 digest matches no
+    XXH3 one, so the first poll after the upgrade reads each record once more)."""
+    return record_digests((raw,))[0]
+
+
+def record_digests(items: Iterable[bytes | memoryview | str]) -> list[str]:
+    """``record_digest`` of each item, in one pass (a page's at once)."""
+    xxh = xxhash.xxh3_128_hexdigest
+    return [
+        xxh(item.encode("utf-8", "surrogatepass") if isinstance(item, str) else item)
+        for item in items
+    ]
 
 
 def parse_referral(data: Any, raw: str | None = None) -> Referral:

@@ -71,21 +71,20 @@ class Intake:
             with self.store.transaction(), Prefetch(self.api.pages) as pages:
                 # Fetching has begun: reading the stored digests overlaps the first request.
                 self._held_back = self.store.quarantined_keys()
-                watched = self.store.digests()
-                stored = {digest: lead_id for lead_id, digest in watched if digest}
+                stored, count = self.store.watched_digests()
                 if not self._stored_deadlines_current():
-                    stored = {}  # re-read every record: the deadlines need computing again
-                seen = Seen()
+                    stored = set()  # re-read every record: the deadlines need computing again
+                seen = Seen(stored, count, self.store.digests)
                 with Writer() as writer:  # this thread reads a page while it stores the last
                     for page in pages:
-                        fresh, again, asides = self._changed(page, result, now, stored, seen)
+                        fresh, again, asides = self._changed(page, result, now, seen)
                         if fresh or again or asides:  # (a steady page seldom has any)
+                            seen.before_writing()
                             writer.submit(partial(self._store, fresh, again, asides, now, result))
-                among = [lead_id for lead_id, _ in watched]
-                self.lookups.conclude_absent(now, result, seen.ids, among)
+                self.lookups.conclude_absent(now, result, among=seen.unmet())
                 # What the poll kept of every lead (a first cycle's tens of thousands of ids and
                 # digests) is done with: its memory serves the decisions below.
-                del watched, stored, seen, among
+                del stored, seen
                 self.store.mark_expired(now)
                 result.queued += self.decide.candidates(now, result)
                 result.poll_ok = True
@@ -124,7 +123,6 @@ class Intake:
         page: Any,
         result: CycleResult,
         now: datetime,
-        stored: dict[str, str],
         seen: Seen,
     ) -> tuple[list[Referral], list[Referral], list[Aside]]:
         """The records of one page that need storing: (first seen in this poll, repeated, to
@@ -142,8 +140,10 @@ class Intake:
         asides: list[Aside] = []
         # The page's digests at once (cheaper); a record page's bytes are its canonical JSON.
         digests: list[str] = page.digests if served else []
+        if served and seen.all_unchanged(digests):
+            return [], [], []  # (a steady poll's pages, nearly all)
         records: list[Any] = [] if served else page.records
-        unchanged = seen.unchanged  # the same lead's same bytes: only marked seen
+        unchanged = seen.unchanged  # the same lead's same bytes: only marked met
         for index in range(count):
             record: Any = UNDECODED
             data: bytes | memoryview | None = None
@@ -157,10 +157,10 @@ class Intake:
                     asides.append(Aside(record_key(repr(record)[:10_000]), "parse", reason))
                     continue
                 digest = record_digest(data)
-            if unchanged(digest, stored):
+            if unchanged(digest):
                 continue
-            if digest in seen.digests:
-                log.info("poll.duplicate", lead=seen.digests[digest])  # paging shifted
+            if (earlier := seen.met(digest)) is not None:
+                log.info("poll.duplicate", lead=earlier)  # paging shifted
                 continue
             # (A stored record met after another copy of the lead rewrote it is stored again:
             # the last copy in the poll wins, whatever it is.)
@@ -208,7 +208,7 @@ class Intake:
             reason = problem or unparsable(record, raw)
             key = record_key(raw) if raw else "record:" + digest[:16]
             return Aside(key, "parse", reason, raw=raw or None), False
-        repeated = lead_id in seen.ids
+        repeated = seen.repeated(lead_id)
         seen.note(digest, lead_id)  # seen, even when set aside: not "gone"
         return self.read(record, raw, lead_id, problem), repeated
 

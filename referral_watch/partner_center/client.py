@@ -23,7 +23,7 @@ import structlog
 from referral_watch import __version__
 from referral_watch.config import PartnerCenterConfig
 from referral_watch.errors import ApiError
-from referral_watch.model import record_digest
+from referral_watch.model import record_digests
 from referral_watch.partner_center import connection
 from referral_watch.partner_center.auth import TokenProvider
 from referral_watch.partner_center.reading import (
@@ -83,7 +83,7 @@ class Page:
     @cached_property
     def digests(self) -> list[str]:
         """Each item's ``model.record_digest`` (of its bytes as served), the page at once."""
-        return [record_digest(item) for item in self._items]  # str, bytes or a buffer
+        return record_digests(self._items)  # str, bytes or a buffer
 
     @cached_property
     def texts(self) -> list[str]:

@@ -327,6 +327,15 @@ class Leads(Candidates):
                 )
         return outlines
 
+    def watched_digests(self) -> tuple[set[str], int]:
+        """(the digests of the watched leads' stored records, how many leads are watched):
+        what a steady poll needs to recognise its records unchanged, in one value (a
+        digest is hexadecimal: no comma in it)."""
+        joined, count = self.db.execute(
+            "SELECT group_concat(digest), count(*) FROM leads WHERE resolution IS NULL"
+        ).fetchone()
+        return (set(joined.split(",")) if joined else set()), int(count)
+
     def digests(self) -> list[tuple[str, str | None]]:
         """(id, digest of its stored record or None) of every watched lead. A poll recognises
         an unchanged record by its digest, without reading stored texts (an index holds both)."""
