@@ -5,6 +5,7 @@ Parses are counted (every Referral made), never timed."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import http.server
 import json
 import threading
@@ -79,6 +80,27 @@ def test_a_changed_record_is_picked_up_and_an_unchanged_one_is_not_parsed_again(
     parsed.clear()
     assert world.cli("run", "--once").code == 0
     assert parsed == []  # nothing changed: nothing parsed
+
+
+def test_after_the_upgrade_from_sha256_digests_each_record_is_read_once_and_nothing_is_resent(
+    world: World, parsed: list[str]
+) -> None:
+    ids = [world.add_lead(age=timedelta(days=1), customer=f"Upgrade {n}") for n in range(3)]
+    assert world.cli("run", "--once").code == 0
+    sent = len(world.team.bodies)  # type: ignore[attr-defined]
+    assert sent > 0
+    # The state as 0.2 left it: each digest SHA-256 of the record, cut to 32 hex digits.
+    with Store(world.state_path) as store, store.transaction():
+        for lead in store.leads():
+            digest = hashlib.sha256(lead.referral.raw.encode()).hexdigest()[:32]
+            store.db.execute("UPDATE leads SET digest = ? WHERE id = ?", (digest, lead.id))
+    parsed.clear()
+    assert world.cli("run", "--once").code == 0
+    assert sorted(parsed) == sorted(ids)  # no stored digest matches: each record read again
+    assert len(world.team.bodies) == sent  # type: ignore[attr-defined]  # but nothing new to say
+    parsed.clear()
+    assert world.cli("run", "--once").code == 0
+    assert parsed == []  # the digests are current again
 
 
 class _Page(http.server.BaseHTTPRequestHandler):
