@@ -1,5 +1,6 @@
 """PURE: one record of a page as the intake meets it: its JSON text, its id (even when it cannot
-be decoded), the key it is set aside under, and why it cannot be read."""
+be decoded), the key it is set aside under, and why it cannot be read; and what a poll has met
+so far (Seen), against the digests of the records the state holds."""
 
 from __future__ import annotations
 
