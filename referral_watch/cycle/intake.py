@@ -79,6 +79,7 @@ class Intake:
                     for page in pages:
                         fresh, again, asides = self._changed(page, result, now, seen)
                         if fresh or again or asides:  # (a steady page seldom has any)
+                            pages.engage()  # the next pages are read meanwhile
                             seen.before_writing()
                             writer.submit(partial(self._store, fresh, again, asides, now, result))
                 self.lookups.conclude_absent(now, result, among=seen.unmet())

@@ -1,5 +1,5 @@
-"""The poll's pages read ahead: the next pages are fetched on another thread while the cycle
-stores the current one, so a poll takes about as long as the API itself."""
+"""The poll's pages, read ahead on another thread once they need work: the next pages are
+fetched while the cycle stores the current one, so a poll takes about as long as the API."""
 
 from __future__ import annotations
 
@@ -20,47 +20,95 @@ SWITCH_INTERVAL = 0.0005
 
 
 class Prefetch:
-    """The API's pages, with the next ones already being fetched on another thread while the
-    caller stores this one: a poll then takes about as long as the API itself. Fetching starts
-    on entering; leaving stops it after the request in flight.
+    """The API's pages, in order. The first is fetched on another thread from the start (while
+    the caller prepares); the next ones on the caller's thread while each is quickly done with
+    (a steady poll's unchanged pages: handing each over between two threads would cost more
+    than recognising it). Once the caller says a page needs work (``engage``), the next ones
+    are fetched on another thread while it works: a poll of new leads then takes about as long
+    as the API itself. Leaving stops the fetching after the request in flight.
 
     An error on any page is raised in the caller's thread, after the pages before it.
     """
 
     def __init__(self, pages: Callable[[], Iterable[Any]], depth: int = PREFETCH_PAGES) -> None:
         self._pages = pages
+        self._source: Iterator[Any] = iter(())
+        self._first: tuple[str, Any] = ("end", None)
+        self._starting: threading.Thread | None = None  # fetching the first page
+        self._fetching: threading.Thread | None = None  # fetching the pages after (engaged)
         self._ahead: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
         self._halt = threading.Event()
         self._switch = sys.getswitchinterval()
 
-    def __enter__(self) -> Iterator[Any]:
+    def __enter__(self) -> Prefetch:
         self._switch = sys.getswitchinterval()
         sys.setswitchinterval(min(self._switch, SWITCH_INTERVAL))
-        threading.Thread(target=self._fetch, name="poll-prefetch", daemon=True).start()
-        return self._received()
+        self._source = iter(self._pages())
+        self._starting = threading.Thread(target=self._fetch_first, name="poll-first", daemon=True)
+        self._starting.start()
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self._halt.set()
         sys.setswitchinterval(self._switch)
+        if self._starting is not None and self._starting.is_alive():
+            return  # left before the first page came: that thread ends after its request
+        if self._fetching is None:
+            close = getattr(self._source, "close", None)
+            if close is not None:
+                close()  # the pages' own clean-up (a generator's finally), on this thread
 
-    def _received(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[Any]:
+        assert self._starting is not None, "iterate inside `with Prefetch(...)`"
+        self._starting.join()
+        kind, item = self._first
         while True:
-            kind, item = self._ahead.get()
             if kind == "page":
                 yield item
             elif kind == "error":
                 raise item
             else:
                 return
+            kind, item = self._next()
 
-    def _fetch(self) -> None:
+    def _next(self) -> tuple[str, Any]:
+        if self._fetching is not None:
+            return self._ahead.get()
         try:
-            for page in self._pages():
+            return "page", next(self._source)
+        except StopIteration:
+            return "end", None
+
+    def engage(self) -> None:
+        """The page in hand needs work: from now on, the next pages are fetched on another
+        thread meanwhile. Call between pages (never while one is being fetched)."""
+        if self._fetching is None:
+            self._fetching = threading.Thread(
+                target=self._fetch, args=(self._source,), name="poll-prefetch", daemon=True
+            )
+            self._fetching.start()
+
+    def _fetch_first(self) -> None:
+        try:
+            self._first = ("page", next(self._source))
+        except StopIteration:
+            self._first = ("end", None)
+        except BaseException as exc:  # handed to the caller, raised in its thread
+            self._first = ("error", exc)
+
+    def _fetch(self, source: Iterator[Any]) -> None:
+        try:
+            for page in source:
                 if not self._put("page", page):
-                    return
-            self._put("end", None)
+                    break
+            else:
+                self._put("end", None)
         except BaseException as exc:  # handed to the caller, raised in its thread
             self._put("error", exc)
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()  # left early: the pages' own clean-up, on this thread
 
     def _put(self, kind: str, item: Any) -> bool:
         while not self._halt.is_set():

@@ -184,6 +184,9 @@ class PartnerCenter:
                 requested.add(answer.url)
                 items, link = read_page(answer, number)
                 page = Page(items, number, answer.header("Request-ID"))
+                # Digested where the page was read (the fetching thread, when the poll reads
+                # ahead) while its bytes are still in this core's cache.
+                page.digests  # noqa: B018
                 if link is None or link == "":
                     yield page
                     return
