@@ -13,6 +13,7 @@ transport), or a transport given by a test, the same rules run on httpx's reques
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -142,12 +143,15 @@ class Reader:
         self._fixed = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in fixed.headers.raw]
         self._timeouts: dict[str, float | None] = fixed.extensions["timeout"]
         self._ahead: Ahead | None = None  # a GET already sent, its answer not yet read
+        self._debug = False  # whether api.response lines are written (see begin)
 
     def begin(self) -> None:
         """A poll (or a lookup) starts: its deadline, and the token it sends."""
         self.drop_ahead()
         self.deadline = time.monotonic() + self._config.poll_timeout.total_seconds()
         self.token = self._tokens.get_token()
+        # Asked once here: each call of a module's logger costs a bind (a few µs a page).
+        self._debug = log.is_enabled_for(logging.DEBUG)
 
     def ahead(self, url: str, correlation: str) -> None:
         """Ask for ``url`` now, its answer read by the next ``request`` of it (that request's
@@ -227,12 +231,13 @@ class Reader:
         except httpx.TransportError as exc:
             raise Transient(self.scrub(describe(exc)), refused=refused(exc)) from None
         try:
-            log.debug(
-                "api.response",
-                status=head.status,
-                path=self._path_of(url),
-                request_id=_header(head.headers, "Request-ID"),
-            )
+            if self._debug:
+                log.debug(
+                    "api.response",
+                    status=head.status,
+                    path=self._path_of(url),
+                    request_id=_header(head.headers, "Request-ID"),
+                )
             content = self._body(head, url)
         except httpx.TransportError as exc:  # cut off, or a read timed out, mid-body
             raise Transient(self.scrub(describe(exc))) from None
