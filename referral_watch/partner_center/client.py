@@ -85,6 +85,12 @@ class Page:
         """Each item's ``model.record_digest`` (of its bytes as served), the page at once."""
         return record_digests(self._items)  # str, bytes or a buffer
 
+    def digested(self) -> Page:
+        """The page with its digests made: where it was read (the fetching thread, when the
+        poll reads ahead), its bytes still in that core's cache."""
+        self.digests  # noqa: B018
+        return self
+
     @cached_property
     def texts(self) -> list[str]:
         return [self.text(index) for index in range(len(self._items))]
@@ -184,22 +190,19 @@ class PartnerCenter:
                 requested.add(answer.url)
                 items, link = read_page(answer, number)
                 page = Page(items, number, answer.header("Request-ID"))
-                # Digested where the page was read (the fetching thread, when the poll reads
-                # ahead) while its bytes are still in this core's cache.
-                page.digests  # noqa: B018
                 if link is None or link == "":
-                    yield page
+                    yield page.digested()
                     return
                 try:
                     url = self._following(link, number, requested)
                 except ApiError:
-                    yield page  # this page is good: what fails is the next one
+                    yield page.digested()  # this page is good: what fails is the next one
                     raise
                 number += 1
                 if moved is not None and (following := httpx.URL(url)).path == moved:
                     url = str(following.copy_with(path=list_url.path))
                 reader.ahead(url, correlation)  # the next page on its way while this one is
-                yield page  # handed over (its nextLink names it)
+                yield page.digested()  # digested and handed over (its nextLink names it)
         finally:
             reader.drop_ahead()  # a poll left early: the next page, if asked for, is not read
 
