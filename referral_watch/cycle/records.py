@@ -77,7 +77,7 @@ class Seen:
     def met(self, digest: str) -> str | None:
         """The lead of a record met earlier in this poll with these very bytes, or None."""
         lead_id = self.digests.get(digest)
-        if lead_id is None and digest in self.stored and digest not in self.pending:
+        if lead_id is None and self._met_unchanged(digest):
             lead_id = self._owner(digest)
         return lead_id
 
@@ -86,25 +86,27 @@ class Seen:
         if lead_id in self.ids:
             return True
         self._read()
-        digest = self._digest_of.get(lead_id)
-        return digest is not None and digest in self.stored and digest not in self.pending
+        return self._met_unchanged(self._digest_of.get(lead_id))
 
     def unmet(self) -> list[str]:
         """The watched leads this poll did not return (to ask about one by one)."""
         if self._each_own and not self.pending:
             return []
         leads = self._read()
-        stored, pending, ids = self.stored, self.pending, self.ids
         return [
             lead_id
             for lead_id, digest in leads
-            if lead_id not in ids and (digest is None or digest not in stored or digest in pending)
+            if lead_id not in self.ids and not self._met_unchanged(digest)
         ]
 
     def before_writing(self) -> None:
         """The poll is about to write a lead: which lead each stored digest is must be read
         now, if at all (a write would change it)."""
         self._read()
+
+    def _met_unchanged(self, digest: str | None) -> bool:
+        """Whether a stored digest was met unchanged in this poll (it has left ``pending``)."""
+        return digest is not None and digest in self.stored and digest not in self.pending
 
     def _owner(self, digest: str) -> str | None:
         self._read()
