@@ -54,9 +54,7 @@ class Prefetch:
         if self._starting is not None and self._starting.is_alive():
             return  # left before the first page came: that thread ends after its request
         if self._fetching is None:
-            close = getattr(self._source, "close", None)
-            if close is not None:
-                close()  # the pages' own clean-up (a generator's finally), on this thread
+            _close(self._source)
 
     def __iter__(self) -> Iterator[Any]:
         assert self._starting is not None, "iterate inside `with Prefetch(...)`"
@@ -106,9 +104,7 @@ class Prefetch:
         except BaseException as exc:  # handed to the caller, raised in its thread
             self._put("error", exc)
         finally:
-            close = getattr(source, "close", None)
-            if close is not None:
-                close()  # left early: the pages' own clean-up, on this thread
+            _close(source)  # (left early: the rest is never fetched)
 
     def _put(self, kind: str, item: Any) -> bool:
         while not self._halt.is_set():
@@ -118,3 +114,10 @@ class Prefetch:
             except queue.Full:
                 continue
         return False
+
+
+def _close(source: Iterator[Any]) -> None:
+    """The pages' own clean-up (a generator's finally), on the calling thread."""
+    close = getattr(source, "close", None)
+    if close is not None:
+        close()
